@@ -1,0 +1,205 @@
+"""The BBBC021 layout: ``BBBC021_v1_image.csv`` + ``BBBC021_v1_moa.csv`` + TIFF folders.
+
+Images live at ``<root>/<Image_PathName_<ch>>/<Image_FileName_<ch>>``, one
+16-bit single-channel TIFF per channel. The annotated MoA subset is selected as
+Kensert et al. (2019) did, which reproduces their Table 1: 1,208 images,
+103 treatments, 38 compounds. Taxol counts only as its titration series on the
+Week1 plates (wells D03–D05 at 3/1/0.3 µM); its 0.3 µM positive-control wells,
+found on every plate, are not treatments of the experiment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.data.table import CONTROL_COMPOUND, ImageTable, batch_of_plate, channel_column
+from cellmorph.errors import BadInputError
+
+IMAGE_CSV = "BBBC021_v1_image.csv"
+MOA_CSV = "BBBC021_v1_moa.csv"
+COMPOUND_CSV = "BBBC021_v1_compound.csv"
+CHANNELS: tuple[str, ...] = ("DAPI", "Tubulin", "Actin")
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "TableNumber",
+    "ImageNumber",
+    *[f"Image_{kind}_{ch}" for ch in CHANNELS for kind in ("FileName", "PathName")],
+    "Image_Metadata_Plate_DAPI",
+    "Image_Metadata_Well_DAPI",
+    "Replicate",
+    "Image_Metadata_Compound",
+    "Image_Metadata_Concentration",
+)
+MOA_COLUMNS: tuple[str, ...] = ("compound", "concentration", "moa")
+
+# The titration series that stands for taxol in the paper (Table 1: 36 images).
+TAXOL = "taxol"
+TAXOL_SERIES_BATCH = "Week1"
+TAXOL_SERIES_WELLS = ("D03", "D04", "D05")
+
+# Concentrations are floats in both CSVs; match them after rounding so that
+# 0.3 and 0.30000001 written by different tools still pair up.
+_CONC_DECIMALS = 6
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many parser error types
+        raise BadInputError(f"{path}: cannot parse CSV ({exc})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
+
+
+def read_image_csv(metadata_dir: Path) -> pd.DataFrame:
+    path = Path(metadata_dir) / IMAGE_CSV
+    frame = _read_csv(path, IMAGE_COLUMNS)
+    key_cols = [
+        "Image_Metadata_Plate_DAPI",
+        "Image_Metadata_Well_DAPI",
+        "Image_Metadata_Compound",
+        "Image_Metadata_Concentration",
+        *[f"Image_{kind}_{ch}" for ch in CHANNELS for kind in ("FileName", "PathName")],
+    ]
+    for col in key_cols:
+        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
+        if blank.any():
+            row = int(np.flatnonzero(blank.to_numpy())[0])
+            # +2: one for the header line, one because CSV rows count from 1.
+            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
+    return frame
+
+
+def read_moa_csv(metadata_dir: Path) -> pd.DataFrame:
+    path = Path(metadata_dir) / MOA_CSV
+    frame = _read_csv(path, MOA_COLUMNS)
+    for col in MOA_COLUMNS:
+        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
+        if blank.any():
+            row = int(np.flatnonzero(blank.to_numpy())[0])
+            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
+    return frame
+
+
+def _conc_key(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values, errors="coerce").round(_CONC_DECIMALS)
+
+
+def select_moa_subset(images: pd.DataFrame, moa: pd.DataFrame, keep_controls: bool = True) -> pd.DataFrame:
+    """The paper's annotated subset, plus (optionally) DMSO fields of the same plates.
+
+    Returns the image rows with a ``moa`` column. Controls are kept only on
+    plates that hold at least one annotated image, since they serve as that
+    plate's normalisation reference.
+    """
+    moa = moa.assign(_conc=_conc_key(moa["concentration"]))
+    images = images.assign(_conc=_conc_key(images["Image_Metadata_Concentration"]))
+    merged = images.merge(
+        moa[["compound", "_conc", "moa"]],
+        left_on=["Image_Metadata_Compound", "_conc"],
+        right_on=["compound", "_conc"],
+        how="inner",
+    )
+    is_control = merged["Image_Metadata_Compound"] == CONTROL_COMPOUND
+    is_taxol = merged["Image_Metadata_Compound"] == TAXOL
+    plate = merged["Image_Metadata_Plate_DAPI"].astype(str)
+    in_taxol_series = (
+        (plate.map(batch_of_plate) == TAXOL_SERIES_BATCH)
+        & merged["Image_Metadata_Well_DAPI"].isin(TAXOL_SERIES_WELLS)
+    )
+    annotated = merged[~is_control & (~is_taxol | in_taxol_series)]
+    parts = [annotated]
+    if keep_controls:
+        plates = set(annotated["Image_Metadata_Plate_DAPI"])
+        parts.append(merged[is_control & merged["Image_Metadata_Plate_DAPI"].isin(plates)])
+    out = pd.concat(parts).sort_values("ImageNumber" if "ImageNumber" in merged else "_conc")
+    return out.drop(columns=["_conc", "compound"]).reset_index(drop=True)
+
+
+def moa_subset_plates(metadata_dir: Path) -> list[str]:
+    """Plates (``Image_PathName_DAPI`` folders, e.g. ``Week1/Week1_22123``) the MoA subset needs."""
+    subset = select_moa_subset(read_image_csv(metadata_dir), read_moa_csv(metadata_dir))
+    return sorted(subset["Image_PathName_DAPI"].astype(str).unique())
+
+
+def check_compounds_annotated(images: pd.DataFrame, moa: pd.DataFrame, metadata_dir: Path) -> None:
+    """Every compound in the image table must appear in the MoA table (any concentration)."""
+    known = set(moa["compound"].astype(str))
+    compounds = images["Image_Metadata_Compound"].astype(str)
+    unknown = ~compounds.isin(known)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise BadInputError(
+            f"{Path(metadata_dir) / IMAGE_CSV}: row {row + 2}: compound "
+            f"{compounds.iloc[row]!r} is absent from {MOA_CSV}"
+        )
+
+
+def load_bbbc021(
+    root: Path,
+    metadata_dir: Path | None = None,
+    moa_subset: bool = True,
+    keep_controls: bool = True,
+    strict_compounds: bool = False,
+) -> ImageTable:
+    """Load the BBBC021 layout into an :class:`ImageTable`.
+
+    ``root`` holds the week/plate folders; ``metadata_dir`` the two CSVs
+    (defaults to ``root``). With ``moa_subset`` the rows are the paper's
+    annotated subset plus DMSO of the same plates; otherwise every image whose
+    compound/concentration is in the MoA table. ``strict_compounds`` makes a
+    compound absent from the MoA table an error rather than an unannotated row.
+    """
+    root = Path(root)
+    metadata_dir = Path(metadata_dir) if metadata_dir is not None else root
+    images = read_image_csv(metadata_dir)
+    moa = read_moa_csv(metadata_dir)
+    if strict_compounds:
+        check_compounds_annotated(images, moa, metadata_dir)
+    if moa_subset:
+        rows = select_moa_subset(images, moa, keep_controls=keep_controls)
+    else:
+        rows = images.assign(_conc=_conc_key(images["Image_Metadata_Concentration"])).merge(
+            moa.assign(_conc=_conc_key(moa["concentration"]))[["compound", "_conc", "moa"]],
+            left_on=["Image_Metadata_Compound", "_conc"],
+            right_on=["compound", "_conc"],
+        )
+        if not keep_controls:
+            rows = rows[rows["Image_Metadata_Compound"] != CONTROL_COMPOUND]
+        rows = rows.drop(columns=["_conc", "compound"]).reset_index(drop=True)
+    return table_from_image_rows(rows, root)
+
+
+def table_from_image_rows(rows: pd.DataFrame, root: Path) -> ImageTable:
+    """Map BBBC021 image-CSV rows (with a ``moa`` column) onto the ImageTable contract."""
+    root = Path(root)
+    plate = rows["Image_Metadata_Plate_DAPI"].astype(str)
+    well = rows["Image_Metadata_Well_DAPI"].astype(str)
+    site = rows["Image_FileName_DAPI"].astype(str).str.extract(r"_s(\d+)_", expand=False)
+    site = pd.to_numeric(site, errors="coerce").fillna(0).astype(int)
+    frame = pd.DataFrame(
+        {
+            "Metadata_ImageID": plate + "/" + well + "/s" + site.astype(str) + "/" + rows["ImageNumber"].astype(str),
+            "Metadata_Plate": plate,
+            "Metadata_Well": well,
+            "Metadata_Site": site,
+            "Metadata_Compound": rows["Image_Metadata_Compound"].astype(str),
+            "Metadata_Concentration": pd.to_numeric(rows["Image_Metadata_Concentration"]).astype(float),
+            "Metadata_MoA": rows["moa"].astype(str),
+            "Metadata_Batch": plate.map(batch_of_plate),
+            "Metadata_IsControl": rows["Image_Metadata_Compound"].astype(str) == CONTROL_COMPOUND,
+            "Metadata_Replicate": rows["Replicate"],
+            "Metadata_ImageNumber": rows["ImageNumber"],
+        }
+    )
+    for ch in CHANNELS:
+        frame[channel_column(ch)] = [
+            str(root / p / f) for p, f in zip(rows[f"Image_PathName_{ch}"], rows[f"Image_FileName_{ch}"])
+        ]
+    return ImageTable(frame, CHANNELS, source="bbbc021")

@@ -1,0 +1,143 @@
+"""The one table type every input kind loads into.
+
+An :class:`ImageTable` has one row per field of view (or per single-cell crop)
+and follows pycytominer's ``Metadata_`` convention:
+
+=========================  ==================================================
+column                     meaning
+=========================  ==================================================
+``Metadata_ImageID``       unique id of the field (or crop)
+``Metadata_Plate``         plate barcode
+``Metadata_Well``          well name, e.g. ``B02``
+``Metadata_Site``          field (site) number within the well
+``Metadata_Compound``      compound name; controls use ``control_compound``
+``Metadata_Concentration`` concentration (float, µM for BBBC021)
+``Metadata_MoA``           label (the MoA); controls carry ``"DMSO"``
+``Metadata_Batch``         batch; by default the week prefix of the plate
+``Metadata_IsControl``     True for negative-control (DMSO) rows
+=========================  ==================================================
+
+Pixel data is referenced by either one ``Path_<channel>`` column per channel
+(one single-channel file each, as in BBBC021) or a single ``Path_Stack`` column
+holding an H×W×C ``.npy`` or TIFF (crop tables). Paths are absolute. Extra
+``Metadata_*`` columns are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from cellmorph.errors import BadInputError
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "Metadata_ImageID",
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_Compound",
+    "Metadata_Concentration",
+    "Metadata_MoA",
+    "Metadata_Batch",
+    "Metadata_IsControl",
+)
+STACK_COLUMN = "Path_Stack"
+CONTROL_COMPOUND = "DMSO"
+_WEEK_PREFIX = re.compile(r"^(Week\d+)[_-]")
+
+
+def batch_of_plate(plate: str) -> str:
+    """The batch a plate belongs to: its week prefix (``Week4_27481`` → ``Week4``).
+
+    Plates without a ``WeekN_`` prefix use the part before the first ``_``; a
+    plate name without one is its own batch.
+    """
+    match = _WEEK_PREFIX.match(plate)
+    if match:
+        return match.group(1)
+    return plate.split("_", 1)[0]
+
+
+def channel_column(channel: str) -> str:
+    return f"Path_{channel}"
+
+
+@dataclass
+class ImageTable:
+    """One row per field of view or crop; see the module docstring for columns."""
+
+    frame: pd.DataFrame
+    channels: tuple[str, ...]
+    source: str = "generic"
+    control_compound: str = CONTROL_COMPOUND
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(self.channels)
+        validate_frame(self.frame, self.channels, self.source)
+
+    # -- views -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def is_stacked(self) -> bool:
+        """True when each row points at one multi-channel file (``Path_Stack``)."""
+        return STACK_COLUMN in self.frame.columns
+
+    @property
+    def plates(self) -> list[str]:
+        return sorted(self.frame["Metadata_Plate"].unique())
+
+    @property
+    def treated(self) -> pd.DataFrame:
+        return self.frame[~self.frame["Metadata_IsControl"]]
+
+    @property
+    def controls(self) -> pd.DataFrame:
+        return self.frame[self.frame["Metadata_IsControl"]]
+
+    def subset(self, mask) -> "ImageTable":
+        return ImageTable(
+            self.frame[mask].reset_index(drop=True),
+            self.channels,
+            self.source,
+            self.control_compound,
+            dict(self.notes),
+        )
+
+    def summary(self) -> dict:
+        """Counts of the annotated (non-control) part, as the paper's Table 1 reports them."""
+        treated = self.treated
+        treatments = treated.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups
+        per_compound = treated.groupby("Metadata_Compound").size().sort_index()
+        return {
+            "n_images": int(len(treated)),
+            "n_treatments": int(treatments),
+            "n_compounds": int(treated["Metadata_Compound"].nunique()),
+            "n_moas": int(treated["Metadata_MoA"].nunique()),
+            "n_plates": int(self.frame["Metadata_Plate"].nunique()),
+            "n_control_images": int(len(self.controls)),
+            "images_per_compound": {str(k): int(v) for k, v in per_compound.items()},
+            "images_per_moa": {
+                str(k): int(v) for k, v in treated.groupby("Metadata_MoA").size().sort_index().items()
+            },
+        }
+
+
+def validate_frame(frame: pd.DataFrame, channels: tuple[str, ...], source: str) -> None:
+    """Check the table contract; raise :class:`BadInputError` naming the first bad row."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise BadInputError(f"{source} table is missing columns: {', '.join(missing)}")
+    if not channels:
+        raise BadInputError(f"{source} table declares no channels")
+    if STACK_COLUMN not in frame.columns:
+        absent = [channel_column(c) for c in channels if channel_column(c) not in frame.columns]
+        if absent:
+            raise BadInputError(f"{source} table has no path column(s) {', '.join(absent)}")
+    if frame["Metadata_ImageID"].duplicated().any():
+        dup = frame.loc[frame["Metadata_ImageID"].duplicated(), "Metadata_ImageID"].iloc[0]
+        raise BadInputError(f"{source} table: duplicate image id {dup!r}")
