@@ -1,0 +1,88 @@
+"""Reading the pixels of one table row, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+
+from cellmorph.data.table import STACK_COLUMN, ImageTable, channel_column
+from cellmorph.errors import BadInputError
+
+
+def row_paths(table: ImageTable, row: pd.Series) -> list[str]:
+    if table.is_stacked:
+        return [row[STACK_COLUMN]]
+    return [row[channel_column(ch)] for ch in table.channels]
+
+
+def missing_files(table: ImageTable) -> list[tuple[int, str]]:
+    """(row position, path) of every referenced file that does not exist."""
+    columns = [STACK_COLUMN] if table.is_stacked else [channel_column(c) for c in table.channels]
+    out = []
+    for col in columns:
+        for pos, path in enumerate(table.frame[col].to_numpy()):
+            if not Path(path).is_file():
+                out.append((pos, str(path)))
+    return sorted(out)
+
+
+def _read_plane(path: str) -> np.ndarray:
+    if path.lower().endswith(".npy"):
+        try:
+            # allow_pickle=False: a crop file must never be able to run code.
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise BadInputError(f"{path}: missing image") from None
+        except Exception as exc:
+            raise BadInputError(f"{path}: corrupt or unreadable .npy file ({exc})") from None
+    try:
+        return tifffile.imread(path)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing image") from None
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise BadInputError(f"{path}: corrupt or truncated TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The H×W×C pixels of one row, in ``table.channels`` order, as stored (e.g. uint16).
+
+    Raises :class:`BadInputError` naming the file for a missing, corrupt or
+    wrongly shaped image. ``expected_shape`` (H, W) enforces one field size.
+    """
+    n_channels = len(table.channels)
+    if table.is_stacked:
+        path = row[STACK_COLUMN]
+        pixels = _read_plane(path)
+        if pixels.ndim == 3 and pixels.shape[-1] != n_channels and pixels.shape[0] == n_channels:
+            pixels = np.moveaxis(pixels, 0, -1)  # TIFF stacks are often stored C×H×W
+        if pixels.ndim != 3 or pixels.shape[-1] != n_channels:
+            raise BadInputError(
+                f"{path}: expected an H×W×{n_channels} image ({', '.join(table.channels)}), got shape {pixels.shape}"
+            )
+    else:
+        planes = []
+        for ch in table.channels:
+            path = row[channel_column(ch)]
+            plane = _read_plane(path)
+            if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
+                plane = plane.squeeze()
+            if plane.ndim != 2:
+                raise BadInputError(f"{path}: expected a single-channel 2-D image for {ch}, got shape {plane.shape}")
+            if planes and plane.shape != planes[0].shape:
+                raise BadInputError(
+                    f"{path}: channel {ch} has shape {plane.shape}, other channels of this field have {planes[0].shape}"
+                )
+            planes.append(plane)
+        pixels = np.stack(planes, axis=-1)
+        path = row[channel_column(table.channels[0])]
+    if expected_shape is not None and tuple(pixels.shape[:2]) != tuple(expected_shape):
+        raise BadInputError(
+            f"{path}: field shape {pixels.shape[0]}×{pixels.shape[1]} differs from the dataset's "
+            f"{expected_shape[0]}×{expected_shape[1]}"
+        )
+    if not np.issubdtype(pixels.dtype, np.number):
+        raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
+    return pixels

@@ -1,0 +1,418 @@
+"""The paper's minimal preprocessing, written once into an on-disk tile cache.
+
+Per field: Anscombe transform → per-channel z-score against the DMSO control
+pixels of the same plate (or batch) → map to 8 bits → split into tiles
+(2×2 for BBBC021) → optionally drop empty tiles and resize.
+
+Order: the Anscombe transform is a variance stabiliser for photon counts and is
+only defined for values ≥ -3/8, so it runs on the raw intensities, and the
+DMSO statistics are those of the transformed control pixels. This is what the
+authors' published code does (Kensert et al. 2019, ``generate_dataset_bbbc021``).
+
+Scientific rule: normalisation statistics come only from control (DMSO)
+fields. No treated image ever contributes to them, so leave-one-compound-out
+evaluation downstream cannot leak a test compound through normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellmorph.data.images import missing_files, read_field, row_paths
+from cellmorph.data.table import ImageTable
+from cellmorph.errors import BadInputError, CellmorphError
+from cellmorph.runinfo import atomic_path, run_info, write_json
+
+CACHE_FORMAT = 1
+INDEX_FILE = "index.parquet"
+MANIFEST_FILE = "manifest.json"
+STATS_FILE = "norm_stats.parquet"
+SKIPPED_FILE = "skipped.csv"
+PLATES_DIR = "plates"
+
+
+class PrepareConfig(BaseModel):
+    """How ``cellmorph prepare`` turns fields into cached 8-bit tiles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalize: Literal["plate", "batch", "none"] = "plate"
+    tile_grid: tuple[int, int] = Field((2, 2), description="tiles per field as (rows, cols); 2×2 gives 640×512 on BBBC021")
+    tile_size: int | None = Field(None, description="resize every tile to this square size (e.g. the model's 224)")
+    scaling: Literal["image", "fixed"] = Field(
+        "image",
+        description="8-bit map: 'image' min-max per field over all channels (the paper); "
+        "'fixed' clips the DMSO z-score to fixed_range",
+    )
+    fixed_range: tuple[float, float] = (-2.0, 10.0)
+    empty_tile_fraction: float | None = Field(
+        None, description="drop a tile when at most this fraction of its pixels exceed empty_tile_level (paper: 0.002)"
+    )
+    empty_tile_level: int = 50
+    include_controls: bool = True
+    skip_bad: bool = False
+
+
+# --------------------------------------------------------------------------- transforms
+def anscombe(x: np.ndarray) -> np.ndarray:
+    """Anscombe variance-stabilising transform, 2·sqrt(x + 3/8), in float32."""
+    return 2.0 * np.sqrt(np.asarray(x, dtype=np.float32) + np.float32(3.0 / 8.0))
+
+
+@dataclass
+class ChannelMoments:
+    """Streaming per-channel mean/std (float64 sums; exact enough for 10^9 pixels)."""
+
+    n_channels: int
+    count: int = 0
+    n_images: int = 0
+    total: np.ndarray = field(default=None)
+    total_sq: np.ndarray = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.total = np.zeros(self.n_channels)
+        self.total_sq = np.zeros(self.n_channels)
+
+    def add(self, pixels: np.ndarray) -> None:
+        flat = pixels.reshape(-1, self.n_channels).astype(np.float64)
+        self.count += flat.shape[0]
+        self.n_images += 1
+        self.total += flat.sum(axis=0)
+        self.total_sq += np.einsum("ij,ij->j", flat, flat)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        var = self.total_sq / self.count - self.mean**2
+        return np.sqrt(np.maximum(var, 0.0))
+
+
+def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    std = np.where(std > 0, std, 1.0)
+    return (x - mean.astype(np.float32)) / std.astype(np.float32)
+
+
+def to_uint8(x: np.ndarray, scaling: str = "image", fixed_range: tuple[float, float] = (-2.0, 10.0)) -> np.ndarray:
+    """Map a float field (H×W×C) to uint8: per-field min-max over all channels, or a fixed clip."""
+    if scaling == "image":
+        lo, hi = float(x.min()), float(x.max())
+    else:
+        lo, hi = fixed_range
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.rint((x - lo) * scale), 0, 255).astype(np.uint8)
+
+
+def split_tiles(field8: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Split H×W×C into grid tiles → (n, C, h, w) and their (row, col); remainders are cropped."""
+    rows, cols = grid
+    h, w = field8.shape[0] // rows, field8.shape[1] // cols
+    tiles, where = [], []
+    for r in range(rows):
+        for c in range(cols):
+            tiles.append(field8[r * h : (r + 1) * h, c * w : (c + 1) * w].transpose(2, 0, 1))
+            where.append((r, c))
+    return np.stack(tiles), where
+
+
+def is_empty_tile(tile: np.ndarray, level: int, fraction: float) -> bool:
+    """The paper's filter: a tile with at most ``fraction`` of pixels above ``level`` holds no cells."""
+    return float((tile > level).mean()) <= fraction
+
+
+def resize_tiles(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear resize of uint8 (n, C, h, w) tiles to (n, C, size, size)."""
+    if tiles.shape[-2:] == (size, size):
+        return tiles
+    t = torch.from_numpy(tiles).float()
+    out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------- statistics
+def _group_key(frame: pd.DataFrame, mode: str) -> pd.Series:
+    return frame["Metadata_Plate"] if mode == "plate" else frame["Metadata_Batch"]
+
+
+def check_controls(table: ImageTable, mode: str) -> list[str]:
+    """Groups (plates or batches) with treated images but no control fields."""
+    if mode == "none":
+        return []
+    keys = _group_key(table.frame, mode)
+    have_controls = set(keys[table.frame["Metadata_IsControl"]])
+    return sorted(set(keys[~table.frame["Metadata_IsControl"]]) - have_controls)
+
+
+# --------------------------------------------------------------------------- the job
+@dataclass
+class _Bad:
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, row: pd.Series, reason: str) -> None:
+        self.rows.append({"Metadata_ImageID": row["Metadata_ImageID"], "reason": reason})
+
+
+def _config_hash(table: ImageTable, config: PrepareConfig) -> str:
+    payload = {"config": config.model_dump(mode="json"), "channels": table.channels, "format": CACHE_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plate_fingerprint(config_hash: str, rows: pd.DataFrame, stats: np.ndarray | None) -> str:
+    h = hashlib.sha256(config_hash.encode())
+    h.update("\n".join(rows["Metadata_ImageID"].astype(str)).encode())
+    if stats is not None:
+        h.update(np.round(stats, 6).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def prepare(
+    table: ImageTable,
+    out: Path,
+    config: PrepareConfig | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Preprocess ``table`` into a tile cache at ``out``; returns a summary dict.
+
+    Idempotent: plates already written with the same config and inputs are
+    skipped. On bad input (without ``skip_bad``) nothing is left behind: a
+    cache directory this call created is removed again.
+    """
+    config = config or PrepareConfig()
+    out = Path(out)
+    created = not out.exists()
+    try:
+        return _prepare(table, out, config, progress, log)
+    except BaseException as exc:
+        for tmp in out.glob("**/.*.tmp*") if out.exists() else []:
+            tmp.unlink(missing_ok=True)
+        for tmp in out.glob("**/.*.npy") if out.exists() else []:
+            tmp.unlink(missing_ok=True)
+        # Bad input: remove a cache this call created. An interrupt keeps finished
+        # plates (each is complete on its own), so a rerun resumes.
+        if created and isinstance(exc, CellmorphError) and out.exists():
+            shutil.rmtree(out)
+        raise
+
+
+def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log) -> dict:
+    bad = _Bad()
+    frame = table.frame
+    # 1. Cheap checks before any pixel is read.
+    missing = missing_files(table)
+    if missing:
+        if not config.skip_bad:
+            pos, path = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise BadInputError(f"{path}: missing image (table row {pos + 1}, {frame.iloc[pos]['Metadata_ImageID']}){more}")
+        drop = sorted({pos for pos, _ in missing})
+        for pos, path in missing:
+            bad.add(frame.iloc[pos], f"missing image {path}")
+        frame = frame.drop(index=frame.index[drop])
+    lacking = check_controls(ImageTable(frame.reset_index(drop=True), table.channels, table.source), config.normalize)
+    if lacking:
+        what = "plate" if config.normalize == "plate" else "batch"
+        hint = " Use --normalize batch to pool the DMSO of the plate's batch." if what == "plate" else ""
+        if not config.skip_bad:
+            raise BadInputError(f"{what} {lacking[0]} has no DMSO control fields to normalise against.{hint}")
+        keys = _group_key(frame, config.normalize)
+        for _, row in frame[keys.isin(lacking)].iterrows():
+            bad.add(row, f"{what} {row['Metadata_Plate' if what == 'plate' else 'Metadata_Batch']} has no DMSO")
+        frame = frame[~keys.isin(lacking)]
+    if frame.empty:
+        raise BadInputError("no usable images left to prepare")
+    table = ImageTable(frame.reset_index(drop=True), table.channels, table.source, table.control_compound)
+    frame = table.frame
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PLATES_DIR).mkdir(exist_ok=True)
+    config_hash = _config_hash(table, config)
+    n_channels = len(table.channels)
+    expected_shape: tuple[int, int] | None = None
+
+    def read(row):
+        nonlocal expected_shape
+        pixels = read_field(table, row, expected_shape)
+        if expected_shape is None:
+            expected_shape = tuple(pixels.shape[:2])
+        return pixels
+
+    # 2. DMSO statistics per plate or batch (controls only).
+    stats: dict[str, np.ndarray] = {}
+    stat_rows = []
+    with _progress(progress) as bar:
+        controls = frame[frame["Metadata_IsControl"]]
+        stats_fingerprint = hashlib.sha256(
+            (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))).encode()
+        ).hexdigest()[:16]
+        stats_sidecar = out / (STATS_FILE + ".json")
+        if config.normalize != "none" and stats_sidecar.exists() and (out / STATS_FILE).exists():
+            if json.loads(stats_sidecar.read_text()).get("fingerprint") == stats_fingerprint:
+                saved = pd.read_parquet(out / STATS_FILE)
+                for key, rows in saved.groupby("group", sort=True):
+                    rows = rows.set_index("channel").loc[list(table.channels)]
+                    stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
+                stat_rows = saved.to_dict("records")
+        if config.normalize != "none" and not stats:
+            task = bar.add_task("DMSO statistics", total=len(controls))
+            groups = _group_key(controls, config.normalize)
+            for key, rows in controls.groupby(groups, sort=True):
+                moments = ChannelMoments(n_channels)
+                for _, row in rows.iterrows():
+                    try:
+                        moments.add(anscombe(read(row)))
+                    except BadInputError as exc:
+                        if not config.skip_bad:
+                            raise
+                        bad.add(row, str(exc))
+                    bar.advance(task)
+                if moments.n_images == 0:
+                    raise BadInputError(f"{config.normalize} {key}: no readable DMSO control fields")
+                stats[key] = np.stack([moments.mean, moments.std])
+                for i, ch in enumerate(table.channels):
+                    stat_rows.append(
+                        {
+                            "group": key,
+                            "level": config.normalize,
+                            "channel": ch,
+                            "mean": moments.mean[i],
+                            "std": moments.std[i],
+                            "n_images": moments.n_images,
+                            "n_pixels": moments.count,
+                        }
+                    )
+
+            with atomic_path(out / STATS_FILE) as tmp:
+                pd.DataFrame(stat_rows).to_parquet(tmp, index=False)
+            write_json(stats_sidecar, {"fingerprint": stats_fingerprint})
+
+        # 3. Tiles, one plate at a time, each written atomically.
+        keep = frame if config.include_controls else frame[~frame["Metadata_IsControl"]]
+        bad_ids = {r["Metadata_ImageID"] for r in bad.rows}
+        keep = keep[~keep["Metadata_ImageID"].isin(bad_ids)]
+        task = bar.add_task("Tiles", total=len(keep))
+        plate_summaries = []
+        for plate, rows in keep.groupby("Metadata_Plate", sort=True):
+            group = plate if config.normalize == "plate" else (rows["Metadata_Batch"].iloc[0] if config.normalize == "batch" else None)
+            plate_stats = stats.get(group) if group is not None else None
+            fingerprint = _plate_fingerprint(config_hash, rows, plate_stats)
+            sidecar = out / PLATES_DIR / f"{plate}.json"
+            if sidecar.exists():
+                done = json.loads(sidecar.read_text())
+                if done.get("fingerprint") == fingerprint:
+                    plate_summaries.append(done)
+                    bar.advance(task, len(rows))
+                    continue
+            tiles_list, meta = [], []
+            for _, row in rows.iterrows():
+                try:
+                    pixels = read(row)
+                except BadInputError as exc:
+                    if not config.skip_bad:
+                        raise
+                    bad.add(row, str(exc))
+                    bar.advance(task)
+                    continue
+                x = anscombe(pixels)
+                if plate_stats is not None:
+                    x = zscore(x, plate_stats[0], plate_stats[1])
+                tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
+                for k, (tile, (tr, tc)) in enumerate(zip(tiles, where)):
+                    if config.empty_tile_fraction is not None and is_empty_tile(
+                        tile, config.empty_tile_level, config.empty_tile_fraction
+                    ):
+                        continue
+                    tiles_list.append(tile)
+                    record = {c: row[c] for c in frame.columns if c.startswith("Metadata_")}
+                    record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc})
+                    record["Metadata_SourcePath"] = row_paths(table, row)[0]
+                    meta.append(record)
+                bar.advance(task)
+            if not tiles_list:
+                continue
+            arr = np.stack(tiles_list)
+            if config.tile_size:
+                arr = resize_tiles(arr, config.tile_size)
+            plate_index = pd.DataFrame(meta)
+            plate_index["Metadata_PlateOffset"] = np.arange(len(plate_index))
+            with atomic_path(out / PLATES_DIR / f"{plate}.npy", suffix=".npy") as tmp:
+                np.save(tmp, np.ascontiguousarray(arr))
+            with atomic_path(out / PLATES_DIR / f"{plate}.parquet") as tmp:
+                plate_index.to_parquet(tmp, index=False)
+            summary = {"plate": plate, "fingerprint": fingerprint, "n_tiles": len(arr), "tile_shape": list(arr.shape[1:])}
+            write_json(sidecar, summary)
+            plate_summaries.append(summary)
+
+    # 4. The index and manifest, written last: their presence marks a complete cache.
+    if not plate_summaries:
+        raise BadInputError("no tiles were produced (every image was bad or empty)")
+    shapes = {tuple(s["tile_shape"]) for s in plate_summaries}
+    if len(shapes) != 1:
+        raise BadInputError(f"plates produced different tile shapes {sorted(shapes)}; fields must share one size")
+    parts = []
+    for s in plate_summaries:
+        part = pd.read_parquet(out / PLATES_DIR / f"{s['plate']}.parquet")
+        parts.append(part)
+    index = pd.concat(parts, ignore_index=True)
+    with atomic_path(out / INDEX_FILE) as tmp:
+        index.to_parquet(tmp, index=False)
+    skipped = pd.DataFrame(bad.rows, columns=["Metadata_ImageID", "reason"])
+    if len(skipped):
+        with atomic_path(out / SKIPPED_FILE) as tmp:
+            skipped.to_csv(tmp, index=False)
+        for r in bad.rows:
+            log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
+    # Stale plates from an earlier, different table are no longer part of the cache.
+    current = {s["plate"] for s in plate_summaries}
+    for stale in (out / PLATES_DIR).glob("*.json"):
+        if stale.stem not in current:
+            for ext in (".json", ".npy", ".parquet"):
+                (out / PLATES_DIR / f"{stale.stem}{ext}").unlink(missing_ok=True)
+    treated = index[~index["Metadata_IsControl"]]
+    manifest = {
+        "format": CACHE_FORMAT,
+        "complete": True,
+        "source": table.source,
+        "channels": list(table.channels),
+        "tile_shape": list(next(iter(shapes))),
+        "n_tiles": int(len(index)),
+        "n_images": int(index["Metadata_ImageID"].nunique()),
+        "n_treated_tiles": int(len(treated)),
+        "n_control_tiles": int(len(index) - len(treated)),
+        "n_skipped": int(len(skipped)),
+        "plates": sorted(current),
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash,
+        "provenance": run_info(),
+    }
+    write_json(out / MANIFEST_FILE, manifest)
+    return {k: manifest[k] for k in ("n_tiles", "n_images", "n_treated_tiles", "n_control_tiles", "n_skipped", "tile_shape")} | {
+        "n_plates": len(current),
+        "cache": str(out),
+    }
