@@ -1,0 +1,277 @@
+"""The ``cellmorph`` command line: a thin skin over the public Python API.
+
+Every user-caused failure surfaces as :class:`~cellmorph.errors.CellmorphError`
+and is printed here as one ``error: ...`` line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cellmorph.errors import CellmorphError
+
+app = typer.Typer(
+    name="cellmorph",
+    help="Mechanism-of-action classification of cell morphology with fine-tuned ImageNet CNNs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def user_errors(func):
+    """Turn a CellmorphError (or Ctrl-C) into one stderr line and a non-zero exit, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CellmorphError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(*args, **kwargs):
+    """``app.command`` with :func:`user_errors` applied."""
+
+    def register(func):
+        return app.command(*args, **kwargs)(user_errors(func))
+
+    return register
+
+
+class Layout(str, Enum):
+    bbbc021 = "bbbc021"
+    crops = "crops"
+    generic = "generic"
+
+
+class Normalize(str, Enum):
+    plate = "plate"
+    batch = "batch"
+    none = "none"
+
+
+class Scaling(str, Enum):
+    image = "image"
+    fixed = "fixed"
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise CellmorphError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CellmorphError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise CellmorphError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validated(model_cls, data: dict, where: str):
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise CellmorphError(f"{where}: {loc}: {first['msg']}") from None
+
+
+def _load_table(
+    layout: Layout,
+    root: Optional[Path],
+    metadata: Optional[Path],
+    index: Optional[Path],
+    layout_config: Optional[Path],
+    moa: Optional[Path],
+    channels: Optional[str],
+    moa_subset: bool = True,
+    strict_compounds: bool = False,
+):
+    if layout is Layout.bbbc021:
+        from cellmorph.data.bbbc021 import load_bbbc021
+
+        if root is None and metadata is None:
+            raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
+        return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
+    if layout is Layout.crops:
+        from cellmorph.data.crops import DEFAULT_CHANNELS, load_crop_table
+
+        if index is None:
+            raise CellmorphError("--layout crops needs --index CSV")
+        names = tuple(c.strip() for c in channels.split(",")) if channels else DEFAULT_CHANNELS
+        return load_crop_table(index, channels=names, moa_csv=moa)
+    from cellmorph.data.crops import GenericLayout, load_generic
+
+    if layout_config is None:
+        raise CellmorphError("--layout generic needs --layout-config YAML")
+    data = _load_yaml(layout_config)
+    return load_generic(_validated(GenericLayout, data, str(layout_config)))
+
+
+# ----------------------------------------------------------------------------- inspect
+@command()
+def inspect(
+    layout: Layout = typer.Option(Layout.bbbc021, help="input layout"),
+    metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv"),
+    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
+    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
+    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
+    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
+    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
+    moa_subset: bool = typer.Option(True, "--moa-subset/--all-annotated", help="the paper's annotated subset"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Count images, treatments and compounds of a dataset (no pixels are read)."""
+    table = _load_table(layout, root, metadata, index, layout_config, moa, channels, moa_subset)
+    summary = table.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    grid = Table(title=f"{layout.value} dataset")
+    grid.add_column("compound")
+    grid.add_column("images", justify="right")
+    for name, count in summary["images_per_compound"].items():
+        grid.add_row(name, str(count))
+    out_console.print(grid)
+    out_console.print(
+        f"{summary['n_images']} images, {summary['n_treatments']} treatments, {summary['n_compounds']} compounds, "
+        f"{summary['n_moas']} MoAs on {summary['n_plates']} plates; {summary['n_control_images']} control images"
+    )
+
+
+# ----------------------------------------------------------------------------- synth
+class Dataset(str, Enum):
+    bbbc021 = "bbbc021"
+
+
+@command()
+def synth(
+    out: Path = typer.Argument(..., help="output folder (BBBC021 layout)"),
+    preset: str = typer.Option("tiny", help="tiny | mini | full"),
+    seed: int = typer.Option(0, help="random seed; the same seed gives identical files"),
+    dataset: Dataset = typer.Option(Dataset.bbbc021, help="which dataset layout to synthesise"),
+    workers: int = typer.Option(1, help="processes used to render images"),
+) -> None:
+    """Write a synthetic screen in the BBBC021 layout (CSVs + 16-bit TIFFs)."""
+    from cellmorph.data.synthetic import generate_bbbc021
+
+    summary = generate_bbbc021(out, preset=preset, seed=seed, progress=sys.stderr.isatty(), workers=workers)
+    out_console.print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- prepare
+def _parse_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise CellmorphError(f"--tiles {text!r}: expected ROWSxCOLS, e.g. 2x2") from None
+    if rows < 1 or cols < 1:
+        raise CellmorphError(f"--tiles {text!r}: rows and cols must be ≥ 1")
+    return rows, cols
+
+
+@command()
+def prepare(
+    out: Path = typer.Option(..., help="cache folder to write"),
+    layout: Layout = typer.Option(Layout.bbbc021, help="input layout"),
+    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
+    metadata: Optional[Path] = typer.Option(None, help="folder with the BBBC021 CSVs (default: --root)"),
+    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
+    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
+    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
+    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
+    normalize: Normalize = typer.Option(Normalize.plate, help="DMSO statistics per plate, per batch (week), or none"),
+    tiles: Optional[str] = typer.Option(None, help="tile grid ROWSxCOLS (default 2x2; 1x1 for crops)"),
+    tile_size: Optional[int] = typer.Option(None, help="resize tiles to this square size, e.g. 224"),
+    scaling: Scaling = typer.Option(Scaling.image, help="8-bit map: per-image min-max (paper) or fixed z range"),
+    empty_tile_fraction: Optional[float] = typer.Option(None, help="drop near-empty tiles (paper: 0.002)"),
+    controls: bool = typer.Option(True, "--controls/--no-controls", help="also cache DMSO tiles"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="log and exclude bad images instead of stopping"),
+    strict_compounds: bool = typer.Option(
+        False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
+    ),
+    config: Optional[Path] = typer.Option(None, help="YAML PrepareConfig; command-line options override it"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
+    from cellmorph.preprocess import PrepareConfig
+    from cellmorph.preprocess import prepare as run_prepare
+
+    table = _load_table(layout, root, metadata, index, layout_config, moa, channels, True, strict_compounds)
+    settings = _load_yaml(config) if config else {}
+    settings.update(
+        normalize=normalize.value,
+        scaling=scaling.value,
+        include_controls=controls,
+        skip_bad=skip_bad,
+    )
+    if tiles is not None:
+        settings["tile_grid"] = _parse_grid(tiles)
+    elif "tile_grid" not in settings:
+        settings["tile_grid"] = (1, 1) if layout is Layout.crops else (2, 2)
+    if tile_size is not None:
+        settings["tile_size"] = tile_size
+    if empty_tile_fraction is not None:
+        settings["empty_tile_fraction"] = empty_tile_fraction
+    cfg = _validated(PrepareConfig, settings, str(config or "prepare options"))
+    summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=lambda m: console.print(m))
+    out_console.print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- download
+@command()
+def download(
+    dataset: str = typer.Argument(..., help="bbbc021"),
+    root: Path = typer.Option(..., help="where to put the metadata and plate folders"),
+    base_url: Optional[str] = typer.Option(None, help="mirror URL (default: the BBBC site)"),
+    metadata_only: bool = typer.Option(False, "--metadata-only", help="fetch only the CSVs"),
+    all_plates: bool = typer.Option(False, "--all-plates", help="every plate, not just the MoA subset's"),
+    keep_archives: bool = typer.Option(False, "--keep-archives", help="keep the zip files after unpacking"),
+) -> None:
+    """Fetch a public dataset (network access happens only here, when you ask for it)."""
+    from cellmorph.data.download import DEFAULT_BASE_URL, download_command
+
+    download_command(dataset, root, base_url or DEFAULT_BASE_URL, metadata_only, all_plates, keep_archives)
+
+
+def _mount_optional() -> None:
+    """Sub-apps that live in their own modules."""
+    try:
+        from cellmorph.cli_weights import weights_app
+    except ImportError:  # pragma: no cover - only while the module is absent
+        return
+    app.add_typer(weights_app, name="weights", help="Offline-first ImageNet weights: list, verify, import.")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Console entry point (standalone click handling of usage errors, --help and exit codes)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
