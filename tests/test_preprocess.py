@@ -247,3 +247,16 @@ def test_skip_bad_logs_and_excludes(tiny_copy, tmp_path):
     assert skipped["reason"].str.contains("corrupt").any()
     cache = TileCache(tmp_path / "cache")
     assert cache.manifest["n_images"] == len(images) - 2
+
+
+def test_pad_channels_appends_zero_planes(real_crops, tmp_path):
+    from cellmorph.data.crops import load_crop_table
+
+    table = load_crop_table(real_crops)
+    table = table.subset(table.frame["Metadata_Plate"] == "Week4_27801")
+    prepare(table, tmp_path / "c", PrepareConfig(tile_grid=(1, 1), pad_channels=4), progress=False)
+    cache = TileCache(tmp_path / "c")
+    assert cache.tile_shape == (4, 68, 68)
+    assert cache.channels == ("DAPI", "Tubulin", "Actin", "zero3")
+    tiles = cache.tiles(np.arange(10))
+    assert (tiles[:, 3] == 0).all() and tiles[:, :3].std() > 0

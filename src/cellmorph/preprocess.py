@@ -61,6 +61,9 @@ class PrepareConfig(BaseModel):
     )
     empty_tile_level: int = 50
     include_controls: bool = True
+    pad_channels: int | None = Field(
+        None, description="append all-zero channels up to this count (BBBC014: DAPI, FITC + a zero third channel)"
+    )
     skip_bad: bool = False
 
 
@@ -359,6 +362,9 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
             arr = np.stack(tiles_list)
             if config.tile_size:
                 arr = resize_tiles(arr, config.tile_size)
+            if config.pad_channels and config.pad_channels > arr.shape[1]:
+                pad = np.zeros((arr.shape[0], config.pad_channels - arr.shape[1], *arr.shape[2:]), np.uint8)
+                arr = np.concatenate([arr, pad], axis=1)
             plate_index = pd.DataFrame(meta)
             plate_index["Metadata_PlateOffset"] = np.arange(len(plate_index))
             with atomic_path(out / PLATES_DIR / f"{plate}.npy", suffix=".npy") as tmp:
@@ -399,7 +405,7 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
         "format": CACHE_FORMAT,
         "complete": True,
         "source": table.source,
-        "channels": list(table.channels),
+        "channels": list(table.channels) + [f"zero{i}" for i in range(len(table.channels), config.pad_channels or 0)],
         "tile_shape": list(next(iter(shapes))),
         "n_tiles": int(len(index)),
         "n_images": int(index["Metadata_ImageID"].nunique()),
