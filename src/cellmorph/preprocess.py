@@ -50,10 +50,10 @@ class PrepareConfig(BaseModel):
     normalize: Literal["plate", "batch", "none"] = "plate"
     tile_grid: tuple[int, int] = Field((2, 2), description="tiles per field as (rows, cols); 2×2 gives 640×512 on BBBC021")
     tile_size: int | None = Field(None, description="resize every tile to this square size (e.g. the model's 224)")
-    scaling: Literal["image", "fixed"] = Field(
+    scaling: Literal["image", "tile", "fixed"] = Field(
         "image",
-        description="8-bit map: 'image' min-max per field over all channels (the paper); "
-        "'fixed' clips the DMSO z-score to fixed_range",
+        description="8-bit map: 'image' min-max per field over all channels (the paper, BBBC021); "
+        "'tile' min-max per tile (the paper's BBBC014 code); 'fixed' clips the DMSO z-score to fixed_range",
     )
     fixed_range: tuple[float, float] = (-2.0, 10.0)
     empty_tile_fraction: float | None = Field(
@@ -345,12 +345,21 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
                 x = anscombe(pixels)
                 if plate_stats is not None:
                     x = zscore(x, plate_stats[0], plate_stats[1])
-                tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
-                for k, (tile, (tr, tc)) in enumerate(zip(tiles, where)):
-                    if config.empty_tile_fraction is not None and is_empty_tile(
-                        tile, config.empty_tile_level, config.empty_tile_fraction
-                    ):
-                        continue
+                if config.scaling == "tile":
+                    float_tiles, where = split_tiles(x, config.tile_grid)
+                    tiles = np.stack([to_uint8(t, "image") for t in float_tiles])
+                else:
+                    tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
+                kept = [
+                    k
+                    for k, tile in enumerate(tiles)
+                    if config.empty_tile_fraction is None
+                    or not is_empty_tile(tile, config.empty_tile_level, config.empty_tile_fraction)
+                ]
+                # Resize per field, not per plate, so memory stays bounded by one field.
+                resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
+                for tile, k in zip(resized, kept):
+                    tr, tc = where[k]
                     tiles_list.append(tile)
                     record = {c: row[c] for c in frame.columns if c.startswith("Metadata_")}
                     record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc})
@@ -360,8 +369,6 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
             if not tiles_list:
                 continue
             arr = np.stack(tiles_list)
-            if config.tile_size:
-                arr = resize_tiles(arr, config.tile_size)
             if config.pad_channels and config.pad_channels > arr.shape[1]:
                 pad = np.zeros((arr.shape[0], config.pad_channels - arr.shape[1], *arr.shape[2:]), np.uint8)
                 arr = np.concatenate([arr, pad], axis=1)

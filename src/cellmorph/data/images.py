@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,30 @@ def _read_plane(path: str) -> np.ndarray:
             raise BadInputError(f"{path}: missing image") from None
         except Exception as exc:
             raise BadInputError(f"{path}: corrupt or unreadable .npy file ({exc})") from None
+    if path.lower().endswith((".bmp", ".png")):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image)
+        except FileNotFoundError:
+            raise BadInputError(f"{path}: missing image") from None
+        except Exception as exc:
+            raise BadInputError(f"{path}: corrupt or unreadable image ({exc})") from None
+    # tifffile logs (rather than raises) some structural damage; keep stderr to our one line.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise ValueError("no readable image page")
+            pixels = tif.asarray()
     except FileNotFoundError:
         raise BadInputError(f"{path}: missing image") from None
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise BadInputError(f"{path}: corrupt or truncated TIFF ({type(exc).__name__}: {exc})") from None
+    if pixels.size == 0:
+        raise BadInputError(f"{path}: corrupt or truncated TIFF (no pixel data)")
+    return pixels
 
 
 def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
