@@ -58,6 +58,7 @@ def command(*args, **kwargs):
 
 class Layout(str, Enum):
     bbbc021 = "bbbc021"
+    bbbc014 = "bbbc014"
     crops = "crops"
     generic = "generic"
 
@@ -70,6 +71,7 @@ class Normalize(str, Enum):
 
 class Scaling(str, Enum):
     image = "image"
+    tile = "tile"
     fixed = "fixed"
 
 
@@ -115,6 +117,12 @@ def _load_table(
         if root is None and metadata is None:
             raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
         return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
+    if layout is Layout.bbbc014:
+        from cellmorph.data.bbbc014 import load_bbbc014
+
+        if root is None:
+            raise CellmorphError("--layout bbbc014 needs --root DIR")
+        return load_bbbc014(root)
     if layout is Layout.crops:
         from cellmorph.data.crops import DEFAULT_CHANNELS, load_crop_table
 
@@ -164,6 +172,7 @@ def inspect(
 # ----------------------------------------------------------------------------- synth
 class Dataset(str, Enum):
     bbbc021 = "bbbc021"
+    bbbc014 = "bbbc014"
 
 
 @command()
@@ -174,11 +183,16 @@ def synth(
     dataset: Dataset = typer.Option(Dataset.bbbc021, help="which dataset layout to synthesise"),
     workers: int = typer.Option(1, help="processes used to render images"),
 ) -> None:
-    """Write a synthetic screen in the BBBC021 layout (CSVs + 16-bit TIFFs)."""
-    from cellmorph.data.synthetic import generate_bbbc021
+    """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
+    if dataset is Dataset.bbbc014:
+        from cellmorph.data.bbbc014 import generate_bbbc014
 
-    summary = generate_bbbc021(out, preset=preset, seed=seed, progress=sys.stderr.isatty(), workers=workers)
-    out_console.print(json.dumps(summary))
+        summary = generate_bbbc014(out, preset=preset, seed=seed, progress=sys.stderr.isatty())
+    else:
+        from cellmorph.data.synthetic import generate_bbbc021
+
+        summary = generate_bbbc021(out, preset=preset, seed=seed, progress=sys.stderr.isatty(), workers=workers)
+    out_console.print(json.dumps(summary, default=str))
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -202,12 +216,16 @@ def prepare(
     layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
     moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
     channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
-    normalize: Normalize = typer.Option(Normalize.plate, help="DMSO statistics per plate, per batch (week), or none"),
+    normalize: Optional[Normalize] = typer.Option(
+        None, help="DMSO statistics per plate (default), per batch (week), or none (default for bbbc014)"
+    ),
     tiles: Optional[str] = typer.Option(None, help="tile grid ROWSxCOLS (default 2x2; 1x1 for crops)"),
     tile_size: Optional[int] = typer.Option(None, help="resize tiles to this square size, e.g. 224"),
-    scaling: Scaling = typer.Option(Scaling.image, help="8-bit map: per-image min-max (paper) or fixed z range"),
+    scaling: Optional[Scaling] = typer.Option(
+        None, help="8-bit map: per-field min-max (paper's BBBC021), per-tile (paper's BBBC014), or fixed z range"
+    ),
     empty_tile_fraction: Optional[float] = typer.Option(None, help="drop near-empty tiles (paper: 0.002)"),
-    controls: bool = typer.Option(True, "--controls/--no-controls", help="also cache DMSO tiles"),
+    controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help="also cache DMSO tiles (default: yes)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="log and exclude bad images instead of stopping"),
     strict_compounds: bool = typer.Option(
         False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
@@ -220,21 +238,24 @@ def prepare(
     from cellmorph.preprocess import prepare as run_prepare
 
     table = _load_table(layout, root, metadata, index, layout_config, moa, channels, True, strict_compounds)
-    settings = _load_yaml(config) if config else {}
-    settings.update(
-        normalize=normalize.value,
-        scaling=scaling.value,
-        include_controls=controls,
-        skip_bad=skip_bad,
-    )
-    if tiles is not None:
-        settings["tile_grid"] = _parse_grid(tiles)
-    elif "tile_grid" not in settings:
-        settings["tile_grid"] = (1, 1) if layout is Layout.crops else (2, 2)
-    if tile_size is not None:
-        settings["tile_size"] = tile_size
-    if empty_tile_fraction is not None:
-        settings["empty_tile_fraction"] = empty_tile_fraction
+    # Layout defaults, then the YAML config, then the options given on the command line.
+    if layout is Layout.bbbc014:
+        from cellmorph.data.bbbc014 import bbbc014_prepare_config
+
+        settings = bbbc014_prepare_config().model_dump()
+    else:
+        settings = {"tile_grid": (1, 1) if layout is Layout.crops else (2, 2)}
+    settings.update(_load_yaml(config) if config else {})
+    given = {
+        "normalize": normalize.value if normalize else None,
+        "scaling": scaling.value if scaling else None,
+        "include_controls": controls,
+        "tile_grid": _parse_grid(tiles) if tiles is not None else None,
+        "tile_size": tile_size,
+        "empty_tile_fraction": empty_tile_fraction,
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    settings["skip_bad"] = skip_bad or settings.get("skip_bad", False)
     cfg = _validated(PrepareConfig, settings, str(config or "prepare options"))
     summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=lambda m: console.print(m))
     out_console.print(json.dumps(summary))
