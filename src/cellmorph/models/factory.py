@@ -1,0 +1,157 @@
+"""Build a timm backbone with a fresh classifier, initialised from ImageNet, Glorot, or a checkpoint.
+
+Every model is created with ``timm.create_model(name, pretrained=False, ...)``: weights never come
+from a hidden download. ImageNet weights go through :func:`cellmorph.models.weights.resolve_weights`
+(explicit file, cache, installed package, then the hub only with ``allow_network=True``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cellmorph.errors import CellmorphError
+from cellmorph.models.weights import (
+    _is_counter,
+    check_model_name,
+    classifier_keys,
+    extract_state_dict,
+    load_pretrained,
+    load_state_dict_file,
+    model_preprocessing,
+    resolve_weights,
+)
+
+INITS = ("imagenet", "xavier")
+_ARCH_KEYS = ("model_name", "arch", "backbone", "architecture", "model")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    init: str = "imagenet",
+    weights: Path | None = None,
+    allow_network: bool = False,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+) -> torch.nn.Module:
+    """A timm ``name`` with a fresh ``num_classes`` head.
+
+    ``init``: ``"imagenet"`` (pretrained backbone, ImageNet head dropped), ``"xavier"`` (the
+    paper's baseline: Glorot-uniform conv/linear weights, zero biases, reset batch norm), or the
+    path of a cellmorph checkpoint / plain state dict for this architecture (only the classifier
+    may differ in shape; it then stays freshly initialised).
+
+    The returned module carries ``model.cellmorph_init``: a dict recording how it was initialised
+    (init, source, path, sha256, mean, std, input_size), for run records.
+    """
+    import timm
+
+    check_model_name(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise CellmorphError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if in_chans < 1:
+        raise CellmorphError(f"in_chans must be positive, got {in_chans!r}")
+    init_s = str(init)
+    checkpoint: Path | None = None
+    if init_s not in INITS:
+        checkpoint = Path(init_s).expanduser()
+        if not checkpoint.is_file():
+            raise CellmorphError(
+                f"init must be 'imagenet', 'xavier' or a checkpoint file; {init_s!r} is neither (file not found)"
+            )
+    if weights is not None and init_s != "imagenet":
+        raise CellmorphError(f"--weights applies only to init=imagenet (got init={init_s!r})")
+
+    resolved = resolve_weights(name, weights, allow_network) if init_s == "imagenet" else None
+
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+    )
+    pre = model_preprocessing(name)
+    info: dict = {"init": init_s, "model": name, "num_classes": num_classes, "in_chans": in_chans}
+    if resolved is not None:
+        load_pretrained(model, resolved, include_classifier=False)
+        pre = resolved.preprocessing()
+        info.update(source=resolved.source, path=str(resolved.path), sha256=resolved.sha256)
+    elif init_s == "xavier":
+        xavier_init_(model)
+    else:
+        assert checkpoint is not None
+        info.update(load_checkpoint(model, checkpoint, name))
+    info.update(mean=list(pre["mean"]), std=list(pre["std"]), input_size=pre["input_size"])
+    model.cellmorph_init = info
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg.update(mean=tuple(pre["mean"]), std=tuple(pre["std"]), input_size=(in_chans, pre["input_size"], pre["input_size"]))
+    model.pretrained_cfg = cfg
+    return model
+
+
+def xavier_init_(model: nn.Module) -> nn.Module:
+    """Glorot-uniform on every conv/linear weight, zero biases, batch norm reset (weight 1, bias 0, stats)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.modules.batchnorm._NormBase):
+                if m.track_running_stats:
+                    m.reset_running_stats()
+                if m.affine:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: Path, name: str) -> dict:
+    """Load a cellmorph checkpoint or plain state dict into ``model`` (``weights_only=True``).
+
+    All keys and shapes must match except the classifier: a classifier of another shape (e.g. a
+    different number of classes) is left freshly initialised. Returns a small record for ``cellmorph_init``.
+    """
+    from cellmorph.models.weights import sha256_file
+
+    obj = load_state_dict_file(path)
+    if isinstance(obj, dict):
+        for key in _ARCH_KEYS:
+            arch = obj.get(key)
+            if isinstance(arch, str) and arch != name:
+                raise CellmorphError(f"{path}: checkpoint is for {arch!r}, not {name!r}")
+    sd = extract_state_dict(obj, str(path))
+    target = model.state_dict()
+    head = set(classifier_keys(model))
+    missing = [k for k in target if k not in sd and not _is_counter(k) and k not in head]
+    unexpected = [k for k in sd if k not in target and not _is_counter(k) and k not in head]
+    if missing or unexpected:
+        raise CellmorphError(
+            f"{path}: does not fit {name!r}: {len(missing)} missing key(s) {missing[:3]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    body = {}
+    for k, v in sd.items():
+        if k in head or k not in target:
+            continue
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise CellmorphError(
+                f"{path}: {k} has shape {tuple(v.shape)}, {name} expects {tuple(target[k].shape)} "
+                "(only the classifier may differ)"
+            )
+        body[k] = v
+    head_ok = bool(head) and all(k in sd and tuple(sd[k].shape) == tuple(target[k].shape) for k in head)
+    if head_ok:
+        body.update({k: sd[k] for k in head})
+    model.load_state_dict(body, strict=False)
+    return {
+        "source": "checkpoint",
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "classifier": "loaded" if head_ok else "fresh (shape differs or absent in checkpoint)",
+    }
