@@ -192,7 +192,7 @@ def synth(
         from cellmorph.data.synthetic import generate_bbbc021
 
         summary = generate_bbbc021(out, preset=preset, seed=seed, progress=sys.stderr.isatty(), workers=workers)
-    out_console.print(json.dumps(summary, default=str))
+    print(json.dumps(summary, default=str))
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -258,7 +258,7 @@ def prepare(
     settings["skip_bad"] = skip_bad or settings.get("skip_bad", False)
     cfg = _validated(PrepareConfig, settings, str(config or "prepare options"))
     summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=lambda m: console.print(m))
-    out_console.print(json.dumps(summary))
+    print(json.dumps(summary))
 
 
 # ----------------------------------------------------------------------------- download

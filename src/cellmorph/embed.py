@@ -1,0 +1,125 @@
+"""Frozen-backbone embeddings: per tile, aggregated to wells as a pycytominer-style profile.
+
+The backbone's pooled features (its classifier removed) are computed once per
+tile under ``torch.inference_mode``. Wells are the median of their tiles (as
+``pycytominer.aggregate`` does by default), with ``Metadata_*`` columns first,
+so ``cellmorph profile-eval`` and pycytominer can score them directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellmorph.cache import TileCache
+from cellmorph.datasets import InputPipeline, iterate_batches
+from cellmorph.runinfo import atomic_path, run_info, write_json
+
+WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
+WELL_METADATA = [
+    "Metadata_Compound",
+    "Metadata_Concentration",
+    "Metadata_MoA",
+    "Metadata_Batch",
+    "Metadata_IsControl",
+]
+
+
+def feature_extractor(model_name: str, init: str = "imagenet", weights: Path | None = None, allow_network: bool = False):
+    """(backbone without classifier, InputPipeline) for ``model_name``."""
+    from cellmorph.models import create_model, model_preprocessing
+
+    model = create_model(model_name, num_classes=1, init=init, weights=weights, allow_network=allow_network)
+    model.reset_classifier(0)  # timm: forward() now returns pooled features
+    model.eval()
+    prep = getattr(model, "cellmorph_init", None) or model_preprocessing(model_name)
+    return model, prep
+
+
+def embed_tiles(
+    cache: TileCache,
+    model_name: str = "tf_efficientnet_lite0",
+    rows: np.ndarray | None = None,
+    init: str = "imagenet",
+    weights: Path | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    allow_network: bool = False,
+    progress: bool = True,
+) -> np.ndarray:
+    """float32 (n, d) embeddings of the tiles at ``rows`` (all tiles by default)."""
+    from rich.progress import Progress
+
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
+    model, prep = feature_extractor(model_name, init, weights, allow_network)
+    dev = torch.device(device)
+    pipeline = InputPipeline(prep["mean"], prep["std"], image_size or prep["input_size"]).to(dev).eval()
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    out: np.ndarray | None = None
+    with Progress(disable=not progress) as bar, torch.inference_mode():
+        task = bar.add_task(f"Embedding ({model_name})", total=len(rows))
+        for tiles, positions in iterate_batches(cache, rows, batch_size):
+            x = pipeline(tiles)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = model(x).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(rows), feats.shape[1]), dtype=np.float32)
+            out[positions.numpy()] = feats
+            bar.advance(task, len(positions))
+    return out
+
+
+def tiles_to_wells(index: pd.DataFrame, features: np.ndarray, how: str = "median") -> pd.DataFrame:
+    """Aggregate tile features to wells: ``Metadata_*`` then ``emb_<i>`` columns."""
+    names = [f"emb_{i}" for i in range(features.shape[1])]
+    frame = pd.concat([index[WELL_KEYS + WELL_METADATA].reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
+    grouped = frame.groupby(WELL_KEYS, sort=True)
+    meta = grouped[WELL_METADATA].first()
+    meta["Metadata_NTiles"] = grouped.size()
+    return meta.join(grouped[names].agg(how)).reset_index()
+
+
+def embed(
+    data: Path,
+    out: Path,
+    model_name: str = "tf_efficientnet_lite0",
+    init: str = "imagenet",
+    weights: Path | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    allow_network: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``."""
+    cache = TileCache(data)
+    feats = embed_tiles(cache, model_name, None, init, weights, image_size, batch_size, device, allow_network, progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = [c for c in cache.index.columns if c.startswith("Metadata_")]
+    tiles = pd.concat(
+        [cache.index[meta].reset_index(drop=True), pd.DataFrame(feats, columns=[f"emb_{i}" for i in range(feats.shape[1])])],
+        axis=1,
+    )
+    wells = tiles_to_wells(cache.index, feats)
+    with atomic_path(out / "tiles.parquet") as tmp:
+        tiles.to_parquet(tmp, index=False)
+    with atomic_path(out / "wells.parquet") as tmp:
+        wells.to_parquet(tmp, index=False)
+    summary = {
+        "model": model_name,
+        "init": init,
+        "n_tiles": int(len(tiles)),
+        "n_wells": int(len(wells)),
+        "dim": int(feats.shape[1]),
+        "data": str(data),
+    }
+    write_json(out / "embed.json", summary | {"provenance": run_info()})
+    return summary

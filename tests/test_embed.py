@@ -1,0 +1,84 @@
+"""Frozen-backbone embeddings, and the proof that synthetic MoAs need morphology, not intensity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cellmorph.cache import TileCache
+from cellmorph.data.bbbc021 import load_bbbc021
+from cellmorph.embed import embed, tiles_to_wells
+
+
+@pytest.fixture(scope="module")
+def tiny_embeddings(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb")
+    summary = embed(tiny_cache, out, "tf_efficientnet_lite0", image_size=128, progress=False)
+    return out, summary
+
+
+def test_embed_writes_tile_and_well_profiles(tiny_cache, tiny_embeddings):
+    out, summary = tiny_embeddings
+    cache = TileCache(tiny_cache)
+    tiles = pd.read_parquet(out / "tiles.parquet")
+    wells = pd.read_parquet(out / "wells.parquet")
+    assert summary["dim"] == 1280 and len(tiles) == len(cache)
+    assert list(wells.columns[:2]) == ["Metadata_Plate", "Metadata_Well"]
+    assert len(wells) == cache.index.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
+    emb = [c for c in tiles.columns if c.startswith("emb_")]
+    assert len(emb) == 1280 and np.isfinite(tiles[emb].to_numpy()).all()
+    # A well is the median of its tiles.
+    first = wells.iloc[0]
+    members = tiles[(tiles["Metadata_Plate"] == first["Metadata_Plate"]) & (tiles["Metadata_Well"] == first["Metadata_Well"])]
+    np.testing.assert_allclose(first[emb].to_numpy(float), members[emb].median().to_numpy(), rtol=1e-6)
+
+
+def test_tiles_to_wells_median():
+    index = pd.DataFrame(
+        {"Metadata_Plate": ["p"] * 3, "Metadata_Well": ["A01"] * 3, "Metadata_Compound": ["c"] * 3,
+         "Metadata_Concentration": [1.0] * 3, "Metadata_MoA": ["m"] * 3, "Metadata_Batch": ["b"] * 3,
+         "Metadata_IsControl": [False] * 3}
+    )
+    wells = tiles_to_wells(index, np.array([[0.0], [1.0], [10.0]], dtype=np.float32))
+    assert wells["emb_0"].tolist() == [1.0] and wells["Metadata_NTiles"].tolist() == [3]
+
+
+def test_synthetic_moas_are_not_separable_by_intensity_statistics(tiny_screen, tiny_embeddings):
+    """Issue 2: a linear probe on per-image channel means/stds must score clearly below a CNN under LOCO.
+
+    Both sides use the same classifier (standardised logistic regression) and the same
+    leave-one-compound-out folds; only the features differ: six raw-intensity statistics
+    versus ImageNet EfficientNet-Lite0 features of the same images.
+    """
+    out, _ = tiny_embeddings
+    tiles = pd.read_parquet(out / "tiles.parquet")
+    tiles = tiles[~tiles["Metadata_IsControl"]]
+    emb = [c for c in tiles.columns if c.startswith("emb_")]
+    images = tiles.groupby("Metadata_ImageID").agg({**{c: "mean" for c in emb}, "Metadata_MoA": "first",
+                                                   "Metadata_Compound": "first"})
+    table = load_bbbc021(tiny_screen, tiny_screen).treated.set_index("Metadata_ImageID").loc[images.index]
+    stats = []
+    for _, row in table.iterrows():
+        pixels = np.stack([tifffile.imread(row[f"Path_{c}"]) for c in ("DAPI", "Tubulin", "Actin")], -1).astype(float)
+        stats.append(np.r_[pixels.mean(axis=(0, 1)), pixels.std(axis=(0, 1))])
+    labels = images["Metadata_MoA"].to_numpy()
+    groups = images["Metadata_Compound"].to_numpy()
+    assert len(set(groups)) >= 24 and len(set(labels)) == 12
+
+    def loco_accuracy(features):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+        predicted = cross_val_predict(model, features, labels, groups=groups, cv=LeaveOneGroupOut())
+        return float((predicted == labels).mean())
+
+    probe = loco_accuracy(np.array(stats))
+    cnn = loco_accuracy(images[emb].to_numpy())
+    chance = 1 / 12
+    assert probe < 2 * chance, probe
+    assert cnn > 2 * chance, cnn
+    assert cnn - probe >= 0.15, (probe, cnn)
