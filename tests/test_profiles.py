@@ -76,3 +76,23 @@ def test_same_compound_neighbour_cannot_leak():
     # B shares A's batch, so under NSCB A must reach across to Week2, where D (m1) is nearest.
     assert nscb.loc[("A", 1.0), "Metadata_MatchCompound"] == "D"
     assert nscb.loc[("A", 1.0), "correct"]
+
+
+def test_profile_eval_cli_contract(real_metadata, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellmorph.cli", "profile-eval", str(PROFILES), "--metadata", str(real_metadata),
+         "--out", str(tmp_path / "pe")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "pe" / "metrics.json").read_text())
+    assert metrics["n_treatments"] == 103
+    assert 0.80 <= metrics["nsc_accuracy"] <= 0.85
+    assert metrics["nscb_accuracy"] < metrics["nsc_accuracy"]
+    for name in ("nsc_matches.csv", "nscb_matches.csv", "nsc_confusion_matrix.png", "nscb_confusion_matrix.png"):
+        assert (tmp_path / "pe" / name).stat().st_size > 0
+    assert (tmp_path / "pe" / "nsc_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

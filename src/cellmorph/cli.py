@@ -277,6 +277,72 @@ def download(
     download_command(dataset, root, base_url or DEFAULT_BASE_URL, metadata_only, all_plates, keep_archives)
 
 
+# ----------------------------------------------------------------------------- embed / profiles
+class Standardize(str, Enum):
+    plate = "plate"
+    all = "all"
+    none = "none"
+
+
+class Aggregate(str, Enum):
+    mean = "mean"
+    median = "median"
+
+
+class Metric(str, Enum):
+    correlation = "correlation"
+    cosine = "cosine"
+
+
+@command()
+def embed(
+    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    model: str = typer.Option("tf_efficientnet_lite0", help="timm backbone name"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
+    init: str = typer.Option("imagenet", help="imagenet | xavier | checkpoint path"),
+    weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
+    image_size: Optional[int] = typer.Option(None, help="input size (default: the model's)"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    online: bool = typer.Option(False, "--online", help="allow fetching weights from the hub"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
+    from cellmorph.embed import embed as run_embed
+
+    target = out or Path(data) / "embeddings" / model
+    summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online,
+                        progress and sys.stderr.isatty())
+    print(json.dumps(summary | {"out": str(target)}))
+
+
+@command("profile-eval")
+def profile_eval(
+    profiles: Path = typer.Argument(..., help="per-well profiles: CellProfiler CSV or a cellmorph wells.parquet"),
+    out: Path = typer.Option(..., help="output folder"),
+    metadata: Optional[Path] = typer.Option(None, help="BBBC021 metadata folder (labels for CellProfiler CSVs)"),
+    standardize: Standardize = typer.Option(Standardize.plate, help="z-score features to DMSO wells per plate"),
+    aggregate: Aggregate = typer.Option(Aggregate.mean, help="treatment profile = mean or median of its wells"),
+    metric: Metric = typer.Option(Metric.correlation, help="1-NN similarity"),
+) -> None:
+    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles."""
+    from cellmorph.profiles import profile_eval as run_profile_eval
+
+    metrics = run_profile_eval(profiles, out, metadata, standardize.value, aggregate.value, metric.value)
+    print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}))
+
+
+@command("score-treatments")
+def score_treatments_cmd(
+    predictions: Path = typer.Argument(..., help="stored per-treatment probabilities (.xlsx sheet per model, or CSV)"),
+    moa: Path = typer.Option(..., help="compound,concentration,moa table (BBBC021_v1_moa.csv)"),
+) -> None:
+    """Treatment accuracy of stored predictions, scored by the same code as `cellmorph cv`."""
+    from cellmorph.stored import score_stored_predictions
+
+    print(json.dumps(score_stored_predictions(predictions, moa)))
+
+
 def _mount_optional() -> None:
     """Sub-apps that live in their own modules."""
     try:

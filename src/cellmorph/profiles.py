@@ -206,3 +206,50 @@ def evaluate_profiles(
         "metric": metric,
     }
     return {"metrics": metrics, "nsc": nsc, "nscb": nscb, "treatments": treatments}
+
+
+def profile_eval(
+    profiles: Path,
+    out: Path,
+    metadata_dir: Path | None = None,
+    standardize: Literal["plate", "all", "none"] = "plate",
+    aggregate: Literal["mean", "median"] = "mean",
+    metric: Literal["correlation", "cosine"] = "correlation",
+) -> dict:
+    """Score a per-well table and write ``metrics.json``, the match tables and NSC/NSCB confusion PNGs.
+
+    ``profiles`` is either a CellProfiler-style CSV keyed by ``Image_Metadata_Plate`` /
+    ``Image_Metadata_Well`` (labelled from the BBBC021 ``metadata_dir``), or a table
+    that already carries ``Metadata_Compound``/``Metadata_Concentration``/``Metadata_MoA``
+    (e.g. ``wells.parquet`` from ``cellmorph embed``).
+    """
+    from cellmorph.report import plot_confusion
+    from cellmorph.runinfo import atomic_path, run_info, write_json
+
+    frame = read_profiles(profiles)
+    if "Metadata_MoA" not in frame.columns:
+        if metadata_dir is None:
+            raise BadInputError(f"{profiles}: no Metadata_MoA column; pass --metadata DIR (BBBC021 metadata folder)")
+        frame = attach_bbbc021_metadata(frame, metadata_dir)
+    elif "Metadata_Batch" not in frame.columns:
+        frame = frame.assign(Metadata_Batch=frame["Metadata_Plate"].astype(str).map(batch_of_plate))
+    result = evaluate_profiles(frame, standardize=standardize, aggregate=aggregate, metric=metric)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("nsc", "nscb"):
+        matches = result[name]
+        with atomic_path(out / f"{name}_matches.csv") as tmp:
+            matches.to_csv(tmp, index=False)
+        scored = matches[matches["Metadata_Match"].notna()]
+        classes = sorted(set(matches["Metadata_MoA"].astype(str)))
+        matrix = pd.crosstab(
+            pd.Categorical(scored["Metadata_MoA"].astype(str), categories=classes),
+            pd.Categorical(scored["Metadata_Match"].astype(str), categories=classes),
+            dropna=False,
+        ).to_numpy()
+        plot_confusion(matrix, classes, out / f"{name}_confusion_matrix.png",
+                       title=f"{name.upper()} 1-NN ({metric}), accuracy {result['metrics'][name + '_accuracy']:.3f}")
+    metrics = result["metrics"] | {"profiles": str(profiles)}
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "run.json", {"provenance": run_info()})
+    return metrics
