@@ -1,0 +1,198 @@
+"""CV splits, median aggregation and scoring on hand-made frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmorph.errors import CellmorphError
+from cellmorph.evaluate import (
+    aggregate,
+    aggregate_treatments,
+    aggregate_wells,
+    confusion,
+    make_folds,
+    parse_cv,
+    score_treatments,
+)
+
+
+# --------------------------------------------------------------------------- aggregation
+def _tiles(rows):
+    """rows: (plate, well, compound, conc, moa, p_A) → tile frame with prob_A / prob_B."""
+    frame = pd.DataFrame(
+        rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "prob_A"]
+    )
+    frame["prob_B"] = 1.0 - frame["prob_A"]
+    frame["Metadata_Tile"] = range(len(frame))
+    return frame
+
+
+def test_median_aggregation_tile_well_treatment_differs_from_mean():
+    tiles = _tiles(
+        [
+            # Well P1/A01: two tiles mildly for B, one tile very strongly for A.
+            # Mean of p_A = (0.4 + 0.4 + 1.0)/3 = 0.6 → A; median = 0.4 → B.
+            ("P1", "A01", "x", 1.0, "B", 0.4),
+            ("P1", "A01", "x", 1.0, "B", 0.4),
+            ("P1", "A01", "x", 1.0, "B", 1.0),
+            # Well P2/A01 of the same treatment: median 0.3.
+            ("P2", "A01", "x", 1.0, "B", 0.3),
+            ("P2", "A01", "x", 1.0, "B", 0.2),
+            ("P2", "A01", "x", 1.0, "B", 0.9),
+            # Well P3/A01: a single strongly-A tile (an outlier well).
+            ("P3", "A01", "x", 1.0, "B", 0.95),
+            # Another treatment (compound y), called A.
+            ("P1", "B01", "y", 2.0, "A", 0.8),
+            ("P2", "B01", "y", 2.0, "A", 0.7),
+        ]
+    )
+    wells = aggregate_wells(tiles)
+    w = wells.set_index(["Metadata_Plate", "Metadata_Well"])
+    assert w.loc[("P1", "A01"), "prob_A"] == pytest.approx(0.4)
+    assert w.loc[("P1", "A01"), "Predicted_MoA"] == "B"
+    assert tiles.groupby(["Metadata_Plate", "Metadata_Well"])["prob_A"].mean()[("P1", "A01")] > 0.5  # mean says A
+    assert w.loc[("P1", "A01"), "n_tiles"] == 3
+    treatments = aggregate_treatments(wells).set_index(["Metadata_Compound", "Metadata_Concentration"])
+    # Treatment x: median over wells {0.4, 0.3, 0.95} = 0.4 → B (the mean of wells 0.55 → A).
+    assert treatments.loc[("x", 1.0), "prob_A"] == pytest.approx(0.4)
+    assert treatments.loc[("x", 1.0), "Predicted_MoA"] == "B"
+    assert bool(treatments.loc[("x", 1.0), "Correct"])
+    assert treatments.loc[("x", 1.0), "n_wells"] == 3 and treatments.loc[("x", 1.0), "n_tiles"] == 7
+    assert treatments.loc[("y", 2.0), "Predicted_MoA"] == "A"
+    assert "Metadata_Tile" not in treatments.columns and "Metadata_Well" not in treatments.columns
+    t_all, w_all, tr_all = aggregate(tiles)
+    assert len(t_all) == 9 and len(w_all) == 5 and len(tr_all) == 2
+    assert score_treatments(tr_all) == 1.0
+    cm = confusion(tr_all, ["A", "B"])
+    assert cm.tolist() == [[1, 0], [0, 1]]
+
+
+def test_score_treatments_on_a_stored_softmax_table():
+    frame = pd.DataFrame(
+        {
+            "Metadata_MoA": ["A", "B", "C", "DMSO"],
+            "prob_A": [0.7, 0.6, 0.1, 0.1],
+            "prob_B": [0.2, 0.3, 0.1, 0.1],
+            "prob_C": [0.1, 0.1, 0.8, 0.1],
+            "prob_DMSO": [0.0, 0.0, 0.0, 0.7],
+        }
+    )
+    assert score_treatments(frame) == pytest.approx(0.75)
+    assert score_treatments(frame, exclude=("DMSO",)) == pytest.approx(2 / 3)
+    with pytest.raises(CellmorphError, match="probability columns"):
+        score_treatments(frame[["Metadata_MoA"]])
+
+
+# --------------------------------------------------------------------------- splits
+def _index(spec, controls_per_plate=1, tiles_per_well=2):
+    """spec: {compound: (moa, [plates])}; one well per compound and plate, plus DMSO wells."""
+    rows = []
+    plates = sorted({p for _, ps in spec.values() for p in ps})
+    for compound, (moa, cps) in spec.items():
+        for plate in cps:
+            for t in range(tiles_per_well):
+                rows.append((plate, f"W-{compound}", compound, 1.0, moa, False))
+    for plate in plates:
+        for k in range(controls_per_plate):
+            for t in range(tiles_per_well):
+                rows.append((plate, f"C{k}", "DMSO", 0.0, "DMSO", True))
+    frame = pd.DataFrame(
+        rows,
+        columns=["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "Metadata_IsControl"],
+    )
+    frame["Metadata_Batch"] = frame["Metadata_Plate"].str.split("_").str[0]
+    return frame
+
+
+SPEC = {
+    "a1": ("A", ["Week1_1"]),
+    "a2": ("A", ["Week2_1"]),
+    "a3": ("A", ["Week3_1", "Week1_2"]),
+    "b1": ("B", ["Week1_1"]),
+    "b2": ("B", ["Week2_1"]),
+    "b3": ("B", ["Week3_1"]),
+    "c1": ("C", ["Week2_1"]),
+    "c2": ("C", ["Week3_1"]),
+}
+
+
+@pytest.mark.parametrize("cv", ["loco", "group-kfold:3", "nscb"])
+@pytest.mark.parametrize("controls", [False, True])
+def test_no_test_compound_in_training(cv, controls):
+    index = _index(SPEC)
+    folds, skipped = make_folds(index, cv, include_controls_as_class=controls, seed=0)
+    assert not skipped
+    assert len(folds) == (3 if cv.startswith("group") else 8)
+    tested = []
+    for fold in folds:
+        train, test = index.iloc[fold.train], index.iloc[fold.test]
+        treated_test = set(test.loc[~test["Metadata_IsControl"], "Metadata_Compound"])
+        assert treated_test and not treated_test & set(train["Metadata_Compound"])
+        assert not set(fold.train) & set(fold.test)
+        assert controls or not (train["Metadata_IsControl"].any() or test["Metadata_IsControl"].any())
+        if cv == "nscb":
+            assert set(train["Metadata_Batch"]).isdisjoint(test["Metadata_Batch"])
+            assert set(fold.excluded_batches) == set(test["Metadata_Batch"])
+        tested.extend(fold.test)
+    # Every usable tile is tested exactly once (nscb: controls of batches with treated compounds).
+    assert len(tested) == len(set(tested))
+    usable = index if controls else index[~index["Metadata_IsControl"]]
+    assert set(tested) == set(np.flatnonzero(index.index.isin(usable.index)))
+
+
+def test_nscb_excludes_the_whole_batch():
+    index = _index(SPEC)
+    folds, _ = make_folds(index, "nscb")
+    fold = next(f for f in folds if f.test_compounds == ["a3"])  # a3 spans Week1 and Week3
+    assert fold.excluded_batches == ["Week1", "Week3"]
+    train = index.iloc[fold.train]
+    assert set(train["Metadata_Batch"]) == {"Week2"}
+    assert set(train["Metadata_Compound"]) == {"a2", "b2", "c1"}
+
+
+def test_well_scheme_holds_out_wells_not_compounds():
+    index = _index({"x": ("X", ["Week4_1", "Week4_2", "Week4_3"])}, controls_per_plate=2)
+    with pytest.raises(CellmorphError, match="at least 2 classes"):
+        make_folds(index, "well:3")
+    folds, _ = make_folds(index, "well:3", include_controls_as_class=True)
+    assert len(folds) == 3
+    wells = index["Metadata_Plate"] + "/" + index["Metadata_Well"]
+    seen = []
+    for fold in folds:
+        assert set(wells.iloc[fold.train]).isdisjoint(wells.iloc[fold.test])
+        assert set(index.iloc[fold.train]["Metadata_MoA"]) == {"X", "DMSO"}
+        seen.extend(fold.test)
+    assert sorted(seen) == list(range(len(index)))
+    with pytest.raises(CellmorphError, match="only 9 wells"):
+        make_folds(index, "well:10", include_controls_as_class=True)
+
+
+def test_empty_fold_and_missing_class_raise_clear_errors():
+    index = _index(SPEC)
+    with pytest.raises(CellmorphError, match="4 folds but only|9 folds but only 8 compounds"):
+        make_folds(index, "group-kfold:9")
+    lonely = dict(SPEC, d1=("D", ["Week1_1"]))
+    with pytest.raises(CellmorphError, match=r"d1.*MoA 'D' has no other compound in training"):
+        make_folds(_index(lonely), "loco")
+    folds, skipped = make_folds(_index(lonely), "loco", skip_untrainable=True)
+    assert [s["name"] for s in skipped] == ["d1"] and len(folds) == 8
+    # nscb: C's compounds are in Week2 and Week3; holding out c2 (Week3) leaves c1 — fine;
+    # a MoA confined to one batch fails with the batch named.
+    confined = dict(SPEC, e1=("E", ["Week2_1"]), e2=("E", ["Week2_1"]))
+    with pytest.raises(CellmorphError, match=r"MoA 'E' has no other compound in training outside batch\(es\) Week2"):
+        make_folds(_index(confined), "nscb")
+    make_folds(_index(confined), "loco")  # fine without the batch rule
+
+
+@pytest.mark.parametrize("bad", ["kfold", "group-kfold", "group-kfold:1", "well:1", "loco:3"])
+def test_bad_cv_specs(bad):
+    with pytest.raises(CellmorphError, match="cv"):
+        parse_cv(bad)
+
+
+def test_parse_cv():
+    assert str(parse_cv("LOCO")) == "loco"
+    assert parse_cv("group-kfold:5").k == 5
+    assert str(parse_cv("well")) == "well:5"

@@ -1,0 +1,114 @@
+"""The training loop, prediction and seeding on a small in-memory tile set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cellmorph.augment import Augmenter
+from cellmorph.datasets import InputPipeline
+from cellmorph.errors import CellmorphError
+from cellmorph.train import (
+    TrainSettings,
+    class_weights,
+    create_network,
+    derive_seeds,
+    deterministic,
+    fit,
+    model_spec,
+    predict,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast and stable on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ArrayCache:
+    """The two things training needs from a TileCache: ``tiles(rows)`` and ``tile_shape``."""
+
+    def __init__(self, tiles: np.ndarray) -> None:
+        self.array = tiles
+        self.tile_shape = tiles.shape[1:]
+        self.index = pd.DataFrame({"row": np.arange(len(tiles))})
+
+    def tiles(self, rows):
+        return self.array[np.asarray(rows)]
+
+
+def _toy(n=48, size=16, seed=0):
+    """Class 1 tiles are brighter in channel 0: trivially learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    tiles = rng.integers(0, 120, size=(n, 3, size, size)).astype(np.uint8)
+    tiles[labels == 1, 0] += 120
+    return ArrayCache(tiles), labels
+
+
+def _train(cache, labels, seed=0, epochs=2):
+    torch.manual_seed(seed)
+    model = create_network("test_resnet", 2, init="xavier")
+    spec = model_spec("test_resnet", 16)
+    pipe = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(seed=seed))
+    settings = TrainSettings(epochs=epochs, batch_size=8, lr=0.01)
+    rows = np.arange(len(labels))
+    with deterministic():
+        history = fit(model, pipe, cache, rows, labels, 2, settings, seed, torch.device("cpu"))
+        probs = predict(model, pipe, cache, rows, 16, torch.device("cpu"))
+    return model, history, probs
+
+
+def test_fit_is_deterministic_and_predict_keeps_row_order():
+    cache, labels = _toy()
+    m1, h1, p1 = _train(cache, labels, seed=3)
+    m2, h2, p2 = _train(cache, labels, seed=3)
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert np.array_equal(p1, p2)
+    assert p1.shape == (len(labels), 2)
+    assert np.allclose(p1.sum(1), 1.0, atol=1e-5)
+    assert len(h1) == 2 and {"epoch", "loss", "train_accuracy", "lr", "seconds"} <= set(h1[0])
+    # Prediction in a shuffled row order gives the same per-row probabilities.
+    spec = model_spec("test_resnet", 16)
+    pipe = InputPipeline(spec["mean"], spec["std"], 16)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    assert np.allclose(predict(m1, pipe, cache, perm, 5, torch.device("cpu")), p1[perm], atol=1e-6)
+    _, h3, _ = _train(cache, labels, seed=4)
+    assert [h["loss"] for h in h3] != [h["loss"] for h in h1]
+
+
+def test_class_weights_balance_classes():
+    w = class_weights(np.array([0, 0, 0, 1, 2, 2]), 4)
+    assert w.tolist() == pytest.approx([6 / 9, 2.0, 1.0, 0.0])
+    counts = np.array([3, 1, 2, 0])
+    assert float((w.numpy() * counts).sum()) == pytest.approx(6.0)
+
+
+def test_fold_seeds_are_distinct_and_stable():
+    a, b = derive_seeds(0, 0), derive_seeds(0, 1)
+    assert a == derive_seeds(0, 0)
+    assert a != b and len(set(a.values())) == 4
+    assert derive_seeds(1, 0) != a
+
+
+def test_model_spec_and_unknown_model():
+    assert model_spec("resnet50")["input_size"] == 224
+    assert model_spec("inception_v3")["input_size"] == 299
+    assert model_spec("inception_resnet_v2", 128)["input_size"] == 128
+    with pytest.raises(CellmorphError, match="unknown model"):
+        model_spec("resnet_5000")
+
+
+def test_deterministic_context_restores_state():
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
