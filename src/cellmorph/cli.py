@@ -76,17 +76,9 @@ class Scaling(str, Enum):
 
 
 def _load_yaml(path: Path) -> dict:
-    import yaml
+    from cellmorph.runinfo import read_yaml_mapping
 
-    if not path.is_file():
-        raise CellmorphError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CellmorphError(f"{path}: invalid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise CellmorphError(f"{path}: expected a mapping at the top level")
-    return data
+    return read_yaml_mapping(path)
 
 
 def _validated(model_cls, data: dict, where: str):

@@ -51,7 +51,7 @@ from cellmorph.evaluate import (
     make_folds,
     parse_cv,
 )
-from cellmorph.runinfo import atomic_path, run_info, write_json, write_text
+from cellmorph.runinfo import read_yaml_mapping, atomic_path, run_info, write_json, write_text
 
 CONFIG_FILE = "config.yaml"
 FOLDS_DIR = "folds"
@@ -101,14 +101,7 @@ class CVConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "CVConfig":
         path = Path(path)
-        if not path.is_file():
-            raise CellmorphError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CellmorphError(f"{path}: invalid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise CellmorphError(f"{path}: expected a mapping at the top level")
+        data = read_yaml_mapping(path)
         data = data.get("config", data) if "config" in data and isinstance(data["config"], dict) else data
         data.update({k: v for k, v in overrides.items() if v is not None})
         return validate_config(data, str(path))

@@ -87,6 +87,24 @@ def atomic_path(final: Path, suffix: str | None = None):
             tmp_path.unlink()
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file whose top level is a mapping; user errors become one-line CellmorphErrors."""
+    import yaml
+
+    from cellmorph.errors import CellmorphError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CellmorphError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CellmorphError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise CellmorphError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def write_json(path: Path, payload) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

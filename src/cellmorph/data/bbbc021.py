@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellmorph.data.table import CONTROL_COMPOUND, ImageTable, batch_of_plate, channel_column
+from cellmorph.data.table import (
+    CONTROL_COMPOUND,
+    ImageTable,
+    batch_of_plate,
+    channel_column,
+    check_no_blanks,
+    read_table_csv,
+)
 from cellmorph.errors import BadInputError
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
@@ -44,22 +51,11 @@ TAXOL_SERIES_WELLS = ("D03", "D04", "D05")
 _CONC_DECIMALS = 6
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise BadInputError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path)
-    except Exception as exc:  # pandas raises many parser error types
-        raise BadInputError(f"{path}: cannot parse CSV ({exc})") from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    return frame
-
-
 def read_image_csv(metadata_dir: Path) -> pd.DataFrame:
-    path = Path(metadata_dir) / IMAGE_CSV
-    frame = _read_csv(path, IMAGE_COLUMNS)
+    frame = read_table_csv(Path(metadata_dir) / IMAGE_CSV, ())
+    missing = [c for c in IMAGE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise BadInputError(f"{Path(metadata_dir) / IMAGE_CSV}: missing column(s) {', '.join(missing)}")
     key_cols = [
         "Image_Metadata_Plate_DAPI",
         "Image_Metadata_Well_DAPI",
@@ -67,24 +63,12 @@ def read_image_csv(metadata_dir: Path) -> pd.DataFrame:
         "Image_Metadata_Concentration",
         *[f"Image_{kind}_{ch}" for ch in CHANNELS for kind in ("FileName", "PathName")],
     ]
-    for col in key_cols:
-        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
-        if blank.any():
-            row = int(np.flatnonzero(blank.to_numpy())[0])
-            # +2: one for the header line, one because CSV rows count from 1.
-            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
+    check_no_blanks(frame, key_cols, Path(metadata_dir) / IMAGE_CSV)
     return frame
 
 
 def read_moa_csv(metadata_dir: Path) -> pd.DataFrame:
-    path = Path(metadata_dir) / MOA_CSV
-    frame = _read_csv(path, MOA_COLUMNS)
-    for col in MOA_COLUMNS:
-        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
-        if blank.any():
-            row = int(np.flatnonzero(blank.to_numpy())[0])
-            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
-    return frame
+    return read_table_csv(Path(metadata_dir) / MOA_CSV, MOA_COLUMNS)
 
 
 def _conc_key(values: pd.Series) -> pd.Series:

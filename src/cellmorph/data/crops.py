@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.data.table import (
     CONTROL_COMPOUND,
+    read_table_csv,
     STACK_COLUMN,
     ImageTable,
     batch_of_plate,
@@ -37,31 +38,6 @@ CROP_COLUMNS: tuple[str, ...] = (
     "Metadata_Concentration",
     "Metadata_MoA",
 )
-
-
-def read_table_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path)
-    except Exception as exc:  # pandas raises many parser error types
-        raise BadInputError(f"{path}: cannot parse CSV ({exc})") from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    check_no_blanks(frame, required, path)
-    return frame
-
-
-def check_no_blanks(frame: pd.DataFrame, columns, path: Path) -> None:
-    """Raise naming the first CSV row (1-based, counting the header) with a blank/NaN value."""
-    for col in columns:
-        values = frame[col]
-        blank = values.isna() | (values.astype(str).str.strip() == "")
-        if blank.any():
-            row = int(np.flatnonzero(blank.to_numpy())[0])
-            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
 
 
 def read_moa_table(path: Path) -> pd.DataFrame:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.errors import BadInputError
@@ -141,3 +143,28 @@ def validate_frame(frame: pd.DataFrame, channels: tuple[str, ...], source: str) 
     if frame["Metadata_ImageID"].duplicated().any():
         dup = frame.loc[frame["Metadata_ImageID"].duplicated(), "Metadata_ImageID"].iloc[0]
         raise BadInputError(f"{source} table: duplicate image id {dup!r}")
+
+
+def read_table_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many parser error types
+        raise BadInputError(f"{path}: cannot parse CSV ({exc})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
+    check_no_blanks(frame, required, path)
+    return frame
+
+
+def check_no_blanks(frame: pd.DataFrame, columns, path: Path) -> None:
+    """Raise naming the first CSV row (1-based, counting the header) with a blank/NaN value."""
+    for col in columns:
+        values = frame[col]
+        blank = values.isna() | (values.astype(str).str.strip() == "")
+        if blank.any():
+            row = int(np.flatnonzero(blank.to_numpy())[0])
+            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
