@@ -269,6 +269,114 @@ def download(
     download_command(dataset, root, base_url or DEFAULT_BASE_URL, metadata_only, all_plates, keep_archives)
 
 
+# ----------------------------------------------------------------------------- cv / demo
+class Mode(str, Enum):
+    finetune = "finetune"
+    linear = "linear"
+    linear_probe = "linear-probe"
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    grid = Table(title=f"{metrics.get('model')} ({metrics.get('init')}), cv {metrics.get('cv')}, {metrics['n_folds']} folds")
+    grid.add_column("level")
+    grid.add_column("accuracy", justify="right")
+    grid.add_column("n", justify="right")
+    grid.add_row("treatment", f"{metrics['treatment_accuracy']:.3f}", str(metrics["n_treatments"]))
+    grid.add_row("well", f"{metrics['well_accuracy']:.3f}", str(metrics.get("n_wells", "")))
+    grid.add_row("tile", f"{metrics['tile_accuracy']:.3f}", str(metrics.get("n_tiles", "")))
+    console.print(grid)
+    console.print(f"run directory: {out}")
+
+
+@command()
+def cv(
+    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    out: Path = typer.Option(..., help="run directory to write"),
+    model: Optional[str] = typer.Option(None, help="timm backbone (default resnet50)"),
+    init: Optional[str] = typer.Option(None, help="imagenet | xavier | checkpoint path"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default 10)"),
+    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="loco | group-kfold:K | nscb | well[:K]"),
+    mode: Optional[Mode] = typer.Option(None, help="finetune | linear | linear-probe"),
+    weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None, help="model input size (default the model's)"),
+    seed: Optional[int] = typer.Option(None),
+    include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
+                                                    help="make DMSO a class"),
+    max_tiles_per_fold: Optional[int] = typer.Option(None, help="subsample training tiles per fold"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    num_workers: Optional[int] = typer.Option(None, help="tile-reading processes"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    online: Optional[bool] = typer.Option(None, "--online/--offline", help="allow hub downloads of weights"),
+    config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run, skipping finished folds"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
+    from cellmorph.experiment import load_cv_config, run_cv
+
+    cfg = load_cv_config(
+        config,
+        model=model,
+        init=init,
+        epochs=epochs,
+        cv=cv_scheme,
+        mode=mode.value if mode else None,
+        weights=str(weights) if weights else None,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        seed=seed,
+        include_controls_as_class=include_controls,
+        max_tiles_per_fold=max_tiles_per_fold,
+        device=device,
+        num_workers=num_workers,
+        num_threads=threads,
+        allow_network=online,
+    )
+    metrics = run_cv(data, out, cfg, resume=resume, progress=progress and sys.stderr.isatty())
+    _print_metrics(metrics, out)
+    print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
+                                                "n_treatments", "n_folds")}))
+
+
+DEMO_MODEL = "tf_efficientnet_lite0"
+
+
+@command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run directory (the synthetic data and cache go beside it)"),
+    seed: int = typer.Option(0),
+    epochs: int = typer.Option(3, help="fine-tuning epochs per fold"),
+    image_size: int = typer.Option(96, help="tiles are resized to this for the CNN (CPU-friendly)"),
+    cv_scheme: str = typer.Option("loco", "--cv", help="CV scheme"),
+) -> None:
+    """synth tiny → prepare → cv (LOCO, offline ImageNet EfficientNet-Lite0), then a summary table."""
+    from cellmorph.data.bbbc021 import load_bbbc021
+    from cellmorph.data.synthetic import generate_bbbc021
+    from cellmorph.experiment import load_cv_config, run_cv
+    from cellmorph.preprocess import PrepareConfig
+    from cellmorph.preprocess import prepare as run_prepare
+
+    show = sys.stderr.isatty()
+    work = Path(str(out) + "-data")
+    screen, cache = work / "screen", work / "cache"
+    console.print(f"[bold]1/3[/] synthetic tiny screen → {screen}")
+    if not (screen / "BBBC021_v1_image.csv").is_file():
+        generate_bbbc021(screen, preset="tiny", seed=seed, progress=show)
+    console.print(f"[bold]2/3[/] prepare (per-plate DMSO normalisation, Anscombe, 8-bit, 2×2 tiles) → {cache}")
+    summary = run_prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=image_size), progress=show)
+    console.print(f"    {summary['n_tiles']} tiles from {summary['n_images']} images on {summary['n_plates']} plates")
+    console.print(f"[bold]3/3[/] cv {cv_scheme}, {DEMO_MODEL} (ImageNet, offline), {epochs} epochs → {out}")
+    cfg = load_cv_config(None, model=DEMO_MODEL, init="imagenet", epochs=epochs, cv=cv_scheme,
+                         image_size=image_size, seed=seed)
+    metrics = run_cv(cache, out, cfg, resume=(out / "config.yaml").is_file(), progress=show)
+    _print_metrics(metrics, out)
+    print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
+                                                "n_treatments", "n_folds")}))
+
+
 # ----------------------------------------------------------------------------- embed / profiles
 class Standardize(str, Enum):
     plate = "plate"

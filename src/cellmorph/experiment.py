@@ -71,7 +71,11 @@ class CVConfig(BaseModel):
     init: str = Field("imagenet", description="imagenet | xavier | path to a checkpoint")
     weights: str | None = Field(None, description="explicit ImageNet weights file for init=imagenet")
     allow_network: bool = Field(False, description="let timm download weights (never needed offline)")
-    mode: Literal["finetune", "linear"] = Field("finetune", description="train all layers, or only the new head")
+    mode: Literal["finetune", "linear", "linear-probe"] = Field(
+        "finetune",
+        description="finetune: train all layers; linear: train only the new head by SGD; linear-probe: "
+        "frozen-backbone embeddings computed once per run, a logistic-regression head per fold",
+    )
     epochs: int | None = Field(None, ge=1, description="default 10 (paper)")
     batch_size: int | None = Field(None, ge=2, description="default 8 for the paper's models (paper), 32 otherwise")
     lr: float | None = Field(None, gt=0, description="default 1e-4 for the paper's models (paper), 1e-3 others; ×10 for xavier")
@@ -296,6 +300,47 @@ def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict,
     return train_rows, probs, history, state
 
 
+def _probe_features(cache, rows: np.ndarray, config: CVConfig, spec: dict, device, out: Path, fingerprint: str):
+    """Frozen-backbone embeddings of ``rows``, computed once per run and kept in ``out`` for resume."""
+    from cellmorph.embed import embed_tiles
+
+    path = out / "embeddings.npy"
+    marker = out / "embeddings.json"
+    if path.is_file() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return np.load(path)
+    feats = embed_tiles(
+        cache, config.model, rows, config.init, Path(config.weights) if config.weights else None,
+        spec["input_size"], config.eval_batch_size, str(device), config.allow_network, progress=False,
+    )
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, feats)
+    write_json(marker, {"fingerprint": fingerprint, "rows": int(len(rows)), "dim": int(feats.shape[1])})
+    return feats
+
+
+def _run_probe_fold(features: np.ndarray, position: dict, fold: Fold, targets, n_classes: int, config: CVConfig, seeds):
+    """A logistic-regression head on frozen embeddings (standardised inside the fold)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_rows = _subsample(fold.train, targets[fold.train], config.max_tiles_per_fold, seeds["subsample"])
+    x_train = features[[position[r] for r in train_rows]]
+    scaler = StandardScaler().fit(x_train)
+    head = LogisticRegression(
+        max_iter=2000, class_weight="balanced" if config.class_weighting else None, random_state=seeds["init"]
+    ).fit(scaler.transform(x_train), targets[train_rows])
+    probs = np.zeros((len(fold.test), n_classes), dtype=np.float64)
+    probs[:, head.classes_] = head.predict_proba(scaler.transform(features[[position[r] for r in fold.test]]))
+    state = {
+        "coef": torch.from_numpy(head.coef_.astype(np.float32)),
+        "intercept": torch.from_numpy(head.intercept_.astype(np.float32)),
+        "classes_index": torch.from_numpy(head.classes_.astype(np.int64)),
+        "scaler_mean": torch.from_numpy(scaler.mean_.astype(np.float32)),
+        "scaler_scale": torch.from_numpy(scaler.scale_.astype(np.float32)),
+    }
+    return train_rows, probs, [], state
+
+
 def _predictions_frame(cache, rows: np.ndarray, probs: np.ndarray, classes, fold: int) -> pd.DataFrame:
     index = cache.index.iloc[rows]
     meta = index[[c for c in index.columns if c.startswith("Metadata_")]].reset_index(drop=True).copy()
@@ -403,6 +448,13 @@ def run_cv(
                 "epochs": bar.add_task("  epochs", total=cfg.epochs, info=""),
                 "batches": bar.add_task("  batches", total=1, info=""),
             }
+            probe_features, probe_position = None, {}
+            if cfg.mode == "linear-probe":
+                # Embeddings once for every tile any fold uses; each fold then fits only a head.
+                probe_rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in folds]))
+                probe_position = {int(r): i for i, r in enumerate(probe_rows)}
+                bar.update(tasks["folds"], info=f"embedding {len(probe_rows)} tiles once")
+                probe_features = _probe_features(cache, probe_rows, cfg, spec, device, out, run_fp)
             for fold in folds:
                 fold_dir = out / FOLDS_DIR / str(fold.index)
                 if resume and _fold_done(fold_dir, fold_fps[fold.index]):
@@ -414,7 +466,14 @@ def run_cv(
                 bar.update(tasks["folds"], info=f"fold {fold.index}: {fold.name}")
                 t0 = time.perf_counter()
                 seeds = fold_seeds[fold.index]
-                train_rows, probs, history, state = _run_fold(cache, fold, classes, targets, cfg, spec, seeds, device, bar, tasks)
+                if cfg.mode == "linear-probe":
+                    train_rows, probs, history, state = _run_probe_fold(
+                        probe_features, probe_position, fold, targets, len(classes), cfg, seeds
+                    )
+                else:
+                    train_rows, probs, history, state = _run_fold(
+                        cache, fold, classes, targets, cfg, spec, seeds, device, bar, tasks
+                    )
                 frame = _predictions_frame(cache, fold.test, probs, classes, fold.index)
                 _write_parquet(fold_dir / "predictions.parquet", frame)
                 write_json(fold_dir / "history.json", history)
@@ -480,6 +539,7 @@ def run_cv(
 
     plot_confusion(matrix, classes, out / "confusion_matrix.png",
                    title=f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
-    plot_learning_curves(histories, out / "learning_curves.png")
+    if any(histories.values()):  # a linear probe has no epochs to plot
+        plot_learning_curves(histories, out / "learning_curves.png")
     write_json(out / "metrics.json", metrics)
     return metrics

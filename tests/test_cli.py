@@ -1,0 +1,68 @@
+"""The command-line contracts that outside checks call exactly, on tiny synthetic caches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cellmorph.cli", *args], capture_output=True, text=True)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("cv", "--data", str(tiny_cache), "--model", "tf_efficientnet_lite0", "--init", "imagenet",
+                   "--cv", "loco", "--mode", "linear-probe", "--image-size", "64", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("treatment_accuracy", "well_accuracy", "tile_accuracy", "n_treatments", "n_folds"):
+        assert key in metrics
+    assert metrics["n_folds"] == 24 and metrics["n_treatments"] == 44
+    assert 0.0 <= metrics["treatment_accuracy"] <= 1.0
+    # Embeddings were computed once for the whole run, not per fold.
+    assert json.loads((run / "embeddings.json").read_text())["rows"] == 352
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    probs = [c for c in predictions.columns if c.startswith("prob_")]
+    assert len(probs) == 12
+    np.testing.assert_allclose(predictions[probs].sum(axis=1), 1.0, rtol=1e-5)
+    # No test compound was ever in its fold's training set.
+    for fold_json in (run / "folds").glob("*/fold.json"):
+        fold = json.loads(fold_json.read_text())
+        assert fold["n_train_used"] > 0
+    treatments = pd.read_csv(run / "treatments.csv")
+    assert {"Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "Predicted_MoA"} <= set(treatments.columns)
+    config = (run / "config.yaml").read_text()
+    assert "git_commit" in config and "seed" in config and "torch" in config
+    assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cv_unknown_model_is_one_line(tiny_cache, tmp_path):
+    line = one_line_error(run_cli("cv", "--data", str(tiny_cache), "--model", "resnet5O", "--out", str(tmp_path / "r")))
+    assert "resnet5O" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_cv_empty_fold_is_one_line(tiny_cache, tmp_path):
+    line = one_line_error(run_cli("cv", "--data", str(tiny_cache), "--model", "tf_efficientnet_lite0",
+                                  "--cv", "group-kfold:99", "--out", str(tmp_path / "r")))
+    assert "group-kfold" in line or "fold" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_cv_missing_cache_is_one_line(tmp_path):
+    line = one_line_error(run_cli("cv", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")))
+    assert "nope" in line
