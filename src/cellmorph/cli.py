@@ -348,8 +348,8 @@ DEMO_MODEL = "tf_efficientnet_lite0"
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (the synthetic data and cache go beside it)"),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(3, help="fine-tuning epochs per fold"),
-    image_size: int = typer.Option(96, help="tiles are resized to this for the CNN (CPU-friendly)"),
+    epochs: int = typer.Option(4, help="fine-tuning epochs per fold"),
+    image_size: int = typer.Option(64, help="tiles are resized to this for the CNN (CPU-friendly)"),
     cv_scheme: str = typer.Option("loco", "--cv", help="CV scheme"),
 ) -> None:
     """synth tiny → prepare → cv (LOCO, offline ImageNet EfficientNet-Lite0), then a summary table."""
