@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc021"
+# CI puts shared/ beside the clone; CELLMORPH_SHARED points elsewhere when it is not.
+SHARED = Path(os.environ.get("CELLMORPH_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "bbbc021"
 REAL_METADATA = SHARED / "metadata"
 REAL_CROPS = SHARED / "crops-week4"
 
