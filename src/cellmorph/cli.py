@@ -82,14 +82,9 @@ def _load_yaml(path: Path) -> dict:
 
 
 def _validated(model_cls, data: dict, where: str):
-    from pydantic import ValidationError
+    from cellmorph.errors import validated
 
-    try:
-        return model_cls(**data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise CellmorphError(f"{where}: {loc}: {first['msg']}") from None
+    return validated(model_cls, data, where)
 
 
 def _load_table(

@@ -16,3 +16,15 @@ class CellmorphError(Exception):
 
 class BadInputError(CellmorphError):
     """A data file or metadata row that cannot be used."""
+
+
+def validated(model_cls, data: dict, where: str):
+    """Build a pydantic config model; the first validation problem becomes one CellmorphError line."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise CellmorphError(f"{where}: {loc}: {first['msg']}") from None

@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cellmorph.augment import AugmentConfig, Augmenter
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, validated
 from cellmorph.evaluate import (
     PROB_PREFIX,
     TRUE_COLUMN,
@@ -143,12 +143,7 @@ def validate_config(data: Any, where: str = "config") -> CVConfig:
         return CVConfig.from_yaml(Path(data))
     if not isinstance(data, dict):
         raise CellmorphError(f"{where}: expected a CVConfig, a mapping or a YAML path")
-    try:
-        return CVConfig(**data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise CellmorphError(f"{where}: {loc}: {first['msg']}") from None
+    return validated(CVConfig, data, where)
 
 
 # --------------------------------------------------------------------------- helpers
