@@ -290,7 +290,7 @@ def cv(
     model: Optional[str] = typer.Option(None, help="timm backbone (default resnet50)"),
     init: Optional[str] = typer.Option(None, help="imagenet | xavier | checkpoint path"),
     epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default 10)"),
-    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="loco | group-kfold:K | nscb | well[:K]"),
+    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="loco | group-kfold:K | nscb | well[:K] | cell-line"),
     mode: Optional[Mode] = typer.Option(None, help="finetune | linear | linear-probe"),
     weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
     batch_size: Optional[int] = typer.Option(None),

@@ -42,7 +42,9 @@ WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
 TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 DEFAULT_WELL_FOLDS = 5
 
-_CV_PATTERN = re.compile(r"^(loco|nscb|group-kfold:(\d+)|well(?::(\d+))?)$")
+_CV_PATTERN = re.compile(r"^(loco|nscb|batch|cell-line|group-kfold:(\d+)|well(?::(\d+))?)$")
+# Leave one Metadata_Batch out; BBBC014 stores the cell line there ("cell-line" is its alias).
+BATCH_SCHEMES = ("batch", "cell-line")
 
 
 # --------------------------------------------------------------------------- CV spec
@@ -60,7 +62,7 @@ def parse_cv(spec: str) -> CVScheme:
     text = str(spec).strip().lower()
     match = _CV_PATTERN.match(text)
     if not match:
-        raise CellmorphError(f"cv {spec!r}: expected loco, nscb, group-kfold:K or well[:K]")
+        raise CellmorphError(f"cv {spec!r}: expected loco, nscb, group-kfold:K, well[:K], batch or cell-line")
     if text.startswith("group-kfold"):
         k = int(match.group(2))
         if k < 2:
@@ -158,7 +160,14 @@ def make_folds(
     held_compounds: list[list[str]] = []
     held_batches: list[list[str]] = []
 
-    if scheme.name == "well":
+    if scheme.name in BATCH_SCHEMES:
+        for b in sorted(set(batches[use])):
+            mask = use & (batches == b)
+            test_sets.append(np.flatnonzero(mask))
+            names.append(str(b))
+            held_compounds.append(sorted(set(compounds[mask])))
+            held_batches.append([str(b)])
+    elif scheme.name == "well":
         groups = {}
         for key, cls in zip(wells[use], labels[use]):
             groups.setdefault(cls, set()).add(key)
@@ -226,8 +235,9 @@ def make_folds(
         train_mask[test] = False
         if held_batches[k]:
             train_mask &= ~np.isin(batches, held_batches[k])
-        if scheme.name != "well":
-            # No test compound may appear in training (controls are held out by well instead).
+        if scheme.name != "well" and scheme.name not in BATCH_SCHEMES:
+            # No test compound may appear in training (controls are held out by well instead;
+            # a batch scheme holds out a whole batch, e.g. a cell line treated with the same compound).
             train_mask &= ~np.isin(compounds, held_compounds[k])
         train = np.flatnonzero(train_mask)
         if len(train) == 0:
@@ -235,7 +245,7 @@ def make_folds(
         trained = set(labels[train])
         missing = sorted(set(labels[test]) - trained)
         if missing:
-            what = "no other compound" if scheme.name != "well" else "no other well"
+            what = "no other well" if scheme.name == "well" else "no other batch" if scheme.name in BATCH_SCHEMES else "no other compound"
             where = f" outside batch(es) {', '.join(held_batches[k])}" if held_batches[k] else ""
             reason = (
                 f"cv {scheme}: fold {k} (test {', '.join(held_compounds[k]) or names[k]}): MoA {missing[0]!r} has "

@@ -84,7 +84,7 @@ class CVConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     class_weighting: bool = Field(True, description="class-weighted cross-entropy n/(k·n_c) as in the paper")
     image_size: int | None = Field(None, ge=16, description="model input size; default the model's (224/299)")
-    cv: str = Field("loco", description="loco | group-kfold:K | nscb | well[:K]")
+    cv: str = Field("loco", description="loco | group-kfold:K | nscb | well[:K] | batch | cell-line (leave one Metadata_Batch out)")
     include_controls_as_class: bool = Field(False, description="DMSO becomes a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
     max_tiles_per_fold: int | None = Field(None, ge=2, description="subsample each fold's training tiles (CPU runs)")
