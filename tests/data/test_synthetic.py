@@ -76,7 +76,7 @@ def test_tiny_names_paths_and_tiffs(tiny):
         medians.append(np.median(img))
     assert len(medians) == 3 * len(images)
     assert 100 < min(medians) and max(medians) < 5000
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))  # no temporaries left
     # the CSVs are written after every image
     last_tiff = max(p.stat().st_mtime_ns for p in out.glob("Week*/*/*.tif"))
     assert (out / IMAGE_CSV).stat().st_mtime_ns >= last_tiff

@@ -58,13 +58,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import tifffile
 from scipy import ndimage
 from scipy.special import expit
 
 from cellmorph.data.table import ImageTable, channel_column
 from cellmorph.errors import BadInputError, CellmorphError
-from cellmorph.runinfo import atomic_path
+from cellmorph.data.images import write_tiff
+from cellmorph.runinfo import write_csv
 
 if TYPE_CHECKING:  # preprocess imports torch; keep `synth` and loading light
     from cellmorph.preprocess import PrepareConfig
@@ -607,16 +607,6 @@ def render_well(
     return np.stack(images)
 
 
-def _write_tiff(path: Path, image: np.ndarray) -> None:
-    with atomic_path(path, suffix=".tif") as tmp:
-        tifffile.imwrite(tmp, image, photometric="minisblack", metadata=None)
-
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def generate_bbbc014(
     out: Path,
     preset: str = "tiny",
@@ -653,14 +643,14 @@ def generate_bbbc014(
                 seed, rec.Row, int(rec.Column), float(rec.Concentration), rec.CellLine,
                 spec.height, spec.width, spec.scale, plate,
             )
-            _write_tiff(out / rec.FileName_DAPI, img[0])
-            _write_tiff(out / rec.FileName_FITC, img[1])
+            write_tiff(out / rec.FileName_DAPI, img[0])
+            write_tiff(out / rec.FileName_FITC, img[1])
             if bar is not None:
                 bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()
-    _write_csv(out / IMAGE_CSV, wells)
+    write_csv(out / IMAGE_CSV, wells)
     labels = label_wells(wells)
     return {
         "dataset": "bbbc014",
@@ -773,7 +763,7 @@ def import_bbbc014(root: Path, dapi_channel: int | None = None, progress: bool =
             src = files[(i, num)]
             rel = f"{TIFF_DIR}/{src.stem}.tif"
             if not (root / rel).is_file():
-                _write_tiff(root / rel, _read_bmp(src))
+                write_tiff(root / rel, _read_bmp(src))
             names[ch] = rel
         rows.append(
             {
@@ -783,5 +773,5 @@ def import_bbbc014(root: Path, dapi_channel: int | None = None, progress: bool =
             }
         )
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    _write_csv(root / IMAGE_CSV, frame)
+    write_csv(root / IMAGE_CSV, frame)
     return {"root": str(root), "n_wells": 96, "dapi_channel": int(dapi_channel), "csv": str(root / IMAGE_CSV)}

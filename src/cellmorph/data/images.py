@@ -105,3 +105,11 @@ def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int
     if not np.issubdtype(pixels.dtype, np.number):
         raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
     return pixels
+
+
+def write_tiff(path: Path, image: np.ndarray) -> None:
+    """A single-channel TIFF, written atomically (temp name beside it, then rename)."""
+    from cellmorph.runinfo import atomic_path
+
+    with atomic_path(Path(path), suffix=".tif") as tmp:
+        tifffile.imwrite(tmp, image, photometric="minisblack", metadata=None)

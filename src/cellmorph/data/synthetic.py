@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 import uuid
 import zlib
@@ -49,12 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tifffile
 from scipy import ndimage
 
 from cellmorph.data.bbbc021 import CHANNELS, IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
 from cellmorph.data.table import CONTROL_COMPOUND
 from cellmorph.errors import CellmorphError
+from cellmorph.data.images import write_tiff
+from cellmorph.runinfo import write_csv
 
 __all__ = [
     "MOA_NAMES",
@@ -1127,19 +1127,6 @@ def _draw_condensed(st, arrest_kind, cx, cy, Rp, total, sc, rng, cid, dapi_l, tu
 # ---------------------------------------------------------------------------
 
 
-def _atomic_write_tiff(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        tifffile.imwrite(fh, image, photometric="minisblack", metadata=None)
-    os.replace(tmp, path)
-
-
-def _atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _jobs(spec: SyntheticPreset, seed: int, plate_map: pd.DataFrame) -> list[dict]:
     catalogue = {c.name: c for c in compound_catalogue(spec, seed)}
     plates: dict[str, dict] = {}
@@ -1189,7 +1176,7 @@ def _run_chunk(out: str, jobs: list[dict]) -> int:
     for job in jobs:
         img = render_job(job)
         for c, rel in enumerate(job["paths"]):
-            _atomic_write_tiff(root / rel, img[c])
+            write_tiff(root / rel, img[c])
     return len(jobs)
 
 
@@ -1244,8 +1231,8 @@ def generate_bbbc021(
         if bar is not None:
             bar.stop()
 
-    _atomic_write_csv(out / MOA_CSV, moa_table(spec, seed))
-    _atomic_write_csv(out / IMAGE_CSV, plate_map[list(IMAGE_COLUMNS)])
+    write_csv(out / MOA_CSV, moa_table(spec, seed))
+    write_csv(out / IMAGE_CSV, plate_map[list(IMAGE_COLUMNS)])
     treated = plate_map[plate_map["Image_Metadata_Compound"] != CONTROL_COMPOUND]
     return {
         "preset": spec.name,
