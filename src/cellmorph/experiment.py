@@ -51,7 +51,7 @@ from cellmorph.evaluate import (
     make_folds,
     parse_cv,
 )
-from cellmorph.runinfo import read_yaml_mapping, atomic_path, run_info, write_json, write_text
+from cellmorph.runinfo import read_yaml_mapping, atomic_path, write_csv, run_info, write_json, write_text
 
 CONFIG_FILE = "config.yaml"
 FOLDS_DIR = "folds"
@@ -210,11 +210,6 @@ def _progress(enabled: bool):
 def _write_yaml(path: Path, payload: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True))
-
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -517,10 +512,10 @@ def run_cv(
             "device": str(device),
         }
     )
-    _write_csv(out / "wells.csv", wells)
-    _write_csv(out / "treatments.csv", treatments)
+    write_csv(out / "wells.csv", wells)
+    write_csv(out / "treatments.csv", treatments)
     matrix = confusion(treatments, classes)
-    _write_csv(out / "confusion_matrix.csv", pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("true\\predicted").reset_index())
+    write_csv(out / "confusion_matrix.csv", pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("true\\predicted").reset_index())
     report = (
         f"Treatment level ({len(treatments)} treatments, median of well medians)\n"
         + classification_text(treatments, classes)
