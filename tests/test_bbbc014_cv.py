@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cellmorph.cache import TileCache
 from cellmorph.evaluate import make_folds
@@ -17,11 +18,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cellmorph.cli", *args], capture_output=True, text=True)
 
 
-def test_cell_line_cv_on_synthetic_bbbc014(tmp_path):
-    screen, cache, run = tmp_path / "b14", tmp_path / "cache", tmp_path / "run"
+@pytest.fixture(scope="module")
+def b14_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("b14")
+    screen, cache = root / "b14", root / "cache"
     assert run_cli("synth", str(screen), "--dataset", "bbbc014", "--seed", "0").returncode == 0
     proc = run_cli("prepare", "--layout", "bbbc014", "--root", str(screen), "--out", str(cache), "--tile-size", "32")
     assert proc.returncode == 0, proc.stderr
+    return cache
+
+
+def test_cell_line_cv_on_synthetic_bbbc014(b14_cache, tmp_path):
+    cache, run = b14_cache, tmp_path / "run"
     tiles = TileCache(cache)
     assert tiles.tile_shape == (3, 32, 32)  # DAPI, FITC and the zero third channel
     assert len(tiles) == 64 * 16  # 64 labelled wells, 16 tiles each
@@ -42,3 +50,42 @@ def test_cell_line_cv_on_synthetic_bbbc014(tmp_path):
     wells = pd.read_csv(run / "wells.csv")
     assert len(wells) == 64 and set(wells["Metadata_MoA"]) == {"translocation", "no translocation"}
     assert np.isin(wells["Predicted_MoA"], ["translocation", "no translocation"]).all()
+
+
+def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
+    """Pretrained vs Xavier after 1 and 2 epochs, 2 replicates each, leave-one-cell-line-out."""
+    out = tmp_path / "fig4"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\n")
+    proc = run_cli("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
+                   "--epochs", "1,2", "--replicates", "2", "--config", str(cfg), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    png = out / "init_comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = pd.read_csv(out / "init_comparison.csv")
+    assert len(table) == 2 * 2 * 2  # inits × replicates × scored epochs
+    assert set(table["init"]) == {"imagenet", "xavier"} and set(table["epoch"]) == {1, 2}
+    assert sorted(table["seed"].unique()) == [0, 1]
+    for init in ("imagenet", "xavier"):
+        metrics = json.loads((out / init / "metrics.json").read_text())
+        assert metrics["n_replicates"] == 2 and metrics["n_folds"] == 2 and metrics["init"] == init
+        for r in (0, 1):
+            run = out / init / f"replicate-{r}"
+            assert json.loads((run / "metrics.json").read_text())["n_wells"] == 64
+            assert (run / "folds" / "0" / "predictions_epoch1.parquet").is_file()
+    summary = json.loads((out / "init_comparison.json").read_text())
+    assert set(summary["by_init"]["imagenet"]) == {"1", "2"}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]).keys() == {"imagenet", "xavier"}
+
+
+def test_cv_replicates_flag(b14_cache, tmp_path):
+    out = tmp_path / "reps"
+    proc = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
+                   "--epochs", "1", "--replicates", "2", "--max-tiles-per-fold", "64", "--threads", "1",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and len(metrics["replicates"]) == 2
+    assert {"well_accuracy", "tile_accuracy", "well_accuracy_std"} <= metrics.keys()
+    bad = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--eval-epochs", "one", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--eval-epochs" in bad.stderr and "Traceback" not in bad.stderr

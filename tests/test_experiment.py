@@ -180,3 +180,48 @@ def test_config_defaults_and_yaml(tmp_path):
     path.write_text("model: resnet18\naugment:\n  noize: 1\n")
     with pytest.raises(CellmorphError, match="augment.noize"):
         CVConfig.from_yaml(path)
+
+
+def test_eval_epochs_score_midway_without_changing_the_final_model(first_run, crop_cache, tmp_path):
+    out_a, metrics_a = first_run  # SMALL: 2 epochs, no interim scoring
+    out = tmp_path / "interim"
+    metrics = run_cv(crop_cache, out, dict(SMALL, eval_epochs=[1]), progress=False)
+    # Scoring after epoch 1 draws no random numbers: the 2-epoch predictions are unchanged.
+    pd.testing.assert_frame_equal(pd.read_parquet(out_a / "predictions.parquet"),
+                                  pd.read_parquet(out / "predictions.parquet"))
+    assert set(metrics["by_epoch"]) == {"1", "2"}
+    assert metrics["by_epoch"]["2"]["tile_accuracy"] == metrics_a["tile_accuracy"]
+    for fold in ("0", "1", "2"):
+        interim = pd.read_parquet(out / "folds" / fold / "predictions_epoch1.parquet")
+        final = pd.read_parquet(out / "folds" / fold / "predictions.parquet")
+        assert interim["Metadata_CacheRow"].tolist() == final["Metadata_CacheRow"].tolist()
+        assert not np.allclose(interim.filter(like="prob_").to_numpy(), final.filter(like="prob_").to_numpy())
+    with pytest.raises(CellmorphError, match=r"eval_epochs \[5\] exceed epochs=2"):
+        run_cv(crop_cache, tmp_path / "late", dict(SMALL, eval_epochs=[5]), progress=False)
+
+
+def test_replicates_differ_only_in_seed_and_are_summarised(first_run, crop_cache, tmp_path):
+    from cellmorph.experiment import run_replicates
+
+    out_a, metrics_a = first_run
+    out = tmp_path / "reps"
+    summary = run_replicates(crop_cache, out, SMALL, replicates=2, progress=False)
+    # Replicate 0 is the plain run (seed 7); replicate 1 uses seed 8.
+    pd.testing.assert_frame_equal(pd.read_parquet(out_a / "predictions.parquet"),
+                                  pd.read_parquet(out / "replicate-0" / "predictions.parquet"))
+    assert yaml_seed(out / "replicate-1") == 8
+    table = pd.read_csv(out / "replicates.csv")
+    assert table["seed"].tolist() == [7, 8] and table["epoch"].tolist() == [2, 2]
+    assert summary["tile_accuracy"] == pytest.approx(table["tile_accuracy"].mean())
+    assert summary["tile_accuracy_std"] == pytest.approx(table["tile_accuracy"].std(ddof=1))
+    assert json.loads((out / "metrics.json").read_text())["n_replicates"] == 2
+    with pytest.raises(CellmorphError, match="already holds a run"):
+        run_replicates(crop_cache, out, SMALL, replicates=2, progress=False)
+    again = run_replicates(crop_cache, out, SMALL, replicates=2, resume=True, progress=False)
+    assert again["tile_accuracy"] == summary["tile_accuracy"]
+
+
+def yaml_seed(run_dir) -> int:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["seeds"]["seed"]

@@ -112,3 +112,29 @@ def test_deterministic_context_restores_state():
     with deterministic():
         assert torch.are_deterministic_algorithms_enabled()
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_freeze_stages_stops_gradients_and_keeps_frozen_statistics():
+    from cellmorph.models import freeze_stages, stage_names
+
+    cache, labels = _toy()
+    torch.manual_seed(0)
+    model = create_network("test_resnet", 2, init="xavier")
+    stages = stage_names(model)
+    assert stages[0][-1] == "bn1" and all(n.startswith("conv1") for n in stages[0][:-1]) and "fc" in stages[-1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = model_spec("test_resnet", 16)
+    pipe = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(seed=0))
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.01, freeze_stages=2)  # stem + layer1
+    with deterministic():
+        fit(model, pipe, cache, np.arange(len(labels)), labels, 2, settings, 0, torch.device("cpu"))
+    after = model.state_dict()
+    frozen = [k for k in after if k.split(".")[0] in ("conv1", "bn1", "layer1")]
+    trained = [k for k in after if k.split(".")[0] in ("layer2", "fc")]
+    assert frozen and trained
+    for key in frozen:  # weights and BatchNorm running statistics both untouched
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    assert not any(p.requires_grad for p in model.layer1.parameters())
+    with pytest.raises(CellmorphError, match="at most"):
+        freeze_stages(create_network("test_resnet", 2, init="xavier"), len(stages))

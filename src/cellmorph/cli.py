@@ -300,6 +300,9 @@ def cv(
     include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
                                                     help="make DMSO a class"),
     max_tiles_per_fold: Optional[int] = typer.Option(None, help="subsample training tiles per fold"),
+    freeze_stages: Optional[int] = typer.Option(None, help="fine-tune: freeze the stem + early stages (N coarse stages)"),
+    eval_epochs: Optional[str] = typer.Option(None, help="also score after these epochs, e.g. '1,5'"),
+    replicates: int = typer.Option(1, min=1, help="repeat the whole CV with seeds seed, seed+1, … (RUN/replicate-<r>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     num_workers: Optional[int] = typer.Option(None, help="tile-reading processes"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -309,10 +312,11 @@ def cv(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
-    from cellmorph.experiment import load_cv_config, run_cv
+    from cellmorph.experiment import load_cv_config, run_cv, run_replicates
 
     cfg = load_cv_config(
         config,
+        eval_epochs=_int_list(eval_epochs, "--eval-epochs"),
         model=model,
         init=init,
         epochs=epochs,
@@ -325,15 +329,69 @@ def cv(
         seed=seed,
         include_controls_as_class=include_controls,
         max_tiles_per_fold=max_tiles_per_fold,
+        freeze_stages=freeze_stages,
         device=device,
         num_workers=num_workers,
         num_threads=threads,
         allow_network=online,
     )
-    metrics = run_cv(data, out, cfg, resume=resume, progress=progress and sys.stderr.isatty())
+    show = progress and sys.stderr.isatty()
+    if replicates > 1:
+        metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=show)
+    else:
+        metrics = run_cv(data, out, cfg, resume=resume, progress=show)
     _print_metrics(metrics, out)
     print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
                                                 "n_treatments", "n_folds")}))
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CellmorphError(f"{option}: expected comma-separated integers such as '1,5,20', got {text!r}") from None
+    if not values or min(values) < 1:
+        raise CellmorphError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+@command("compare-inits")
+def compare_inits_command(
+    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    out: Path = typer.Option(..., help="output directory (one sub-run per init)"),
+    model: Optional[str] = typer.Option(None, help="timm backbone (default resnet50)"),
+    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="e.g. cell-line (BBBC014) or loco"),
+    epochs: str = typer.Option("1,5,20", help="score after these epochs (one training of the largest)"),
+    replicates: int = typer.Option(3, min=1, help="seeds per init"),
+    inits: str = typer.Option("imagenet,xavier", help="comma-separated: imagenet, xavier or checkpoint paths"),
+    metric: str = typer.Option("well_accuracy", help="treatment_accuracy | well_accuracy | tile_accuracy"),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
+    resume: bool = typer.Option(False, "--resume", help="continue, skipping finished folds and replicates"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
+    from cellmorph.experiment import compare_inits, load_cv_config
+
+    epoch_list = _int_list(epochs, "--epochs")
+    cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr,
+                         image_size=image_size, seed=seed, epochs=max(epoch_list))
+    result = compare_inits(data, out, cfg, tuple(i for i in inits.split(",") if i), tuple(epoch_list),
+                           replicates, metric, resume=resume, progress=progress and sys.stderr.isatty())
+    grid = Table(title=f"{metric} (mean ± SD over {replicates} replicate(s))")
+    grid.add_column("init")
+    for e in result["epochs"]:
+        grid.add_column(f"{e} ep", justify="right")
+    for init, values in result["by_init"].items():
+        grid.add_row(init, *[f"{values[str(e)]['mean']:.3f} ± {values[str(e)]['std']:.3f}" for e in result["epochs"]])
+    console.print(grid)
+    console.print(f"figure: {out / 'init_comparison.png'}")
+    print(json.dumps(result["by_init"]))
 
 
 DEMO_MODEL = "tf_efficientnet_lite0"

@@ -58,16 +58,13 @@ def embed_tiles(
     model, prep = feature_extractor(model_name, init, weights, allow_network)
     dev = torch.device(device)
     pipeline = InputPipeline(prep["mean"], prep["std"], image_size or prep["input_size"]).to(dev).eval()
-    model.to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    # NHWC is oneDNN's fast layout on CPU (≈1.8× for EfficientNet-Lite0 here) and cuDNN's on GPU.
+    model.to(dev).to(memory_format=torch.channels_last)
     out: np.ndarray | None = None
     with Progress(disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task(f"Embedding ({model_name})", total=len(rows))
         for tiles, positions in iterate_batches(cache, rows, batch_size):
-            x = pipeline(tiles)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = pipeline(tiles).contiguous(memory_format=torch.channels_last)
             feats = model(x).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(rows), feats.shape[1]), dtype=np.float32)

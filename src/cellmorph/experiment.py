@@ -57,6 +57,7 @@ CONFIG_FILE = "config.yaml"
 FOLDS_DIR = "folds"
 FOLD_DONE = "fold.json"
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
+ACCURACY_KEYS = ("treatment_accuracy", "well_accuracy", "tile_accuracy")
 
 # Fields that change how a run computes, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size")
@@ -88,6 +89,16 @@ class CVConfig(BaseModel):
     include_controls_as_class: bool = Field(False, description="DMSO becomes a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
     max_tiles_per_fold: int | None = Field(None, ge=2, description="subsample each fold's training tiles (CPU runs)")
+    freeze_stages: int = Field(
+        0, ge=0, description="fine-tune only: freeze the stem and following stages, N coarse timm stages in all "
+        "(0 = train everything); frozen early stages need no backward pass, the big CPU saving",
+    )
+    channels_last: bool = Field(True, description="NHWC tensors (oneDNN's fast layout on CPU, cuDNN's on CUDA)")
+    eval_epochs: list[int] = Field(
+        default_factory=list,
+        description="also score each fold's model after these epochs (accuracy against training time, "
+        "as in the paper's Fig. 4); the last epoch is always scored",
+    )
     seed: int = Field(0, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
@@ -101,6 +112,13 @@ class CVConfig(BaseModel):
     @classmethod
     def _check_cv(cls, value: str) -> str:
         return str(parse_cv(value))
+
+    @field_validator("eval_epochs")
+    @classmethod
+    def _check_eval_epochs(cls, value: list[int]) -> list[int]:
+        if any(int(e) < 1 for e in value):
+            raise ValueError("eval_epochs must be ≥ 1")
+        return sorted({int(e) for e in value})
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "CVConfig":
@@ -119,9 +137,14 @@ class CVConfig(BaseModel):
             lr = 1e-4 if paper else 1e-3
             if self.init == "xavier":
                 lr *= 10
+        epochs = self.epochs or 10
+        late = [e for e in self.eval_epochs if e > epochs]
+        if late:
+            raise CellmorphError(f"eval_epochs {late} exceed epochs={epochs}")
         return self.model_copy(
             update={
-                "epochs": self.epochs or 10,
+                "eval_epochs": [e for e in self.eval_epochs if e < epochs],
+                "epochs": epochs,
                 "batch_size": batch,
                 "lr": lr,
                 "eval_batch_size": self.eval_batch_size or 2 * batch,
@@ -265,6 +288,8 @@ def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict,
         num_workers=config.num_workers,
         eval_batch_size=config.eval_batch_size,
         amp=config.amp,
+        channels_last=config.channels_last,
+        freeze_stages=config.freeze_stages,
     )
     n_batches = max(1, len(train_rows) // config.batch_size + (len(train_rows) % config.batch_size >= 2))
     bar.reset(tasks["epochs"], total=config.epochs, description=f"  epochs ({fold.name})", info="")
@@ -273,21 +298,29 @@ def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict,
     def on_batch():
         bar.advance(tasks["batches"])
 
+    n_eval = -(-len(fold.test) // config.eval_batch_size)
+    interim: dict[int, np.ndarray] = {}
+
     def on_epoch(record):
         bar.advance(tasks["epochs"])
         bar.update(tasks["epochs"], info=f"loss {record['loss']:.3f}  acc {record['train_accuracy']:.2f}")
+        if record["epoch"] in config.eval_epochs:
+            # Scoring in eval mode draws no random numbers, so the final model is the same with or without it.
+            bar.reset(tasks["batches"], total=n_eval, description=f"  predicting (epoch {record['epoch']})")
+            interim[record["epoch"]] = predict(model, pipeline, cache, fold.test, config.eval_batch_size, device,
+                                               config.num_workers, config.amp, on_batch,
+                                               channels_last=config.channels_last)
         if record["epoch"] < config.epochs:
-            bar.reset(tasks["batches"], total=n_batches)
+            bar.reset(tasks["batches"], total=n_batches, description="  batches")
 
     torch.manual_seed(seeds["init"] + 1)  # dropout / stochastic depth draws
     history = fit(model, pipeline, cache, train_rows, targets[train_rows], len(classes), settings,
                   seeds["shuffle"], device, on_batch, on_epoch)
-    n_eval = -(-len(fold.test) // config.eval_batch_size)
     bar.reset(tasks["batches"], total=n_eval, description="  predicting", info="")
     probs = predict(model, pipeline, cache, fold.test, config.eval_batch_size, device, config.num_workers,
-                    config.amp, on_batch)
+                    config.amp, on_batch, channels_last=config.channels_last)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return train_rows, probs, history, state
+    return train_rows, probs, history, state, interim
 
 
 def _probe_features(cache, rows: np.ndarray, config: CVConfig, spec: dict, device, out: Path, fingerprint: str):
@@ -308,17 +341,23 @@ def _probe_features(cache, rows: np.ndarray, config: CVConfig, spec: dict, devic
     return feats
 
 
-def _run_probe_fold(features: np.ndarray, position: dict, fold: Fold, targets, n_classes: int, config: CVConfig, seeds):
-    """A logistic-regression head on frozen embeddings (standardised inside the fold)."""
+def _fit_probe_head(features: np.ndarray, position: dict, train_rows: np.ndarray, targets, config: CVConfig, seed: int):
+    """(logistic regression, scaler) on frozen embeddings of the training rows only (standardised inside the fold)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    train_rows = _subsample(fold.train, targets[fold.train], config.max_tiles_per_fold, seeds["subsample"])
     x_train = features[[position[r] for r in train_rows]]
     scaler = StandardScaler().fit(x_train)
     head = LogisticRegression(
-        max_iter=2000, class_weight="balanced" if config.class_weighting else None, random_state=seeds["init"]
+        max_iter=2000, class_weight="balanced" if config.class_weighting else None, random_state=seed
     ).fit(scaler.transform(x_train), targets[train_rows])
+    return head, scaler
+
+
+def _run_probe_fold(features: np.ndarray, position: dict, fold: Fold, targets, n_classes: int, config: CVConfig, seeds):
+    """A logistic-regression head on frozen embeddings."""
+    train_rows = _subsample(fold.train, targets[fold.train], config.max_tiles_per_fold, seeds["subsample"])
+    head, scaler = _fit_probe_head(features, position, train_rows, targets, config, seeds["init"])
     probs = np.zeros((len(fold.test), n_classes), dtype=np.float64)
     probs[:, head.classes_] = head.predict_proba(scaler.transform(features[[position[r] for r in fold.test]]))
     state = {
@@ -328,7 +367,7 @@ def _run_probe_fold(features: np.ndarray, position: dict, fold: Fold, targets, n
         "scaler_mean": torch.from_numpy(scaler.mean_.astype(np.float32)),
         "scaler_scale": torch.from_numpy(scaler.scale_.astype(np.float32)),
     }
-    return train_rows, probs, [], state
+    return train_rows, probs, [], state, {}
 
 
 def _predictions_frame(cache, rows: np.ndarray, probs: np.ndarray, classes, fold: int) -> pd.DataFrame:
@@ -375,6 +414,10 @@ def run_cv(
     # and the mean/std are those of the weights actually resolved.
     probe = create_network(base.model, len(classes), base.init, base.weights, base.allow_network, cache.tile_shape[0])
     spec = network_spec(probe, spec, base.image_size)
+    if base.freeze_stages and base.mode == "finetune":
+        from cellmorph.models import freeze_stages
+
+        freeze_stages(probe, base.freeze_stages)  # too many stages → CellmorphError before any work
     init_info = {k: v for k, v in (getattr(probe, "cellmorph_init", None) or {}).items() if isinstance(v, (str, int, float, list))}
     del probe
     cfg = base.resolved().model_copy(update={"image_size": spec["input_size"]})
@@ -429,6 +472,7 @@ def run_cv(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     parts: list[pd.DataFrame] = []
+    interim_parts: dict[int, list[pd.DataFrame]] = {e: [] for e in cfg.eval_epochs}
     histories: dict[str, list[dict]] = {}
     fold_seconds: list[float] = []
     try:
@@ -449,6 +493,8 @@ def run_cv(
                 fold_dir = out / FOLDS_DIR / str(fold.index)
                 if resume and _fold_done(fold_dir, fold_fps[fold.index]):
                     parts.append(pd.read_parquet(fold_dir / "predictions.parquet"))
+                    for e in cfg.eval_epochs:
+                        interim_parts[e].append(pd.read_parquet(fold_dir / f"predictions_epoch{e}.parquet"))
                     histories[fold.name] = json.loads((fold_dir / "history.json").read_text())
                     bar.advance(tasks["folds"])
                     continue
@@ -457,14 +503,18 @@ def run_cv(
                 t0 = time.perf_counter()
                 seeds = fold_seeds[fold.index]
                 if cfg.mode == "linear-probe":
-                    train_rows, probs, history, state = _run_probe_fold(
+                    train_rows, probs, history, state, interim = _run_probe_fold(
                         probe_features, probe_position, fold, targets, len(classes), cfg, seeds
                     )
                 else:
-                    train_rows, probs, history, state = _run_fold(
+                    train_rows, probs, history, state, interim = _run_fold(
                         cache, fold, classes, targets, cfg, spec, seeds, device, bar, tasks
                     )
                 frame = _predictions_frame(cache, fold.test, probs, classes, fold.index)
+                for e, interim_probs in interim.items():
+                    interim_frame = _predictions_frame(cache, fold.test, interim_probs, classes, fold.index)
+                    _write_parquet(fold_dir / f"predictions_epoch{e}.parquet", interim_frame)
+                    interim_parts[e].append(interim_frame)
                 _write_parquet(fold_dir / "predictions.parquet", frame)
                 write_json(fold_dir / "history.json", history)
                 with atomic_path(fold_dir / "state.pt") as tmp:
@@ -498,6 +548,13 @@ def run_cv(
     _write_parquet(out / "predictions.parquet", tiles)
     tiles, wells, treatments = aggregate(tiles)
     metrics = compute_metrics(tiles, wells, treatments, classes, len(folds))
+    if cfg.eval_epochs:
+        by_epoch = {}
+        for e in cfg.eval_epochs:
+            t, w, tr = aggregate(pd.concat(interim_parts[e], ignore_index=True))
+            by_epoch[str(e)] = {k: compute_metrics(t, w, tr, classes, len(folds))[k] for k in ACCURACY_KEYS}
+        by_epoch[str(cfg.epochs)] = {k: metrics[k] for k in ACCURACY_KEYS}
+        metrics["by_epoch"] = by_epoch
     epoch_seconds = [h["seconds"] for hist in histories.values() for h in hist]
     metrics.update(
         {
@@ -533,3 +590,137 @@ def run_cv(
         plot_learning_curves(histories, out / "learning_curves.png")
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+# --------------------------------------------------------------------------- replicates
+REPLICATE_DIR = "replicate-{}"
+
+
+def run_replicates(
+    data: Path,
+    out: Path,
+    config: CVConfig | dict | Path | None = None,
+    replicates: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``replicates`` complete :func:`run_cv` runs that differ only in their seed (seed, seed+1, …).
+
+    Each goes to ``out/replicate-<r>/`` (a normal run directory, resumable on its own).
+    ``out/replicates.csv`` holds one row per replicate and scored epoch; ``out/metrics.json``
+    holds the mean and standard deviation over replicates of every accuracy (the ``*_accuracy``
+    keys are the means, so the file reads like a single run's) and the per-replicate figures.
+    """
+    if replicates < 1:
+        raise CellmorphError(f"replicates must be ≥ 1, got {replicates}")
+    base = validate_config(config if config is not None else {}, "config")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, runs = [], []
+    for r in range(replicates):
+        seed = base.seed + r
+        run_dir = out / REPLICATE_DIR.format(r)
+        done = (run_dir / "metrics.json").is_file()
+        if done and not resume:
+            raise CellmorphError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue")
+        metrics = run_cv(data, run_dir, base.model_copy(update={"seed": seed}), resume=resume, progress=progress)
+        runs.append(metrics)
+        scored = metrics.get("by_epoch") or {str(metrics["epochs"]): {k: metrics[k] for k in ACCURACY_KEYS}}
+        for epoch, values in scored.items():
+            rows.append({"replicate": r, "seed": seed, "init": metrics["init"], "model": metrics["model"],
+                         "epoch": int(epoch), **{k: values[k] for k in ACCURACY_KEYS}})
+    table = pd.DataFrame(rows)
+    write_csv(out / "replicates.csv", table)
+    summary = summarise_replicates(table)
+    last = runs[-1]
+    final = summary["by_epoch"][str(last["epochs"])]
+    result = {
+        **{k: final[k]["mean"] for k in ACCURACY_KEYS},
+        **{f"{k}_std": final[k]["std"] for k in ACCURACY_KEYS},
+        "n_replicates": replicates,
+        "seeds": [base.seed + r for r in range(replicates)],
+        "n_treatments": last["n_treatments"],
+        "n_wells": last["n_wells"],
+        "n_tiles": last["n_tiles"],
+        "n_folds": last["n_folds"],
+        "classes": last["classes"],
+        "cv": last["cv"],
+        "model": last["model"],
+        "init": last["init"],
+        "epochs": last["epochs"],
+        "image_size": last["image_size"],
+        "by_epoch": summary["by_epoch"],
+        "replicates": [{"replicate": r, "seed": base.seed + r, **{k: m[k] for k in ACCURACY_KEYS}}
+                       for r, m in enumerate(runs)],
+        "seconds": float(sum(m["seconds"] for m in runs)),
+        "provenance": run_info(),
+    }
+    write_json(out / "metrics.json", result)
+    return result
+
+
+def summarise_replicates(table: pd.DataFrame) -> dict:
+    """Mean, standard deviation (ddof 1; 0 for one replicate), min and max per scored epoch."""
+    by_epoch = {}
+    for epoch, group in table.groupby("epoch", sort=True):
+        stats = {}
+        for key in ACCURACY_KEYS:
+            values = group[key].to_numpy(dtype=float)
+            stats[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(np.min(values)),
+                "max": float(np.max(values)),
+                "n": int(len(values)),
+            }
+        by_epoch[str(int(epoch))] = stats
+    return {"by_epoch": by_epoch}
+
+
+def compare_inits(
+    data: Path,
+    out: Path,
+    config: CVConfig | dict | Path | None = None,
+    inits: tuple[str, ...] = ("imagenet", "xavier"),
+    epochs: tuple[int, ...] = (1, 5, 20),
+    replicates: int = 3,
+    metric: str = "well_accuracy",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The paper's Fig. 4: accuracy after each of ``epochs`` for every init, over replicates.
+
+    One training of max(epochs) epochs per fold and replicate, scored after each listed
+    epoch (``eval_epochs``), for each init in ``out/<init>/``; then
+    ``out/init_comparison.csv`` and ``out/init_comparison.png``.
+    """
+    if metric not in ACCURACY_KEYS:
+        raise CellmorphError(f"metric must be one of {', '.join(ACCURACY_KEYS)}, got {metric!r}")
+    if not epochs or min(epochs) < 1:
+        raise CellmorphError("epochs must be a non-empty list of positive integers")
+    base = validate_config(config if config is not None else {}, "config")
+    last = max(epochs)
+    tables = []
+    summary = {}
+    for init in inits:
+        cfg = base.model_copy(update={"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})})
+        result = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
+        table = pd.read_csv(Path(out) / _safe_name(init) / "replicates.csv")
+        table["init"] = init
+        tables.append(table[table["epoch"].isin(epochs)])
+        summary[init] = {e: result["by_epoch"][str(e)][metric] for e in sorted(epochs)}
+    combined = pd.concat(tables, ignore_index=True)
+    write_csv(Path(out) / "init_comparison.csv", combined)
+    from cellmorph.report import plot_init_comparison
+
+    n_classes = len(result["classes"])
+    plot_init_comparison(combined, Path(out) / "init_comparison.png", metric=metric,
+                         title=f"{base.model}, {base.cv} CV, {replicates} replicate(s)", chance=1.0 / n_classes)
+    result = {"metric": metric, "epochs": sorted(epochs), "replicates": replicates,
+              "by_init": {init: {str(e): v for e, v in s.items()} for init, s in summary.items()}}
+    write_json(Path(out) / "init_comparison.json", result)
+    return result
+
+
+def _safe_name(init: str) -> str:
+    return init if init in ("imagenet", "xavier") else "checkpoint-" + hashlib.sha256(init.encode()).hexdigest()[:8]

@@ -80,3 +80,45 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path, metric: s
     with atomic_path(Path(path), suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def plot_init_comparison(
+    table, path: Path, metric: str = "well_accuracy", title: str = "", chance: float | None = None
+) -> None:
+    """The paper's Fig. 4: accuracy after N epochs, one colour per initialisation.
+
+    ``table`` has columns ``init``, ``epoch``, ``replicate`` and ``metric``. Every replicate
+    is drawn as a point (jittered sideways so equal values stay visible) and the mean ± SD
+    as a bar with error bars, epochs side by side.
+    """
+    plt = _pyplot()
+    inits = list(dict.fromkeys(table["init"]))
+    epochs = sorted(int(e) for e in table["epoch"].unique())
+    width = 0.8 / max(len(inits), 1)
+    colours = {"imagenet": "#1f77b4", "xavier": "#d62728"}
+    labels = {"imagenet": "ImageNet-pretrained", "xavier": "Xavier (random) init"}
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(epochs), 4.2))
+    for j, init in enumerate(inits):
+        colour = colours.get(init, f"C{j + 2}")
+        for i, epoch in enumerate(epochs):
+            values = table[(table["init"] == init) & (table["epoch"] == epoch)][metric].to_numpy(dtype=float)
+            if not len(values):
+                continue
+            x = i + (j - (len(inits) - 1) / 2) * width
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.bar(x, values.mean(), width * 0.9, color=colour, alpha=0.35, yerr=sd, capsize=3,
+                   label=labels.get(init, init) if i == 0 else None)
+            ax.scatter(x + rng.uniform(-width * 0.25, width * 0.25, len(values)), values, s=14, color=colour, zorder=3)
+    ax.set_xticks(range(len(epochs)), [f"{e} epoch{'s' if e != 1 else ''}" for e in epochs])
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel(metric.replace("_", " "))
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    ax.set_title(title or "Pretrained vs. randomly initialised", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(Path(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

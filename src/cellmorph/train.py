@@ -25,6 +25,7 @@ from torch import nn
 
 from cellmorph.datasets import InputPipeline, iterate_batches
 from cellmorph.errors import CellmorphError
+from cellmorph.models.factory import freeze_stages
 
 # --------------------------------------------------------------------------- models
 def model_spec(name: str, image_size: int | None = None) -> dict:
@@ -128,6 +129,8 @@ class TrainSettings:
     num_workers: int = 0
     eval_batch_size: int | None = None
     amp: bool | None = None
+    channels_last: bool = True
+    freeze_stages: int = 0
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -175,9 +178,12 @@ def fit(
     cuda = device.type == "cuda"
     amp = cuda if settings.amp is None else (settings.amp and cuda)
     model.to(device)
-    if cuda:
+    if settings.channels_last:
+        # NHWC: oneDNN's fast convolution layout on CPU (≈1.5× training, ≈1.8× inference
+        # for EfficientNet-Lite0 here) and the tensor-core layout on CUDA.
         model.to(memory_format=torch.channels_last)
     pipeline.to(device)
+    frozen_norms = freeze_stages(model, settings.freeze_stages) if settings.mode == "finetune" else []
     params = _trainable(model, settings.mode)
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -191,6 +197,8 @@ def fit(
             group["lr"] = lr
         if settings.mode == "finetune":
             model.train()
+            for norm in frozen_norms:  # frozen stages keep ImageNet's running statistics
+                norm.eval()
         else:
             model.eval()  # frozen backbone: BatchNorm statistics stay ImageNet's
         pipeline.train()
@@ -199,7 +207,7 @@ def fit(
         for tiles, positions in iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2):
             y = y_all[positions].to(device, non_blocking=True)
             x = pipeline(tiles)
-            if cuda:
+            if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 logits = model(x)
@@ -242,16 +250,19 @@ def predict(
     num_workers: int = 0,
     amp: bool | None = None,
     on_batch: Callable[[], None] | None = None,
+    channels_last: bool = True,
 ) -> np.ndarray:
     """Softmax probabilities (n, classes), float32, in the order of ``rows`` (no augmentation)."""
     cuda = device.type == "cuda"
     amp = cuda if amp is None else (amp and cuda)
     model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     pipeline.to(device).eval()
     out = None
     for tiles, positions in iterate_batches(cache, rows, batch_size, None, num_workers):
         x = pipeline(tiles)
-        if cuda:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)

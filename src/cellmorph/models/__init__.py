@@ -1,6 +1,6 @@
 """Backbones: offline-first ImageNet weights and model construction."""
 
-from cellmorph.models.factory import create_model, load_checkpoint, xavier_init_
+from cellmorph.models.factory import create_model, freeze_stages, load_checkpoint, stage_names, xavier_init_
 from cellmorph.models.weights import (
     BACKBONES,
     ResolvedWeights,
@@ -24,6 +24,7 @@ __all__ = [
     "WeightsStatus",
     "cellmorph_home",
     "create_model",
+    "freeze_stages",
     "default_input_size",
     "import_weights",
     "list_weights",
@@ -31,6 +32,7 @@ __all__ = [
     "load_pretrained",
     "model_preprocessing",
     "resolve_weights",
+    "stage_names",
     "verify_weights",
     "weights_dir",
     "xavier_init_",

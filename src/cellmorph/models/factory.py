@@ -155,3 +155,51 @@ def load_checkpoint(model: nn.Module, path: Path, name: str) -> dict:
         "sha256": sha256_file(path),
         "classifier": "loaded" if head_ok else "fresh (shape differs or absent in checkpoint)",
     }
+
+
+def stage_names(model: nn.Module) -> list[list[str]]:
+    """Module names of each coarse stage of a timm model, input side first (stage 0 is the stem).
+
+    Uses timm's own ``group_matcher(coarse=True)``, the grouping timm uses for layer-wise
+    learning-rate decay, so the stages are those the architecture defines (ResNet: stem,
+    layer1..4, head; EfficientNet: stem, blocks.0..6, head).
+    """
+    from timm.models import group_modules
+
+    if not hasattr(model, "group_matcher"):
+        raise CellmorphError(f"{type(model).__name__} does not declare its stages; freeze_stages needs a timm model")
+    groups = group_modules(model, model.group_matcher(coarse=True))
+    return [list(names) for _, names in sorted(groups.items())]
+
+
+def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
+    """Freeze the stem and the following stages, ``n`` coarse stages in all (0 = nothing).
+
+    Frozen parameters stop requiring gradients, so backpropagation ends at the first
+    trainable stage: on CPU the early, high-resolution stages dominate the cost, which is
+    why freezing them pays (see benchmarks/RESULTS.md). Their BatchNorm layers are returned
+    so the training loop can keep them in eval mode (ImageNet running statistics, not
+    this batch's). The classifier head can never be frozen.
+    """
+    if n <= 0:
+        return []
+    stages = stage_names(model)
+    if n > len(stages) - 2:  # the last group holds the classifier; keep at least one stage trainable before it
+        raise CellmorphError(
+            f"freeze_stages={n}: {type(model).__name__} has {len(stages)} stages including the stem and the head; "
+            f"at most {len(stages) - 2} can be frozen"
+        )
+    names = {name for stage in stages[:n] for name in stage}
+    modules = dict(model.named_modules())
+    norms = []
+    for name in sorted(names):
+        module = modules.get(name)
+        if module is None:
+            continue
+        for sub in module.modules():
+            for p in sub.parameters(recurse=False):
+                p.requires_grad_(False)
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                norms.append(sub)
+    model.cellmorph_frozen_norms = norms
+    return norms
