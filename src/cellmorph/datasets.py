@@ -75,7 +75,9 @@ def iterate_batches(
     dataset = TileBatches(cache, rows, batches)
     if num_workers <= 0:
         for i in range(len(dataset)):
-            yield dataset[i]
+            tiles, positions = dataset[i]
+            # Page-locked host memory lets the CUDA copy run asynchronously (non_blocking=True).
+            yield (tiles.pin_memory() if pin_memory else tiles), positions
         return
     loader = DataLoader(
         dataset,

@@ -63,9 +63,10 @@ def embed_tiles(
     out: np.ndarray | None = None
     with Progress(disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task(f"Embedding ({model_name})", total=len(rows))
-        for tiles, positions in iterate_batches(cache, rows, batch_size):
+        for tiles, positions in iterate_batches(cache, rows, batch_size, pin_memory=dev.type == "cuda"):
             x = pipeline(tiles).contiguous(memory_format=torch.channels_last)
-            feats = model(x).float().cpu().numpy()
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                feats = model(x).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(rows), feats.shape[1]), dtype=np.float32)
             out[positions.numpy()] = feats

@@ -346,11 +346,16 @@ def _fit_probe_head(features: np.ndarray, position: dict, train_rows: np.ndarray
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    from threadpoolctl import threadpool_limits
+
     x_train = features[[position[r] for r in train_rows]]
-    scaler = StandardScaler().fit(x_train)
-    head = LogisticRegression(
-        max_iter=2000, class_weight="balanced" if config.class_weighting else None, random_state=seed
-    ).fit(scaler.transform(x_train), targets[train_rows])
+    # One BLAS thread: these (n × 1280) problems are too small to share, and multi-threaded
+    # BLAS spin-waits made each fold ~9× slower beside other work (benchmarks/RESULTS.md).
+    with threadpool_limits(limits=1):
+        scaler = StandardScaler().fit(x_train)
+        head = LogisticRegression(
+            max_iter=2000, class_weight="balanced" if config.class_weighting else None, random_state=seed
+        ).fit(scaler.transform(x_train), targets[train_rows])
     return head, scaler
 
 

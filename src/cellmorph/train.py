@@ -204,7 +204,8 @@ def fit(
         pipeline.train()
         start = time.perf_counter()
         total_loss, total_correct, seen = 0.0, 0, 0
-        for tiles, positions in iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2):
+        for tiles, positions in iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2,
+                                                pin_memory=cuda):
             y = y_all[positions].to(device, non_blocking=True)
             x = pipeline(tiles)
             if settings.channels_last:
@@ -260,7 +261,7 @@ def predict(
         model.to(memory_format=torch.channels_last)
     pipeline.to(device).eval()
     out = None
-    for tiles, positions in iterate_batches(cache, rows, batch_size, None, num_workers):
+    for tiles, positions in iterate_batches(cache, rows, batch_size, None, num_workers, pin_memory=cuda):
         x = pipeline(tiles)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
