@@ -166,7 +166,8 @@ def test_config_defaults_and_yaml(tmp_path):
     assert (paper.model, paper.init, paper.cv) == ("resnet50", "imagenet", "loco")
     assert (paper.epochs, paper.batch_size, paper.lr, paper.momentum) == (10, 8, 1e-4, 0.9)
     small = CVConfig(model="mobilenetv2_100").resolved()
-    assert (small.batch_size, small.lr) == (32, 1e-3)
+    assert (small.batch_size, small.lr) == (32, 1e-2)
+    assert CVConfig(model="resnet50", init="xavier").resolved().lr == pytest.approx(1e-3)
     assert CVConfig(model="resnet18", init="xavier").resolved().lr == pytest.approx(1e-2)
     path = tmp_path / "cv.yaml"
     path.write_text("model: resnet18\nepochs: 3\ncv: group-kfold:4\naugment:\n  noise_p: 0.0\n")
