@@ -56,7 +56,7 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     """Pretrained vs Xavier after 1 and 2 epochs, 2 replicates each, leave-one-cell-line-out."""
     out = tmp_path / "fig4"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\n")
+    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n")  # the cache's size, not 224
     proc = run_cli("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
                    "--epochs", "1,2", "--replicates", "2", "--config", str(cfg), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -81,7 +81,7 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
 def test_cv_replicates_flag(b14_cache, tmp_path):
     out = tmp_path / "reps"
     proc = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
-                   "--epochs", "1", "--replicates", "2", "--max-tiles-per-fold", "64", "--threads", "1",
+                   "--epochs", "1", "--replicates", "2", "--max-tiles-per-fold", "64", "--threads", "1", "--image-size", "32",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
