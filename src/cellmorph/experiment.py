@@ -713,16 +713,16 @@ def compare_inits(
     summary = {}
     for init in inits:
         cfg = base.model_copy(update={"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})})
-        result = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
+        replicate_metrics = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
         table = pd.read_csv(Path(out) / _safe_name(init) / "replicates.csv")
         table["init"] = init
         tables.append(table[table["epoch"].isin(epochs)])
-        summary[init] = {e: result["by_epoch"][str(e)][metric] for e in sorted(epochs)}
+        summary[init] = {e: replicate_metrics["by_epoch"][str(e)][metric] for e in sorted(epochs)}
     combined = pd.concat(tables, ignore_index=True)
     write_csv(Path(out) / "init_comparison.csv", combined)
     from cellmorph.report import plot_init_comparison
 
-    n_classes = len(result["classes"])
+    n_classes = len(replicate_metrics["classes"])
     plot_init_comparison(combined, Path(out) / "init_comparison.png", metric=metric,
                          title=f"{base.model}, {base.cv} CV, {replicates} replicate(s)", chance=1.0 / n_classes)
     result = {"metric": metric, "epochs": sorted(epochs), "replicates": replicates,
