@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cellmorph.errors import CellmorphError
 from cellmorph.experiment import CVConfig, run_cv, validate_config
@@ -82,8 +83,6 @@ def test_run_cv_writes_every_output(first_run, crop_cache):
     assert len(pd.read_csv(out / "wells.csv")) == 14
     assert "Treatment level" in (out / "classification_report.txt").read_text()
 
-    import yaml
-
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["config"]["lr"] == pytest.approx(0.01) and config["config"]["epochs"] == 2
     assert config["seeds"]["seed"] == 7 and set(config["seeds"]["folds"]) == {"0", "1", "2"}
@@ -152,6 +151,9 @@ def test_bad_configs_fail_early_with_one_line(crop_cache, tmp_path):
         (dict(SMALL, cv="kfold"), "cv"),
         (dict(SMALL, learning_rate=0.1), "learning_rate"),
         (dict(SMALL, init="/nonexistent/ckpt.pt"), "init"),
+        (dict(SMALL, init="xavier", freeze_stages=1), "random: use freeze_stages 0 with xavier"),
+        (dict(SMALL, mode="linear-probe", tta="dihedral"), "linear-probe embeds each tile once"),
+        (dict(SMALL, tta="rotate"), "tta"),
     ]
     for config, message in cases:
         with pytest.raises(CellmorphError, match=message):
@@ -201,6 +203,21 @@ def test_eval_epochs_score_midway_without_changing_the_final_model(first_run, cr
         run_cv(crop_cache, tmp_path / "late", dict(SMALL, eval_epochs=[5]), progress=False)
 
 
+def test_tta_changes_the_scores_not_the_trained_models(first_run, crop_cache, tmp_path):
+    out_a, _ = first_run
+    out = tmp_path / "tta"
+    run_cv(crop_cache, out, dict(SMALL, tta="dihedral"), progress=False)
+    for fold in ("0", "1", "2"):
+        a = torch.load(out_a / "folds" / fold / "state.pt", weights_only=True)["model"]
+        b = torch.load(out / "folds" / fold / "state.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = pd.read_parquet(out_a / "predictions.parquet")
+    tta = pd.read_parquet(out / "predictions.parquet")
+    assert plain["Metadata_CacheRow"].tolist() == tta["Metadata_CacheRow"].tolist()
+    assert not np.allclose(plain.filter(like="prob_").to_numpy(), tta.filter(like="prob_").to_numpy())
+    assert yaml.safe_load((out / "config.yaml").read_text())["config"]["tta"] == "dihedral"
+
+
 def test_replicates_differ_only_in_seed_and_are_summarised(first_run, crop_cache, tmp_path):
     from cellmorph.experiment import run_replicates
 
@@ -223,6 +240,4 @@ def test_replicates_differ_only_in_seed_and_are_summarised(first_run, crop_cache
 
 
 def yaml_seed(run_dir) -> int:
-    import yaml
-
     return yaml.safe_load((run_dir / "config.yaml").read_text())["seeds"]["seed"]

@@ -85,6 +85,33 @@ def test_fit_is_deterministic_and_predict_keeps_row_order():
     assert [h["loss"] for h in h3] != [h["loss"] for h in h1]
 
 
+def test_dihedral_tta_averages_the_softmax_over_the_eight_views():
+    from cellmorph.augment import dihedral
+
+    cache, labels = _toy(n=12)
+    model, _, plain = _train(cache, labels, seed=1, epochs=1)
+    spec = model_spec("test_resnet", 16)
+    rows = np.arange(len(labels))
+    tta = predict(model, InputPipeline(spec["mean"], spec["std"], 16), cache, rows, 5, torch.device("cpu"),
+                  tta="dihedral")
+
+    class Turned(InputPipeline):
+        def __init__(self, k):
+            super().__init__(spec["mean"], spec["std"], 16)
+            self.k = k
+
+        def forward(self, tiles):
+            return dihedral(super().forward(tiles), self.k)
+
+    views = [predict(model, Turned(k), cache, rows, 16, torch.device("cpu")) for k in range(8)]
+    assert np.allclose(views[0], plain, atol=1e-6)
+    assert np.allclose(tta, np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-4)  # the network is not rotation invariant
+    assert np.allclose(tta.sum(1), 1.0, atol=1e-5)
+    with pytest.raises(CellmorphError, match="tta must be one of none, dihedral"):
+        predict(model, InputPipeline(spec["mean"], spec["std"], 16), cache, rows, 5, torch.device("cpu"), tta="flip")
+
+
 def test_class_weights_balance_classes():
     w = class_weights(np.array([0, 0, 0, 1, 2, 2]), 4)
     assert w.tolist() == pytest.approx([6 / 9, 2.0, 1.0, 0.0])

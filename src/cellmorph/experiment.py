@@ -100,6 +100,10 @@ class CVConfig(BaseModel):
         description="also score each fold's model after these epochs (accuracy against training time, "
         "as in the paper's Fig. 4); the last epoch is always scored",
     )
+    tta: Literal["none", "dihedral"] = Field(
+        "none", description="test-time augmentation: dihedral averages each held-out tile's softmax over its 8 "
+        "rotations/mirrors before the median aggregation (not in the paper; 8× prediction cost)",
+    )
     seed: int = Field(0, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
@@ -313,7 +317,7 @@ def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict,
             bar.reset(tasks["batches"], total=n_eval, description=f"  predicting (epoch {record['epoch']})")
             interim[record["epoch"]] = predict(model, pipeline, cache, fold.test, config.eval_batch_size, device,
                                                config.num_workers, config.amp, on_batch,
-                                               channels_last=config.channels_last)
+                                               channels_last=config.channels_last, tta=config.tta)
         if record["epoch"] < config.epochs:
             bar.reset(tasks["batches"], total=n_batches, description="  batches")
 
@@ -322,7 +326,7 @@ def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict,
                   seeds["shuffle"], device, on_batch, on_epoch)
     bar.reset(tasks["batches"], total=n_eval, description="  predicting", info="")
     probs = predict(model, pipeline, cache, fold.test, config.eval_batch_size, device, config.num_workers,
-                    config.amp, on_batch, channels_last=config.channels_last)
+                    config.amp, on_batch, channels_last=config.channels_last, tta=config.tta)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return train_rows, probs, history, state, interim
 
@@ -423,6 +427,14 @@ def run_cv(
     # and the mean/std are those of the weights actually resolved.
     probe = create_network(base.model, len(classes), base.init, base.weights, base.allow_network, cache.tile_shape[0])
     spec = network_spec(probe, spec, base.image_size)
+    if base.tta != "none" and base.mode == "linear-probe":
+        raise CellmorphError("tta applies to the finetune and linear modes; linear-probe embeds each tile once")
+    if base.freeze_stages and base.mode == "finetune" and base.init == "xavier":
+        # Frozen stages keep their initial weights and BatchNorm statistics: for Xavier that is a
+        # fixed random filter bank with unit-variance BN, on which the head cannot learn (measured:
+        # loss stays at ln 12 on mini). A from-scratch baseline must train every stage.
+        raise CellmorphError("freeze_stages keeps the early stages at their initial weights, which for "
+                             "init=xavier are random: use freeze_stages 0 with xavier")
     if base.freeze_stages and base.mode == "finetune":
         from cellmorph.models import freeze_stages
 
@@ -712,7 +724,10 @@ def compare_inits(
     tables = []
     summary = {}
     for init in inits:
-        cfg = base.model_copy(update={"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})})
+        update = {"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})}
+        if init == "xavier":
+            update["freeze_stages"] = 0  # a from-scratch network trains every stage (see run_cv)
+        cfg = base.model_copy(update=update)
         replicate_metrics = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
         table = pd.read_csv(Path(out) / _safe_name(init) / "replicates.csv")
         table["init"] = init

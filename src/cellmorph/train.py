@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellmorph.augment import dihedral
 from cellmorph.datasets import InputPipeline, iterate_batches
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
@@ -240,6 +241,17 @@ def fit(
     return history
 
 
+TTA_MODES = ("none", "dihedral")
+
+
+def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    if tta == "none":
+        return [x]
+    # Cell images have no preferred orientation, so every dihedral view is an equally valid look.
+    ks = range(8) if x.shape[-1] == x.shape[-2] else (0, 2, 4, 6)
+    return [dihedral(x, k) for k in ks]
+
+
 @torch.inference_mode()
 def predict(
     model: nn.Module,
@@ -252,8 +264,15 @@ def predict(
     amp: bool | None = None,
     on_batch: Callable[[], None] | None = None,
     channels_last: bool = True,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Softmax probabilities (n, classes), float32, in the order of ``rows`` (no augmentation)."""
+    """Softmax probabilities (n, classes), float32, in the order of ``rows``.
+
+    ``tta="dihedral"`` averages each tile's softmax over the 8 dihedral transforms (4 for a
+    non-square input), a test-time augmentation; ``"none"`` (the paper) scores each tile once.
+    """
+    if tta not in TTA_MODES:
+        raise CellmorphError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     cuda = device.type == "cuda"
     amp = cuda if amp is None else (amp and cuda)
     model.to(device).eval()
@@ -263,11 +282,15 @@ def predict(
     out = None
     for tiles, positions in iterate_batches(cache, rows, batch_size, None, num_workers, pin_memory=cuda):
         x = pipeline(tiles)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            logits = model(x)
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        probs = 0.0
+        views = _tta_views(x, tta)
+        for view in views:
+            if channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits = model(view)
+            probs = probs + torch.softmax(logits.float(), dim=1)
+        probs = (probs / len(views)).cpu().numpy()
         if out is None:
             out = np.empty((len(rows), probs.shape[1]), dtype=np.float32)
         out[positions.numpy()] = probs
