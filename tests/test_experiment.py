@@ -117,7 +117,9 @@ def test_identical_runs_and_resume_give_identical_predictions(first_run, crop_ca
         run_cv(crop_cache, out_b, SMALL, progress=False)
     with pytest.raises(CellmorphError, match="epochs"):
         run_cv(crop_cache, out_b, dict(SMALL, epochs=3), resume=True, progress=False)
-    metrics_r = run_cv(crop_cache, out_b, dict(SMALL, num_workers=0), resume=True, progress=False)
+    # Options left at their defaults do not enter the fingerprint: naming one (as a run written
+    # before that option existed would not) still resumes.
+    metrics_r = run_cv(crop_cache, out_b, dict(SMALL, num_workers=0, tta="none"), resume=True, progress=False)
     assert (out_b / "folds" / "0" / "state.pt").stat().st_mtime_ns == finished  # fold 0 was not retrained
     pd.testing.assert_frame_equal(a, pd.read_parquet(out_b / "predictions.parquet"))
     assert {k: metrics_r[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy")} == {
@@ -180,6 +182,11 @@ def test_config_defaults_and_yaml(tmp_path):
 
     assert load_cv_config(path, model="resnet50", cv=None).model == "resnet50"
     assert load_cv_config(None, model="resnet18", epochs=None).epochs is None
+    from cellmorph.experiment import _compute_fields
+
+    fields = _compute_fields(CVConfig(model="resnet18", epochs=3, augment={"noise_p": 0.0}))
+    assert fields == {"model": "resnet18", "epochs": 3, "augment": {"noise_p": 0.0}}
+    assert _compute_fields(CVConfig(model="resnet18", tta="none", seed=0, num_threads=2)) == {"model": "resnet18"}
     path.write_text("model: resnet18\naugment:\n  noize: 1\n")
     with pytest.raises(CellmorphError, match="augment.noize"):
         CVConfig.from_yaml(path)

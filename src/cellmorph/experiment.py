@@ -197,7 +197,12 @@ def _data_fingerprint(cache) -> str:
 
 
 def _compute_fields(config: CVConfig) -> dict:
-    data = config.model_dump(mode="json")
+    """The fields that define what a run computes, for its fingerprint.
+
+    Fields at their default are left out: a run started before a new option existed (new
+    options default to the old behaviour) still resumes after an upgrade.
+    """
+    data = config.model_dump(mode="json", exclude_defaults=True)
     for key in RUNTIME_FIELDS:
         data.pop(key, None)
     return data
@@ -461,8 +466,9 @@ def run_cv(
         previous = yaml.safe_load(config_path.read_text()) or {}
         if previous.get("fingerprint") != run_fp:
             old = previous.get("config", {})
-            new = _compute_fields(cfg)
-            diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_FIELDS and old.get(k) != new.get(k))
+            new = cfg.model_dump(mode="json")
+            diff = sorted(k for k in set(old) | set(new)
+                          if k not in RUNTIME_FIELDS and old.get(k, new.get(k)) != new.get(k))
             what = f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
             raise CellmorphError(f"{out}: cannot resume: {what} differ from the run being resumed")
         _remove_temporaries(out)
