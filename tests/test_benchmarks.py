@@ -23,3 +23,27 @@ def test_training_flops_follow_the_backward_convention_and_freezing_removes_back
 
 def test_matmul_peak_is_measured():
     assert matmul_gflops(n=256, repeats=3) > 0.1
+
+
+def test_rescore_reproduces_a_run_and_scores_it_without_tta(tiny_cache, tmp_path):
+    import json
+
+    import torch
+
+    from cellmorph.experiment import run_cv
+    from rescore import rescore
+
+    run = tmp_path / "run"
+    metrics = run_cv(tiny_cache, run, dict(model="test_resnet", init="xavier", image_size=32, epochs=1,
+                                           cv="group-kfold:2", max_tiles_per_fold=48, tta="dihedral",
+                                           num_threads=1), progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = rescore(run)  # also checks the re-scored TTA predictions equal the stored ones
+    finally:
+        torch.set_num_threads(before)
+    for key in ("treatment_accuracy", "well_accuracy", "tile_accuracy"):
+        assert result["dihedral"][key] == pytest.approx(metrics[key])
+        assert 0.0 <= result["none"][key] <= 1.0
+    json.dumps(result)
