@@ -17,6 +17,7 @@ reproducible and cheap on CPU. An :class:`Augmenter` in ``eval()`` mode is the i
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ class AugmentConfig(BaseModel):
     blur_size: int = Field(3, ge=1, description="box blur kernel size (odd)")
     noise_p: float = Field(0.5, ge=0.0, le=1.0, description="probability of additive Gaussian noise")
     noise_std: float = Field(math.sqrt(50.0), ge=0.0, description="noise σ in 8-bit grey levels (paper: √50)")
+
+
+# Test-time augmentation at prediction: "dihedral" averages a tile's softmax over its dihedral views.
+TTAMode = Literal["none", "dihedral"]
+TTA_MODES: tuple[str, ...] = get_args(TTAMode)
 
 
 # --------------------------------------------------------------------------- dihedral group

@@ -37,7 +37,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cellmorph.augment import AugmentConfig, Augmenter
+from cellmorph.augment import AugmentConfig, Augmenter, TTAMode
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.evaluate import (
     PROB_PREFIX,
@@ -100,7 +100,7 @@ class CVConfig(BaseModel):
         description="also score each fold's model after these epochs (accuracy against training time, "
         "as in the paper's Fig. 4); the last epoch is always scored",
     )
-    tta: Literal["none", "dihedral"] = Field(
+    tta: TTAMode = Field(
         "none", description="test-time augmentation: dihedral averages each held-out tile's softmax over its 8 "
         "rotations/mirrors before the median aggregation (not in the paper; 8× prediction cost)",
     )

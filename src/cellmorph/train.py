@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellmorph.augment import dihedral
+from cellmorph.augment import TTA_MODES, dihedral
 from cellmorph.datasets import InputPipeline, iterate_batches
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
@@ -239,9 +239,6 @@ def fit(
         if on_epoch:
             on_epoch(record)
     return history
-
-
-TTA_MODES = ("none", "dihedral")
 
 
 def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
