@@ -427,11 +427,7 @@ def run_cv(
             f"{data}: tiles have {cache.tile_shape[0]} channels but ImageNet models take 3; "
             "prepare with pad_channels=3 or use init=xavier"
         )
-    spec = model_spec(base.model, base.image_size)  # unknown model → CellmorphError before any work
-    # Build the network once up front: a missing weights file or bad checkpoint fails here,
-    # and the mean/std are those of the weights actually resolved.
-    probe = create_network(base.model, len(classes), base.init, base.weights, base.allow_network, cache.tile_shape[0])
-    spec = network_spec(probe, spec, base.image_size)
+    # Config combinations that cannot work, refused before any network is built.
     if base.tta != "none" and base.mode == "linear-probe":
         raise CellmorphError("tta applies to the finetune and linear modes; linear-probe embeds each tile once")
     if base.freeze_stages and base.mode == "finetune" and base.init == "xavier":
@@ -440,6 +436,11 @@ def run_cv(
         # loss stays at ln 12 on mini). A from-scratch baseline must train every stage.
         raise CellmorphError("freeze_stages keeps the early stages at their initial weights, which for "
                              "init=xavier are random: use freeze_stages 0 with xavier")
+    spec = model_spec(base.model, base.image_size)  # unknown model → CellmorphError before any work
+    # Build the network once up front: a missing weights file or bad checkpoint fails here,
+    # and the mean/std are those of the weights actually resolved.
+    probe = create_network(base.model, len(classes), base.init, base.weights, base.allow_network, cache.tile_shape[0])
+    spec = network_spec(probe, spec, base.image_size)
     if base.freeze_stages and base.mode == "finetune":
         from cellmorph.models import freeze_stages
 
