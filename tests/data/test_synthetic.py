@@ -205,6 +205,14 @@ def test_strength_is_monotone_in_concentration():
     assert (pm.loc[pm["Image_Metadata_Compound"] == "DMSO", "strength"] == 0).all()
 
 
+
+def test_annotated_concentrations_show_a_clear_phenotype():
+    # BBBC021 annotates only compound-concentrations that clearly have their MoA, so none
+    # of a compound's annotated concentrations may sit below its EC50 (a faint phenotype).
+    for comp in syn.compound_catalogue("full", 0):
+        assert comp.ec50 <= min(comp.concentrations), comp.name
+        assert comp.strength(min(comp.concentrations)) >= 0.5 * comp.emax, comp.name
+
 def _field(moa: str | None, strength: float, seed: int):
     spec = syn.PRESETS["mini"]
     if moa is None:

@@ -16,8 +16,13 @@ The real BBBC021 images (MCF-7 cells; DAPI / β-tubulin / F-actin; 16-bit
 
 Each MoA is a set of *morphological* changes (shape, size, texture, spatial
 arrangement; see :data:`MOA_PHENOTYPES`) whose strength follows a dose-response
-curve ``emax / (1 + (EC50 / conc) ** hill)`` with a compound-specific EC50, so
-low concentrations look almost like DMSO. Compounds of one MoA share its
+curve ``emax / (1 + (EC50 / conc) ** hill)`` with a compound-specific EC50. The
+annotated concentrations all sit at or above the EC50: BBBC021's MoA labels were
+given only to compound-concentrations "clearly having" a mechanism, and the seed
+paper's stored predictions call the lowest annotated concentration of 30 of its
+31 multi-concentration compounds correctly, as often as the rest (median top
+probability 0.93 vs 0.97). The phenotype still grows with the dose, from at least
+half-maximal at the lowest concentration towards ``emax``. Compounds of one MoA share its
 phenotype but each mixes the features a little differently and has one small
 off-target effect, which keeps leave-one-compound-out meaningful.
 
@@ -327,7 +332,8 @@ def compound_catalogue(preset: str | SyntheticPreset, seed: int = 0) -> list[Syn
             if n_conc == 1:
                 ec50 = concs[0] * 10 ** -rng.uniform(0.3, 0.9)
             else:
-                ec50 = concs[0] * 10 ** rng.uniform(-0.2, 0.45)
+                # the lowest annotated concentration is at 1-4x the EC50: a clear, not a faint, phenotype
+                ec50 = concs[0] * 10 ** -rng.uniform(0.0, 0.6)
             emax = float(rng.uniform(0.8, 1.0))
             proto = MOA_PHENOTYPES[moa]
             knobs = {k: float(v * rng.lognormal(0.0, 0.3)) for k, v in proto.items()}
