@@ -3,7 +3,8 @@
     python benchmarks/fastpaths.py [--model tf_efficientnet_lite0] [--size 224] [--batch 32] [--repeats 7]
 
 Training step (forward + backward + SGD step on a fixed batch):
-  NCHW → channels-last → + frozen early stages → + torch.compile.
+  NCHW → channels-last → + frozen early stages → + their output precomputed
+  (``--frozen-feature-cache``: only the trainable stages run) → + torch.compile.
 Inference (forward only):
   no_grad NCHW → inference_mode NCHW → inference_mode channels-last → + torch.compile.
 Input side (``cellmorph.datasets``): tiles resized on the fly from the cache's size vs
@@ -82,6 +83,22 @@ def train_rates(name: str, size: int, batch: int, repeats: int, freeze: int, com
             out["train_compile_seconds"] = time.perf_counter() - t
         out[f"train_{label}_img_s"] = _median_rate(step, batch, repeats)
         log(f"  train {label:32s} {out[f'train_{label}_img_s']:7.1f} img/s")
+        if frz and not comp:
+            # --frozen-feature-cache: the frozen stages' output is read, not computed, every step.
+            from cellmorph.models.split import FrozenSplit
+
+            split = FrozenSplit(model, x[:2])
+            features = split.prefix(x).contiguous(memory_format=torch.channels_last)
+
+            def tail_step():
+                loss = F.cross_entropy(split.tail(features), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            key = "train_channels_last+freeze+frozen_feature_cache_img_s"
+            out[key] = _median_rate(tail_step, batch, repeats)
+            log(f"  train {'channels_last+freeze+feature_cache':32s} {out[key]:7.1f} img/s")
     return out
 
 

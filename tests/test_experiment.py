@@ -248,3 +248,39 @@ def test_replicates_differ_only_in_seed_and_are_summarised(first_run, crop_cache
 
 def yaml_seed(run_dir) -> int:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["seeds"]["seed"]
+
+
+def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run, crop_cache, tmp_path):
+    """Frozen stages computed once per run train the same models as frozen stages run every step."""
+    checkpoint = first_run[0] / "folds" / "0" / "state.pt"  # frozen stages need non-random weights
+    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, augment={"enabled": False})
+    run_cv(crop_cache, tmp_path / "plain", base, progress=False)
+    run_cv(crop_cache, tmp_path / "cached", dict(base, frozen_feature_cache=True), progress=False)
+    plain = pd.read_parquet(tmp_path / "plain" / "predictions.parquet")
+    cached = pd.read_parquet(tmp_path / "cached" / "predictions.parquet")
+    # Without augmentation every copy is the plain tile: the same models, bit for bit.
+    pd.testing.assert_frame_equal(plain, cached)
+    for fold in ("0", "1", "2"):
+        a = torch.load(tmp_path / "plain" / "folds" / fold / "state.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "cached" / "folds" / fold / "state.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), fold
+    assert not list((tmp_path / "cached").glob("frozen_features*")), "the feature pool outlived the run"
+
+    # With augmentation: a killed run resumes to the uninterrupted result.
+    augmented = dict(base, augment={}, frozen_feature_cache=True)
+    whole = tmp_path / "whole"
+    run_cv(crop_cache, whole, augmented, progress=False)
+    killed = tmp_path / "killed"
+    run_cv(crop_cache, killed, augmented, progress=False)
+    shutil.rmtree(killed / "folds" / "2")
+    for name in OUTPUTS[1:]:
+        (killed / name).unlink()
+    run_cv(crop_cache, killed, augmented, resume=True, progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(whole / "predictions.parquet"),
+                                  pd.read_parquet(killed / "predictions.parquet"))
+    unaugmented = pd.read_parquet(tmp_path / "cached" / "predictions.parquet")
+    assert not np.allclose(unaugmented.filter(like="prob_").to_numpy(),
+                           pd.read_parquet(whole / "predictions.parquet").filter(like="prob_").to_numpy())
+
+    with pytest.raises(CellmorphError, match="frozen_feature_cache needs mode finetune with freeze_stages > 0"):
+        run_cv(crop_cache, tmp_path / "bad", dict(SMALL, frozen_feature_cache=True), progress=False)

@@ -301,6 +301,10 @@ def cv(
                                                     help="make DMSO a class"),
     max_tiles_per_fold: Optional[int] = typer.Option(None, help="subsample training tiles per fold"),
     freeze_stages: Optional[int] = typer.Option(None, help="fine-tune: freeze the stem + early stages (N coarse stages)"),
+    frozen_feature_cache: Optional[bool] = typer.Option(
+        None, "--frozen-feature-cache/--no-frozen-feature-cache",
+        help="with --freeze-stages: run the frozen stages once per run (on `epochs` augmented copies of each "
+        "tile), not in every fold and epoch; ~2x faster on CPU"),
     eval_epochs: Optional[str] = typer.Option(None, help="also score after these epochs, e.g. '1,5'"),
     tta: Optional[str] = typer.Option(None, help="none | dihedral: average each tile's softmax over 8 rotations/mirrors"),
     replicates: int = typer.Option(1, min=1, help="repeat the whole CV with seeds seed, seed+1, … (RUN/replicate-<r>)"),
@@ -331,6 +335,7 @@ def cv(
         include_controls_as_class=include_controls,
         max_tiles_per_fold=max_tiles_per_fold,
         freeze_stages=freeze_stages,
+        frozen_feature_cache=frozen_feature_cache,
         tta=tta,
         device=device,
         num_workers=num_workers,

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmorph.augment import TTA_MODES, dihedral
-from cellmorph.datasets import InputPipeline, iterate_batches
+from cellmorph.datasets import InputPipeline, batch_order, iterate_batches
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
+from cellmorph.models.split import FrozenSplit
 
 # --------------------------------------------------------------------------- models
 def model_spec(name: str, image_size: int | None = None) -> dict:
@@ -162,6 +163,72 @@ def _trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
     return list(head.parameters())
 
 
+@dataclass
+class FrozenFeatures:
+    """The frozen stages' output for augmented copies of tiles, computed once and shared by folds.
+
+    ``array[v, i]`` is copy ``v`` (its own draw of the training augmentation) of cache row
+    ``rows[i]`` after the frozen stages (float32). :func:`fit` gives each tile a
+    different copy in every epoch, so with as many copies as epochs a fold sees the same
+    augmentation distribution as when augmenting on the fly; only the draws are shared
+    between folds. ``signature`` identifies the frozen weights the features belong to.
+    """
+
+    array: np.ndarray  # (copies, n, C, h, w); may be a read-only memmap
+    rows: np.ndarray
+    signature: str
+
+    def __post_init__(self) -> None:
+        self.position = {int(r): i for i, r in enumerate(self.rows)}
+
+    @property
+    def copies(self) -> int:
+        return int(self.array.shape[0])
+
+
+def example_batch(pipeline: InputPipeline, cache, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Two un-augmented, model-ready tiles: the probe input of :class:`FrozenSplit`."""
+    was_training = pipeline.training
+    pipeline.to(device).eval()
+    try:
+        return pipeline(torch.from_numpy(cache.tiles(np.asarray(rows[:2]))))
+    finally:
+        pipeline.train(was_training)
+
+
+@torch.inference_mode()
+def compute_frozen_features(
+    split: FrozenSplit,
+    pipeline: InputPipeline,
+    cache,
+    rows: np.ndarray,
+    out: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = True,
+    on_batch: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Fill ``out`` (copies, len(rows), C, h, w) with the frozen stages' output of augmented tiles.
+
+    Copy after copy, tiles in ``rows`` order: the augmentation draws depend only on the
+    pipeline's seed. The network runs in eval mode (frozen BatchNorm keeps its running
+    statistics, as during training); the pipeline runs in training mode (augmentation on).
+    """
+    split.model.to(device)
+    if channels_last:
+        split.model.to(memory_format=torch.channels_last)
+    pipeline.to(device).train()
+    for copy in range(out.shape[0]):
+        for tiles, positions in iterate_batches(cache, rows, batch_size, None, pin_memory=device.type == "cuda"):
+            x = pipeline(tiles)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out[copy, positions.numpy()] = split.prefix(x).float().cpu().numpy().astype(out.dtype)
+            if on_batch:
+                on_batch()
+    return out
+
+
 def fit(
     model: nn.Module,
     pipeline: InputPipeline,
@@ -174,8 +241,14 @@ def fit(
     device: torch.device,
     on_batch: Callable[[], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    frozen_features: FrozenFeatures | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place on cache tiles ``rows`` with integer ``targets``; per-epoch history."""
+    """Train ``model`` in place on cache tiles ``rows`` with integer ``targets``; per-epoch history.
+
+    With ``frozen_features`` (and ``settings.freeze_stages``), the frozen stages are not run:
+    each tile's precomputed output for one augmented copy feeds the trainable stages. The
+    batch order is the same as without them.
+    """
     cuda = device.type == "cuda"
     amp = cuda if settings.amp is None else (settings.amp and cuda)
     model.to(device)
@@ -186,6 +259,20 @@ def fit(
     pipeline.to(device)
     frozen_norms = freeze_stages(model, settings.freeze_stages) if settings.mode == "finetune" else []
     params = _trainable(model, settings.mode)
+    split, copy_of = None, None
+    if frozen_features is not None:
+        if not frozen_norms:
+            raise CellmorphError("precomputed frozen-stage features need mode finetune with freeze_stages > 0")
+        split = FrozenSplit(model, example_batch(pipeline, cache, rows, device))
+        if split.signature != frozen_features.signature:
+            raise CellmorphError("the precomputed frozen-stage features belong to other weights than this model's")
+        missing = [int(r) for r in rows if int(r) not in frozen_features.position]
+        if missing:
+            raise CellmorphError(f"no precomputed frozen-stage features for cache row(s) {missing[:5]}")
+        feature_index = np.array([frozen_features.position[int(r)] for r in rows], dtype=np.int64)
+        # Each tile's copies in a seeded random order: epoch e uses copy order[e % copies].
+        copy_rng = np.random.default_rng([int(shuffle_seed), 1])
+        copy_of = np.argsort(copy_rng.random((len(rows), frozen_features.copies)), axis=1)
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
@@ -205,14 +292,19 @@ def fit(
         pipeline.train()
         start = time.perf_counter()
         total_loss, total_correct, seen = 0.0, 0, 0
-        for tiles, positions in iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2,
-                                                pin_memory=cuda):
+        if split is None:
+            batches = iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2,
+                                      pin_memory=cuda)
+        else:
+            batches = _feature_batches(frozen_features, feature_index, copy_of[:, epoch % frozen_features.copies],
+                                       batch_order(len(rows), settings.batch_size, rng, min_last=2))
+        for inputs, positions in batches:
             y = y_all[positions].to(device, non_blocking=True)
-            x = pipeline(tiles)
+            x = pipeline(inputs) if split is None else inputs.to(device, non_blocking=True)
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
+                logits = model(x) if split is None else split.tail(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
             loss = (per_sample * weights[y]).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -239,6 +331,16 @@ def fit(
         if on_epoch:
             on_epoch(record)
     return history
+
+
+def _feature_batches(features: FrozenFeatures, index: np.ndarray, copies: np.ndarray, batches):
+    """(float32 frozen-stage features, positions) per batch of positions."""
+    for positions in batches:
+        order = np.argsort(index[positions])  # ascending reads from a memmap
+        block = features.array[copies[positions][order], index[positions][order]]
+        x = np.empty_like(block, dtype=np.float32)
+        x[order] = block
+        yield torch.from_numpy(x), torch.from_numpy(np.asarray(positions, dtype=np.int64))
 
 
 def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:

@@ -1,0 +1,161 @@
+"""Split a network with frozen early stages into a frozen prefix and a trainable tail.
+
+With :func:`~cellmorph.models.factory.freeze_stages` the stem and the first stages keep
+their (ImageNet) weights and BatchNorm statistics, so their output for a given input
+never changes: not across epochs, and not across the folds of a cross-validation. On a
+CPU those early, high-resolution stages cost about half of a training step
+(EfficientNet-Lite0 at 320 px, benchmarks/RESULTS.md). :class:`FrozenSplit` lets the
+training loop compute that output once and feed it straight into the rest of the
+network.
+
+It works on any module tree without knowing the architecture: the *frozen roots* are
+the largest submodules whose parameters are all frozen; a probe forward pass records
+the order in which they finish, and the last one to finish is the cut. The tail is the
+unchanged model with the frozen roots swapped, for the duration of a ``with`` block,
+for pass-throughs, and the last root for a module that returns the cached features.
+Construction checks on an example batch that ``tail(prefix(x))`` equals ``model(x)``,
+so an architecture whose frozen part feeds the tail through more than one path (a skip
+connection across the cut) is refused instead of trained wrongly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from torch import nn
+
+from cellmorph.errors import CellmorphError
+
+__all__ = ["FrozenSplit", "frozen_roots"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass at the cut."""
+
+
+class _Inject(nn.Module):
+    """Stands in for the last frozen root: returns the features it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.value
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def frozen_roots(model: nn.Module) -> list[str]:
+    """Names of the largest submodules whose parameters are all frozen, in definition order."""
+    frozen = {name for name, module in model.named_modules() if name and _is_frozen(module)}
+    return [name for name in frozen if name.rpartition(".")[0] not in frozen]
+
+
+class FrozenSplit:
+    """``prefix(x)``: the frozen stages' output; ``tail(features)``: the rest of the model.
+
+    ``example`` is a small input batch (two tiles suffice) used to find the cut and to
+    check that the split reproduces the whole model.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, rtol: float = 1e-4) -> None:
+        self.model = model
+        roots = frozen_roots(model)
+        if not roots:
+            raise CellmorphError(f"{type(model).__name__}: no frozen stages to split off")
+        modules = dict(model.named_modules())
+        finished: list[str] = []
+        handles = [
+            modules[name].register_forward_hook(lambda m, i, o, name=name: finished.append(name)) for name in roots
+        ]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                reference = model(example)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        called = list(dict.fromkeys(finished))
+        if not called:
+            raise CellmorphError(f"{type(model).__name__}: its frozen stages are never called in forward()")
+        self.roots = called
+        self.cut = called[-1]
+        self._example_shape = tuple(example.shape[1:])
+        self.signature = self._signature(modules)
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                rebuilt = self.tail(self.prefix(example))
+        finally:
+            model.train(was_training)
+        scale = reference.abs().max().clamp_min(1e-6)
+        if rebuilt.shape != reference.shape or not bool(((rebuilt - reference).abs().max() / scale) <= rtol):
+            raise CellmorphError(
+                f"{type(model).__name__}: the frozen stages do not feed the rest of the network through one "
+                f"tensor at {self.cut!r}, so their output cannot be cached; set frozen_feature_cache false"
+            )
+
+    def _signature(self, modules: dict[str, nn.Module]) -> str:
+        """A digest of the frozen weights and buffers: cached features are valid only for these."""
+        h = hashlib.sha256()
+        for name in sorted(self.roots):
+            for key, tensor in sorted(modules[name].state_dict().items()):
+                h.update(f"{name}.{key}".encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen stages' output for ``x`` (in eval mode: frozen BatchNorm uses its running statistics)."""
+        captured: list[torch.Tensor] = []
+
+        def stop(module, inputs, output):
+            captured.append(output)
+            raise _Stop
+
+        handle = dict(self.model.named_modules())[self.cut].register_forward_hook(stop)
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        return captured[0]
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        """Within the block, ``self.model`` skips its frozen stages; see :meth:`tail`."""
+        inject = _Inject()
+        saved = []
+        for name in self.roots:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            saved.append((parent, child, parent._modules[child]))
+            parent._modules[child] = inject if name == self.cut else nn.Identity()
+        try:
+            yield inject
+        finally:
+            for parent, child, module in saved:
+                parent._modules[child] = module
+
+    def tail(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's output given the frozen stages' ``features`` (gradients flow into the tail)."""
+        # Parameter-free layers before the cut (an activation, a max-pool) still run, on a
+        # zero input of the model's input shape; their output is discarded at the cut. A
+        # fresh tensor each call, because such layers may work in place.
+        dummy = torch.zeros((features.shape[0], *self._example_shape), device=features.device)
+        with self.bypassed() as inject:
+            inject.value = features
+            return self.model(dummy)
