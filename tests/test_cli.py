@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -92,3 +93,21 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     # Real cells: frozen ImageNet features separate cycloheximide from DMSO well above chance (0.57).
     assert metrics["tile_accuracy"] > 0.75, metrics
     assert metrics["well_accuracy"] > 0.8, metrics
+
+
+def test_demo_writes_the_run_directory(tmp_path):
+    """`make demo`'s command end to end (synth tiny → prepare → cv), shrunk to seconds."""
+    run = tmp_path / "demo"
+    proc = run_cli("demo", "--out", str(run), "--epochs", "1", "--image-size", "64", "--cv", "group-kfold:2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert summary == {k: metrics[k] for k in summary}
+    assert metrics["n_folds"] == 2 and metrics["n_treatments"] == 44
+    assert (run / "confusion_matrix.png").is_file() and (run / "treatments.csv").is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    assert (config["model"], config["init"], config["freeze_stages"], config["tta"]) == (
+        "tf_efficientnet_lite0", "imagenet", 4, "dihedral")
+    assert config["frozen_feature_cache"] is True
+    assert not list(run.glob("frozen_features*"))  # the run finished, so its feature pool is gone
+    assert (tmp_path / "demo-data" / "screen" / "BBBC021_v1_image.csv").is_file()

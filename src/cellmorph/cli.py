@@ -414,6 +414,9 @@ def demo(
     freeze_stages: int = typer.Option(4, help="keep the ImageNet stem + first stages fixed (faster, and it "
                                       "generalises better to held-out compounds)"),
     tta: str = typer.Option("dihedral", help="none | dihedral test-time augmentation"),
+    frozen_feature_cache: bool = typer.Option(
+        True, "--frozen-feature-cache/--no-frozen-feature-cache",
+        help="run the frozen stages once per run, not in every fold and epoch (needs --freeze-stages > 0)"),
     cv_scheme: str = typer.Option(
         "group-kfold:4", "--cv",
         help="CV scheme; compounds are always held out. 'loco' (24 folds on tiny) is the paper's "
@@ -439,7 +442,8 @@ def demo(
     console.print(f"[bold]3/3[/] cv {cv_scheme}, {DEMO_MODEL} (ImageNet, offline), {epochs} epochs, {image_size} px, "
                   f"{freeze_stages} frozen stages, TTA {tta} → {out}")
     cfg = load_cv_config(None, model=DEMO_MODEL, init="imagenet", epochs=epochs, cv=cv_scheme,
-                         image_size=image_size, seed=seed, freeze_stages=freeze_stages, tta=tta)
+                         image_size=image_size, seed=seed, freeze_stages=freeze_stages, tta=tta,
+                         frozen_feature_cache=frozen_feature_cache and freeze_stages > 0)
     metrics = run_cv(cache, out, cfg, resume=(out / "config.yaml").is_file(), progress=show)
     _print_metrics(metrics, out)
     print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
