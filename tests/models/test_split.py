@@ -77,3 +77,16 @@ def test_a_network_that_bypasses_the_cut_is_refused():
 def test_nothing_frozen_is_refused():
     with pytest.raises(CellmorphError, match="no frozen stages"):
         FrozenSplit(timm.create_model("resnet18", num_classes=2), torch.randn(2, 3, 32, 32))
+
+
+def test_trainable_or_random_layers_before_the_cut_are_refused():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=2)
+    freeze_stages(model, 2)
+    model.layer1[0].conv1.weight.requires_grad_(True)  # trainable, inside the frozen prefix
+    with pytest.raises(CellmorphError, match="'layer1.0.conv1' runs before the frozen stages end at 'layer1.1' but is trainable"):
+        FrozenSplit(model, torch.randn(2, 3, 32, 32))
+    noisy = timm.create_model("resnet18", num_classes=2, drop_path_rate=0.2)
+    freeze_stages(noisy, 3)
+    with pytest.raises(CellmorphError, match="random in training"):
+        FrozenSplit(noisy, torch.randn(2, 3, 32, 32))

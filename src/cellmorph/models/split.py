@@ -70,9 +70,11 @@ class FrozenSplit:
         if not roots:
             raise CellmorphError(f"{type(model).__name__}: no frozen stages to split off")
         modules = dict(model.named_modules())
-        finished: list[str] = []
+        finished: list[str] = []  # every module, in the order its forward() returns
         handles = [
-            modules[name].register_forward_hook(lambda m, i, o, name=name: finished.append(name)) for name in roots
+            module.register_forward_hook(lambda m, i, o, name=name: finished.append(name))
+            for name, module in modules.items()
+            if name
         ]
         was_training = model.training
         try:
@@ -83,11 +85,22 @@ class FrozenSplit:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        called = list(dict.fromkeys(finished))
+        root_set = set(roots)
+        called = list(dict.fromkeys(name for name in finished if name in root_set))
         if not called:
             raise CellmorphError(f"{type(model).__name__}: its frozen stages are never called in forward()")
         self.roots = called
         self.cut = called[-1]
+        before_cut = finished[: finished.index(self.cut)]
+        learning = [n for n in before_cut if any(p.requires_grad for p in modules[n].parameters(recurse=False))]
+        # Caching is exact only if nothing before the cut learns or draws random numbers in training.
+        random = [n for n in before_cut if float(getattr(modules[n], "p", getattr(modules[n], "drop_prob", 0.0)) or 0.0) > 0]
+        if learning or random:
+            raise CellmorphError(
+                f"{type(model).__name__}: {(learning or random)[0]!r} runs before the frozen stages end at "
+                f"{self.cut!r} but {'is trainable' if learning else 'is random in training (dropout)'}, "
+                "so the frozen stages' output cannot be cached; set frozen_feature_cache false"
+            )
         self._example_shape = tuple(example.shape[1:])
         self.signature = self._signature(modules)
         was_training = model.training
