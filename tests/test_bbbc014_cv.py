@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from cellmorph.cache import TileCache
 from cellmorph.evaluate import make_folds
@@ -56,7 +57,10 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     """Pretrained vs Xavier after 1 and 2 epochs, 2 replicates each, leave-one-cell-line-out."""
     out = tmp_path / "fig4"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n")  # the cache's size, not 224
+    # image_size: the cache's, not 224. Frozen stages (and their cached output) apply to the
+    # ImageNet arm only; the Xavier arm trains every stage.
+    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n"
+                   "freeze_stages: 2\nfrozen_feature_cache: true\n")
     proc = run_cli("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
                    "--epochs", "1,2", "--replicates", "2", "--config", str(cfg), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -73,6 +77,10 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
             run = out / init / f"replicate-{r}"
             assert json.loads((run / "metrics.json").read_text())["n_wells"] == 64
             assert (run / "folds" / "0" / "predictions_epoch1.parquet").is_file()
+    imagenet = yaml.safe_load((out / "imagenet" / "replicate-0" / "config.yaml").read_text())["config"]
+    xavier = yaml.safe_load((out / "xavier" / "replicate-0" / "config.yaml").read_text())["config"]
+    assert (imagenet["freeze_stages"], imagenet["frozen_feature_cache"]) == (2, True)
+    assert (xavier["freeze_stages"], xavier["frozen_feature_cache"]) == (0, False)
     summary = json.loads((out / "init_comparison.json").read_text())
     assert set(summary["by_init"]["imagenet"]) == {"1", "2"}
     assert json.loads(proc.stdout.strip().splitlines()[-1]).keys() == {"imagenet", "xavier"}

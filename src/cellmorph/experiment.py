@@ -801,6 +801,7 @@ def compare_inits(
         update = {"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})}
         if init == "xavier":
             update["freeze_stages"] = 0  # a from-scratch network trains every stage (see run_cv)
+            update["frozen_feature_cache"] = False  # so nothing is frozen to cache
         cfg = base.model_copy(update=update)
         replicate_metrics = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
         table = pd.read_csv(Path(out) / _safe_name(init) / "replicates.csv")
