@@ -395,7 +395,6 @@ def _frozen_feature_pool(cache, folds, targets, classes, config: CVConfig, spec:
     key = {"fingerprint": fingerprint, "signature": split.signature, "rows": _digest(rows), "seed": seed}
     if path.is_file() and marker.is_file() and json.loads(marker.read_text()) == key:
         return FrozenFeatures(np.load(path, mmap_mode="r"), rows, split.signature)
-    shape = tuple(split.prefix(example_batch(pipeline, cache, rows, device)).shape[1:])
     copies = int(config.epochs)
     # Batches of the training batch size (a fingerprinted field), not eval_batch_size (a runtime
     # field), because the augmentation draws depend on how tiles are batched.
@@ -403,7 +402,7 @@ def _frozen_feature_pool(cache, folds, targets, classes, config: CVConfig, spec:
     bar.reset(tasks["batches"], total=copies * batches, description="  frozen stages, once",
               info=f"{copies} augmented copies × {len(rows)} tiles")
     with atomic_path(path, suffix=".npy") as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(copies, len(rows), *shape))
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(copies, len(rows), *split.feature_shape))
         compute_frozen_features(split, pipeline, cache, rows, array, config.batch_size, device,
                                 config.channels_last, lambda: bar.advance(tasks["batches"]))
         array.flush()

@@ -336,10 +336,7 @@ def fit(
 def _feature_batches(features: FrozenFeatures, index: np.ndarray, copies: np.ndarray, batches):
     """(float32 frozen-stage features, positions) per batch of positions."""
     for positions in batches:
-        order = np.argsort(index[positions])  # ascending reads from a memmap
-        block = features.array[copies[positions][order], index[positions][order]]
-        x = np.empty_like(block, dtype=np.float32)
-        x[order] = block
+        x = np.asarray(features.array[copies[positions], index[positions]], dtype=np.float32)
         yield torch.from_numpy(x), torch.from_numpy(np.asarray(positions, dtype=np.int64))
 
 

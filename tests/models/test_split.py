@@ -23,6 +23,7 @@ def test_tail_of_prefix_equals_the_model(name, stages, cut):
     x = torch.randn(3, 3, 64, 64)
     split = FrozenSplit(model, x[:2])
     assert split.cut == cut
+    assert split.feature_shape == tuple(split.prefix(x).shape[1:])
     model.eval()
     with torch.no_grad():
         whole = model(x)

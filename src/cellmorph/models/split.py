@@ -107,9 +107,11 @@ class FrozenSplit:
         try:
             model.eval()
             with torch.no_grad():
-                rebuilt = self.tail(self.prefix(example))
+                features = self.prefix(example)
+                rebuilt = self.tail(features)
         finally:
             model.train(was_training)
+        self.feature_shape = tuple(features.shape[1:])  # of one tile
         scale = reference.abs().max().clamp_min(1e-6)
         if rebuilt.shape != reference.shape or not bool(((rebuilt - reference).abs().max() / scale) <= rtol):
             raise CellmorphError(
