@@ -364,6 +364,7 @@ def _probe_features(cache, rows: np.ndarray, config: CVConfig, spec: dict, devic
 
 
 FROZEN_FEATURES = "frozen_features.npy"
+FROZEN_FEATURES_MARKER = "frozen_features.json"  # what the features were computed for
 
 
 def _frozen_feature_pool(cache, folds, targets, classes, config: CVConfig, spec: dict, device, out: Path,
@@ -391,7 +392,7 @@ def _frozen_feature_pool(cache, folds, targets, classes, config: CVConfig, spec:
     seed = int(np.random.SeedSequence([int(config.seed), 0xF7]).generate_state(1)[0])
     pipeline = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(config.augment, seed=seed))
     split = FrozenSplit(model.to(device), example_batch(pipeline, cache, rows, device))
-    path, marker = out / FROZEN_FEATURES, out / "frozen_features.json"
+    path, marker = out / FROZEN_FEATURES, out / FROZEN_FEATURES_MARKER
     key = {"fingerprint": fingerprint, "signature": split.signature, "rows": _digest(rows), "seed": seed}
     if path.is_file() and marker.is_file() and json.loads(marker.read_text()) == key:
         return FrozenFeatures(np.load(path, mmap_mode="r"), rows, split.signature)
@@ -637,7 +638,7 @@ def run_cv(
 
     # Every fold is done: the frozen-stage features were only kept for resuming.
     (out / FROZEN_FEATURES).unlink(missing_ok=True)
-    (out / "frozen_features.json").unlink(missing_ok=True)
+    (out / FROZEN_FEATURES_MARKER).unlink(missing_ok=True)
     tiles = pd.concat(parts, ignore_index=True)
     _write_parquet(out / "predictions.parquet", tiles)
     tiles, wells, treatments = aggregate(tiles)
