@@ -128,6 +128,9 @@ def test_identical_runs_and_resume_give_identical_predictions(first_run, crop_ca
     for name in OUTPUTS:
         assert (out_b / name).is_file(), name
     assert not list(out_b.rglob(".*")), "temporaries left behind"
+    assert metrics_b["resumed_folds"] == [] and metrics_r["resumed_folds"] == [0]
+    fold0 = json.loads((out_b / "folds" / "0" / "fold.json").read_text())["seconds"]
+    assert metrics_r["fold_seconds_total"] > fold0 > 0  # the resumed fold's time is counted
 
 
 def test_training_learns_dmso_vs_cycloheximide(crop_cache, tmp_path):

@@ -562,7 +562,8 @@ def run_cv(
     parts: list[pd.DataFrame] = []
     interim_parts: dict[int, list[pd.DataFrame]] = {e: [] for e in cfg.eval_epochs}
     histories: dict[str, list[dict]] = {}
-    fold_seconds: list[float] = []
+    fold_seconds: dict[int, float] = {}  # training + prediction time per fold, resumed folds included
+    resumed_folds: list[int] = []
     try:
         with deterministic(cfg.deterministic), _progress(progress) as bar:
             tasks = {
@@ -588,6 +589,8 @@ def run_cv(
                     for e in cfg.eval_epochs:
                         interim_parts[e].append(pd.read_parquet(fold_dir / f"predictions_epoch{e}.parquet"))
                     histories[fold.name] = json.loads((fold_dir / "history.json").read_text())
+                    fold_seconds[fold.index] = float(json.loads((fold_dir / FOLD_DONE).read_text()).get("seconds", 0.0))
+                    resumed_folds.append(fold.index)
                     bar.advance(tasks["folds"])
                     continue
                 (fold_dir / FOLD_DONE).unlink(missing_ok=True)
@@ -623,7 +626,7 @@ def run_cv(
                         tmp,
                     )
                 seconds = time.perf_counter() - t0
-                fold_seconds.append(seconds)
+                fold_seconds[fold.index] = seconds
                 write_json(
                     fold_dir / FOLD_DONE,
                     fold.describe()
@@ -660,7 +663,10 @@ def run_cv(
             "epochs": cfg.epochs,
             "skipped_folds": skipped,
             "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+            # A resumed run's wall time covers only its last invocation; the fold sum covers them all.
             "seconds": time.perf_counter() - started,
+            "fold_seconds_total": float(sum(fold_seconds.values())),
+            "resumed_folds": resumed_folds,
             "device": str(device),
         }
     )
