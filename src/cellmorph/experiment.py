@@ -271,14 +271,16 @@ def _remove_temporaries(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- one fold
-def _fold_done(fold_dir: Path, fingerprint: str) -> bool:
+def _finished_fold(fold_dir: Path, fingerprint: str) -> dict | None:
+    """The fold's marker record if it finished with this fingerprint, else None."""
     marker = fold_dir / FOLD_DONE
     if not marker.is_file() or not (fold_dir / "predictions.parquet").is_file():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        record = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
+    return record if record.get("fingerprint") == fingerprint else None
 
 
 def _run_fold(cache, fold: Fold, classes, targets, config: CVConfig, spec: dict, seeds: dict, device, bar, tasks,
@@ -379,7 +381,7 @@ def _frozen_feature_pool(cache, folds, targets, classes, config: CVConfig, spec:
     from cellmorph.models.split import FrozenSplit
     from cellmorph.train import FrozenFeatures, compute_frozen_features, create_network, example_batch
 
-    if all(resume and _fold_done(out / FOLDS_DIR / str(f.index), fold_fps[f.index]) for f in folds):
+    if all(resume and _finished_fold(out / FOLDS_DIR / str(f.index), fold_fps[f.index]) for f in folds):
         return None
     # Every fold's rows, not only the unfinished folds': a tile's augmentation draws depend
     # on the rows before it, and a resumed run must train on the same copies.
@@ -584,12 +586,13 @@ def run_cv(
                                                        fold_fps, resume, bar, tasks)
             for fold in folds:
                 fold_dir = out / FOLDS_DIR / str(fold.index)
-                if resume and _fold_done(fold_dir, fold_fps[fold.index]):
+                finished = _finished_fold(fold_dir, fold_fps[fold.index]) if resume else None
+                if finished:
                     parts.append(pd.read_parquet(fold_dir / "predictions.parquet"))
                     for e in cfg.eval_epochs:
                         interim_parts[e].append(pd.read_parquet(fold_dir / f"predictions_epoch{e}.parquet"))
                     histories[fold.name] = json.loads((fold_dir / "history.json").read_text())
-                    fold_seconds[fold.index] = float(json.loads((fold_dir / FOLD_DONE).read_text()).get("seconds", 0.0))
+                    fold_seconds[fold.index] = float(finished.get("seconds", 0.0))
                     resumed_folds.append(fold.index)
                     bar.advance(tasks["folds"])
                     continue
