@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,23 @@ import pytest
 SHARED = Path(os.environ.get("CELLMORPH_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "bbbc021"
 REAL_METADATA = SHARED / "metadata"
 REAL_CROPS = SHARED / "crops-week4"
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """``cellmorph ARGS`` in a fresh process, as a user runs it (stdout/stderr captured)."""
+    return subprocess.run([sys.executable, "-m", "cellmorph.cli", *map(str, args)], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env}, input=input)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The failure contract: exit code 2, exactly one stderr line naming ``needles``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def require(path: Path) -> Path:

@@ -87,6 +87,45 @@ def atomic_path(final: Path, suffix: str | None = None):
             tmp_path.unlink()
 
 
+def require_output_dir(path: Path, what: str = "output folder") -> Path:
+    """``path`` as a folder this process can create and write into, else one CellmorphError line.
+
+    Called at the boundary of every command that writes a folder, before any work, so a
+    wrong ``--out`` fails at once with the path named, not as a traceback hours later. It
+    really creates the folder and a probe file (permission bits say nothing to root, and
+    nothing of a read-only file system), then removes whatever it created.
+    """
+    from cellmorph.errors import CellmorphError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CellmorphError(f"{path}: {what} is an existing file, not a folder")
+    created: list[Path] = []
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        fd, tmp = tempfile.mkstemp(prefix=".cellmorph-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, NotADirectoryError) or (exc.filename and Path(exc.filename).is_file()):
+            reason = "a parent is a file, not a folder"
+        raise CellmorphError(f"{path}: cannot write the {what}: {reason}{where}") from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return path
+
+
 def read_yaml_mapping(path: Path) -> dict:
     """A YAML file whose top level is a mapping; user errors become one-line CellmorphErrors."""
     import yaml
@@ -94,6 +133,8 @@ def read_yaml_mapping(path: Path) -> dict:
     from cellmorph.errors import CellmorphError
 
     path = Path(path)
+    if path.is_dir():
+        raise CellmorphError(f"{path}: is a directory, expected a YAML file")
     if not path.is_file():
         raise CellmorphError(f"{path}: config file not found")
     try:
