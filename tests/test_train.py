@@ -10,16 +10,17 @@ import torch
 from cellmorph.augment import Augmenter
 from cellmorph.datasets import InputPipeline
 from cellmorph.errors import CellmorphError
-from cellmorph.train import (
-    TrainSettings,
-    class_weights,
-    create_network,
-    derive_seeds,
-    deterministic,
-    fit,
-    model_spec,
-    predict,
-)
+from cellmorph.models import create_model, model_input_spec
+from cellmorph.runtime import derive_seeds, deterministic
+from cellmorph.train import TrainSettings, class_weights, fit, predict_tiles
+
+CPU = torch.device("cpu")
+
+
+def predict(model, pipeline, cache, rows, batch_size, tta="none"):
+    """Tile probabilities at ``batch_size`` tiles per forward pass."""
+    settings = TrainSettings(epochs=1, batch_size=2, lr=0.01, eval_batch_size=batch_size, tta=tta)
+    return predict_tiles(model, pipeline, cache, rows, settings, CPU)
 
 
 @pytest.fixture(autouse=True)
@@ -54,14 +55,14 @@ def _toy(n=48, size=16, seed=0):
 
 def _train(cache, labels, seed=0, epochs=2):
     torch.manual_seed(seed)
-    model = create_network("test_resnet", 2, init="xavier")
-    spec = model_spec("test_resnet", 16)
-    pipe = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(seed=seed))
+    model = create_model("test_resnet", 2, init="xavier")
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=seed))
     settings = TrainSettings(epochs=epochs, batch_size=8, lr=0.01)
     rows = np.arange(len(labels))
     with deterministic():
-        history = fit(model, pipe, cache, rows, labels, 2, settings, seed, torch.device("cpu"))
-        probs = predict(model, pipe, cache, rows, 16, torch.device("cpu"))
+        history = fit(model, pipe, cache, rows, labels, 2, settings, seed, CPU)
+        probs = predict(model, pipe, cache, rows, 16)
     return model, history, probs
 
 
@@ -77,10 +78,10 @@ def test_fit_is_deterministic_and_predict_keeps_row_order():
     assert np.allclose(p1.sum(1), 1.0, atol=1e-5)
     assert len(h1) == 2 and {"epoch", "loss", "train_accuracy", "lr", "seconds"} <= set(h1[0])
     # Prediction in a shuffled row order gives the same per-row probabilities.
-    spec = model_spec("test_resnet", 16)
-    pipe = InputPipeline(spec["mean"], spec["std"], 16)
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, 16)
     perm = np.random.default_rng(0).permutation(len(labels))
-    assert np.allclose(predict(m1, pipe, cache, perm, 5, torch.device("cpu")), p1[perm], atol=1e-6)
+    assert np.allclose(predict(m1, pipe, cache, perm, 5), p1[perm], atol=1e-6)
     _, h3, _ = _train(cache, labels, seed=4)
     assert [h["loss"] for h in h3] != [h["loss"] for h in h1]
 
@@ -90,26 +91,25 @@ def test_dihedral_tta_averages_the_softmax_over_the_eight_views():
 
     cache, labels = _toy(n=12)
     model, _, plain = _train(cache, labels, seed=1, epochs=1)
-    spec = model_spec("test_resnet", 16)
+    spec = model_input_spec("test_resnet", 16)
     rows = np.arange(len(labels))
-    tta = predict(model, InputPipeline(spec["mean"], spec["std"], 16), cache, rows, 5, torch.device("cpu"),
-                  tta="dihedral")
+    tta = predict(model, InputPipeline(spec.mean, spec.std, 16), cache, rows, 5, tta="dihedral")
 
     class Turned(InputPipeline):
         def __init__(self, k):
-            super().__init__(spec["mean"], spec["std"], 16)
+            super().__init__(spec.mean, spec.std, 16)
             self.k = k
 
         def forward(self, tiles):
             return dihedral(super().forward(tiles), self.k)
 
-    views = [predict(model, Turned(k), cache, rows, 16, torch.device("cpu")) for k in range(8)]
+    views = [predict(model, Turned(k), cache, rows, 16) for k in range(8)]
     assert np.allclose(views[0], plain, atol=1e-6)
     assert np.allclose(tta, np.mean(views, axis=0), atol=1e-5)
     assert not np.allclose(tta, plain, atol=1e-4)  # the network is not rotation invariant
     assert np.allclose(tta.sum(1), 1.0, atol=1e-5)
     with pytest.raises(CellmorphError, match="tta must be one of none, dihedral"):
-        predict(model, InputPipeline(spec["mean"], spec["std"], 16), cache, rows, 5, torch.device("cpu"), tta="flip")
+        predict(model, InputPipeline(spec.mean, spec.std, 16), cache, rows, 5, tta="flip")
 
 
 def test_class_weights_balance_classes():
@@ -126,12 +126,12 @@ def test_fold_seeds_are_distinct_and_stable():
     assert derive_seeds(1, 0) != a
 
 
-def test_model_spec_and_unknown_model():
-    assert model_spec("resnet50")["input_size"] == 224
-    assert model_spec("inception_v3")["input_size"] == 299
-    assert model_spec("inception_resnet_v2", 128)["input_size"] == 128
+def test_model_input_spec_and_unknown_model():
+    assert model_input_spec("resnet50").size == 224
+    assert model_input_spec("inception_v3").size == 299
+    assert model_input_spec("inception_resnet_v2", 128).size == 128
     with pytest.raises(CellmorphError, match="unknown model"):
-        model_spec("resnet_5000")
+        model_input_spec("resnet_5000")
 
 
 def test_deterministic_context_restores_state():
@@ -146,15 +146,15 @@ def test_freeze_stages_stops_gradients_and_keeps_frozen_statistics():
 
     cache, labels = _toy()
     torch.manual_seed(0)
-    model = create_network("test_resnet", 2, init="xavier")
+    model = create_model("test_resnet", 2, init="xavier")
     stages = stage_names(model)
     assert stages[0][-1] == "bn1" and all(n.startswith("conv1") for n in stages[0][:-1]) and "fc" in stages[-1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = model_spec("test_resnet", 16)
-    pipe = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(seed=0))
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=0))
     settings = TrainSettings(epochs=1, batch_size=8, lr=0.01, freeze_stages=2)  # stem + layer1
     with deterministic():
-        fit(model, pipe, cache, np.arange(len(labels)), labels, 2, settings, 0, torch.device("cpu"))
+        fit(model, pipe, cache, np.arange(len(labels)), labels, 2, settings, 0, CPU)
     after = model.state_dict()
     frozen = [k for k in after if k.split(".")[0] in ("conv1", "bn1", "layer1")]
     trained = [k for k in after if k.split(".")[0] in ("layer2", "fc")]
@@ -164,4 +164,4 @@ def test_freeze_stages_stops_gradients_and_keeps_frozen_statistics():
     assert any(not torch.equal(before[k], after[k]) for k in trained)
     assert not any(p.requires_grad for p in model.layer1.parameters())
     with pytest.raises(CellmorphError, match="at most"):
-        freeze_stages(create_network("test_resnet", 2, init="xavier"), len(stages))
+        freeze_stages(create_model("test_resnet", 2, init="xavier"), len(stages))

@@ -16,27 +16,18 @@ import torch
 
 from cellmorph.cache import TileCache
 from cellmorph.datasets import InputPipeline, iterate_batches
-from cellmorph.runinfo import atomic_path, run_info, write_json
-
-WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
-WELL_METADATA = [
-    "Metadata_Compound",
-    "Metadata_Concentration",
-    "Metadata_MoA",
-    "Metadata_Batch",
-    "Metadata_IsControl",
-]
+from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
+from cellmorph.schema import WELL_KEYS, WELL_METADATA
 
 
 def feature_extractor(model_name: str, init: str = "imagenet", weights: Path | None = None, allow_network: bool = False):
-    """(backbone without classifier, InputPipeline) for ``model_name``."""
-    from cellmorph.models import create_model, model_preprocessing
+    """(backbone without classifier, its :class:`~cellmorph.models.InputSpec`) for ``model_name``."""
+    from cellmorph.models import create_model
 
     model = create_model(model_name, num_classes=1, init=init, weights=weights, allow_network=allow_network)
     model.reset_classifier(0)  # timm: forward() now returns pooled features
     model.eval()
-    prep = getattr(model, "cellmorph_init", None) or model_preprocessing(model_name)
-    return model, prep
+    return model, model.cellmorph_input
 
 
 def embed_tiles(
@@ -55,9 +46,9 @@ def embed_tiles(
     from rich.progress import Progress
 
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
-    model, prep = feature_extractor(model_name, init, weights, allow_network)
+    model, spec = feature_extractor(model_name, init, weights, allow_network)
     dev = torch.device(device)
-    pipeline = InputPipeline(prep["mean"], prep["std"], image_size or prep["input_size"]).to(dev).eval()
+    pipeline = InputPipeline(spec.mean, spec.std, image_size or spec.size).to(dev).eval()
     # NHWC is oneDNN's fast layout on CPU (≈1.8× for EfficientNet-Lite0 here) and cuDNN's on GPU.
     model.to(dev).to(memory_format=torch.channels_last)
     out: np.ndarray | None = None
@@ -95,12 +86,19 @@ def embed(
     device: str = "cpu",
     allow_network: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``."""
+    """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``.
+
+    ``threads``: torch CPU threads (default: :func:`cellmorph.runtime.default_threads`).
+    """
+    from cellmorph.runtime import torch_threads
+
+    out = require_output_dir(Path(out), "embedding folder")
     cache = TileCache(data)
-    feats = embed_tiles(cache, model_name, None, init, weights, image_size, batch_size, device, allow_network, progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(threads):
+        feats = embed_tiles(cache, model_name, None, init, weights, image_size, batch_size, device, allow_network,
+                            progress)
     meta = [c for c in cache.index.columns if c.startswith("Metadata_")]
     tiles = pd.concat(
         [cache.index[meta].reset_index(drop=True), pd.DataFrame(feats, columns=[f"emb_{i}" for i in range(feats.shape[1])])],

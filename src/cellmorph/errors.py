@@ -27,4 +27,6 @@ def validated(model_cls, data: dict, where: str):
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise CellmorphError(f"{where}: {loc}: {first['msg']}") from None
+        # A model validator's ValueError has no field and pydantic prefixes its text.
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise CellmorphError(f"{where}: {loc}: {message}" if loc else f"{where}: {message}") from None

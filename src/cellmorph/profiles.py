@@ -26,8 +26,7 @@ import pandas as pd
 from cellmorph.data.bbbc021 import read_image_csv, read_moa_csv, select_moa_subset
 from cellmorph.data.table import CONTROL_COMPOUND, batch_of_plate
 from cellmorph.errors import BadInputError
-
-TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
+from cellmorph.schema import TREATMENT_KEYS
 
 
 def feature_columns(frame: pd.DataFrame) -> list[str]:

@@ -5,7 +5,7 @@ Kensert et al. published one sheet per network with a row per treatment:
 first row) and one probability column per class under an abbreviation
 (``Act, Aur, Ch, Eg5, Epi, KI, MD, MS, PD, PS, DR, DD``). Truth comes from the MoA
 table, not the sheet, and the score is computed by the same
-:func:`cellmorph.evaluate.score_treatments` as ``cellmorph cv`` uses.
+:func:`cellmorph.metrics.score_treatments` as ``cellmorph cv`` uses.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from cellmorph.errors import BadInputError
-from cellmorph.evaluate import PROB_PREFIX, score_treatments
+from cellmorph.metrics import score_treatments
+from cellmorph.schema import PROB_PREFIX
 
 COMPOUND_COLUMNS = ("Compounds", "Compound", "compound", "Metadata_Compound")
 CONCENTRATION_COLUMNS = ("Concentrations", "Concentration", "concentration", "Metadata_Concentration")

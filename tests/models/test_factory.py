@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import uuid
 from pathlib import Path
 
@@ -22,26 +21,10 @@ MOBILE = "mobilenetv2_100"
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """Isolated empty cache, and any connection attempt or hub download fails the test."""
+def offline(tmp_path, monkeypatch, no_network):
+    """An isolated, empty weights cache, with every network path trapped (conftest's no_network)."""
     monkeypatch.setenv("CELLMORPH_HOME", str(tmp_path / "cmhome"))
-    calls: list[str] = []
-
-    def trap(what):
-        def _raise(*a, **k):
-            calls.append(what)
-            raise AssertionError(f"network attempted via {what}")
-
-        return _raise
-
-    monkeypatch.setattr(socket.socket, "connect", trap("socket.connect"))
-    monkeypatch.setattr(socket, "getaddrinfo", trap("socket.getaddrinfo"))
-    import timm.models._builder as builder
-
-    monkeypatch.setattr(builder, "load_pretrained", trap("timm load_pretrained"))
-    monkeypatch.setattr(W, "_download_from_hub", trap("cellmorph hub download"))
-    yield calls
-    assert calls == []
+    return no_network
 
 
 def imagenet_body(name: str) -> dict:
@@ -162,7 +145,7 @@ def test_checkpoint_with_code_is_refused(offline, tmp_path):
     f = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "x": Evil()}, f)
     try:
-        with pytest.raises(CellmorphError, match="refusing to load"):
+        with pytest.raises(CellmorphError, match="refused: the file holds pickled code"):
             create_model(MOBILE, num_classes=2, init=str(f))
         assert not marker.exists()
     finally:

@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cellmorph.cli_weights import weights_app
+from tests.conftest import one_line_error, run_cli
 from cellmorph.errors import CellmorphError
 from cellmorph.models import weights as W
 from cellmorph.models.weights import (
@@ -39,53 +39,6 @@ MOBILE = "mobilenetv2_100"
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-class NetworkAttempt(AssertionError):
-    pass
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Fail the test if anything tries to open a connection or call a hub/URL loader."""
-    calls: list[str] = []
-
-    def trap(what):
-        def _raise(*args, **kwargs):
-            calls.append(what)
-            raise NetworkAttempt(f"network attempted via {what}")
-
-        return _raise
-
-    monkeypatch.setattr(socket.socket, "connect", trap("socket.connect"))
-    monkeypatch.setattr(socket.socket, "connect_ex", trap("socket.connect_ex"))
-    monkeypatch.setattr(socket, "create_connection", trap("socket.create_connection"))
-    monkeypatch.setattr(socket, "getaddrinfo", trap("socket.getaddrinfo"))
-    import timm.models._builder as builder
-    import timm.models._hub as hub
-
-    for mod, attr in [
-        (builder, "load_pretrained"),
-        (builder, "load_state_dict_from_url"),
-        (builder, "load_state_dict_from_hf"),
-        (builder, "download_cached_file"),
-        (hub, "hf_hub_download"),
-        (hub, "download_url_to_file"),
-        (torch.hub, "load_state_dict_from_url"),
-        (torch.hub, "download_url_to_file"),
-        (timm.models, "load_pretrained"),
-    ]:
-        if hasattr(mod, attr):
-            monkeypatch.setattr(mod, attr, trap(f"{mod.__name__}.{attr}"))
-    try:
-        import huggingface_hub
-
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", trap("huggingface_hub.hf_hub_download"))
-    except ImportError:  # pragma: no cover
-        pass
-    monkeypatch.setattr(W, "_download_from_hub", trap("cellmorph hub download"))
-    yield calls
-    assert calls == [], f"network was attempted: {calls}"
 
 
 @pytest.fixture
@@ -440,9 +393,11 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
-def test_import_rejects_pickled_code(how, home, tmp_path, no_network):
+@pytest.mark.parametrize(
+    "how, what",
+    [("torch.save", f"pickled code (GLOBAL {os.system.__module__}.system)"), ("pickle.dump", "pickled objects the safe loader cannot check")],
+)
+def test_import_rejects_pickled_code(how, what, home, tmp_path, no_network):
     marker = Path(f"/tmp/pwned-{uuid.uuid4().hex}")
     evil = tmp_path / "resnet18.pth"
     payload = {"conv1.weight": torch.zeros(1), "evil": _Payload(str(marker))}
@@ -452,16 +407,31 @@ def test_import_rejects_pickled_code(how, home, tmp_path, no_network):
         with open(evil, "wb") as f:
             pickle.dump(payload, f)
     try:
-        with pytest.raises(CellmorphError, match="contains pickled code/objects; refusing to load"):
+        with pytest.raises(CellmorphError, match="refused: the file holds pickled") as err:
             import_weights(evil, "resnet18")
+        assert "\n" not in str(err.value)
         assert not marker.exists()
         assert not (home / "weights" / "resnet18").exists()
-        res = CliRunner().invoke(weights_app, ["import", str(evil), "--model", "resnet18"])
-        assert res.exit_code == 2 and "refusing to load" in res.stderr
+        # The CLI line is complete (not cut mid-word) and torch's pickle-protocol warning stays out of it.
+        line = one_line_error(run_cli("weights", "import", evil, "--model", "resnet18", env={"CELLMORPH_HOME": str(home)}))
+        assert line.startswith(f"error: {evil}: refused: the file holds {what}"), line
+        assert line.endswith("not plain tensors; only weights_only loads are allowed "
+                             "(re-save it with torch.save(model.state_dict(), FILE))")
         assert not marker.exists()
+        assert not (home / "weights" / "resnet18").exists()
     finally:
         if marker.exists():
             marker.unlink()
+
+
+def test_a_directory_is_not_a_weights_file(home, tmp_path, no_network):
+    folder = tmp_path / "weights-folder"
+    folder.mkdir()
+    with pytest.raises(CellmorphError, match="is a directory, expected a weights file"):
+        resolve_weights(LITE0, weights=folder)
+    one_line_error(run_cli("weights", "import", folder, "--model", "resnet18", env={"CELLMORPH_HOME": str(home)}),
+                   str(folder), "is a directory")
+    assert not (home / "weights").exists()
 
 
 def test_import_accepts_real_state_dict(home, tmp_path, no_network):

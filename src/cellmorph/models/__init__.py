@@ -1,6 +1,8 @@
-"""Backbones: offline-first ImageNet weights and model construction."""
+"""Backbones: offline-first ImageNet weights, model construction and frozen stages."""
 
+from cellmorph.models.build import Network, build_model, check_input_size, model_input_spec
 from cellmorph.models.factory import create_model, freeze_stages, load_checkpoint, stage_names, xavier_init_
+from cellmorph.models.spec import InitRecord, InputSpec
 from cellmorph.models.weights import (
     BACKBONES,
     ResolvedWeights,
@@ -19,17 +21,23 @@ from cellmorph.models.weights import (
 
 __all__ = [
     "BACKBONES",
+    "InitRecord",
+    "InputSpec",
+    "Network",
     "ResolvedWeights",
     "VerifyResult",
     "WeightsStatus",
+    "build_model",
     "cellmorph_home",
+    "check_input_size",
     "create_model",
-    "freeze_stages",
     "default_input_size",
+    "freeze_stages",
     "import_weights",
     "list_weights",
     "load_checkpoint",
     "load_pretrained",
+    "model_input_spec",
     "model_preprocessing",
     "resolve_weights",
     "stage_names",

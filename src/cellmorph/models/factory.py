@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cellmorph.errors import CellmorphError
+from cellmorph.models.spec import InitRecord, InputSpec
 from cellmorph.models.weights import (
     _is_counter,
     check_model_name,
@@ -44,8 +45,9 @@ def create_model(
     path of a cellmorph checkpoint / plain state dict for this architecture (only the classifier
     may differ in shape; it then stays freshly initialised).
 
-    The returned module carries ``model.cellmorph_init``: a dict recording how it was initialised
-    (init, source, path, sha256, mean, std, input_size), for run records.
+    The returned module carries two typed records: ``model.cellmorph_init`` (an
+    :class:`InitRecord`: init, source, path, sha256) and ``model.cellmorph_input`` (the
+    :class:`InputSpec` of the weights actually loaded: their mean, std and native size).
     """
     import timm
 
@@ -81,11 +83,8 @@ def create_model(
     else:
         assert checkpoint is not None
         info.update(load_checkpoint(model, checkpoint, name))
-    info.update(mean=list(pre["mean"]), std=list(pre["std"]), input_size=pre["input_size"])
-    model.cellmorph_init = info
-    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    cfg.update(mean=tuple(pre["mean"]), std=tuple(pre["std"]), input_size=(in_chans, pre["input_size"], pre["input_size"]))
-    model.pretrained_cfg = cfg
+    model.cellmorph_init = InitRecord(**info)
+    model.cellmorph_input = InputSpec.from_record(pre)
     return model
 
 
@@ -115,7 +114,7 @@ def load_checkpoint(model: nn.Module, path: Path, name: str) -> dict:
     """Load a cellmorph checkpoint or plain state dict into ``model`` (``weights_only=True``).
 
     All keys and shapes must match except the classifier: a classifier of another shape (e.g. a
-    different number of classes) is left freshly initialised. Returns a small record for ``cellmorph_init``.
+    different number of classes) is left freshly initialised. Returns the source fields of its :class:`InitRecord`.
     """
     from cellmorph.models.weights import sha256_file
 

@@ -31,8 +31,10 @@ import importlib.resources
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,11 +293,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def require_weights_file(path: Path, context: str = "") -> Path:
+    """``path`` if it is a file; a folder or a missing path is one CellmorphError line."""
+    path = Path(path)
+    if path.is_dir():
+        raise CellmorphError(f"{path}: is a directory, expected a weights file{context}")
+    if not path.is_file():
+        raise CellmorphError(f"{path}: weights file not found{context}")
+    return path
+
+
+def _refused_pickle(path: Path, exc: pickle.UnpicklingError) -> str:
+    """torch's multi-paragraph refusal, summarised as one line naming what the pickle wanted to run."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        what = f"pickled code (GLOBAL {found.group(1)})"
+    else:
+        found = re.search(r"Unsupported operand (\d+)", text)
+        what = f"pickled objects the safe loader cannot check (pickle opcode {found.group(1)})" if found else "pickled objects"
+    return (
+        f"{path}: refused: the file holds {what}, not plain tensors; only weights_only loads are allowed "
+        f"(re-save it with torch.save(model.state_dict(), FILE))"
+    )
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict (or checkpoint dict) safely: never executes pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CellmorphError(f"{path}: weights file not found")
+    path = require_weights_file(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -308,13 +333,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise CellmorphError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing a file; the error line says what matters.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CellmorphError(
-            f"{path}: contains pickled code/objects; refusing to load it (only plain tensors and "
-            f"containers are accepted; re-save it as a state dict: torch.save(model.state_dict(), ...)) "
-            f"[{_one_line(exc)[:160]}]"
-        ) from None
+        raise CellmorphError(_refused_pickle(path, exc)) from None
     except Exception as exc:
         raise CellmorphError(f"{path}: not a readable PyTorch weights file ({_one_line(exc)[:200]})") from None
     return obj
@@ -652,9 +676,7 @@ def resolve_weights(name: str, weights: Path | None = None, allow_network: bool 
     """Find ImageNet weights for backbone ``name``: explicit file, cache, package, then (opt-in) hub."""
     check_model_name(name)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise CellmorphError(f"{path}: weights file not found (given with --weights for {name!r})")
+        path = require_weights_file(Path(weights).expanduser(), f" (given with --weights for {name!r})")
         pre = model_preprocessing(name)
         return ResolvedWeights(
             model=name,
@@ -725,8 +747,7 @@ def import_weights(
     """
     path = Path(path).expanduser()
     check_model_name(model)
-    if not path.is_file():
-        raise CellmorphError(f"{path}: file not found")
+    require_weights_file(path)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CellmorphError(f"{path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
     layout = "timm"

@@ -9,7 +9,7 @@ from torch import nn
 
 from cellmorph.errors import CellmorphError
 from cellmorph.models import freeze_stages
-from cellmorph.models.split import FrozenSplit, frozen_roots
+from cellmorph.models.frozen import FrozenSplit, frozen_roots
 
 
 @pytest.mark.parametrize(

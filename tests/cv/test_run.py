@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from cellmorph.errors import CellmorphError
-from cellmorph.experiment import CVConfig, run_cv, validate_config
+from cellmorph.cv import CVConfig, run_cv, validate_config
 
 SMALL = dict(
     model="test_resnet",
@@ -25,6 +25,7 @@ SMALL = dict(
     max_tiles_per_fold=96,
     seed=7,
     num_threads=1,  # robust on a shared 2-core machine (OpenMP spin-waits under oversubscription)
+    keep_checkpoints="all",  # these tests compare fold weights
 )
 CLASSES = ["DMSO", "Protein synthesis"]
 OUTPUTS = [
@@ -61,8 +62,12 @@ def test_run_cv_writes_every_output(first_run, crop_cache):
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.rglob(".*.tmp")), "temporary files left behind"
-    for key in ("treatment_accuracy", "well_accuracy", "tile_accuracy"):
-        assert 0.0 <= metrics[key] <= 1.0
+    for key, name in (("treatment_accuracy", "treatments.csv"), ("well_accuracy", "wells.csv")):
+        called = pd.read_csv(out / name)  # the accuracy is that of the written calls
+        assert metrics[key] == (called["Predicted_MoA"] == called["Metadata_MoA"]).mean(), key
+    scored = pd.read_parquet(out / "predictions.parquet")  # tiles: argmax of the written probabilities
+    argmax = np.array(CLASSES)[scored[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(axis=1)]
+    assert metrics["tile_accuracy"] == (argmax == scored["Metadata_MoA"].to_numpy()).mean()
     assert metrics["n_folds"] == 3 and metrics["n_treatments"] == 4  # DMSO + cycloheximide at 5/15/50 µM
     assert json.loads((out / "metrics.json").read_text())["n_treatments"] == 4
 
@@ -92,9 +97,9 @@ def test_run_cv_writes_every_output(first_run, crop_cache):
     # The fold checkpoint is plain tensors/dicts and can seed a new model.
     state = torch.load(out / "folds" / "0" / "state.pt", weights_only=True)
     assert state["classes"] == CLASSES and state["model_name"] == "test_resnet"
-    from cellmorph.train import create_network
+    from cellmorph.models import create_model
 
-    model = create_network("test_resnet", 2, init=str(out / "folds" / "0" / "state.pt"))
+    model = create_model("test_resnet", 2, init=str(out / "folds" / "0" / "state.pt"))
     assert torch.equal(model.state_dict()["fc.weight"], state["model"]["fc.weight"])
 
 
@@ -153,7 +158,7 @@ def test_bad_configs_fail_early_with_one_line(crop_cache, tmp_path):
         (dict(SMALL, cv="loco"), r"fold 0 \(cyclohexamide\) leaves no tiles to train on"),
         (dict(SMALL, cv="nscb"), "cyclohexamide"),
         (dict(SMALL, include_controls_as_class=False), "at least 2 classes"),
-        (dict(SMALL, cv="kfold"), "cv"),
+        (dict(SMALL, cv="kfold"), r"cv 'kfold': expected loco, nscb, group-kfold:K, well\[:K\]"),
         (dict(SMALL, learning_rate=0.1), "learning_rate"),
         (dict(SMALL, init="/nonexistent/ckpt.pt"), "init"),
         (dict(SMALL, init="xavier", freeze_stages=1), "random: use freeze_stages 0 with xavier"),
@@ -181,15 +186,17 @@ def test_config_defaults_and_yaml(tmp_path):
     cfg = CVConfig.from_yaml(path, epochs=5)
     assert (cfg.model, cfg.epochs, cfg.cv, cfg.augment.noise_p) == ("resnet18", 5, "group-kfold:4", 0.0)
     assert validate_config(str(path)).epochs == 3
-    from cellmorph.experiment import load_cv_config
+    from cellmorph.cv import load_cv_config
 
     assert load_cv_config(path, model="resnet50", cv=None).model == "resnet50"
     assert load_cv_config(None, model="resnet18", epochs=None).epochs is None
-    from cellmorph.experiment import _compute_fields
+    from cellmorph.cv.config import RUNTIME_FIELDS
+    from cellmorph.cv.rundir import compute_fields
 
-    fields = _compute_fields(CVConfig(model="resnet18", epochs=3, augment={"noise_p": 0.0}))
+    fields = compute_fields(CVConfig(model="resnet18", epochs=3, augment={"noise_p": 0.0}), RUNTIME_FIELDS)
     assert fields == {"model": "resnet18", "epochs": 3, "augment": {"noise_p": 0.0}}
-    assert _compute_fields(CVConfig(model="resnet18", tta="none", seed=0, num_threads=2)) == {"model": "resnet18"}
+    plain = CVConfig(model="resnet18", tta="none", seed=0, num_threads=2, keep_checkpoints="all")
+    assert compute_fields(plain, RUNTIME_FIELDS) == {"model": "resnet18"}
     path.write_text("model: resnet18\naugment:\n  noize: 1\n")
     with pytest.raises(CellmorphError, match="augment.noize"):
         CVConfig.from_yaml(path)
@@ -229,7 +236,7 @@ def test_tta_changes_the_scores_not_the_trained_models(first_run, crop_cache, tm
 
 
 def test_replicates_differ_only_in_seed_and_are_summarised(first_run, crop_cache, tmp_path):
-    from cellmorph.experiment import run_replicates
+    from cellmorph.cv import run_replicates
 
     out_a, metrics_a = first_run
     out = tmp_path / "reps"

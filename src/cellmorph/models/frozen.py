@@ -1,4 +1,9 @@
-"""Split a network with frozen early stages into a frozen prefix and a trainable tail.
+"""Frozen early stages, computed once: the split of a network and the shared feature pool.
+
+:class:`FrozenSplit` splits a network with frozen early stages into a frozen prefix and a
+trainable tail; :class:`FrozenFeatures` holds the prefix's output for augmented copies of
+tiles, which :func:`compute_frozen_features` fills and :func:`cellmorph.train.fit` reads.
+
 
 With :func:`~cellmorph.models.factory.freeze_stages` the stem and the first stages keep
 their (ImageNet) weights and BatchNorm statistics, so their output for a given input
@@ -22,13 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from cellmorph.errors import CellmorphError
 
-__all__ = ["FrozenSplit", "frozen_roots"]
+__all__ = ["FrozenFeatures", "FrozenSplit", "compute_frozen_features", "example_batch", "frozen_roots"]
 
 
 class _Stop(Exception):
@@ -174,3 +182,71 @@ class FrozenSplit:
         with self.bypassed() as inject:
             inject.value = features
             return self.model(dummy)
+
+
+@dataclass
+class FrozenFeatures:
+    """The frozen stages' output for augmented copies of tiles, computed once and shared by folds.
+
+    ``array[v, i]`` is copy ``v`` (its own draw of the training augmentation) of cache row
+    ``rows[i]`` after the frozen stages (float32). :func:`cellmorph.train.fit` gives each tile a
+    different copy in every epoch, so with as many copies as epochs a fold sees the same
+    augmentation distribution as when augmenting on the fly; only the draws are shared
+    between folds. ``signature`` identifies the frozen weights the features belong to.
+    """
+
+    array: np.ndarray  # (copies, n, C, h, w); may be a read-only memmap
+    rows: np.ndarray
+    signature: str
+
+    def __post_init__(self) -> None:
+        self.position = {int(r): i for i, r in enumerate(self.rows)}
+
+    @property
+    def copies(self) -> int:
+        return int(self.array.shape[0])
+
+
+def example_batch(pipeline, cache, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Two un-augmented, model-ready tiles: the probe input of :class:`FrozenSplit`."""
+    was_training = pipeline.training
+    pipeline.to(device).eval()
+    try:
+        return pipeline(torch.from_numpy(cache.tiles(np.asarray(rows[:2]))))
+    finally:
+        pipeline.train(was_training)
+
+
+@torch.inference_mode()
+def compute_frozen_features(
+    split: FrozenSplit,
+    pipeline,
+    cache,
+    rows: np.ndarray,
+    out: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = True,
+    on_batch: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """Fill ``out`` (copies, len(rows), C, h, w) with the frozen stages' output of augmented tiles.
+
+    Copy after copy, tiles in ``rows`` order: the augmentation draws depend only on the
+    pipeline's seed. The network runs in eval mode (frozen BatchNorm keeps its running
+    statistics, as during training); the pipeline runs in training mode (augmentation on).
+    """
+    from cellmorph.datasets import iterate_batches
+
+    split.model.to(device)
+    if channels_last:
+        split.model.to(memory_format=torch.channels_last)
+    pipeline.to(device).train()
+    for copy in range(out.shape[0]):
+        for tiles, positions in iterate_batches(cache, rows, batch_size, None, pin_memory=device.type == "cuda"):
+            x = pipeline(tiles)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out[copy, positions.numpy()] = split.prefix(x).float().cpu().numpy().astype(out.dtype)
+            if on_batch:
+                on_batch()
+    return out

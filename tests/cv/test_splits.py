@@ -1,4 +1,4 @@
-"""CV splits, median aggregation and scoring on hand-made frames."""
+"""Cross-validation splits on hand-made tile indexes: no test compound (or batch) ever trains."""
 
 from __future__ import annotations
 
@@ -6,86 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cellmorph.cv.splits import make_folds, parse_cv, subsample_rows
 from cellmorph.errors import CellmorphError
-from cellmorph.evaluate import (
-    aggregate,
-    aggregate_treatments,
-    aggregate_wells,
-    confusion,
-    make_folds,
-    parse_cv,
-    score_treatments,
-)
 
 
-# --------------------------------------------------------------------------- aggregation
-def _tiles(rows):
-    """rows: (plate, well, compound, conc, moa, p_A) → tile frame with prob_A / prob_B."""
-    frame = pd.DataFrame(
-        rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "prob_A"]
-    )
-    frame["prob_B"] = 1.0 - frame["prob_A"]
-    frame["Metadata_Tile"] = range(len(frame))
-    return frame
-
-
-def test_median_aggregation_tile_well_treatment_differs_from_mean():
-    tiles = _tiles(
-        [
-            # Well P1/A01: two tiles mildly for B, one tile very strongly for A.
-            # Mean of p_A = (0.4 + 0.4 + 1.0)/3 = 0.6 → A; median = 0.4 → B.
-            ("P1", "A01", "x", 1.0, "B", 0.4),
-            ("P1", "A01", "x", 1.0, "B", 0.4),
-            ("P1", "A01", "x", 1.0, "B", 1.0),
-            # Well P2/A01 of the same treatment: median 0.3.
-            ("P2", "A01", "x", 1.0, "B", 0.3),
-            ("P2", "A01", "x", 1.0, "B", 0.2),
-            ("P2", "A01", "x", 1.0, "B", 0.9),
-            # Well P3/A01: a single strongly-A tile (an outlier well).
-            ("P3", "A01", "x", 1.0, "B", 0.95),
-            # Another treatment (compound y), called A.
-            ("P1", "B01", "y", 2.0, "A", 0.8),
-            ("P2", "B01", "y", 2.0, "A", 0.7),
-        ]
-    )
-    wells = aggregate_wells(tiles)
-    w = wells.set_index(["Metadata_Plate", "Metadata_Well"])
-    assert w.loc[("P1", "A01"), "prob_A"] == pytest.approx(0.4)
-    assert w.loc[("P1", "A01"), "Predicted_MoA"] == "B"
-    assert tiles.groupby(["Metadata_Plate", "Metadata_Well"])["prob_A"].mean()[("P1", "A01")] > 0.5  # mean says A
-    assert w.loc[("P1", "A01"), "n_tiles"] == 3
-    treatments = aggregate_treatments(wells).set_index(["Metadata_Compound", "Metadata_Concentration"])
-    # Treatment x: median over wells {0.4, 0.3, 0.95} = 0.4 → B (the mean of wells 0.55 → A).
-    assert treatments.loc[("x", 1.0), "prob_A"] == pytest.approx(0.4)
-    assert treatments.loc[("x", 1.0), "Predicted_MoA"] == "B"
-    assert bool(treatments.loc[("x", 1.0), "Correct"])
-    assert treatments.loc[("x", 1.0), "n_wells"] == 3 and treatments.loc[("x", 1.0), "n_tiles"] == 7
-    assert treatments.loc[("y", 2.0), "Predicted_MoA"] == "A"
-    assert "Metadata_Tile" not in treatments.columns and "Metadata_Well" not in treatments.columns
-    t_all, w_all, tr_all = aggregate(tiles)
-    assert len(t_all) == 9 and len(w_all) == 5 and len(tr_all) == 2
-    assert score_treatments(tr_all) == 1.0
-    cm = confusion(tr_all, ["A", "B"])
-    assert cm.tolist() == [[1, 0], [0, 1]]
-
-
-def test_score_treatments_on_a_stored_softmax_table():
-    frame = pd.DataFrame(
-        {
-            "Metadata_MoA": ["A", "B", "C", "DMSO"],
-            "prob_A": [0.7, 0.6, 0.1, 0.1],
-            "prob_B": [0.2, 0.3, 0.1, 0.1],
-            "prob_C": [0.1, 0.1, 0.8, 0.1],
-            "prob_DMSO": [0.0, 0.0, 0.0, 0.7],
-        }
-    )
-    assert score_treatments(frame) == pytest.approx(0.75)
-    assert score_treatments(frame, exclude=("DMSO",)) == pytest.approx(2 / 3)
-    with pytest.raises(CellmorphError, match="probability columns"):
-        score_treatments(frame[["Metadata_MoA"]])
-
-
-# --------------------------------------------------------------------------- splits
 def _index(spec, controls_per_plate=1, tiles_per_well=2):
     """spec: {compound: (moa, [plates])}; one well per compound and plate, plus DMSO wells."""
     rows = []
@@ -196,3 +120,15 @@ def test_parse_cv():
     assert str(parse_cv("LOCO")) == "loco"
     assert parse_cv("group-kfold:5").k == 5
     assert str(parse_cv("well")) == "well:5"
+
+
+def test_subsample_rows_is_proportional_seeded_and_keeps_every_class():
+    rows = np.arange(100)
+    labels = np.array([0] * 90 + [1] * 10)
+    chosen = subsample_rows(rows, labels, 20, seed=1)
+    assert len(chosen) == 20 and int((labels[chosen] == 1).sum()) == 2
+    np.testing.assert_array_equal(chosen, subsample_rows(rows, labels, 20, seed=1))
+    assert not np.array_equal(chosen, subsample_rows(rows, labels, 20, seed=2))
+    rare = np.array([0] * 99 + [1])
+    assert 99 in subsample_rows(rows, rare, 10, seed=0)  # a class is never subsampled away
+    np.testing.assert_array_equal(subsample_rows(rows, labels, None, seed=0), rows)

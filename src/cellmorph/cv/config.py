@@ -1,0 +1,186 @@
+"""The settings of a cross-validation run: :class:`CVConfig`, loadable from YAML.
+
+Field descriptions double as the command-line help (``cellmorph cv --help``), so they are
+written once, here. Rules between fields are pydantic model validators: a config file
+that loads is a config that can run (up to what only the data can tell, e.g. its channels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cellmorph.augment import AugmentConfig, TTAMode
+from cellmorph.cv.splits import CV_CHOICES, parse_cv
+from cellmorph.errors import CellmorphError, validated
+from cellmorph.runinfo import read_yaml_mapping
+
+PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
+DEFAULT_EPOCHS = 10
+
+# Fields that change how a run computes or what it keeps, not what it computes: they may
+# differ on resume and stay out of the run's fingerprint.
+RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size", "keep_checkpoints")
+
+KeepCheckpoints = Literal["all", "last", "none"]
+
+
+class CVConfig(BaseModel):
+    """Everything that defines a cross-validation run. ``None`` means "per-model default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("resnet50", description="timm backbone (paper: resnet50, inception_v3, inception_resnet_v2)")
+    init: str = Field("imagenet", description="imagenet | xavier | path to a checkpoint")
+    weights: str | None = Field(None, description="explicit ImageNet weights file for init imagenet")
+    allow_network: bool = Field(False, description="let timm download weights from the hub (never needed offline)")
+    mode: Literal["finetune", "linear", "linear-probe"] = Field(
+        "finetune",
+        description="finetune: train all unfrozen layers; linear: train only the new head by SGD; linear-probe: "
+        "frozen-backbone embeddings computed once per run, a logistic-regression head per fold",
+    )
+    epochs: int | None = Field(None, ge=1, description="training epochs per fold (default 10, the paper's)")
+    batch_size: int | None = Field(None, ge=2, description="default 8 for the paper's models (paper), 32 otherwise")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate; default 1e-4 for the paper's models (×10 for xavier), 1e-2 for "
+        "other models at batch 32 (best of 1e-3/1e-2/3e-2 on mini, benchmarks/RESULTS.md)",
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, description="SGD weight decay")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant | cosine over the epochs")
+    class_weighting: bool = Field(True, description="class-weighted cross-entropy n/(k·n_c) as in the paper")
+    image_size: int | None = Field(None, ge=16, description="network input size in px (default the model's 224/299)")
+    cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out)")
+    include_controls_as_class: bool = Field(False, description="make DMSO a class (its wells are dealt across folds)")
+    skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
+    max_tiles_per_fold: int | None = Field(None, ge=2, description="subsample each fold's training tiles (CPU runs)")
+    freeze_stages: int = Field(
+        0, ge=0, description="fine-tune only: freeze the stem and following stages, N coarse timm stages in all "
+        "(0 = train everything); frozen early stages need no backward pass, the big CPU saving",
+    )
+    frozen_feature_cache: bool = Field(
+        False, description="with freeze_stages: run the frozen stages once per run on `epochs` augmented copies "
+        "of every tile and train each fold's remaining stages on those outputs (LOCO: 38 folds × epochs passes "
+        "become `epochs`; 1.4× faster training steps for lite0 at 320 px on CPU); needs copies × tiles × "
+        "feature-map float32 disk in the run directory while the run goes on (mini at 320 px: 1.5 GB)",
+    )
+    channels_last: bool = Field(True, description="NHWC tensors (oneDNN's fast layout on CPU, cuDNN's on CUDA)")
+    eval_epochs: list[int] = Field(
+        default_factory=list,
+        description="also score each fold's model after these epochs, e.g. 1,5 (accuracy against training time, "
+        "as in the paper's Fig. 4); the last epoch is always scored",
+    )
+    tta: TTAMode = Field(
+        "none", description="test-time augmentation: dihedral averages each held-out tile's softmax over its 8 "
+        "rotations/mirrors before the median aggregation (not in the paper; 8× prediction cost)",
+    )
+    seed: int = Field(0, ge=0, description="random seed; each fold's seeds derive from it and the fold number")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    amp: bool | None = Field(None, description="mixed precision; default on for CUDA, always off on CPU")
+    deterministic: bool = True
+    num_workers: int = Field(0, ge=0, description="tile-reading worker processes")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: $CELLMORPH_THREADS, $SLURM_CPUS_PER_TASK, "
+        "$OMP_NUM_THREADS, else every CPU this process may use); use 1 beside other jobs",
+    )
+    eval_batch_size: int | None = Field(None, ge=1, description="default 2 × batch_size")
+    keep_checkpoints: KeepCheckpoints = Field(
+        "none", description="fold weights to keep as folds/<k>/state.pt: all, last (only the latest fold's) or "
+        "none; resuming never needs them (a LOCO run keeping all holds 38 models)",
+    )
+
+    @field_validator("cv")
+    @classmethod
+    def _check_cv(cls, value: str) -> str:
+        return str(parse_cv(value))
+
+    @field_validator("eval_epochs")
+    @classmethod
+    def _check_eval_epochs(cls, value: list[int]) -> list[int]:
+        if any(int(e) < 1 for e in value):
+            raise ValueError("eval_epochs must be ≥ 1")
+        return sorted({int(e) for e in value})
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "CVConfig":
+        """Combinations that cannot work, refused when the config is made, not hours into a run."""
+        if self.tta != "none" and self.mode == "linear-probe":
+            raise ValueError("tta applies to the finetune and linear modes; linear-probe embeds each tile once")
+        if self.freeze_stages and self.mode == "finetune" and self.init == "xavier":
+            # Frozen stages keep their initial weights and BatchNorm statistics: for Xavier that is a
+            # fixed random filter bank with unit-variance BN, on which the head cannot learn (measured:
+            # loss stays at ln 12 on mini). A from-scratch baseline must train every stage.
+            raise ValueError("freeze_stages keeps the early stages at their initial weights, which for "
+                             "init=xavier are random: use freeze_stages 0 with xavier")
+        if self.frozen_feature_cache and not (self.mode == "finetune" and self.freeze_stages > 0):
+            raise ValueError("frozen_feature_cache needs mode finetune with freeze_stages > 0 "
+                             "(there is nothing frozen to cache)")
+        epochs = self.epochs or DEFAULT_EPOCHS
+        late = [e for e in self.eval_epochs if e > epochs]
+        if late:
+            raise ValueError(f"eval_epochs {late} exceed epochs={epochs}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides) -> "CVConfig":
+        """A YAML file (a run's ``config.yaml`` works too) with ``overrides`` on top (``None`` = not given)."""
+        path = Path(path)
+        data = read_yaml_mapping(path)
+        data = data["config"] if isinstance(data.get("config"), dict) else data
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return validate_config(data, str(path))
+
+    @property
+    def is_paper_model(self) -> bool:
+        return self.model in PAPER_MODELS
+
+    def resolved(self) -> "CVConfig":
+        """A copy with the per-model defaults filled in (epochs, batch_size, lr, eval_batch_size)."""
+        batch = self.batch_size or (8 if self.is_paper_model else 32)
+        lr = self.lr
+        if lr is None:
+            if self.is_paper_model:
+                lr = 1e-3 if self.init == "xavier" else 1e-4
+            else:
+                # Small nets at batch 32: 1e-2 fine-tuned EfficientNet-Lite0 far better than 1e-3
+                # (group-kfold:4 on mini: treatment 0.69 vs 0.48) and 3e-2 was worse.
+                lr = 1e-2
+        epochs = self.epochs or DEFAULT_EPOCHS
+        return self.model_copy(
+            update={
+                "eval_epochs": [e for e in self.eval_epochs if e < epochs],
+                "epochs": epochs,
+                "batch_size": batch,
+                "lr": lr,
+                "eval_batch_size": self.eval_batch_size or 2 * batch,
+            }
+        )
+
+
+def field_help(name: str) -> str:
+    """A CVConfig field's description: the command-line help of its option."""
+    return CVConfig.model_fields[name].description or ""
+
+
+def load_cv_config(path: Path | None = None, **overrides) -> CVConfig:
+    """For the CLI: a YAML file (optional) with command-line options on top (``None`` = not given)."""
+    if path is not None:
+        return CVConfig.from_yaml(Path(path), **overrides)
+    return validate_config({k: v for k, v in overrides.items() if v is not None}, "cv options")
+
+
+def validate_config(data: Any, where: str = "config") -> CVConfig:
+    """A CVConfig from a CVConfig, a mapping or a YAML path; every rule checked, errors as one line.
+
+    A CVConfig is validated again: ``model_copy(update=...)`` skips pydantic's validators.
+    """
+    if isinstance(data, CVConfig):
+        data = data.model_dump()
+    elif isinstance(data, (str, Path)):
+        return CVConfig.from_yaml(Path(data))
+    if not isinstance(data, dict):
+        raise CellmorphError(f"{where}: expected a CVConfig, a mapping or a YAML path")
+    return validated(CVConfig, data, where)

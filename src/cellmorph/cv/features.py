@@ -1,0 +1,94 @@
+"""Features computed once per run and shared by its folds, kept in the run directory for resume.
+
+* Linear probe: frozen-backbone embeddings of every tile any fold uses.
+* Frozen-feature cache: the frozen stages' output for ``epochs`` augmented copies of every
+  tile some fold trains on (deleted when the run finishes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellmorph.augment import Augmenter
+from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER, FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest
+
+
+@dataclass
+class ProbeFeatures:
+    """Embeddings (n, d) of cache ``rows``; ``take(rows)`` gathers them in any order."""
+
+    array: np.ndarray
+    rows: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.position = {int(r): i for i, r in enumerate(self.rows)}
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[[self.position[int(r)] for r in rows]]
+
+
+def probe_embeddings(plan, rundir: RunDir, progress) -> ProbeFeatures:
+    """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once."""
+    from cellmorph.embed import embed_tiles
+
+    rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
+    key = {"fingerprint": plan.fingerprint, "rows": int(len(rows))}
+    saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
+    if saved is not None:
+        return ProbeFeatures(saved, rows)
+    cfg = plan.config
+    progress.line(f"embedding {len(rows)} tiles once with {cfg.model}")
+    weights = Path(cfg.weights) if cfg.weights else None
+    feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
+                        str(plan.device), cfg.allow_network, progress=False)
+    rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key | {"dim": int(feats.shape[1])},
+                              lambda tmp: np.save(tmp, feats))
+    return ProbeFeatures(feats, rows)
+
+
+def frozen_feature_pool(plan, rundir: RunDir, resume: bool, progress):
+    """The frozen stages' output for ``epochs`` augmented copies of every tile some fold trains on.
+
+    Kept in the run directory while the run goes on, so ``--resume`` need not recompute it;
+    the run deletes it once every fold is done. None when every fold is already finished.
+    """
+    from cellmorph.datasets import InputPipeline
+    from cellmorph.models import build_model, freeze_stages
+    from cellmorph.models.frozen import FrozenFeatures, FrozenSplit, compute_frozen_features, example_batch
+
+    if resume and all(rundir.finished_fold(f.index, plan.fold_fingerprints[f.index]) for f in plan.folds):
+        return None
+    cfg = plan.config
+    # Every fold's rows, not only the unfinished folds': a tile's augmentation draws depend
+    # on the rows before it, and a resumed run must train on the same copies.
+    rows = np.unique(np.concatenate([f.train for f in plan.folds]))
+    rows = rows[plan.targets[rows] >= 0]
+    model = build_model(cfg, len(plan.classes), plan.cache.tile_shape[0]).module
+    freeze_stages(model, cfg.freeze_stages)
+    # The copies' augmentation draws: a seed of their own, recorded through the run's seed.
+    seed = int(np.random.SeedSequence([int(cfg.seed), 0xF7]).generate_state(1)[0])
+    spec = plan.input
+    pipeline = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(cfg.augment, seed=seed))
+    split = FrozenSplit(model.to(plan.device), example_batch(pipeline, plan.cache, rows, plan.device))
+    key = {"fingerprint": plan.fingerprint, "signature": split.signature, "rows": digest(rows), "seed": seed}
+    saved = rundir.read_marked_array(FROZEN_FEATURES, FROZEN_FEATURES_MARKER, key, mmap=True)
+    if saved is not None:
+        return FrozenFeatures(saved, rows, split.signature)
+    copies = int(cfg.epochs)
+    # Batches of the training batch size (a fingerprinted field), not eval_batch_size (a runtime
+    # field), because the augmentation draws depend on how tiles are batched.
+    task = progress.task("  frozen stages, once", copies * -(-len(rows) // cfg.batch_size), log=False)
+    progress.line(f"frozen stages once: {copies} augmented copies × {len(rows)} tiles")
+
+    def fill(tmp):
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(copies, len(rows), *split.feature_shape))
+        compute_frozen_features(split, pipeline, plan.cache, rows, array, cfg.batch_size, plan.device,
+                                cfg.channels_last, task.advance)
+        array.flush()
+        del array
+
+    rundir.write_marked_array(FROZEN_FEATURES, FROZEN_FEATURES_MARKER, key, fill)
+    return FrozenFeatures(np.load(rundir.path(FROZEN_FEATURES), mmap_mode="r"), rows, split.signature)

@@ -1,0 +1,294 @@
+"""Cross-validated training on a tile cache: the public :func:`run_cv` API.
+
+::
+
+    from cellmorph.cv import CVConfig, run_cv
+    metrics = run_cv("CACHE", "runs/r50", CVConfig(model="resnet50", cv="loco"))
+
+A run is a short sequence of phases: :func:`plan_run` checks everything that can be
+checked before any work (config, data, folds, the network and its input size) and fixes
+seeds and fingerprints; the run directory begins (or resumes); features shared by the
+folds are computed once; each fold runs or is read back; :func:`summarise` aggregates
+tile → well → treatment and writes the results. Each fold's seeds derive from (seed,
+fold number) only, so ``resume=True`` after a kill gives exactly the predictions of an
+uninterrupted run. The directory layout is :mod:`cellmorph.cv.rundir`'s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, validate_config
+from cellmorph.cv.rundir import (
+    CONFUSION_PNG,
+    CURVES_PNG,
+    FROZEN_FEATURES,
+    FROZEN_FEATURES_MARKER,
+    FoldOutput,
+    RunDir,
+    compute_fields,
+    data_fingerprint,
+    digest,
+    predictions_frame,
+)
+from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
+from cellmorph.errors import CellmorphError
+from cellmorph.metrics import ACCURACY_KEYS, aggregate, classification_text, compute_metrics, confusion
+from cellmorph.models import InitRecord, InputSpec
+from cellmorph.progress import Progress
+from cellmorph.runinfo import require_output_dir, run_info
+from cellmorph.runtime import derive_seeds, deterministic, resolve_device, torch_threads
+from cellmorph.schema import TRUE_COLUMN
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, fixed before any work: what to train, on what, with which seeds."""
+
+    config: CVConfig  # resolved: per-model defaults and the network's input size filled in
+    cache: object  # TileCache
+    classes: list[str]
+    targets: np.ndarray  # class number per cache row, -1 for rows no fold uses as a class
+    folds: list[Fold]
+    skipped: list[dict]
+    input: InputSpec
+    init: InitRecord
+    device: torch.device
+    seeds: dict[int, dict]
+    data_fingerprint: str
+    fingerprint: str
+    fold_fingerprints: dict[int, str]
+
+    def header(self, data: Path, threads: int) -> dict:
+        """The run's ``config.yaml``: resolved config, seeds, folds, input, provenance."""
+        cfg = self.config
+        return {
+            "config": cfg.model_dump(mode="json"),
+            "data": str(Path(data).resolve()),
+            "data_fingerprint": self.data_fingerprint,
+            "classes": self.classes,
+            "model_input": self.input.record(),
+            "model_init": self.init.record(),
+            "device": str(self.device),
+            "threads": threads,
+            "seeds": {"seed": cfg.seed, "folds": {str(k): v for k, v in self.seeds.items()}},
+            "cv": {"scheme": cfg.cv, "n_folds": len(self.folds), "folds": [f.describe() for f in self.folds],
+                   "skipped": self.skipped},
+            "provenance": run_info(),
+        }
+
+
+def plan_run(data: Path, config: CVConfig | dict | Path | None) -> RunPlan:
+    """Validate the config against the data and build the network once, before any output exists.
+
+    A missing weights file, a bad checkpoint, too many frozen stages or an input size the
+    network cannot take fails here, and the input spec is that of the weights actually resolved.
+    """
+    from cellmorph.cache import TileCache
+    from cellmorph.models import build_model, check_input_size, freeze_stages
+
+    base = validate_config(config if config is not None else {}, "config")
+    cache = TileCache(Path(data))
+    classes = class_names(cache.index, base.include_controls_as_class)
+    folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.seed,
+                                base.skip_untrainable_folds)
+    if not folds:
+        raise CellmorphError(f"cv {base.cv}: every fold was skipped; nothing to train")
+    channels = cache.tile_shape[0]
+    if channels != 3 and base.init != "xavier":
+        raise CellmorphError(f"{data}: tiles have {channels} channels but ImageNet models take 3; "
+                             "prepare with pad_channels=3 or use init=xavier")
+    network = build_model(base, len(classes), channels)
+    if base.freeze_stages and base.mode == "finetune":
+        freeze_stages(network.module, base.freeze_stages)  # too many stages → CellmorphError
+    check_input_size(network)
+    cfg = base.resolved().model_copy(update={"image_size": network.input.size})
+    label_of = {c: i for i, c in enumerate(classes)}
+    targets = cache.index[TRUE_COLUMN].astype(str).map(label_of).fillna(-1).astype(np.int64).to_numpy()
+    seeds = {f.index: derive_seeds(cfg.seed, f.index) for f in folds}
+    data_fp = data_fingerprint(cache)
+    # The fingerprint's parts and their order are those of every earlier release, so old runs resume.
+    run_fp = digest(compute_fields(cfg, RUNTIME_FIELDS), data_fp, classes, network.input.record(), network.init.sha256)
+    fold_fps = {f.index: digest(run_fp, f.index, f.train, f.test, seeds[f.index]) for f in folds}
+    return RunPlan(cfg, cache, classes, targets, folds, skipped, network.input, network.init,
+                   resolve_device(cfg.device), seeds, data_fp, run_fp, fold_fps)
+
+
+def run_cv(
+    data: Path,
+    out: Path,
+    config: CVConfig | dict | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Cross-validate ``config.model`` on the tile cache ``data``; write the run to ``out``.
+
+    Returns the metrics dict (also in ``out/metrics.json``). ``resume=True`` continues
+    a run in ``out`` made with the same config and data, skipping finished folds.
+    """
+    started = time.perf_counter()
+    plan = plan_run(data, config)
+    rundir = RunDir(require_output_dir(out, "run directory"))
+    created = not rundir.root.exists()
+    with torch_threads(plan.config.num_threads) as threads, deterministic(plan.config.deterministic), \
+            Progress(progress) as bar:
+        rundir.begin(plan.header(data, threads), plan.fingerprint, resume, RUNTIME_FIELDS)
+        try:
+            outputs = run_folds(plan, rundir, resume, bar)
+        except CellmorphError:
+            if created and not rundir.finished_folds():
+                shutil.rmtree(rundir.root, ignore_errors=True)  # nothing worth resuming: leave nothing behind
+            raise
+    # Every fold is done: the frozen-stage features were only kept for resuming.
+    rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
+    return summarise(plan, rundir, outputs, time.perf_counter() - started)
+
+
+def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress) -> dict[int, FoldOutput]:
+    """Each fold, run or (with ``resume``) read back; features shared by folds computed once first."""
+    from cellmorph.cv.features import frozen_feature_pool, probe_embeddings
+
+    cfg = plan.config
+    tasks = {
+        "folds": bar.task("folds", len(plan.folds)),
+        "epochs": bar.task("  epochs", cfg.epochs),
+        "batches": bar.task("  batches", 1, log=False),
+    }
+    probe = probe_embeddings(plan, rundir, bar) if cfg.mode == "linear-probe" else None
+    frozen = frozen_feature_pool(plan, rundir, resume, bar) if cfg.frozen_feature_cache else None
+    outputs: dict[int, FoldOutput] = {}
+    for fold in plan.folds:
+        finished = rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index]) if resume else None
+        if finished:
+            outputs[fold.index] = rundir.read_fold(fold.index, finished, cfg.eval_epochs)
+            tasks["folds"].advance(info=f"({fold.name}) finished earlier")
+            continue
+        rundir.start_fold(fold.index)
+        tasks["folds"].update(f"fold {fold.index}: {fold.name}")
+        t0 = time.perf_counter()
+        if cfg.mode == "linear-probe":
+            from cellmorph.cv.probe import run_probe_fold
+
+            train_rows, probs, history, state = run_probe_fold(plan, fold, probe)
+            interim = {}
+        else:
+            train_rows, probs, history, state, interim = run_fold(plan, fold, frozen, tasks)
+        output = FoldOutput(
+            predictions=predictions_frame(plan.cache, fold.test, probs, plan.classes, fold.index),
+            history=history,
+            interim={e: predictions_frame(plan.cache, fold.test, p, plan.classes, fold.index) for e, p in interim.items()},
+        )
+        output.seconds = time.perf_counter() - t0
+        marker = fold.describe() | {"fingerprint": plan.fold_fingerprints[fold.index], "seeds": plan.seeds[fold.index],
+                                    "n_train_used": int(len(train_rows)), "seconds": output.seconds}
+        record = {"model": state, "model_name": cfg.model, "classes": list(plan.classes), "fold": fold.describe(),
+                  "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(), "history": history}
+        rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints)
+        outputs[fold.index] = output
+        accuracy = _tile_accuracy(probs, plan.targets[fold.test])
+        tasks["folds"].advance(info=f"({fold.name}) held-out tile accuracy {accuracy:.3f} in {output.seconds:.0f} s")
+    return outputs
+
+
+def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict):
+    """Fine-tune a fresh network on the fold's training tiles; score its test tiles.
+
+    Returns (training rows used, test probabilities, history, weights, {epoch: test probabilities}).
+    """
+    from cellmorph.augment import Augmenter
+    from cellmorph.datasets import InputPipeline
+    from cellmorph.models import build_model
+    from cellmorph.train import TrainSettings, fit, predict_tiles
+
+    cfg, seeds, spec = plan.config, plan.seeds[fold.index], plan.input
+    train_rows = subsample_rows(fold.train, plan.targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
+    torch.manual_seed(seeds["init"])
+    model = build_model(cfg, len(plan.classes), plan.cache.tile_shape[0]).module
+    pipeline = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(cfg.augment, seed=seeds["augment"]))
+    settings = TrainSettings.from_config(cfg)
+    test_targets = plan.targets[fold.test]
+    n_batches = max(1, len(train_rows) // cfg.batch_size + (len(train_rows) % cfg.batch_size >= 2))
+    n_eval = -(-len(fold.test) // settings.predict_batch_size)
+    tasks["epochs"].reset(cfg.epochs, f"  epochs ({fold.name})")
+    tasks["batches"].reset(n_batches, "  batches")
+    interim: dict[int, np.ndarray] = {}
+
+    def on_epoch(record: dict) -> None:
+        if record["epoch"] in cfg.eval_epochs:
+            # Scoring in eval mode draws no random numbers, so the final model is the same with or without it.
+            tasks["batches"].reset(n_eval, f"  predicting (epoch {record['epoch']})")
+            interim[record["epoch"]] = predict_tiles(model, pipeline, plan.cache, fold.test, settings, plan.device,
+                                                     tasks["batches"].advance)
+            record["heldout_tile_accuracy"] = _tile_accuracy(interim[record["epoch"]], test_targets)
+        tasks["epochs"].advance(info=f"loss {record['loss']:.3f}, training accuracy {record['train_accuracy']:.3f}")
+        if record["epoch"] < cfg.epochs:
+            tasks["batches"].reset(n_batches, "  batches")
+
+    torch.manual_seed(seeds["init"] + 1)  # dropout / stochastic depth draws
+    history = fit(model, pipeline, plan.cache, train_rows, plan.targets[train_rows], len(plan.classes), settings,
+                  seeds["shuffle"], plan.device, tasks["batches"].advance, on_epoch, frozen)
+    tasks["batches"].reset(n_eval, "  predicting")
+    probs = predict_tiles(model, pipeline, plan.cache, fold.test, settings, plan.device, tasks["batches"].advance)
+    history[-1]["heldout_tile_accuracy"] = _tile_accuracy(probs, test_targets)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return train_rows, probs, history, state, interim
+
+
+def _tile_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probs, axis=1) == targets)) if len(targets) else float("nan")
+
+
+def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float) -> dict:
+    """Aggregate tile → well → treatment, score, and write tables, figures and ``metrics.json`` (last)."""
+    from cellmorph.report import plot_confusion, plot_learning_curves
+
+    cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
+    tiles, wells, treatments = aggregate(pd.concat([o.predictions for o in outputs.values()], ignore_index=True))
+    metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
+    if cfg.eval_epochs:
+        by_epoch = {}
+        for e in cfg.eval_epochs:
+            t, w, tr = aggregate(pd.concat([o.interim[e] for o in outputs.values()], ignore_index=True))
+            by_epoch[str(e)] = {k: compute_metrics(t, w, tr, classes, n_folds)[k] for k in ACCURACY_KEYS}
+        by_epoch[str(cfg.epochs)] = {k: metrics[k] for k in ACCURACY_KEYS}
+        metrics["by_epoch"] = by_epoch
+    names = {f.index: f.name for f in plan.folds}
+    histories = {names[k]: o.history for k, o in outputs.items()}
+    epoch_seconds = [h["seconds"] for history in histories.values() for h in history]
+    metrics.update({
+        "cv": cfg.cv,
+        "model": cfg.model,
+        "init": cfg.init,
+        "image_size": plan.input.size,
+        "epochs": cfg.epochs,
+        "skipped_folds": plan.skipped,
+        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        # A resumed run's wall time covers only its last invocation; the fold sum covers them all.
+        "seconds": seconds,
+        "fold_seconds_total": float(sum(o.seconds for o in outputs.values())),
+        "resumed_folds": sorted(k for k, o in outputs.items() if o.resumed),
+        "device": str(plan.device),
+    })
+    matrix = confusion(treatments, classes)
+    report = (
+        f"Treatment level ({len(treatments)} treatments, median of well medians)\n"
+        + classification_text(treatments, classes)
+        + f"\nWell level ({len(wells)} wells, median of tiles)\n"
+        + classification_text(wells, classes)
+        + f"\nTile level ({len(tiles)} tiles)\n"
+        + classification_text(tiles, classes)
+    )
+    rundir.write_tables(tiles, wells, treatments, report, matrix, classes)
+    plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG),
+                   title=f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
+    if any(histories.values()):  # a linear probe has no epochs to plot
+        plot_learning_curves(histories, rundir.path(CURVES_PNG))
+    rundir.write_metrics(metrics)
+    return metrics

@@ -1,0 +1,275 @@
+"""The run directory of a cross-validation run: its one owner, writer and reader.
+
+::
+
+    config.yaml              resolved config, seeds, folds, data fingerprint, versions, git commit
+    folds/<k>/predictions.parquet   that fold's test tiles (Metadata_* + prob_<class>)
+    folds/<k>/predictions_epoch<e>.parquet   the same after epoch e (eval_epochs)
+    folds/<k>/history.json   per-epoch training loss/accuracy/lr/seconds (+ held-out accuracy)
+    folds/<k>/state.pt       model weights + fold info (plain tensors; weights_only loads), per keep_checkpoints
+    folds/<k>/fold.json      written last: marks the fold finished (resume skips it)
+    embeddings.npy/.json     linear probe: frozen-backbone embeddings, kept for resume
+    frozen_features.npy/.json   frozen-feature cache: kept for resume, deleted when the run ends
+    predictions.parquet      all test tiles: Metadata_* + Metadata_Fold + prob_<class>
+    wells.csv, treatments.csv   median aggregates with calls (Predicted_MoA, Correct)
+    metrics.json             treatment/well/tile accuracy, counts, per-class accuracy
+    classification_report.txt   sklearn report at treatment, well and tile level
+    confusion_matrix.png/.csv   treatment level, classes × classes
+    learning_curves.png      training loss and held-out accuracy per epoch per fold
+
+Every file is written atomically. A run is resumable because each fold's outputs and
+its marker carry the fold's fingerprint, a digest of everything that decides its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from cellmorph.errors import CellmorphError
+from cellmorph.runinfo import atomic_path, write_csv, write_json, write_text
+from cellmorph.schema import CACHE_ROW_COLUMN, FOLD_COLUMN, TRUE_COLUMN, prob_column
+
+CONFIG_FILE = "config.yaml"
+FOLDS_DIR = "folds"
+FOLD_DONE = "fold.json"
+FOLD_PREDICTIONS = "predictions.parquet"
+FOLD_HISTORY = "history.json"
+FOLD_STATE = "state.pt"
+PREDICTIONS_FILE = "predictions.parquet"
+WELLS_FILE = "wells.csv"
+TREATMENTS_FILE = "treatments.csv"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "classification_report.txt"
+CONFUSION_CSV = "confusion_matrix.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "learning_curves.png"
+EMBEDDINGS = "embeddings.npy"
+EMBEDDINGS_MARKER = "embeddings.json"
+FROZEN_FEATURES = "frozen_features.npy"
+FROZEN_FEATURES_MARKER = "frozen_features.json"  # what the features were computed for
+
+
+def fold_predictions_name(epoch: int | None = None) -> str:
+    return FOLD_PREDICTIONS if epoch is None else f"predictions_epoch{epoch}.parquet"
+
+
+# --------------------------------------------------------------------------- fingerprints
+def digest(*parts) -> str:
+    """16 hex digits of sha256 over arrays (their bytes) and JSON-able values."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(cache) -> str:
+    """The cache's preprocessing, tile shape, tile ids and labels."""
+    index = cache.index
+    tile = index.get("Metadata_Tile", pd.Series(0, index=index.index))
+    ids = index["Metadata_ImageID"].astype(str) + "#" + tile.astype(str)
+    labels = index[TRUE_COLUMN].astype(str)
+    return digest(cache.manifest.get("config_hash"), list(cache.tile_shape), "\n".join(ids), "\n".join(labels))
+
+
+def compute_fields(config, runtime_fields: tuple[str, ...]) -> dict:
+    """The config fields that define what a run computes, for its fingerprint.
+
+    Fields at their default are left out: a run started before a new option existed (new
+    options default to the old behaviour) still resumes after an upgrade.
+    """
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    for key in runtime_fields:
+        data.pop(key, None)
+    return data
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class FoldOutput:
+    """What one fold produced: held-out tile probabilities (and after earlier epochs), history."""
+
+    predictions: pd.DataFrame
+    history: list[dict]
+    interim: dict[int, pd.DataFrame] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def predictions_frame(cache, rows: np.ndarray, probs: np.ndarray, classes, fold: int) -> pd.DataFrame:
+    """Tiles ``rows`` of ``cache``: their ``Metadata_*`` columns, cache row, fold and ``prob_<class>``."""
+    index = cache.index.iloc[rows]
+    meta = index[[c for c in index.columns if c.startswith("Metadata_")]].reset_index(drop=True).copy()
+    meta[CACHE_ROW_COLUMN] = rows.astype(np.int64)
+    meta[FOLD_COLUMN] = int(fold)
+    prob = pd.DataFrame(probs.astype(np.float32), columns=[prob_column(c) for c in classes])
+    return pd.concat([meta, prob], axis=1)
+
+
+# --------------------------------------------------------------------------- the directory
+class RunDir:
+    """Paths, resume state and every reader and writer of one run directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.root / FOLDS_DIR / str(int(fold))
+
+    # ------------------------------------------------------------------ start / resume
+    def finished_folds(self) -> list[int]:
+        """Folds with a marker, whatever their fingerprint."""
+        return sorted(int(p.parent.name) for p in (self.root / FOLDS_DIR).glob(f"*/{FOLD_DONE}") if p.parent.name.isdigit())
+
+    def begin(self, header: dict, fingerprint: str, resume: bool, runtime_fields: tuple[str, ...]) -> None:
+        """Write ``config.yaml`` for a new run, or check that ``resume`` continues the same run.
+
+        A directory whose earlier run failed before finishing any fold holds nothing worth
+        keeping, so it is started afresh instead of blocking the same command.
+        """
+        config_path = self.path(CONFIG_FILE)
+        if config_path.is_file() and self.finished_folds():
+            if not resume:
+                raise CellmorphError(
+                    f"{self.root} already holds a run ({len(self.finished_folds())} fold(s) finished): "
+                    "continue it with --resume, or choose another --out"
+                )
+            previous = yaml.safe_load(config_path.read_text()) or {}
+            if previous.get("fingerprint") != fingerprint:
+                old, new = previous.get("config", {}), header["config"]
+                diff = sorted(k for k in set(old) | set(new)
+                              if k not in runtime_fields and old.get(k, new.get(k)) != new.get(k))
+                what = f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
+                raise CellmorphError(f"{self.root}: cannot resume: {what} differ from the run being resumed")
+        self.remove_temporaries()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(config_path) as tmp:
+            tmp.write_text(yaml.safe_dump(header | {"fingerprint": fingerprint}, sort_keys=False, allow_unicode=True))
+
+    def remove_temporaries(self) -> None:
+        """Half-written files a killed run left behind (atomic writes use hidden ``.<name>.*`` temporaries)."""
+        for folder in [self.root, *sorted((self.root / FOLDS_DIR).glob("*"))]:
+            if folder.is_dir():
+                for tmp in folder.glob(".*"):
+                    if tmp.is_file():
+                        tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ folds
+    def finished_fold(self, fold: int, fingerprint: str) -> dict | None:
+        """The fold's marker record if it finished with this fingerprint, else None."""
+        marker = self.fold_dir(fold) / FOLD_DONE
+        if not marker.is_file() or not (self.fold_dir(fold) / FOLD_PREDICTIONS).is_file():
+            return None
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return record if record.get("fingerprint") == fingerprint else None
+
+    def read_fold(self, fold: int, marker: dict, eval_epochs: list[int]) -> FoldOutput:
+        folder = self.fold_dir(fold)
+        return FoldOutput(
+            predictions=pd.read_parquet(folder / FOLD_PREDICTIONS),
+            history=json.loads((folder / FOLD_HISTORY).read_text()),
+            interim={e: pd.read_parquet(folder / fold_predictions_name(e)) for e in eval_epochs},
+            seconds=float(marker.get("seconds", 0.0)),
+            resumed=True,
+        )
+
+    def start_fold(self, fold: int) -> None:
+        """A fold about to (re)run is not finished, whatever an earlier attempt wrote."""
+        (self.fold_dir(fold) / FOLD_DONE).unlink(missing_ok=True)
+
+    def write_fold(self, fold: int, output: FoldOutput, state: dict | None, marker: dict, keep: str) -> None:
+        """The fold's outputs, its weights as ``keep`` says (all | last | none), and last its marker."""
+        folder = self.fold_dir(fold)
+        for epoch, frame in output.interim.items():
+            _write_parquet(folder / fold_predictions_name(epoch), frame)
+        _write_parquet(folder / FOLD_PREDICTIONS, output.predictions)
+        write_json(folder / FOLD_HISTORY, output.history)
+        if state is not None and keep != "none":
+            with atomic_path(folder / FOLD_STATE) as tmp:
+                torch.save(state, tmp)
+        if keep == "last" or keep == "none":
+            for other in (self.root / FOLDS_DIR).glob(f"*/{FOLD_STATE}"):
+                if keep == "none" or other.parent != folder:
+                    other.unlink(missing_ok=True)
+        write_json(folder / FOLD_DONE, marker)
+
+    def fold_state(self, fold: int) -> dict:
+        """A fold's saved weights and record (``weights_only`` load: plain tensors and types only)."""
+        path = self.fold_dir(fold) / FOLD_STATE
+        if not path.is_file():
+            raise CellmorphError(f"{path}: no saved weights for fold {fold} (run cv with --keep-checkpoints all)")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    # ------------------------------------------------------------------ run-level files
+    def write_tables(self, tiles, wells, treatments, report_text: str, matrix, classes) -> None:
+        _write_parquet(self.path(PREDICTIONS_FILE), tiles)
+        write_csv(self.path(WELLS_FILE), wells)
+        write_csv(self.path(TREATMENTS_FILE), treatments)
+        frame = pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("true\\predicted").reset_index()
+        write_csv(self.path(CONFUSION_CSV), frame)
+        write_text(self.path(REPORT_FILE), report_text)
+
+    def write_metrics(self, metrics: dict) -> None:
+        """Written last: a run with ``metrics.json`` is complete."""
+        write_json(self.path(METRICS_FILE), metrics)
+
+    def read_config(self) -> dict:
+        path = self.path(CONFIG_FILE)
+        if not path.is_file():
+            raise CellmorphError(f"{self.root}: not a cellmorph run directory (no {CONFIG_FILE})")
+        return yaml.safe_load(path.read_text()) or {}
+
+    def read_metrics(self) -> dict:
+        return json.loads(self.path(METRICS_FILE).read_text())
+
+    def read_predictions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path(PREDICTIONS_FILE))
+
+    def has_results(self) -> bool:
+        return self.path(METRICS_FILE).is_file()
+
+    # ------------------------------------------------------------------ shared feature files
+    def read_marked_array(self, name: str, marker_name: str, key: dict, mmap: bool = False) -> np.ndarray | None:
+        """An array kept for resume, if its marker records every item of ``key``."""
+        path, marker = self.path(name), self.path(marker_name)
+        if not (path.is_file() and marker.is_file()):
+            return None
+        try:
+            record = json.loads(marker.read_text())
+            if all(record.get(k) == v for k, v in key.items()):
+                return np.load(path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def write_marked_array(self, name: str, marker_name: str, marker: dict, fill) -> None:
+        """``fill(tmp_path)`` writes the array's .npy; the marker follows once it is complete."""
+        with atomic_path(self.path(name), suffix=".npy") as tmp:
+            fill(tmp)
+        write_json(self.path(marker_name), marker)
+
+    def remove(self, *names: str) -> None:
+        for name in names:
+            self.path(name).unlink(missing_ok=True)
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)

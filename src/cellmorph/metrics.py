@@ -1,0 +1,172 @@
+"""Median aggregation tile → well → treatment, and scoring.
+
+Aggregation follows Kensert et al. 2019: per-tile softmax → median over the tiles
+of a well → median over the wells of a treatment (compound, concentration); the
+argmax of the treatment's median probabilities is its call.
+
+Everything here works on plain pandas frames so it can be reused on its own,
+e.g. to score the paper's stored per-treatment softmax outputs::
+
+    from cellmorph.metrics import score_treatments
+    score_treatments(frame)   # frame: Metadata_MoA + prob_<class> columns → accuracy
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.errors import CellmorphError
+from cellmorph.schema import (
+    CORRECT_COLUMN,
+    FOLD_COLUMN,
+    PREDICTED_COLUMN,
+    PROB_PREFIX,
+    TILE_COLUMNS,
+    TREATMENT_KEYS,
+    TRUE_COLUMN,
+    WELL_KEYS,
+)
+
+ACCURACY_KEYS = ("treatment_accuracy", "well_accuracy", "tile_accuracy")
+
+
+def prob_columns(frame: pd.DataFrame, prefix: str = PROB_PREFIX) -> list[str]:
+    cols = [c for c in frame.columns if str(c).startswith(prefix)]
+    if not cols:
+        raise CellmorphError(f"no probability columns (named {prefix}<class>) in the table")
+    return cols
+
+
+def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: dict[str, str]) -> pd.DataFrame:
+    probs = prob_columns(frame, prefix)
+    frame = frame.drop(columns=[c for c in TILE_COLUMNS if c in frame.columns and c not in keys])
+    missing = [k for k in keys if k not in frame.columns]
+    if missing:
+        raise CellmorphError(f"cannot aggregate: missing column(s) {', '.join(missing)}")
+    grouped = frame.groupby(keys, sort=True, dropna=False)
+    out = grouped[probs].median()
+    meta = {}
+    for col in frame.columns:
+        if col in keys or col in probs or not str(col).startswith("Metadata_"):
+            continue
+        if col == FOLD_COLUMN:
+            meta[col] = grouped[col].agg(lambda s: "|".join(str(v) for v in sorted(set(s))))
+        elif grouped[col].nunique(dropna=False).max() <= 1:
+            meta[col] = grouped[col].first()
+    for name, col in extra_counts.items():
+        meta[name] = grouped[col].sum() if col in frame.columns else grouped.size()
+    return pd.concat([pd.DataFrame(meta), out], axis=1).reset_index()
+
+
+def aggregate_wells(tiles: pd.DataFrame, prefix: str = PROB_PREFIX) -> pd.DataFrame:
+    """Median per-tile probability of each (plate, well); constant ``Metadata_*`` columns are kept."""
+    frame = tiles.copy()
+    frame["_one"] = 1
+    wells = _aggregate(frame, WELL_KEYS, prefix, {"n_tiles": "_one"})
+    return add_calls(wells, prefix)
+
+
+def aggregate_treatments(wells: pd.DataFrame, prefix: str = PROB_PREFIX) -> pd.DataFrame:
+    """Median of the well medians of each (compound, concentration)."""
+    frame = wells.drop(columns=[c for c in (PREDICTED_COLUMN, CORRECT_COLUMN) if c in wells.columns]).copy()
+    frame["_one"] = 1
+    if "n_tiles" not in frame.columns:
+        frame["n_tiles"] = 1
+    treatments = _aggregate(frame, TREATMENT_KEYS, prefix, {"n_wells": "_one", "n_tiles": "n_tiles"})
+    treatments = treatments.drop(columns=[c for c in ("Metadata_Plate", "Metadata_Well") if c in treatments.columns])
+    return add_calls(treatments, prefix)
+
+
+def predicted_classes(frame: pd.DataFrame, prefix: str = PROB_PREFIX) -> np.ndarray:
+    """argmax over the ``prob_<class>`` columns (ties go to the first column)."""
+    cols = prob_columns(frame, prefix)
+    names = np.array([c[len(prefix) :] for c in cols], dtype=object)
+    return names[np.argmax(frame[cols].to_numpy(dtype=float), axis=1)]
+
+
+def add_calls(frame: pd.DataFrame, prefix: str = PROB_PREFIX, true_column: str = TRUE_COLUMN) -> pd.DataFrame:
+    out = frame.copy()
+    out[PREDICTED_COLUMN] = predicted_classes(out, prefix)
+    if true_column in out.columns:
+        out[CORRECT_COLUMN] = out[PREDICTED_COLUMN].astype(str) == out[true_column].astype(str)
+    return out
+
+
+def accuracy(frame: pd.DataFrame, true_column: str = TRUE_COLUMN, prefix: str = PROB_PREFIX) -> float:
+    if len(frame) == 0:
+        return float("nan")
+    if true_column not in frame.columns:
+        raise CellmorphError(f"no true-label column {true_column!r} in the table")
+    return float(np.mean(predicted_classes(frame, prefix) == frame[true_column].astype(str).to_numpy()))
+
+
+def score_treatments(
+    frame: pd.DataFrame,
+    true_column: str = TRUE_COLUMN,
+    prefix: str = PROB_PREFIX,
+    exclude: tuple[str, ...] = (),
+) -> float:
+    """Treatment accuracy of a per-treatment table: argmax of ``prob_<class>`` vs ``true_column``.
+
+    ``exclude`` drops rows whose true class is listed (e.g. ``("DMSO",)``).
+    """
+    if exclude:
+        frame = frame[~frame[true_column].astype(str).isin(exclude)]
+    return accuracy(frame, true_column, prefix)
+
+
+def aggregate(tiles: pd.DataFrame, prefix: str = PROB_PREFIX) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Tiles (with calls), wells, treatments."""
+    wells = aggregate_wells(tiles, prefix)
+    return add_calls(tiles, prefix), wells, aggregate_treatments(wells, prefix)
+
+
+# --------------------------------------------------------------------------- metrics
+def compute_metrics(
+    tiles: pd.DataFrame,
+    wells: pd.DataFrame,
+    treatments: pd.DataFrame,
+    classes: list[str],
+    n_folds: int,
+    prefix: str = PROB_PREFIX,
+) -> dict:
+    metrics = {
+        "treatment_accuracy": accuracy(treatments, prefix=prefix),
+        "well_accuracy": accuracy(wells, prefix=prefix),
+        "tile_accuracy": accuracy(tiles, prefix=prefix),
+        "n_treatments": int(len(treatments)),
+        "n_wells": int(len(wells)),
+        "n_tiles": int(len(tiles)),
+        "n_folds": int(n_folds),
+        "n_classes": len(classes),
+        "classes": list(classes),
+    }
+    per_class = {}
+    calls = predicted_classes(treatments, prefix) if len(treatments) else np.array([])
+    truth = treatments[TRUE_COLUMN].astype(str).to_numpy() if len(treatments) else np.array([])
+    for cls in classes:
+        sel = truth == cls
+        if sel.any():
+            per_class[cls] = {"n_treatments": int(sel.sum()), "accuracy": float(np.mean(calls[sel] == cls))}
+    metrics["per_class_treatment_accuracy"] = per_class
+    return metrics
+
+
+def confusion(frame: pd.DataFrame, classes: list[str], prefix: str = PROB_PREFIX) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class, in ``classes`` order."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(frame[TRUE_COLUMN].astype(str), predicted_classes(frame, prefix), labels=list(classes))
+
+
+def classification_text(frame: pd.DataFrame, classes: list[str], prefix: str = PROB_PREFIX) -> str:
+    from sklearn.metrics import classification_report
+
+    return classification_report(
+        frame[TRUE_COLUMN].astype(str),
+        predicted_classes(frame, prefix),
+        labels=list(classes),
+        zero_division=0,
+        digits=3,
+    )
