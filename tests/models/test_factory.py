@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cellmorph.errors import CellmorphError
-from cellmorph.models import create_model, load_pretrained, resolve_weights
+from cellmorph.models import InputSpec, create_model, load_pretrained, resolve_weights
 from cellmorph.models import weights as W
 
 LITE0 = "tf_efficientnet_lite0"
@@ -45,9 +45,9 @@ def test_imagenet_init_has_fresh_head(offline):
     assert all(torch.equal(got[k], ref[k]) for k in body)
     # head: timm's own init for a new Linear (zero bias), not ImageNet's
     assert torch.count_nonzero(got["classifier.bias"]) == 0
-    assert model.cellmorph_init["source"] == "package"
-    assert model.cellmorph_init["mean"] == [0.5, 0.5, 0.5] and model.cellmorph_init["input_size"] == 224
-    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert model.cellmorph_init.source == "package"
+    # Lite0's own preprocessing (0.5/0.5), not timm's ImageNet default, travels with the model.
+    assert model.cellmorph_input == InputSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def test_imagenet_init_with_1000_classes_still_drops_head(offline):
@@ -87,7 +87,7 @@ def test_xavier_init_reinitialises_everything(offline):
                 assert torch.count_nonzero(m.bias) == 0
     head = model.get_classifier()
     assert head.out_features == 6 and torch.count_nonzero(head.bias) == 0
-    assert model.cellmorph_init["init"] == "xavier"
+    assert model.cellmorph_init.init == "xavier"
 
 
 def test_checkpoint_round_trip(offline, tmp_path):
@@ -97,7 +97,7 @@ def test_checkpoint_round_trip(offline, tmp_path):
         model.bn2.running_mean.add_(0.5)
     ckpt = tmp_path / "run" / "best.pt"
     ckpt.parent.mkdir()
-    # the layout cellmorph.experiment writes (fold_dir/state.pt)
+    # the layout cellmorph.cv.rundir writes (folds/<k>/state.pt)
     torch.save(
         {"model": model.state_dict(), "model_name": LITE0, "classes": ["a", "b"], "fold": {"index": 0},
          "seeds": {"torch": 1}, "input": {"mean": [0.5] * 3, "input_size": 224}, "history": [{"loss": 1.0}]},
@@ -107,7 +107,7 @@ def test_checkpoint_round_trip(offline, tmp_path):
     again = create_model(LITE0, num_classes=5, init=str(ckpt))
     want = model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items())
-    assert again.cellmorph_init["classifier"] == "loaded"
+    assert again.cellmorph_init.classifier == "loaded"
 
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
@@ -115,7 +115,7 @@ def test_checkpoint_round_trip(offline, tmp_path):
     got = other.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("classifier."))
     assert got["classifier.weight"].shape == (3, 1280)
-    assert other.cellmorph_init["classifier"].startswith("fresh")
+    assert other.cellmorph_init.classifier.startswith("fresh")
 
 
 def test_checkpoint_mismatches_are_refused(offline, tmp_path):
@@ -168,7 +168,7 @@ def test_resnet50_offline_without_weights_is_one_clear_error(offline):
     with pytest.raises(CellmorphError, match=r"no ImageNet weights for 'resnet50'.*--online"):
         create_model("resnet50", num_classes=12)
     model = create_model("resnet50", num_classes=12, init="xavier")  # the paper's baseline needs no weights
-    assert model.fc.out_features == 12 and model.cellmorph_init["input_size"] == 224
+    assert model.fc.out_features == 12 and model.cellmorph_input.size == 224
 
 
 def test_explicit_weights_file(offline, tmp_path):
@@ -177,4 +177,4 @@ def test_explicit_weights_file(offline, tmp_path):
     torch.save(src.state_dict(), f)
     model = create_model("resnet18", num_classes=3, weights=f)
     assert torch.equal(model.conv1.weight, src.conv1.weight)
-    assert model.cellmorph_init["source"] == "path" and model.cellmorph_init["sha256"] == W.sha256_file(f)
+    assert model.cellmorph_init.source == "path" and model.cellmorph_init.sha256 == W.sha256_file(f)
