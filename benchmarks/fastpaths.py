@@ -85,7 +85,7 @@ def train_rates(name: str, size: int, batch: int, repeats: int, freeze: int, com
         log(f"  train {label:32s} {out[f'train_{label}_img_s']:7.1f} img/s")
         if frz and not comp:
             # --frozen-feature-cache: the frozen stages' output is read, not computed, every step.
-            from cellmorph.models.split import FrozenSplit
+            from cellmorph.models.frozen import FrozenSplit
 
             split = FrozenSplit(model, x[:2])
             features = split.prefix(x).contiguous(memory_format=torch.channels_last)

@@ -18,32 +18,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from cellmorph.cache import TileCache
+from cellmorph.cv import RunDir
 from cellmorph.datasets import InputPipeline
-from cellmorph.evaluate import accuracy, aggregate
-from cellmorph.train import create_network, predict
+from cellmorph.metrics import accuracy, aggregate
+from cellmorph.models import InputSpec, create_model
+from cellmorph.schema import CACHE_ROW_COLUMN, prob_column
+from cellmorph.train import TrainSettings, predict_tiles
 
 
 def rescore(run: Path, data: Path | None = None) -> dict:
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    """Needs a run made with ``--keep-checkpoints all`` (every fold's weights)."""
+    rundir = RunDir(run)
+    config = rundir.read_config()
     cache = TileCache(Path(data or config["data"]))
     scored: dict[str, list[pd.DataFrame]] = {"none": [], "dihedral": []}
-    for fold_dir in sorted((run / "folds").iterdir(), key=lambda p: int(p.name)):
-        state = torch.load(fold_dir / "state.pt", weights_only=True)
-        stored = pd.read_parquet(fold_dir / "predictions.parquet")
-        columns = ["prob_" + c for c in state["classes"]]
-        model = create_network(state["model_name"], len(state["classes"]), init="xavier",
-                               in_chans=cache.tile_shape[0])
+    for fold in rundir.finished_folds():
+        state = rundir.fold_state(fold)
+        stored = rundir.read_fold_predictions(fold)
+        columns = [prob_column(c) for c in state["classes"]]
+        model = create_model(state["model_name"], len(state["classes"]), init="xavier", in_chans=cache.tile_shape[0])
         model.load_state_dict(state["model"])
-        spec = state["input"]
-        pipeline = InputPipeline(spec["mean"], spec["std"], spec["input_size"])
-        rows = stored["Metadata_CacheRow"].to_numpy()
+        spec = InputSpec.from_record(state["input"])
+        pipeline = InputPipeline(spec.mean, spec.std, spec.size)
+        rows = stored[CACHE_ROW_COLUMN].to_numpy()
         for tta in scored:
-            probs = predict(model, pipeline, cache, rows, 64, torch.device("cpu"), tta=tta)
+            settings = TrainSettings(epochs=1, batch_size=32, lr=0.0, eval_batch_size=64, tta=tta)
+            probs = predict_tiles(model, pipeline, cache, rows, settings, torch.device("cpu"))
             if tta == config["config"].get("tta", "none") and not np.allclose(probs, stored[columns], atol=1e-4):
-                raise SystemExit(f"{fold_dir}: re-scored predictions differ from the stored ones")
+                raise SystemExit(f"{rundir.fold_dir(fold)}: re-scored predictions differ from the stored ones")
             frame = stored.copy()
             frame[columns] = probs
             scored[tta].append(frame)

@@ -173,13 +173,14 @@ def cellmorph_train(name: str, cache_dir: Path, batch: int, repeats: int, device
     from cellmorph.augment import Augmenter
     from cellmorph.cache import TileCache
     from cellmorph.datasets import InputPipeline
-    from cellmorph.train import TrainSettings, create_network, fit, model_spec
+    from cellmorph.models import create_model, model_input_spec
+    from cellmorph.train import TrainSettings, fit
 
     cache = TileCache(cache_dir)
-    spec = model_spec(name)
+    spec = model_input_spec(name)
     torch.manual_seed(0)
-    model = create_network(name, 12, init="xavier")  # same arithmetic as ImageNet init, no weights needed
-    pipeline = InputPipeline(spec["mean"], spec["std"], spec["input_size"], Augmenter(seed=0))
+    model = create_model(name, 12, init="xavier")  # same arithmetic as ImageNet init, no weights needed
+    pipeline = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=0))
     rows = np.arange(min(len(cache), batch * (repeats + 2)))
     targets = np.arange(len(rows)) % 12
     stamps: list[float] = []
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import timm
 
-    from cellmorph.train import model_spec
+    from cellmorph.models import model_input_spec
 
     # The host is shared: the matmul rate drifts between runs (149–192 GFLOP/s seen here). It is
     # measured before and after the models and the higher median is the peak, so % of peak is
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cellmorph-bench-") as tmp:
         work = args.work or Path(tmp)
         for name in [m for m in args.models.split(",") if m]:
-            size = model_spec(name)["input_size"]
+            size = model_input_spec(name).size
             batch = BATCH.get(name, 16)
             freeze = freeze_of.get(name, 0)
             cache = build_cache(work, size)

@@ -180,6 +180,9 @@ class RunDir:
             return None
         return record if record.get("fingerprint") == fingerprint else None
 
+    def read_fold_predictions(self, fold: int, epoch: int | None = None) -> pd.DataFrame:
+        return pd.read_parquet(self.fold_dir(fold) / fold_predictions_name(epoch))
+
     def read_fold(self, fold: int, marker: dict, eval_epochs: list[int]) -> FoldOutput:
         folder = self.fold_dir(fold)
         return FoldOutput(
