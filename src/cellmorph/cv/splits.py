@@ -113,6 +113,43 @@ def _well_key(frame: pd.DataFrame) -> pd.Series:
     return frame["Metadata_Plate"].astype(str) + "/" + frame["Metadata_Well"].astype(str)
 
 
+@dataclass
+class _Tiles:
+    """The columns of a tile index that splitting reads, as arrays (position = row number)."""
+
+    controls: np.ndarray
+    use: np.ndarray  # tiles that take part: treated ones, and controls when they are a class
+    labels: np.ndarray
+    compounds: np.ndarray
+    batches: np.ndarray
+    wells: np.ndarray
+
+    @classmethod
+    def of(cls, index: pd.DataFrame, include_controls_as_class: bool) -> "_Tiles":
+        frame = index.reset_index(drop=True)
+        controls = frame[CONTROL_COLUMN].astype(bool).to_numpy()
+        return cls(
+            controls=controls,
+            use=np.ones(len(frame), bool) if include_controls_as_class else ~controls,
+            labels=frame[TRUE_COLUMN].astype(str).to_numpy(),
+            compounds=frame["Metadata_Compound"].astype(str).to_numpy(),
+            batches=frame["Metadata_Batch"].astype(str).to_numpy(),
+            wells=_well_key(frame).to_numpy(),
+        )
+
+    @property
+    def treated(self) -> np.ndarray:
+        return self.use & ~self.controls
+
+
+@dataclass
+class _TestSet:
+    rows: np.ndarray
+    name: str
+    compounds: list[str]
+    batches: list[str]  # batches held out with it (nscb, batch schemes): no training tile shares them
+
+
 def make_folds(
     index: pd.DataFrame,
     cv: str | CVScheme,
@@ -127,125 +164,133 @@ def make_folds(
     which case such folds are returned in the second list with the reason).
     """
     scheme = parse_cv(cv) if isinstance(cv, str) else cv
-    frame = index.reset_index(drop=True)
-    controls = frame[CONTROL_COLUMN].astype(bool).to_numpy()
-    use = np.ones(len(frame), bool) if include_controls_as_class else ~controls
-    labels = frame[TRUE_COLUMN].astype(str).to_numpy()
-    compounds = frame["Metadata_Compound"].astype(str).to_numpy()
-    batches = frame["Metadata_Batch"].astype(str).to_numpy()
-    wells = _well_key(frame).to_numpy()
+    tiles = _Tiles.of(index, include_controls_as_class)
     rng = np.random.default_rng(seed)
-
-    classes = sorted(set(labels[use]))
+    classes = sorted(set(tiles.labels[tiles.use]))
     if len(classes) < 2:
         hint = "" if include_controls_as_class else " (set include_controls_as_class to add DMSO as a class)"
         raise CellmorphError(f"cross-validation needs at least 2 classes; the data has {classes}{hint}")
-
-    treated = use & ~controls
-    test_sets: list[np.ndarray] = []
-    names: list[str] = []
-    held_compounds: list[list[str]] = []
-    held_batches: list[list[str]] = []
-
     if scheme.name in BATCH_SCHEMES:
-        for b in sorted(set(batches[use])):
-            mask = use & (batches == b)
-            test_sets.append(np.flatnonzero(mask))
-            names.append(str(b))
-            held_compounds.append(sorted(set(compounds[mask])))
-            held_batches.append([str(b)])
+        tests = _batch_test_sets(tiles)
     elif scheme.name == "well":
-        groups = {}
-        for key, cls in zip(wells[use], labels[use]):
-            groups.setdefault(cls, set()).add(key)
-        n_wells = len(set(wells[use]))
-        if scheme.k > n_wells:
-            raise CellmorphError(f"cv {scheme}: {scheme.k} folds but only {n_wells} wells; fold(s) would be empty")
-        assign = _deal({c: list(v) for c, v in groups.items()}, scheme.k, rng)
-        fold_of = np.array([assign.get(w, -1) for w in wells])
-        fold_of[~use] = -1
-        for k in range(scheme.k):
-            test_sets.append(np.flatnonzero(fold_of == k))
-            names.append(f"wells-{k}")
-            held_compounds.append(sorted(set(compounds[fold_of == k])))
-            held_batches.append([])
+        tests = _well_test_sets(tiles, scheme, rng)
     else:
-        compound_list = sorted(set(compounds[treated]))
-        if not compound_list:
-            raise CellmorphError("no treated (non-control) tiles to cross-validate")
-        if scheme.name in ("loco", "nscb"):
-            groups_of = [[c] for c in compound_list]
-        else:  # group-kfold
-            if scheme.k > len(compound_list):
-                raise CellmorphError(
-                    f"cv {scheme}: {scheme.k} folds but only {len(compound_list)} compounds; fold(s) would be empty"
-                )
-            moa_of = {c: labels[treated & (compounds == c)][0] for c in compound_list}
-            by_moa: dict[str, list] = {}
-            for c in compound_list:
-                by_moa.setdefault(moa_of[c], []).append(c)
-            assign = _deal(by_moa, scheme.k, rng)
-            groups_of = [sorted(c for c in compound_list if assign[c] == k) for k in range(scheme.k)]
-        for k, group in enumerate(groups_of):
-            mask = treated & np.isin(compounds, group)
-            test_sets.append(np.flatnonzero(mask))
-            names.append(group[0] if len(group) == 1 else f"group-{k}")
-            held_compounds.append(list(group))
-            held_batches.append(sorted(set(batches[mask])) if scheme.name == "nscb" else [])
+        tests = _compound_test_sets(tiles, scheme, rng)
         if include_controls_as_class:
-            ctrl_wells = sorted(set(wells[controls]))
-            if scheme.name == "nscb":
-                # Deal each control well to a fold that already holds its batch out.
-                batch_of_well = {w: b for w, b in zip(wells[controls], batches[controls])}
-                counters: dict[str, int] = {}
-                assign_ctrl = {}
-                for pos in rng.permutation(len(ctrl_wells)):
-                    well = ctrl_wells[pos]
-                    eligible = [k for k, bs in enumerate(held_batches) if batch_of_well[well] in bs]
-                    if not eligible:
-                        continue  # a batch with no treated compound: its controls only train
-                    b = batch_of_well[well]
-                    assign_ctrl[well] = eligible[counters.get(b, 0) % len(eligible)]
-                    counters[b] = counters.get(b, 0) + 1
-            else:
-                assign_ctrl = {w: i % len(groups_of) for i, w in enumerate(np.array(ctrl_wells)[rng.permutation(len(ctrl_wells))])}
-            for k in range(len(test_sets)):
-                extra = np.flatnonzero(controls & np.isin(wells, [w for w, f in assign_ctrl.items() if f == k]))
-                test_sets[k] = np.sort(np.concatenate([test_sets[k], extra]))
+            _deal_control_wells(tiles, tests, scheme, rng)
+    return _folds(tiles, tests, scheme, skip_untrainable)
 
+
+def _batch_test_sets(tiles: _Tiles) -> list[_TestSet]:
+    tests = []
+    for b in sorted(set(tiles.batches[tiles.use])):
+        mask = tiles.use & (tiles.batches == b)
+        tests.append(_TestSet(np.flatnonzero(mask), str(b), sorted(set(tiles.compounds[mask])), [str(b)]))
+    return tests
+
+
+def _well_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generator) -> list[_TestSet]:
+    groups: dict[str, set] = {}
+    for key, cls in zip(tiles.wells[tiles.use], tiles.labels[tiles.use]):
+        groups.setdefault(cls, set()).add(key)
+    n_wells = len(set(tiles.wells[tiles.use]))
+    if scheme.k > n_wells:
+        raise CellmorphError(f"cv {scheme}: {scheme.k} folds but only {n_wells} wells; fold(s) would be empty")
+    assign = _deal({c: list(v) for c, v in groups.items()}, scheme.k, rng)
+    fold_of = np.array([assign.get(w, -1) for w in tiles.wells])
+    fold_of[~tiles.use] = -1
+    return [_TestSet(np.flatnonzero(fold_of == k), f"wells-{k}", sorted(set(tiles.compounds[fold_of == k])), [])
+            for k in range(scheme.k)]
+
+
+def _compound_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generator) -> list[_TestSet]:
+    treated = tiles.treated
+    compound_list = sorted(set(tiles.compounds[treated]))
+    if not compound_list:
+        raise CellmorphError("no treated (non-control) tiles to cross-validate")
+    if scheme.name in ("loco", "nscb"):
+        groups_of = [[c] for c in compound_list]
+    else:  # group-kfold
+        if scheme.k > len(compound_list):
+            raise CellmorphError(
+                f"cv {scheme}: {scheme.k} folds but only {len(compound_list)} compounds; fold(s) would be empty"
+            )
+        by_moa: dict[str, list] = {}
+        for c in compound_list:
+            by_moa.setdefault(tiles.labels[treated & (tiles.compounds == c)][0], []).append(c)
+        assign = _deal(by_moa, scheme.k, rng)
+        groups_of = [sorted(c for c in compound_list if assign[c] == k) for k in range(scheme.k)]
+    tests = []
+    for k, group in enumerate(groups_of):
+        mask = treated & np.isin(tiles.compounds, group)
+        held_batches = sorted(set(tiles.batches[mask])) if scheme.name == "nscb" else []
+        tests.append(_TestSet(np.flatnonzero(mask), group[0] if len(group) == 1 else f"group-{k}", list(group),
+                              held_batches))
+    return tests
+
+
+def _deal_control_wells(tiles: _Tiles, tests: list[_TestSet], scheme: CVScheme, rng: np.random.Generator) -> None:
+    """DMSO as a class: deal control wells over the compound folds (nscb: only to folds holding their batch out)."""
+    controls = tiles.controls
+    ctrl_wells = sorted(set(tiles.wells[controls]))
+    if scheme.name == "nscb":
+        batch_of_well = {w: b for w, b in zip(tiles.wells[controls], tiles.batches[controls])}
+        counters: dict[str, int] = {}
+        assign = {}
+        for pos in rng.permutation(len(ctrl_wells)):
+            well = ctrl_wells[pos]
+            eligible = [k for k, t in enumerate(tests) if batch_of_well[well] in t.batches]
+            if not eligible:
+                continue  # a batch with no treated compound: its controls only train
+            b = batch_of_well[well]
+            assign[well] = eligible[counters.get(b, 0) % len(eligible)]
+            counters[b] = counters.get(b, 0) + 1
+    else:
+        shuffled = np.array(ctrl_wells)[rng.permutation(len(ctrl_wells))]
+        assign = {w: i % len(tests) for i, w in enumerate(shuffled)}
+    for k, test in enumerate(tests):
+        extra = np.flatnonzero(controls & np.isin(tiles.wells, [w for w, f in assign.items() if f == k]))
+        test.rows = np.sort(np.concatenate([test.rows, extra]))
+
+
+def _folds(tiles: _Tiles, tests: list[_TestSet], scheme: CVScheme, skip_untrainable: bool):
+    """Each test set with its training rows: everything else that is used, minus held-out compounds and batches."""
     folds: list[Fold] = []
     skipped: list[dict] = []
-    for k, test in enumerate(test_sets):
-        if len(test) == 0:
-            raise CellmorphError(f"cv {scheme}: fold {k} ({names[k]}) has no test tiles")
-        train_mask = use.copy()
-        train_mask[test] = False
-        if held_batches[k]:
-            train_mask &= ~np.isin(batches, held_batches[k])
+    for k, test in enumerate(tests):
+        if len(test.rows) == 0:
+            raise CellmorphError(f"cv {scheme}: fold {k} ({test.name}) has no test tiles")
+        train_mask = tiles.use.copy()
+        train_mask[test.rows] = False
+        if test.batches:
+            train_mask &= ~np.isin(tiles.batches, test.batches)
         if scheme.name != "well" and scheme.name not in BATCH_SCHEMES:
             # No test compound may appear in training (controls are held out by well instead;
             # a batch scheme holds out a whole batch, e.g. a cell line treated with the same compound).
-            train_mask &= ~np.isin(compounds, held_compounds[k])
+            train_mask &= ~np.isin(tiles.compounds, test.compounds)
         train = np.flatnonzero(train_mask)
         if len(train) == 0:
-            raise CellmorphError(f"cv {scheme}: fold {k} ({names[k]}) leaves no tiles to train on")
-        trained = set(labels[train])
-        missing = sorted(set(labels[test]) - trained)
+            raise CellmorphError(f"cv {scheme}: fold {k} ({test.name}) leaves no tiles to train on")
+        missing = sorted(set(tiles.labels[test.rows]) - set(tiles.labels[train]))
         if missing:
-            what = "no other well" if scheme.name == "well" else "no other batch" if scheme.name in BATCH_SCHEMES else "no other compound"
-            where = f" outside batch(es) {', '.join(held_batches[k])}" if held_batches[k] else ""
-            reason = (
-                f"cv {scheme}: fold {k} (test {', '.join(held_compounds[k]) or names[k]}): MoA {missing[0]!r} has "
-                f"{what} in training{where}"
-            )
-            if scheme.name == "loco":
-                reason += "; leave-one-compound-out needs at least 2 compounds per MoA"
+            reason = _untrainable_reason(scheme, k, test, missing[0])
             if skip_untrainable:
-                skipped.append({"fold": k, "name": names[k], "reason": reason})
+                skipped.append({"fold": k, "name": test.name, "reason": reason})
                 continue
             raise CellmorphError(reason)
-        folds.append(Fold(k, names[k], train, test, held_compounds[k], held_batches[k]))
+        folds.append(Fold(k, test.name, train, test.rows, test.compounds, test.batches))
     return folds, skipped
+
+
+def _untrainable_reason(scheme: CVScheme, k: int, test: _TestSet, moa: str) -> str:
+    what = ("no other well" if scheme.name == "well" else "no other batch" if scheme.name in BATCH_SCHEMES
+            else "no other compound")
+    where = f" outside batch(es) {', '.join(test.batches)}" if test.batches else ""
+    reason = (f"cv {scheme}: fold {k} (test {', '.join(test.compounds) or test.name}): MoA {moa!r} has "
+              f"{what} in training{where}")
+    if scheme.name == "loco":
+        reason += "; leave-one-compound-out needs at least 2 compounds per MoA"
+    return reason
 
 
 def subsample_rows(rows: np.ndarray, labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
