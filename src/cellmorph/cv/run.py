@@ -227,7 +227,9 @@ def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict):
             interim[record["epoch"]] = predict_tiles(model, pipeline, plan.cache, fold.test, settings, plan.device,
                                                      tasks["batches"].advance)
             record["heldout_tile_accuracy"] = _tile_accuracy(interim[record["epoch"]], test_targets)
-        tasks["epochs"].advance(info=f"loss {record['loss']:.3f}, training accuracy {record['train_accuracy']:.3f}")
+        heldout = record.get("heldout_tile_accuracy")
+        tasks["epochs"].advance(info=f"loss {record['loss']:.3f}, training accuracy {record['train_accuracy']:.3f}"
+                                + ("" if heldout is None else f", held-out tile accuracy {heldout:.3f}"))
         if record["epoch"] < cfg.epochs:
             tasks["batches"].reset(n_batches, "  batches")
 
