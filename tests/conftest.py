@@ -33,6 +33,59 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+class NetworkAttempt(AssertionError):
+    """Raised by :func:`no_network` traps: something tried to reach the network."""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything tries to open a connection or call a hub/URL loader; yields the attempts."""
+    import socket
+
+    import timm
+    import timm.models._builder as builder
+    import timm.models._hub as hub
+    import torch
+
+    from cellmorph.models import weights
+
+    calls: list[str] = []
+
+    def trap(what):
+        def _raise(*args, **kwargs):
+            calls.append(what)
+            raise NetworkAttempt(f"network attempted via {what}")
+
+        return _raise
+
+    monkeypatch.setattr(socket.socket, "connect", trap("socket.connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", trap("socket.connect_ex"))
+    monkeypatch.setattr(socket, "create_connection", trap("socket.create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", trap("socket.getaddrinfo"))
+    for mod, attr in [
+        (builder, "load_pretrained"),
+        (builder, "load_state_dict_from_url"),
+        (builder, "load_state_dict_from_hf"),
+        (builder, "download_cached_file"),
+        (hub, "hf_hub_download"),
+        (hub, "download_url_to_file"),
+        (torch.hub, "load_state_dict_from_url"),
+        (torch.hub, "download_url_to_file"),
+        (timm.models, "load_pretrained"),
+    ]:
+        if hasattr(mod, attr):
+            monkeypatch.setattr(mod, attr, trap(f"{mod.__name__}.{attr}"))
+    try:
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", trap("huggingface_hub.hf_hub_download"))
+    except ImportError:  # pragma: no cover
+        pass
+    monkeypatch.setattr(weights, "_download_from_hub", trap("cellmorph hub download"))
+    yield calls
+    assert calls == [], f"network was attempted: {calls}"
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"real-data fixture {path} is missing; tests expect ../shared beside the repo")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import tifffile
 
 from cellmorph.cache import TileCache
 from cellmorph.data.bbbc021 import load_bbbc021
+from cellmorph.data.table import batch_of_plate
 from cellmorph.preprocess import (
     PrepareConfig,
     anscombe,
@@ -23,19 +24,7 @@ from cellmorph.preprocess import (
     split_tiles,
     to_uint8,
 )
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellmorph.cli", *args], capture_output=True, text=True)
-
-
-def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.conftest import one_line_error, run_cli
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -145,7 +134,7 @@ def test_missing_image(tiny_copy, tmp_path):
     _, path = _first_treated(tiny_copy)
     path.unlink()
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, str(path), "missing image")
+    one_line_error(proc, str(path), "missing image")
     assert not (tmp_path / "cache").exists()
 
 
@@ -154,7 +143,7 @@ def test_corrupt_truncated_tiff(tiny_copy, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, str(path), "corrupt or truncated TIFF")
+    one_line_error(proc, str(path), "corrupt or truncated TIFF")
     assert not (tmp_path / "cache").exists()
 
 
@@ -163,7 +152,7 @@ def test_wrong_shape(tiny_copy, tmp_path):
     good = tifffile.imread(path)
     tifffile.imwrite(path, np.zeros((good.shape[0] // 2, good.shape[1]), np.uint16))
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, str(path))
+    one_line_error(proc, str(path))
     assert not (tmp_path / "cache").exists()
 
 
@@ -172,7 +161,7 @@ def test_wrong_channel_count(tiny_copy, tmp_path):
     good = tifffile.imread(path)
     tifffile.imwrite(path, np.zeros((*good.shape, 3), np.uint16), photometric="rgb")
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, str(path), "single-channel")
+    one_line_error(proc, str(path), "single-channel")
     assert not (tmp_path / "cache").exists()
 
 
@@ -185,7 +174,7 @@ def test_wrong_channel_count_in_a_crop(real_crops, tmp_path):
     np.save(bad, np.load(bad)[..., :2])
     index.to_csv(tmp_path / "index.csv", index=False)
     proc = run_cli("prepare", "--layout", "crops", "--index", str(tmp_path / "index.csv"), "--out", str(tmp_path / "c"))
-    assert_clean_failure(proc, str(bad), "H×W×3")
+    one_line_error(proc, str(bad), "H×W×3")
     assert not (tmp_path / "c").exists()
 
 
@@ -194,7 +183,7 @@ def test_blank_metadata(tiny_copy, tmp_path):
     images.loc[5, "Image_Metadata_Well_DAPI"] = ""
     images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, "BBBC021_v1_image.csv", "row 7", "Image_Metadata_Well_DAPI")
+    one_line_error(proc, "BBBC021_v1_image.csv", "row 7", "Image_Metadata_Well_DAPI")
     assert not (tmp_path / "cache").exists()
 
 
@@ -204,7 +193,7 @@ def test_nan_concentration(tiny_copy, tmp_path):
     images.loc[2, "Image_Metadata_Concentration"] = "NaN"
     images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, "row 4", "Image_Metadata_Concentration")
+    one_line_error(proc, "row 4", "Image_Metadata_Concentration")
 
 
 def test_plate_without_dmso_suggests_batch(tiny_copy, tmp_path):
@@ -213,12 +202,21 @@ def test_plate_without_dmso_suggests_batch(tiny_copy, tmp_path):
     images = images[~((images["Image_Metadata_Plate_DAPI"] == plate) & (images["Image_Metadata_Compound"] == "DMSO"))]
     images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    assert_clean_failure(proc, plate, "no DMSO", "--normalize batch")
+    one_line_error(proc, plate, "no DMSO", "--normalize batch")
     assert not (tmp_path / "cache").exists()
-    # Pooling the batch's DMSO works, unless the plate is alone in its batch.
+    # Pooling the batch's DMSO works while another plate of the batch has DMSO fields ...
+    week = batch_of_plate(plate)
+    others = [p for p in images["Image_Metadata_Plate_DAPI"].unique() if p != plate and batch_of_plate(p) == week]
+    assert others, "the tiny screen has two plates per week"
     batch = _prepare_cli(tiny_copy, tmp_path / "cache", "--normalize", "batch")
-    same_batch = [p for p in images["Image_Metadata_Plate_DAPI"].unique() if p.split("_")[0] == plate.split("_")[0]]
-    assert (batch.returncode == 0) == (len(same_batch) > 0), batch.stderr
+    assert batch.returncode == 0, batch.stderr
+    assert set(TileCache(tmp_path / "cache").norm_stats["group"]) == set(images["Image_Metadata_Plate_DAPI"].map(batch_of_plate))
+    # ... and fails, naming the batch, once no plate of the batch has any.
+    in_week = images["Image_Metadata_Plate_DAPI"].map(batch_of_plate) == week
+    images[~(in_week & (images["Image_Metadata_Compound"] == "DMSO"))].to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
+    alone = _prepare_cli(tiny_copy, tmp_path / "cache2", "--normalize", "batch")
+    one_line_error(alone, f"batch {week}", "no DMSO")
+    assert not (tmp_path / "cache2").exists()
 
 
 def test_compound_absent_from_moa_table(tiny_copy, tmp_path):
@@ -227,7 +225,7 @@ def test_compound_absent_from_moa_table(tiny_copy, tmp_path):
     images.loc[pos, "Image_Metadata_Compound"] = "mystery-compound"
     images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
     proc = _prepare_cli(tiny_copy, tmp_path / "cache", "--strict-compounds")
-    assert_clean_failure(proc, f"row {pos + 2}", "mystery-compound", "absent from BBBC021_v1_moa.csv")
+    one_line_error(proc, f"row {pos + 2}", "mystery-compound", "absent from BBBC021_v1_moa.csv")
     assert not (tmp_path / "cache").exists()
 
 
@@ -260,3 +258,150 @@ def test_pad_channels_appends_zero_planes(real_crops, tmp_path):
     assert cache.channels == ("DAPI", "Tubulin", "Actin", "zero3")
     tiles = cache.tiles(np.arange(10))
     assert (tiles[:, 3] == 0).all() and tiles[:, :3].std() > 0
+
+
+# ----------------------------------------------------------------------------- compounds left out
+def _rename_compound(root: Path, new: str) -> int:
+    """Give one treated compound of the image CSV a name the MoA table lacks; returns its image count."""
+    images = _image_csv(root)
+    old = sorted(set(images["Image_Metadata_Compound"]) - {"DMSO"})[0]
+    hit = images["Image_Metadata_Compound"] == old
+    images.loc[hit, "Image_Metadata_Compound"] = new
+    images.to_csv(root / "BBBC021_v1_image.csv", index=False)
+    return int(hit.sum())
+
+
+def test_compounds_absent_from_the_moa_table_are_reported_not_silently_dropped(tiny_copy, tmp_path):
+    n = _rename_compound(tiny_copy, "mystery-compound")
+    expected = (f"note: left out {n} images of 1 compound absent from {tiny_copy / 'BBBC021_v1_moa.csv'}: "
+                f"mystery-compound ({n})")
+    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [expected]
+    cache = TileCache(tmp_path / "cache")
+    assert cache.manifest["excluded_compounds"] == {"mystery-compound": n}
+    assert cache.excluded_compounds == {"mystery-compound": n}
+    assert "mystery-compound" not in set(cache.index["Metadata_Compound"])
+
+    shown = run_cli("inspect", "--layout", "bbbc021", "--root", tiny_copy, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.splitlines() == [expected]
+    assert json.loads(shown.stdout)["excluded_compounds"] == {"mystery-compound": n}
+
+    # --strict-compounds still refuses them, naming the CSV row.
+    strict = _prepare_cli(tiny_copy, tmp_path / "strict", "--strict-compounds")
+    one_line_error(strict, "BBBC021_v1_image.csv", "'mystery-compound' is absent from BBBC021_v1_moa.csv")
+    assert not (tmp_path / "strict").exists()
+
+
+# ----------------------------------------------------------------------------- where the cache goes
+def _unwritable(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """(--out value, path that must be unchanged afterwards) for each way an output folder is unusable."""
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("keep me\n")
+    if kind == "existing file":
+        return a_file, a_file
+    if kind == "under a file":
+        return a_file / "sub", a_file
+    return Path("/proc/cellmorph-test/out"), Path("/proc/cellmorph-test")
+
+
+@pytest.mark.parametrize("kind, says", [("existing file", "is an existing file, not a folder"),
+                                        ("under a file", "cannot write the cache folder"),
+                                        ("under /proc", "cannot write the cache folder")])
+def test_prepare_refuses_an_unusable_out(kind, says, tiny_screen, tmp_path):
+    out, witness = _unwritable(tmp_path, kind)
+    proc = _prepare_cli(tiny_screen, out)
+    one_line_error(proc, str(out), says)
+    if kind == "under /proc":
+        assert not witness.exists()
+    else:
+        assert witness.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file.txt"]
+
+
+def test_prepare_api_refuses_an_existing_file(tiny_screen, tmp_path):
+    from cellmorph.errors import CellmorphError
+
+    target = tmp_path / "cache"
+    target.write_text("")
+    with pytest.raises(CellmorphError, match="cache folder is an existing file"):
+        prepare(load_bbbc021(tiny_screen, tiny_screen), target, progress=False)
+
+
+def test_failed_prepare_removes_the_parents_it_created(tiny_copy, tmp_path):
+    _, path = _first_treated(tiny_copy)
+    path.unlink()
+    one_line_error(_prepare_cli(tiny_copy, tmp_path / "new" / "deeper" / "cache"), "missing image")
+    assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- inputs that are not what they claim
+def _header_only(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(src.read_text().splitlines()[0] + "\n")
+    return dest
+
+
+def test_header_only_crop_table_names_the_file(real_crops, tmp_path):
+    csv = _header_only(real_crops, tmp_path / "header_only.csv")
+    proc = run_cli("prepare", "--layout", "crops", "--index", csv, "--out", tmp_path / "c")
+    one_line_error(proc, str(csv), "no rows below the header")
+    assert not (tmp_path / "c").exists()
+
+
+def test_header_only_bbbc021_image_csv_names_the_file(tiny_copy, tmp_path):
+    csv = _header_only(tiny_copy / "BBBC021_v1_image.csv", tiny_copy / "BBBC021_v1_image.csv")
+    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
+    one_line_error(proc, str(csv), "no rows below the header")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_annotated_image_names_the_table(tiny_copy, tmp_path):
+    images = _image_csv(tiny_copy)
+    treated = images["Image_Metadata_Compound"] != "DMSO"
+    images.loc[treated, "Image_Metadata_Compound"] = "unknown-" + images.loc[treated, "Image_Metadata_Compound"]
+    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
+    for command, extra in (("inspect", []), ("prepare", ["--out", tmp_path / "cache"])):
+        proc = run_cli(command, "--layout", "bbbc021", "--root", tiny_copy, *extra)
+        one_line_error(proc, str(tiny_copy / "BBBC021_v1_image.csv"), "no image has a compound and concentration "
+                       f"listed in BBBC021_v1_moa.csv ({int(treated.sum())} images of")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_empty_table_names_its_origin(tmp_path):
+    from cellmorph.data.crops import load_crop_table
+    from cellmorph.errors import BadInputError
+
+    csv = tmp_path / "crops.csv"
+    csv.write_text("FileName,Metadata_Plate,Metadata_Well,Metadata_Site,Metadata_Compound,Metadata_Concentration,"
+                   "Metadata_MoA\na.npy,P1,A01,1,DMSO,0,DMSO\n")
+    table = load_crop_table(csv)
+    with pytest.raises(BadInputError, match=re.escape(f"{csv}: no usable images left to prepare (none of its rows was loaded)")):
+        prepare(table.subset(table.frame.index < 0), tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("option", ["--index", "--moa", "--layout-config", "--config", "metadata CSV"])
+def test_a_directory_where_a_file_belongs(option, real_crops, tiny_copy, tmp_path):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    if option == "--index":
+        args = ["--layout", "crops", "--index", folder]
+    elif option == "--moa":
+        args = ["--layout", "crops", "--index", real_crops, "--moa", folder]
+    elif option == "--layout-config":
+        args = ["--layout", "generic", "--layout-config", folder]
+    elif option == "--config":
+        args = ["--layout", "crops", "--index", real_crops, "--config", folder]
+    else:
+        (tiny_copy / "BBBC021_v1_image.csv").unlink()
+        folder = tiny_copy / "BBBC021_v1_image.csv"
+        folder.mkdir()
+        args = ["--layout", "bbbc021", "--root", tiny_copy]
+    for command in ("inspect", "prepare"):
+        extra = ["--out", tmp_path / "cache"] if command == "prepare" else []
+        if command == "inspect" and option == "--config":
+            continue  # inspect has no --config
+        one_line_error(run_cli(command, *args, *extra), str(folder), "is a directory")
+    assert not (tmp_path / "cache").exists()

@@ -75,54 +75,10 @@ class Scaling(str, Enum):
     fixed = "fixed"
 
 
-def _load_yaml(path: Path) -> dict:
-    from cellmorph.runinfo import read_yaml_mapping
-
-    return read_yaml_mapping(path)
-
-
-def _validated(model_cls, data: dict, where: str):
-    from cellmorph.errors import validated
-
-    return validated(model_cls, data, where)
-
-
-def _load_table(
-    layout: Layout,
-    root: Optional[Path],
-    metadata: Optional[Path],
-    index: Optional[Path],
-    layout_config: Optional[Path],
-    moa: Optional[Path],
-    channels: Optional[str],
-    moa_subset: bool = True,
-    strict_compounds: bool = False,
-):
-    if layout is Layout.bbbc021:
-        from cellmorph.data.bbbc021 import load_bbbc021
-
-        if root is None and metadata is None:
-            raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
-        return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
-    if layout is Layout.bbbc014:
-        from cellmorph.data.bbbc014 import load_bbbc014
-
-        if root is None:
-            raise CellmorphError("--layout bbbc014 needs --root DIR")
-        return load_bbbc014(root)
-    if layout is Layout.crops:
-        from cellmorph.data.crops import DEFAULT_CHANNELS, load_crop_table
-
-        if index is None:
-            raise CellmorphError("--layout crops needs --index CSV")
-        names = tuple(c.strip() for c in channels.split(",")) if channels else DEFAULT_CHANNELS
-        return load_crop_table(index, channels=names, moa_csv=moa)
-    from cellmorph.data.crops import GenericLayout, load_generic
-
-    if layout_config is None:
-        raise CellmorphError("--layout generic needs --layout-config YAML")
-    data = _load_yaml(layout_config)
-    return load_generic(_validated(GenericLayout, data, str(layout_config)))
+def _log_line(message: str | None) -> None:
+    """A note on stderr as one plain line (rich would wrap it and read brackets as markup)."""
+    if message:
+        sys.stderr.write(f"{message}\n")
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -139,7 +95,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Count images, treatments and compounds of a dataset (no pixels are read)."""
-    table = _load_table(layout, root, metadata, index, layout_config, moa, channels, moa_subset)
+    from cellmorph.data.layouts import load_table
+
+    table = load_table(layout, root, metadata, index, layout_config, moa, channels, moa_subset)
+    _log_line(table.excluded_note())
     summary = table.summary()
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -172,7 +131,7 @@ def synth(
 ) -> None:
     """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
     if dataset is Dataset.bbbc014:
-        from cellmorph.data.bbbc014 import generate_bbbc014
+        from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
 
         summary = generate_bbbc014(out, preset=preset, seed=seed, progress=sys.stderr.isatty())
     else:
@@ -221,30 +180,22 @@ def prepare(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
-    from cellmorph.preprocess import PrepareConfig
+    from cellmorph.data.layouts import load_table, prepare_config
     from cellmorph.preprocess import prepare as run_prepare
 
-    table = _load_table(layout, root, metadata, index, layout_config, moa, channels, True, strict_compounds)
-    # Layout defaults, then the YAML config, then the options given on the command line.
-    if layout is Layout.bbbc014:
-        from cellmorph.data.bbbc014 import bbbc014_prepare_config
-
-        settings = bbbc014_prepare_config().model_dump()
-    else:
-        settings = {"tile_grid": (1, 1) if layout is Layout.crops else (2, 2)}
-    settings.update(_load_yaml(config) if config else {})
-    given = {
-        "normalize": normalize.value if normalize else None,
-        "scaling": scaling.value if scaling else None,
-        "include_controls": controls,
-        "tile_grid": _parse_grid(tiles) if tiles is not None else None,
-        "tile_size": tile_size,
-        "empty_tile_fraction": empty_tile_fraction,
-    }
-    settings.update({k: v for k, v in given.items() if v is not None})
-    settings["skip_bad"] = skip_bad or settings.get("skip_bad", False)
-    cfg = _validated(PrepareConfig, settings, str(config or "prepare options"))
-    summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=lambda m: console.print(m))
+    cfg = prepare_config(
+        layout,
+        config,
+        normalize=normalize.value if normalize else None,
+        scaling=scaling.value if scaling else None,
+        include_controls=controls,
+        tile_grid=_parse_grid(tiles) if tiles is not None else None,
+        tile_size=tile_size,
+        empty_tile_fraction=empty_tile_fraction,
+        skip_bad=True if skip_bad else None,
+    )
+    table = load_table(layout, root, metadata, index, layout_config, moa, channels, strict_compounds=strict_compounds)
+    summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=_log_line)
     print(json.dumps(summary))
 
 

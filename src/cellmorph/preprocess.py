@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from cellmorph.cache import (
+    CACHE_FORMAT,
+    finished_plate,
+    read_norm_stats,
+    remove_temporary_files,
+    write_index_and_manifest,
+    write_norm_stats,
+    write_plate,
+)
 from cellmorph.data.images import missing_files, read_field, row_paths
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import BadInputError, CellmorphError
-from cellmorph.runinfo import atomic_path, run_info, write_json
-
-CACHE_FORMAT = 1
-INDEX_FILE = "index.parquet"
-MANIFEST_FILE = "manifest.json"
-STATS_FILE = "norm_stats.parquet"
-SKIPPED_FILE = "skipped.csv"
-PLATES_DIR = "plates"
+from cellmorph.runinfo import require_output_dir, run_info
 
 
 class PrepareConfig(BaseModel):
@@ -205,28 +207,30 @@ def prepare(
 
     Idempotent: plates already written with the same config and inputs are
     skipped. On bad input (without ``skip_bad``) nothing is left behind: a
-    cache directory this call created is removed again.
+    cache directory this call created is removed again. ``log`` receives one
+    line per note (compounds the loader left out, images skipped as bad).
     """
     config = config or PrepareConfig()
     out = Path(out)
-    created = not out.exists()
+    # The top-most folder of ``out`` that this call creates (None when ``out`` exists).
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    require_output_dir(out, "cache folder")
     try:
         return _prepare(table, out, config, progress, log)
     except BaseException as exc:
-        for tmp in out.glob("**/.*.tmp*") if out.exists() else []:
-            tmp.unlink(missing_ok=True)
-        for tmp in out.glob("**/.*.npy") if out.exists() else []:
-            tmp.unlink(missing_ok=True)
-        # Bad input: remove a cache this call created. An interrupt keeps finished
+        remove_temporary_files(out)
+        # Bad input: remove what this call created. An interrupt keeps finished
         # plates (each is complete on its own), so a rerun resumes.
-        if created and isinstance(exc, CellmorphError) and out.exists():
-            shutil.rmtree(out)
+        if created is not None and isinstance(exc, CellmorphError) and created.exists():
+            shutil.rmtree(created)
         raise
 
 
 def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log) -> dict:
     bad = _Bad()
     frame = table.frame
+    if table.excluded:
+        log(table.excluded_note())
     # 1. Cheap checks before any pixel is read.
     missing = missing_files(table)
     if missing:
@@ -238,7 +242,7 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
         for pos, path in missing:
             bad.add(frame.iloc[pos], f"missing image {path}")
         frame = frame.drop(index=frame.index[drop])
-    lacking = check_controls(ImageTable(frame.reset_index(drop=True), table.channels, table.source), config.normalize)
+    lacking = check_controls(replace(table, frame=frame.reset_index(drop=True)), config.normalize)
     if lacking:
         what = "plate" if config.normalize == "plate" else "batch"
         hint = " Use --normalize batch to pool the DMSO of the plate's batch." if what == "plate" else ""
@@ -249,12 +253,11 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
             bad.add(row, f"{what} {row['Metadata_Plate' if what == 'plate' else 'Metadata_Batch']} has no DMSO")
         frame = frame[~keys.isin(lacking)]
     if frame.empty:
-        raise BadInputError("no usable images left to prepare")
-    table = ImageTable(frame.reset_index(drop=True), table.channels, table.source, table.control_compound)
+        why = f"all {len(table)} images were bad" if len(table) else "none of its rows was loaded"
+        raise BadInputError(f"{table.origin or table.source + ' table'}: no usable images left to prepare ({why})")
+    table = replace(table, frame=frame.reset_index(drop=True))
     frame = table.frame
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PLATES_DIR).mkdir(exist_ok=True)
     config_hash = _config_hash(table, config)
     n_channels = len(table.channels)
     expected_shape: tuple[int, int] | None = None
@@ -274,14 +277,11 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
         stats_fingerprint = hashlib.sha256(
             (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))).encode()
         ).hexdigest()[:16]
-        stats_sidecar = out / (STATS_FILE + ".json")
-        if config.normalize != "none" and stats_sidecar.exists() and (out / STATS_FILE).exists():
-            if json.loads(stats_sidecar.read_text()).get("fingerprint") == stats_fingerprint:
-                saved = pd.read_parquet(out / STATS_FILE)
-                for key, rows in saved.groupby("group", sort=True):
-                    rows = rows.set_index("channel").loc[list(table.channels)]
-                    stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
-                stat_rows = saved.to_dict("records")
+        saved = read_norm_stats(out, stats_fingerprint) if config.normalize != "none" else None
+        if saved is not None:
+            for key, rows in saved.groupby("group", sort=True):
+                rows = rows.set_index("channel").loc[list(table.channels)]
+                stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
         if config.normalize != "none" and not stats:
             task = bar.add_task("DMSO statistics", total=len(controls))
             groups = _group_key(controls, config.normalize)
@@ -310,10 +310,7 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
                             "n_pixels": moments.count,
                         }
                     )
-
-            with atomic_path(out / STATS_FILE) as tmp:
-                pd.DataFrame(stat_rows).to_parquet(tmp, index=False)
-            write_json(stats_sidecar, {"fingerprint": stats_fingerprint})
+            write_norm_stats(out, pd.DataFrame(stat_rows), stats_fingerprint)
 
         # 3. Tiles, one plate at a time, each written atomically.
         keep = frame if config.include_controls else frame[~frame["Metadata_IsControl"]]
@@ -325,13 +322,11 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
             group = plate if config.normalize == "plate" else (rows["Metadata_Batch"].iloc[0] if config.normalize == "batch" else None)
             plate_stats = stats.get(group) if group is not None else None
             fingerprint = _plate_fingerprint(config_hash, rows, plate_stats)
-            sidecar = out / PLATES_DIR / f"{plate}.json"
-            if sidecar.exists():
-                done = json.loads(sidecar.read_text())
-                if done.get("fingerprint") == fingerprint:
-                    plate_summaries.append(done)
-                    bar.advance(task, len(rows))
-                    continue
+            done = finished_plate(out, plate, fingerprint)
+            if done is not None:
+                plate_summaries.append(done)
+                bar.advance(task, len(rows))
+                continue
             tiles_list, meta = [], []
             for _, row in rows.iterrows():
                 try:
@@ -374,13 +369,7 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
                 arr = np.concatenate([arr, pad], axis=1)
             plate_index = pd.DataFrame(meta)
             plate_index["Metadata_PlateOffset"] = np.arange(len(plate_index))
-            with atomic_path(out / PLATES_DIR / f"{plate}.npy", suffix=".npy") as tmp:
-                np.save(tmp, np.ascontiguousarray(arr))
-            with atomic_path(out / PLATES_DIR / f"{plate}.parquet") as tmp:
-                plate_index.to_parquet(tmp, index=False)
-            summary = {"plate": plate, "fingerprint": fingerprint, "n_tiles": len(arr), "tile_shape": list(arr.shape[1:])}
-            write_json(sidecar, summary)
-            plate_summaries.append(summary)
+            plate_summaries.append(write_plate(out, plate, arr, plate_index, fingerprint))
 
     # 4. The index and manifest, written last: their presence marks a complete cache.
     if not plate_summaries:
@@ -388,44 +377,21 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
     shapes = {tuple(s["tile_shape"]) for s in plate_summaries}
     if len(shapes) != 1:
         raise BadInputError(f"plates produced different tile shapes {sorted(shapes)}; fields must share one size")
-    parts = []
-    for s in plate_summaries:
-        part = pd.read_parquet(out / PLATES_DIR / f"{s['plate']}.parquet")
-        parts.append(part)
-    index = pd.concat(parts, ignore_index=True)
-    with atomic_path(out / INDEX_FILE) as tmp:
-        index.to_parquet(tmp, index=False)
     skipped = pd.DataFrame(bad.rows, columns=["Metadata_ImageID", "reason"])
-    if len(skipped):
-        with atomic_path(out / SKIPPED_FILE) as tmp:
-            skipped.to_csv(tmp, index=False)
-        for r in bad.rows:
-            log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
-    # Stale plates from an earlier, different table are no longer part of the cache.
-    current = {s["plate"] for s in plate_summaries}
-    for stale in (out / PLATES_DIR).glob("*.json"):
-        if stale.stem not in current:
-            for ext in (".json", ".npy", ".parquet"):
-                (out / PLATES_DIR / f"{stale.stem}{ext}").unlink(missing_ok=True)
-    treated = index[~index["Metadata_IsControl"]]
-    manifest = {
-        "format": CACHE_FORMAT,
-        "complete": True,
-        "source": table.source,
-        "channels": list(table.channels) + [f"zero{i}" for i in range(len(table.channels), config.pad_channels or 0)],
-        "tile_shape": list(next(iter(shapes))),
-        "n_tiles": int(len(index)),
-        "n_images": int(index["Metadata_ImageID"].nunique()),
-        "n_treated_tiles": int(len(treated)),
-        "n_control_tiles": int(len(index) - len(treated)),
-        "n_skipped": int(len(skipped)),
-        "plates": sorted(current),
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash,
-        "provenance": run_info(),
-    }
-    write_json(out / MANIFEST_FILE, manifest)
+    for r in bad.rows:
+        log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
+    manifest = write_index_and_manifest(
+        out,
+        plate_summaries,
+        skipped,
+        source=table.source,
+        channels=list(table.channels) + [f"zero{i}" for i in range(len(table.channels), config.pad_channels or 0)],
+        excluded_compounds=dict(table.excluded),
+        config=config.model_dump(mode="json"),
+        config_hash=config_hash,
+        provenance=run_info(),
+    )
     return {k: manifest[k] for k in ("n_tiles", "n_images", "n_treated_tiles", "n_control_tiles", "n_skipped", "tile_shape")} | {
-        "n_plates": len(current),
+        "n_plates": len(manifest["plates"]),
         "cache": str(out),
     }

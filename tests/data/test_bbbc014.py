@@ -12,16 +12,18 @@ import tifffile
 
 from cellmorph.data.bbbc014 import (
     CHANNELS,
-    CONCENTRATIONS,
     IMAGE_CSV,
     NEGATIVE,
     POSITIVE,
     UNLABELLED,
     bbbc014_prepare_config,
-    generate_bbbc014,
     import_bbbc014,
     label_wells,
     load_bbbc014,
+)
+from cellmorph.data.synthetic_bbbc014 import (
+    CONCENTRATIONS,
+    generate_bbbc014,
     nuclear_cytoplasmic_ratio,
     plate_map,
     render_well,

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from cellmorph.cache import TileCache
-from cellmorph.data.crops import GenericLayout, load_crop_table, load_generic
+from cellmorph.data.crops import load_crop_table
+from cellmorph.data.generic import GenericLayout, load_generic, load_generic_yaml
 from cellmorph.errors import BadInputError
 from cellmorph.preprocess import PrepareConfig, anscombe, prepare
 
@@ -110,8 +111,9 @@ def test_generic_cellprofiler_layout_from_yaml(tiny_screen, tmp_path):
         "moa_table": str(tmp_path / "moa.csv"),
     }
     (tmp_path / "layout.yaml").write_text(yaml.safe_dump(config))
-    layout = GenericLayout(**yaml.safe_load((tmp_path / "layout.yaml").read_text()))
-    table = load_generic(layout)
+    table = load_generic_yaml(tmp_path / "layout.yaml")
+    assert table.origin == str(tmp_path / "Image.csv")
+    pd.testing.assert_frame_equal(table.frame, load_generic(GenericLayout(**config)).frame)
     assert table.channels == ("DNA", "Tubulin")
     assert len(table) == len(images)
     assert set(table.treated["Metadata_MoA"]) <= set(moa["moa"])

@@ -112,6 +112,14 @@ def moa_subset_plates(metadata_dir: Path) -> list[str]:
     return sorted(subset["Image_PathName_DAPI"].astype(str).unique())
 
 
+def unannotated_compounds(images: pd.DataFrame, moa: pd.DataFrame) -> dict[str, int]:
+    """Images per compound of the image table that the MoA table does not list at any concentration."""
+    compounds = images["Image_Metadata_Compound"].astype(str)
+    absent = compounds[~compounds.isin(set(moa["compound"].astype(str)))]
+    counts = absent.value_counts()
+    return {str(name): int(n) for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
 def check_compounds_annotated(images: pd.DataFrame, moa: pd.DataFrame, metadata_dir: Path) -> None:
     """Every compound in the image table must appear in the MoA table (any concentration)."""
     known = set(moa["compound"].astype(str))
@@ -137,15 +145,19 @@ def load_bbbc021(
     ``root`` holds the week/plate folders; ``metadata_dir`` the two CSVs
     (defaults to ``root``). With ``moa_subset`` the rows are the paper's
     annotated subset plus DMSO of the same plates; otherwise every image whose
-    compound/concentration is in the MoA table. ``strict_compounds`` makes a
-    compound absent from the MoA table an error rather than an unannotated row.
+    compound/concentration is in the MoA table. Images of compounds absent
+    from the MoA table are left out and counted in the table's ``excluded``;
+    ``strict_compounds`` makes such a compound an error instead.
     """
     root = Path(root)
     metadata_dir = Path(metadata_dir) if metadata_dir is not None else root
+    if metadata_dir.is_file():
+        raise BadInputError(f"{metadata_dir}: is a file, expected the folder holding {IMAGE_CSV} and {MOA_CSV}")
     images = read_image_csv(metadata_dir)
     moa = read_moa_csv(metadata_dir)
     if strict_compounds:
         check_compounds_annotated(images, moa, metadata_dir)
+    excluded = unannotated_compounds(images, moa)
     if moa_subset:
         rows = select_moa_subset(images, moa, keep_controls=keep_controls)
     else:
@@ -157,11 +169,18 @@ def load_bbbc021(
         if not keep_controls:
             rows = rows[rows["Image_Metadata_Compound"] != CONTROL_COMPOUND]
         rows = rows.drop(columns=["_conc", "compound"]).reset_index(drop=True)
-    return table_from_image_rows(rows, root)
+    if rows.empty:
+        raise BadInputError(
+            f"{metadata_dir / IMAGE_CSV}: no image has a compound and concentration listed in {MOA_CSV}"
+            + (f" ({sum(excluded.values())} images of {len(excluded)} unlisted compounds)" if excluded else "")
+        )
+    return table_from_image_rows(rows, root, metadata_dir, excluded)
 
 
-def table_from_image_rows(rows: pd.DataFrame, root: Path) -> ImageTable:
-    """Map BBBC021 image-CSV rows (with a ``moa`` column) onto the ImageTable contract."""
+def table_from_image_rows(
+    rows: pd.DataFrame, root: Path, metadata_dir: Path, excluded: dict[str, int] | None = None
+) -> ImageTable:
+    """Map BBBC021 image-CSV rows (with a ``moa`` column) read from ``metadata_dir`` onto the ImageTable contract."""
     root = Path(root)
     plate = rows["Image_Metadata_Plate_DAPI"].astype(str)
     well = rows["Image_Metadata_Well_DAPI"].astype(str)
@@ -186,4 +205,11 @@ def table_from_image_rows(rows: pd.DataFrame, root: Path) -> ImageTable:
         frame[channel_column(ch)] = [
             str(root / p / f) for p, f in zip(rows[f"Image_PathName_{ch}"], rows[f"Image_FileName_{ch}"])
         ]
-    return ImageTable(frame, CHANNELS, source="bbbc021")
+    return ImageTable(
+        frame,
+        CHANNELS,
+        source="bbbc021",
+        notes={"labels_from": str(Path(metadata_dir) / MOA_CSV)},
+        origin=str(Path(metadata_dir) / IMAGE_CSV),
+        excluded=excluded or {},
+    )

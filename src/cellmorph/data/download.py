@@ -44,6 +44,7 @@ from cellmorph.data.bbbc021 import (
     read_image_csv,
 )
 from cellmorph.errors import CellmorphError
+from cellmorph.runinfo import require_output_dir
 
 DEFAULT_BASE_URL = "https://data.broadinstitute.org/bbbc/BBBC021/"
 METADATA_FILES: tuple[str, ...] = (IMAGE_CSV, COMPOUND_CSV, MOA_CSV)
@@ -437,10 +438,8 @@ def download_bbbc021(
     base_url = base_url or DEFAULT_BASE_URL
     if plates is not None and all_plates:
         raise CellmorphError("pass either explicit plates or all_plates, not both")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CellmorphError(f"{root}: cannot create download folder ({_reason(exc)})") from None
+    require_output_dir(root, "download folder")
+    root.mkdir(parents=True, exist_ok=True)
     summary: dict = {
         "root": str(root),
         "base_url": base_url,

@@ -56,10 +56,10 @@ import pandas as pd
 from scipy import ndimage
 
 from cellmorph.data.bbbc021 import CHANNELS, IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
+from cellmorph.data.images import write_tiff
 from cellmorph.data.table import CONTROL_COMPOUND
 from cellmorph.errors import CellmorphError
-from cellmorph.data.images import write_tiff
-from cellmorph.runinfo import write_csv
+from cellmorph.runinfo import require_output_dir, write_csv
 
 __all__ = [
     "MOA_NAMES",
@@ -1200,7 +1200,7 @@ def generate_bbbc021(
     """
     spec = get_preset(preset)
     t0 = time.perf_counter()
-    out = Path(out)
+    out = require_output_dir(Path(out), "output folder")
     plate_map = build_plate_map(spec, seed)
     jobs = _jobs(spec, seed, plate_map)
     for folder in sorted(plate_map["Image_PathName_DAPI"].unique()):

@@ -26,7 +26,7 @@ holding an H×W×C ``.npy`` or TIFF (crop tables). Paths are absolute. Extra
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +68,21 @@ def channel_column(channel: str) -> str:
 
 @dataclass
 class ImageTable:
-    """One row per field of view or crop; see the module docstring for columns."""
+    """One row per field of view or crop; see the module docstring for columns.
+
+    ``origin`` is the table file the rows came from (named in errors about the
+    table as a whole). ``excluded`` counts the images per compound the loader
+    left out because the label table does not know the compound; they are
+    reported, never dropped silently.
+    """
 
     frame: pd.DataFrame
     channels: tuple[str, ...]
     source: str = "generic"
     control_compound: str = CONTROL_COMPOUND
     notes: dict = field(default_factory=dict)
+    origin: str | None = None
+    excluded: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)
@@ -102,12 +110,20 @@ class ImageTable:
         return self.frame[self.frame["Metadata_IsControl"]]
 
     def subset(self, mask) -> "ImageTable":
-        return ImageTable(
-            self.frame[mask].reset_index(drop=True),
-            self.channels,
-            self.source,
-            self.control_compound,
-            dict(self.notes),
+        return replace(self, frame=self.frame[mask].reset_index(drop=True), notes=dict(self.notes))
+
+    def excluded_note(self, shown: int = 10) -> str | None:
+        """One line saying which compounds' images the loader left out, or None if none were."""
+        if not self.excluded:
+            return None
+        ranked = sorted(self.excluded.items(), key=lambda kv: (-kv[1], kv[0]))
+        listed = ", ".join(f"{name} ({n})" for name, n in ranked[:shown])
+        more = f" and {len(ranked) - shown} more" if len(ranked) > shown else ""
+        n_compounds = f"{len(ranked)} compound" + ("s" if len(ranked) != 1 else "")
+        labels = self.notes.get("labels_from", "the label table")
+        return (
+            f"note: left out {sum(self.excluded.values())} images of {n_compounds} absent from {labels}: "
+            f"{listed}{more}"
         )
 
     def summary(self) -> dict:
@@ -126,6 +142,7 @@ class ImageTable:
             "images_per_moa": {
                 str(k): int(v) for k, v in treated.groupby("Metadata_MoA").size().sort_index().items()
             },
+            "excluded_compounds": dict(self.excluded),
         }
 
 
@@ -145,17 +162,22 @@ def validate_frame(frame: pd.DataFrame, channels: tuple[str, ...], source: str) 
         raise BadInputError(f"{source} table: duplicate image id {dup!r}")
 
 
-def read_table_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def read_table_csv(path: Path, required: tuple[str, ...], dtype: dict | None = None) -> pd.DataFrame:
+    """A CSV with at least one row and the ``required`` columns, none of them blank."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory, expected a CSV file")
     if not path.is_file():
         raise BadInputError(f"{path}: file not found")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=dtype)
     except Exception as exc:  # pandas raises many parser error types
         raise BadInputError(f"{path}: cannot parse CSV ({exc})") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise BadInputError(f"{path}: no rows below the header")
     check_no_blanks(frame, required, path)
     return frame
 

@@ -1,0 +1,95 @@
+"""One entry point per input layout: load its table, and its default preprocessing.
+
+``cellmorph inspect`` and ``cellmorph prepare`` are thin skins over
+:func:`load_table` and :func:`prepare_config`; Python users call the same two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cellmorph.data.table import ImageTable
+from cellmorph.errors import CellmorphError, validated
+from cellmorph.runinfo import read_yaml_mapping
+
+if TYPE_CHECKING:  # preprocess imports torch; keep `inspect` light
+    from cellmorph.preprocess import PrepareConfig
+
+LAYOUTS: tuple[str, ...] = ("bbbc021", "bbbc014", "crops", "generic")
+
+
+def _check_layout(layout: str) -> str:
+    name = getattr(layout, "value", layout)
+    if name not in LAYOUTS:
+        raise CellmorphError(f"unknown layout {name!r}; valid layouts: {', '.join(LAYOUTS)}")
+    return name
+
+
+def load_table(
+    layout: str,
+    root: Path | None = None,
+    metadata: Path | None = None,
+    index: Path | None = None,
+    layout_config: Path | None = None,
+    moa: Path | None = None,
+    channels: str | None = None,
+    moa_subset: bool = True,
+    strict_compounds: bool = False,
+) -> ImageTable:
+    """The :class:`ImageTable` of a dataset in ``layout``, from the inputs that layout needs.
+
+    * ``bbbc021``: ``root`` (image folders) and/or ``metadata`` (the folder with the two CSVs;
+      default ``root``); ``moa_subset`` and ``strict_compounds`` as in :func:`load_bbbc021`.
+    * ``bbbc014``: ``root``.
+    * ``crops``: ``index`` (the crop CSV), optional ``moa`` (compound,moa CSV) and
+      ``channels`` (comma-separated names; default DAPI,Tubulin,Actin).
+    * ``generic``: ``layout_config`` (a YAML :class:`~cellmorph.data.generic.GenericLayout`).
+    """
+    layout = _check_layout(layout)
+    if layout == "bbbc021":
+        from cellmorph.data.bbbc021 import load_bbbc021
+
+        if root is None and metadata is None:
+            raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
+        return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
+    if layout == "bbbc014":
+        from cellmorph.data.bbbc014 import load_bbbc014
+
+        if root is None:
+            raise CellmorphError("--layout bbbc014 needs --root DIR")
+        return load_bbbc014(root)
+    if layout == "crops":
+        from cellmorph.data.crops import DEFAULT_CHANNELS, load_crop_table
+
+        if index is None:
+            raise CellmorphError("--layout crops needs --index CSV")
+        names = tuple(c.strip() for c in channels.split(",") if c.strip()) if channels else DEFAULT_CHANNELS
+        return load_crop_table(index, channels=names, moa_csv=moa)
+    from cellmorph.data.generic import load_generic_yaml
+
+    if layout_config is None:
+        raise CellmorphError("--layout generic needs --layout-config YAML")
+    return load_generic_yaml(layout_config)
+
+
+def prepare_config(layout: str, config_file: Path | None = None, **given) -> "PrepareConfig":
+    """The :class:`PrepareConfig` for ``layout``: its defaults, then ``config_file`` (YAML), then ``given``.
+
+    Layout defaults: BBBC014 uses the paper's recipe (:func:`bbbc014_prepare_config`),
+    crops are one tile each (1×1), everything else 2×2. ``given`` holds
+    command-line values; a None value means "not given" and does not override.
+    """
+    from cellmorph.preprocess import PrepareConfig
+
+    layout = _check_layout(layout)
+    if layout == "bbbc014":
+        from cellmorph.data.bbbc014 import bbbc014_prepare_config
+
+        settings = bbbc014_prepare_config().model_dump()
+    else:
+        settings = {"tile_grid": (1, 1) if layout == "crops" else (2, 2)}
+    if config_file is not None:
+        settings.update(read_yaml_mapping(config_file))
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return validated(PrepareConfig, settings, str(config_file or "prepare options"))
