@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,18 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> su
                           env=None if env is None else {**os.environ, **env}, input=input)
 
 
+# Progress lines in a batch log ("[HH:MM:SS] folds 3/38 ...") may come before a failure.
+PROGRESS_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """The failure contract: exit code 2, exactly one stderr line naming ``needles``, no traceback."""
+    """The failure contract: exit code 2, no traceback, and the run ends in one ``error:`` line
+    naming ``needles`` (besides it, stderr holds at most progress lines of work done before)."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert proc.stderr.rstrip().endswith(lines[0]), proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -13,10 +11,7 @@ import yaml
 
 from cellmorph.cache import TileCache
 from cellmorph.cv.splits import make_folds
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellmorph.cli", *args], capture_output=True, text=True)
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")

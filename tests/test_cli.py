@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import one_line_error, run_cli
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellmorph.cli", *args], capture_output=True, text=True)
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+# A CV run of seconds: a tiny network from scratch on 32-px tiles of the tiny screen.
+QUICK_CV = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "2",
+            "--cv", "group-kfold:2", "--max-tiles-per-fold", "40", "--threads", "1")
 
 
 def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
@@ -112,3 +105,51 @@ def test_demo_writes_the_run_directory(tmp_path):
     assert config["frozen_feature_cache"] is True
     assert not list(run.glob("frozen_features*"))  # the run finished, so its feature pool is gone
     assert (tmp_path / "demo-data" / "screen" / "BBBC021_v1_image.csv").is_file()
+
+
+def test_cv_in_a_batch_log_prints_one_line_per_fold_and_epoch_and_refuses_a_rerun(tiny_cache, tmp_path):
+    """Not a terminal: plain lines with elapsed time and time left; a second run names --resume."""
+    run = tmp_path / "run"
+    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    folds = [line for line in lines if re.search(r"\] folds \d/2 ", line)]
+    epochs = [line for line in lines if re.search(r"\]   epochs \(group-\d\) \d/2 loss", line)]
+    assert len(folds) == 2 and len(epochs) == 4, proc.stderr
+    assert all("elapsed" in line and "left" in line for line in folds + epochs)
+    assert not any("batches" in line for line in lines)  # bars (batch counts included) stay off a log
+
+    line = one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run), str(run), "--resume", "--out")
+    assert "resume=True" not in line
+    assert run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run, "--resume").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["cv", "embed"])
+def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(command, tiny_cache, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    args = QUICK_CV if command == "cv" else ("--model", "test_resnet", "--image-size", "32", "--init", "xavier")
+    for out, needle in [(blocker, "existing file"), (blocker / "run", "a parent is a file"),
+                        ("/proc/cellmorph-test/run", "cannot write")]:
+        line = one_line_error(run_cli(command, "--data", tiny_cache, *args, "--out", out), str(out))
+        assert needle in line
+    assert blocker.read_text() == "keep me"
+
+
+def test_an_image_size_the_network_cannot_take_is_one_line_and_leaves_nothing(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    one_line_error(run_cli("cv", "--data", tiny_cache, "--model", "inception_v3", "--init", "xavier",
+                           "--image-size", "16", "--out", run), "image size 16 px is too small for inception_v3",
+                   "--image-size")
+    assert not run.exists()
+
+
+def test_a_run_that_failed_before_its_first_fold_does_not_block_the_same_command(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("config: {model: test_resnet}\nfingerprint: from-a-failed-attempt\n")
+    (run / "folds" / "0").mkdir(parents=True)
+    (run / "folds" / "0" / "predictions.parquet").write_bytes(b"half-written by a crash")
+    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "metrics.json").read_text())["resumed_folds"] == []

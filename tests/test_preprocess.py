@@ -24,7 +24,7 @@ from cellmorph.preprocess import (
     split_tiles,
     to_uint8,
 )
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import PROGRESS_LINE, one_line_error, run_cli
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -277,7 +277,11 @@ def test_compounds_absent_from_the_moa_table_are_reported_not_silently_dropped(t
                 f"mystery-compound ({n})")
     proc = _prepare_cli(tiny_copy, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.splitlines() == [expected]
+    notes = [line for line in proc.stderr.splitlines() if not PROGRESS_LINE.match(line)]
+    assert notes == [expected]
+    # Not a terminal: one progress line per plate, each with the time left.
+    plates = [line for line in proc.stderr.splitlines() if re.search(r"\] plates \d/4 \(Week\d_\d+\): \d+ tiles;", line)]
+    assert len(plates) == 4 and all(line.endswith("left") for line in plates), proc.stderr
     cache = TileCache(tmp_path / "cache")
     assert cache.manifest["excluded_compounds"] == {"mystery-compound": n}
     assert cache.excluded_compounds == {"mystery-compound": n}

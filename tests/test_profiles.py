@@ -80,14 +80,10 @@ def test_same_compound_neighbour_cannot_leak():
 
 def test_profile_eval_cli_contract(real_metadata, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "cellmorph.cli", "profile-eval", str(PROFILES), "--metadata", str(real_metadata),
-         "--out", str(tmp_path / "pe")],
-        capture_output=True, text=True,
-    )
+    from tests.conftest import run_cli
+
+    proc = run_cli("profile-eval", PROFILES, "--metadata", real_metadata, "--out", tmp_path / "pe")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "pe" / "metrics.json").read_text())
     assert metrics["n_treatments"] == 103

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from cellmorph.errors import BadInputError
 from cellmorph.stored import class_for_abbreviation, read_stored_predictions, score_stored_predictions
-from tests.conftest import SHARED
+from tests.conftest import SHARED, run_cli
 
 XLSX = SHARED / "reference" / "kensert2019_predictions_bbbc021v1.xlsx"
 
@@ -41,11 +39,7 @@ def test_abbreviations():
 
 
 def test_score_treatments_cli_contract(real_metadata, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cellmorph.cli", "score-treatments", str(XLSX), "--moa",
-         str(real_metadata / "BBBC021_v1_moa.csv")],
-        capture_output=True, text=True,
-    )
+    proc = run_cli("score-treatments", XLSX, "--moa", real_metadata / "BBBC021_v1_moa.csv")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout)
     assert {k: round(v, 3) for k, v in scores.items()} == {"ResNet50": 0.971, "InceptionV3": 0.971,

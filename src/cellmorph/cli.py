@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cellmorph.cv.config import field_help  # option help is the config's field descriptions
 from cellmorph.errors import CellmorphError
 
 app = typer.Typer(
@@ -28,6 +29,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out_console = Console()
+THREADS_HELP = field_help("num_threads")
+PROGRESS_HELP = "progress bars on a terminal, one line per step in a log (--no-progress: silent)"
 
 
 def user_errors(func):
@@ -177,7 +180,8 @@ def prepare(
         False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
     ),
     config: Optional[Path] = typer.Option(None, help="YAML PrepareConfig; command-line options override it"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
     from cellmorph.data.layouts import load_table, prepare_config
@@ -195,7 +199,7 @@ def prepare(
         skip_bad=True if skip_bad else None,
     )
     table = load_table(layout, root, metadata, index, layout_config, moa, channels, strict_compounds=strict_compounds)
-    summary = run_prepare(table, out, cfg, progress=progress and sys.stderr.isatty(), log=_log_line)
+    summary = run_prepare(table, out, cfg, progress=progress, log=_log_line, threads=threads)
     print(json.dumps(summary))
 
 
@@ -216,10 +220,18 @@ def download(
 
 
 # ----------------------------------------------------------------------------- cv / demo
+
+
 class Mode(str, Enum):
     finetune = "finetune"
     linear = "linear"
     linear_probe = "linear-probe"
+
+
+class KeepCheckpoints(str, Enum):
+    all = "all"
+    last = "last"
+    none = "none"
 
 
 def _print_metrics(metrics: dict, out: Path) -> None:
@@ -232,75 +244,58 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     grid.add_row("tile", f"{metrics['tile_accuracy']:.3f}", str(metrics.get("n_tiles", "")))
     console.print(grid)
     console.print(f"run directory: {out}")
+    print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
+                                                "n_treatments", "n_folds")}))
 
 
 @command()
 def cv(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="run directory to write"),
-    model: Optional[str] = typer.Option(None, help="timm backbone (default resnet50)"),
-    init: Optional[str] = typer.Option(None, help="imagenet | xavier | checkpoint path"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default 10)"),
-    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="loco | group-kfold:K | nscb | well[:K] | cell-line"),
-    mode: Optional[Mode] = typer.Option(None, help="finetune | linear | linear-probe"),
-    weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    image_size: Optional[int] = typer.Option(None, help="model input size (default the model's)"),
-    seed: Optional[int] = typer.Option(None),
+    model: Optional[str] = typer.Option(None, help=field_help("model")),
+    init: Optional[str] = typer.Option(None, help=field_help("init")),
+    epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),
+    cv_scheme: Optional[str] = typer.Option(None, "--cv", help=field_help("cv")),
+    mode: Optional[Mode] = typer.Option(None, help=field_help("mode")),
+    weights: Optional[Path] = typer.Option(None, help=field_help("weights")),
+    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
+    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
+    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
     include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
-                                                    help="make DMSO a class"),
-    max_tiles_per_fold: Optional[int] = typer.Option(None, help="subsample training tiles per fold"),
-    freeze_stages: Optional[int] = typer.Option(None, help="fine-tune: freeze the stem + early stages (N coarse stages)"),
+                                                    help=field_help("include_controls_as_class")),
+    max_tiles_per_fold: Optional[int] = typer.Option(None, help=field_help("max_tiles_per_fold")),
+    freeze_stages: Optional[int] = typer.Option(None, help=field_help("freeze_stages")),
     frozen_feature_cache: Optional[bool] = typer.Option(
-        None, "--frozen-feature-cache/--no-frozen-feature-cache",
-        help="with --freeze-stages: run the frozen stages once per run (on `epochs` augmented copies of each "
-        "tile), not in every fold and epoch; 1.4x faster training steps on CPU (lite0, 320 px)"),
-    eval_epochs: Optional[str] = typer.Option(None, help="also score after these epochs, e.g. '1,5'"),
-    tta: Optional[str] = typer.Option(None, help="none | dihedral: average each tile's softmax over 8 rotations/mirrors"),
+        None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache")),
+    eval_epochs: Optional[str] = typer.Option(None, help=field_help("eval_epochs")),
+    tta: Optional[str] = typer.Option(None, help=field_help("tta")),
     replicates: int = typer.Option(1, min=1, help="repeat the whole CV with seeds seed, seed+1, … (RUN/replicate-<r>)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    num_workers: Optional[int] = typer.Option(None, help="tile-reading processes"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    online: Optional[bool] = typer.Option(None, "--online/--offline", help="allow hub downloads of weights"),
+    device: Optional[str] = typer.Option(None, help=field_help("device")),
+    num_workers: Optional[int] = typer.Option(None, help=field_help("num_workers")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    keep_checkpoints: Optional[KeepCheckpoints] = typer.Option(None, help=field_help("keep_checkpoints")),
+    online: Optional[bool] = typer.Option(None, "--online/--offline", help=field_help("allow_network")),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run, skipping finished folds"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
-    from cellmorph.experiment import load_cv_config, run_cv, run_replicates
+    from cellmorph.cv import load_cv_config, run_cv, run_replicates
 
     cfg = load_cv_config(
-        config,
-        eval_epochs=_int_list(eval_epochs, "--eval-epochs"),
-        model=model,
-        init=init,
-        epochs=epochs,
-        cv=cv_scheme,
-        mode=mode.value if mode else None,
-        weights=str(weights) if weights else None,
-        batch_size=batch_size,
-        lr=lr,
-        image_size=image_size,
-        seed=seed,
-        include_controls_as_class=include_controls,
-        max_tiles_per_fold=max_tiles_per_fold,
-        freeze_stages=freeze_stages,
-        frozen_feature_cache=frozen_feature_cache,
-        tta=tta,
-        device=device,
-        num_workers=num_workers,
-        num_threads=threads,
-        allow_network=online,
+        config, eval_epochs=_int_list(eval_epochs, "--eval-epochs"), model=model, init=init, epochs=epochs,
+        cv=cv_scheme, mode=mode.value if mode else None, weights=str(weights) if weights else None,
+        batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, include_controls_as_class=include_controls,
+        max_tiles_per_fold=max_tiles_per_fold, freeze_stages=freeze_stages, frozen_feature_cache=frozen_feature_cache,
+        tta=tta, device=device, num_workers=num_workers, num_threads=threads, allow_network=online,
+        keep_checkpoints=keep_checkpoints.value if keep_checkpoints else None,
     )
-    show = progress and sys.stderr.isatty()
     if replicates > 1:
-        metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=show)
+        metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress)
     else:
-        metrics = run_cv(data, out, cfg, resume=resume, progress=show)
+        metrics = run_cv(data, out, cfg, resume=resume, progress=progress)
     _print_metrics(metrics, out)
-    print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
-                                                "n_treatments", "n_folds")}))
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
@@ -319,28 +314,29 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 def compare_inits_command(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="output directory (one sub-run per init)"),
-    model: Optional[str] = typer.Option(None, help="timm backbone (default resnet50)"),
-    cv_scheme: Optional[str] = typer.Option(None, "--cv", help="e.g. cell-line (BBBC014) or loco"),
+    model: Optional[str] = typer.Option(None, help=field_help("model")),
+    cv_scheme: Optional[str] = typer.Option(None, "--cv", help=field_help("cv")),
     epochs: str = typer.Option("1,5,20", help="score after these epochs (one training of the largest)"),
     replicates: int = typer.Option(3, min=1, help="seeds per init"),
     inits: str = typer.Option("imagenet,xavier", help="comma-separated: imagenet, xavier or checkpoint paths"),
     metric: str = typer.Option("well_accuracy", help="treatment_accuracy | well_accuracy | tile_accuracy"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    image_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
+    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
+    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue, skipping finished folds and replicates"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
-    from cellmorph.experiment import compare_inits, load_cv_config
+    from cellmorph.cv import compare_inits, load_cv_config
 
     epoch_list = _int_list(epochs, "--epochs")
-    cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr,
-                         image_size=image_size, seed=seed, epochs=max(epoch_list))
+    cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr, image_size=image_size,
+                         seed=seed, epochs=max(epoch_list), num_threads=threads)
     result = compare_inits(data, out, cfg, tuple(i for i in inits.split(",") if i), tuple(epoch_list),
-                           replicates, metric, resume=resume, progress=progress and sys.stderr.isatty())
+                           replicates, metric, resume=resume, progress=progress)
     grid = Table(title=f"{metric} (mean ± SD over {replicates} replicate(s))")
     grid.add_column("init")
     for e in result["epochs"]:
@@ -352,53 +348,35 @@ def compare_inits_command(
     print(json.dumps(result["by_init"]))
 
 
-DEMO_MODEL = "tf_efficientnet_lite0"
+def _demo_help(name: str) -> str:
+    from cellmorph.demo import DemoConfig
+
+    return DemoConfig.model_fields[name].description or ""
 
 
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (the synthetic data and cache go beside it)"),
-    seed: int = typer.Option(0),
-    epochs: int = typer.Option(5, help="fine-tuning epochs per fold"),
-    image_size: int = typer.Option(224, help="tiles are resized to this for the CNN (the model's own size: "
-                                        "tiny's binned cells are too small for ImageNet filters at 96 px)"),
-    freeze_stages: int = typer.Option(4, help="keep the ImageNet stem + first stages fixed (faster, and it "
-                                      "generalises better to held-out compounds)"),
-    tta: str = typer.Option("dihedral", help="none | dihedral test-time augmentation"),
-    frozen_feature_cache: bool = typer.Option(
-        True, "--frozen-feature-cache/--no-frozen-feature-cache",
-        help="run the frozen stages once per run, not in every fold and epoch (needs --freeze-stages > 0)"),
-    cv_scheme: str = typer.Option(
-        "group-kfold:4", "--cv",
-        help="CV scheme; compounds are always held out. 'loco' (24 folds on tiny) is the paper's "
-        "and takes several times longer",
-    ),
+    seed: int = typer.Option(0, help=_demo_help("seed")),
+    epochs: int = typer.Option(5, help=_demo_help("epochs")),
+    image_size: int = typer.Option(224, help=_demo_help("image_size")),
+    freeze_stages: int = typer.Option(4, help=_demo_help("freeze_stages")),
+    tta: str = typer.Option("dihedral", help=_demo_help("tta")),
+    frozen_feature_cache: bool = typer.Option(True, "--frozen-feature-cache/--no-frozen-feature-cache",
+                                              help=_demo_help("frozen_feature_cache")),
+    cv_scheme: str = typer.Option("group-kfold:4", "--cv", help=_demo_help("cv")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """synth tiny → prepare → cv (compound hold-out, offline ImageNet EfficientNet-Lite0) → summary table."""
-    from cellmorph.data.bbbc021 import load_bbbc021
-    from cellmorph.data.synthetic import generate_bbbc021
-    from cellmorph.experiment import load_cv_config, run_cv
-    from cellmorph.preprocess import PrepareConfig
-    from cellmorph.preprocess import prepare as run_prepare
+    from cellmorph.demo import DemoConfig, run_demo
+    from cellmorph.errors import validated
 
-    show = sys.stderr.isatty()
-    work = Path(str(out) + "-data")
-    screen, cache = work / "screen", work / "cache"
-    console.print(f"[bold]1/3[/] synthetic tiny screen → {screen}")
-    if not (screen / "BBBC021_v1_image.csv").is_file():
-        generate_bbbc021(screen, preset="tiny", seed=seed, progress=show)
-    console.print(f"[bold]2/3[/] prepare (per-plate DMSO normalisation, Anscombe, 8-bit, 2×2 tiles) → {cache}")
-    summary = run_prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=image_size), progress=show)
-    console.print(f"    {summary['n_tiles']} tiles from {summary['n_images']} images on {summary['n_plates']} plates")
-    console.print(f"[bold]3/3[/] cv {cv_scheme}, {DEMO_MODEL} (ImageNet, offline), {epochs} epochs, {image_size} px, "
-                  f"{freeze_stages} frozen stages, TTA {tta} → {out}")
-    cfg = load_cv_config(None, model=DEMO_MODEL, init="imagenet", epochs=epochs, cv=cv_scheme,
-                         image_size=image_size, seed=seed, freeze_stages=freeze_stages, tta=tta,
-                         frozen_feature_cache=frozen_feature_cache and freeze_stages > 0)
-    metrics = run_cv(cache, out, cfg, resume=(out / "config.yaml").is_file(), progress=show)
+    settings = validated(DemoConfig, dict(seed=seed, epochs=epochs, image_size=image_size, freeze_stages=freeze_stages,
+                                           tta=tta, frozen_feature_cache=frozen_feature_cache, cv=cv_scheme,
+                                           threads=threads), "demo options")
+    metrics = run_demo(out, settings, progress=progress, say=lambda m: console.print(m, highlight=False))
     _print_metrics(metrics, out)
-    print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
-                                                "n_treatments", "n_folds")}))
 
 
 # ----------------------------------------------------------------------------- embed / profiles
@@ -429,6 +407,7 @@ def embed(
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     online: bool = typer.Option(False, "--online", help="allow fetching weights from the hub"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
@@ -436,7 +415,7 @@ def embed(
 
     target = out or Path(data) / "embeddings" / model
     summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online,
-                        progress and sys.stderr.isatty())
+                        progress and sys.stderr.isatty(), threads=threads)
     print(json.dumps(summary | {"out": str(target)}))
 
 

@@ -56,7 +56,6 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
     from cellmorph.data.synthetic import generate_bbbc021
     from cellmorph.preprocess import PrepareConfig, prepare
     from cellmorph.runinfo import require_output_dir
-    from cellmorph.runtime import torch_threads
 
     config = config or DemoConfig()
     out = require_output_dir(Path(out), "run directory")
@@ -66,9 +65,8 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
     if not (screen / "BBBC021_v1_image.csv").is_file():
         generate_bbbc021(screen, preset="tiny", seed=config.seed, progress=show)
     say(f"2/3 prepare (per-plate DMSO normalisation, Anscombe, 8-bit, 2×2 tiles) → {cache}")
-    with torch_threads(config.threads):
-        summary = prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=config.image_size),
-                          progress=show)
+    summary = prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=config.image_size),
+                      progress=progress, threads=config.threads)
     say(f"    {summary['n_tiles']} tiles from {summary['n_images']} images on {summary['n_plates']} plates")
     say(f"3/3 cv {config.cv}, {DEMO_MODEL} (ImageNet, offline), {config.epochs} epochs, {config.image_size} px, "
         f"{config.freeze_stages} frozen stages, TTA {config.tta} → {out}")

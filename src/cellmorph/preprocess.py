@@ -41,6 +41,7 @@ from cellmorph.cache import (
 from cellmorph.data.images import missing_files, read_field, row_paths
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import BadInputError, CellmorphError
+from cellmorph.progress import Progress
 from cellmorph.runinfo import require_output_dir, run_info
 
 
@@ -183,40 +184,33 @@ def _plate_fingerprint(config_hash: str, rows: pd.DataFrame, stats: np.ndarray |
     return h.hexdigest()[:16]
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def prepare(
     table: ImageTable,
     out: Path,
     config: PrepareConfig | None = None,
     progress: bool = True,
     log=print,
+    threads: int | None = None,
 ) -> dict:
     """Preprocess ``table`` into a tile cache at ``out``; returns a summary dict.
 
     Idempotent: plates already written with the same config and inputs are
     skipped. On bad input (without ``skip_bad``) nothing is left behind: a
     cache directory this call created is removed again. ``log`` receives one
-    line per note (compounds the loader left out, images skipped as bad).
+    line per note (compounds the loader left out, images skipped as bad). ``progress``:
+    bars on a terminal, one line per plate otherwise. ``threads``: torch CPU threads for
+    the resize (default: :func:`cellmorph.runtime.default_threads`).
     """
+    from cellmorph.runtime import torch_threads
+
     config = config or PrepareConfig()
     out = Path(out)
     # The top-most folder of ``out`` that this call creates (None when ``out`` exists).
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     require_output_dir(out, "cache folder")
     try:
-        return _prepare(table, out, config, progress, log)
+        with torch_threads(threads):
+            return _prepare(table, out, config, progress, log)
     except BaseException as exc:
         remove_temporary_files(out)
         # Bad input: remove what this call created. An interrupt keeps finished
@@ -228,10 +222,60 @@ def prepare(
 
 def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log) -> dict:
     bad = _Bad()
-    frame = table.frame
+    table = _usable_images(table, config, bad)
+    config_hash = _config_hash(table, config)
+    reader = _FieldReader(table)
+    with Progress(progress) as bar:
+        stats = _dmso_statistics(table, config, out, config_hash, reader, bad, bar)
+        keep = table.frame if config.include_controls else table.frame[~table.frame["Metadata_IsControl"]]
+        keep = keep[~keep["Metadata_ImageID"].isin({r["Metadata_ImageID"] for r in bad.rows})]
+        plates = list(keep.groupby("Metadata_Plate", sort=True))
+        task = bar.task("plates", len(plates))
+        plate_summaries = []
+        for plate, rows in plates:
+            group = {"plate": plate, "batch": rows["Metadata_Batch"].iloc[0]}.get(config.normalize)
+            plate_stats = stats.get(group) if group is not None else None
+            fingerprint = _plate_fingerprint(config_hash, rows, plate_stats)
+            summary = finished_plate(out, plate, fingerprint)
+            if summary is None:
+                tiles = _plate_tiles(table, rows, plate_stats, config, reader, bad)
+                summary = write_plate(out, plate, *tiles, fingerprint) if tiles else None
+            if summary is not None:
+                plate_summaries.append(summary)
+            task.advance(info=f"({plate}): {summary['n_tiles'] if summary else 0} tiles")
+
+    # The index and manifest, written last: their presence marks a complete cache.
+    if not plate_summaries:
+        raise BadInputError("no tiles were produced (every image was bad or empty)")
+    shapes = {tuple(s["tile_shape"]) for s in plate_summaries}
+    if len(shapes) != 1:
+        raise BadInputError(f"plates produced different tile shapes {sorted(shapes)}; fields must share one size")
+    skipped = pd.DataFrame(bad.rows, columns=["Metadata_ImageID", "reason"])
+    manifest = write_index_and_manifest(
+        out,
+        plate_summaries,
+        skipped,
+        source=table.source,
+        channels=list(table.channels) + [f"zero{i}" for i in range(len(table.channels), config.pad_channels or 0)],
+        excluded_compounds=dict(table.excluded),
+        config=config.model_dump(mode="json"),
+        config_hash=config_hash,
+        provenance=run_info(),
+    )
+    # Notes come after success, so a failure ends in its one error line alone.
     if table.excluded:
         log(table.excluded_note())
-    # 1. Cheap checks before any pixel is read.
+    for r in bad.rows:
+        log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
+    return {k: manifest[k] for k in ("n_tiles", "n_images", "n_treated_tiles", "n_control_tiles", "n_skipped", "tile_shape")} | {
+        "n_plates": len(manifest["plates"]),
+        "cache": str(out),
+    }
+
+
+def _usable_images(table: ImageTable, config: PrepareConfig, bad: _Bad) -> ImageTable:
+    """Cheap checks before any pixel is read: missing files and plates (or batches) without DMSO."""
+    frame = table.frame
     missing = missing_files(table)
     if missing:
         if not config.skip_bad:
@@ -255,143 +299,106 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
     if frame.empty:
         why = f"all {len(table)} images were bad" if len(table) else "none of its rows was loaded"
         raise BadInputError(f"{table.origin or table.source + ' table'}: no usable images left to prepare ({why})")
-    table = replace(table, frame=frame.reset_index(drop=True))
-    frame = table.frame
+    return replace(table, frame=frame.reset_index(drop=True))
 
-    config_hash = _config_hash(table, config)
-    n_channels = len(table.channels)
-    expected_shape: tuple[int, int] | None = None
 
-    def read(row):
-        nonlocal expected_shape
-        pixels = read_field(table, row, expected_shape)
-        if expected_shape is None:
-            expected_shape = tuple(pixels.shape[:2])
+class _FieldReader:
+    """Reads fields of one table, checking that every field has the shape of the first one read."""
+
+    def __init__(self, table: ImageTable) -> None:
+        self.table = table
+        self.shape: tuple[int, int] | None = None
+
+    def __call__(self, row) -> np.ndarray:
+        pixels = read_field(self.table, row, self.shape)
+        if self.shape is None:
+            self.shape = tuple(pixels.shape[:2])
         return pixels
 
-    # 2. DMSO statistics per plate or batch (controls only).
+
+def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, read: _FieldReader, bad: _Bad,
+                     bar: Progress) -> dict[str, np.ndarray]:
+    """{plate or batch: (2, channels) mean and std} of the Anscombe-transformed DMSO fields only.
+
+    Read back from the cache when its controls and config are unchanged.
+    """
+    if config.normalize == "none":
+        return {}
+    controls = table.frame[table.frame["Metadata_IsControl"]]
+    stats_fingerprint = hashlib.sha256(
+        (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))).encode()
+    ).hexdigest()[:16]
     stats: dict[str, np.ndarray] = {}
+    saved = read_norm_stats(out, stats_fingerprint)
+    if saved is not None:
+        for key, rows in saved.groupby("group", sort=True):
+            rows = rows.set_index("channel").loc[list(table.channels)]
+            stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
+        return stats
+    groups = list(controls.groupby(_group_key(controls, config.normalize), sort=True))
+    task = bar.task(f"DMSO statistics per {config.normalize}", len(groups))
     stat_rows = []
-    with _progress(progress) as bar:
-        controls = frame[frame["Metadata_IsControl"]]
-        stats_fingerprint = hashlib.sha256(
-            (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))).encode()
-        ).hexdigest()[:16]
-        saved = read_norm_stats(out, stats_fingerprint) if config.normalize != "none" else None
-        if saved is not None:
-            for key, rows in saved.groupby("group", sort=True):
-                rows = rows.set_index("channel").loc[list(table.channels)]
-                stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
-        if config.normalize != "none" and not stats:
-            task = bar.add_task("DMSO statistics", total=len(controls))
-            groups = _group_key(controls, config.normalize)
-            for key, rows in controls.groupby(groups, sort=True):
-                moments = ChannelMoments(n_channels)
-                for _, row in rows.iterrows():
-                    try:
-                        moments.add(anscombe(read(row)))
-                    except BadInputError as exc:
-                        if not config.skip_bad:
-                            raise
-                        bad.add(row, str(exc))
-                    bar.advance(task)
-                if moments.n_images == 0:
-                    raise BadInputError(f"{config.normalize} {key}: no readable DMSO control fields")
-                stats[key] = np.stack([moments.mean, moments.std])
-                for i, ch in enumerate(table.channels):
-                    stat_rows.append(
-                        {
-                            "group": key,
-                            "level": config.normalize,
-                            "channel": ch,
-                            "mean": moments.mean[i],
-                            "std": moments.std[i],
-                            "n_images": moments.n_images,
-                            "n_pixels": moments.count,
-                        }
-                    )
-            write_norm_stats(out, pd.DataFrame(stat_rows), stats_fingerprint)
+    for key, rows in groups:
+        moments = ChannelMoments(len(table.channels))
+        for _, row in rows.iterrows():
+            try:
+                moments.add(anscombe(read(row)))
+            except BadInputError as exc:
+                if not config.skip_bad:
+                    raise
+                bad.add(row, str(exc))
+        if moments.n_images == 0:
+            raise BadInputError(f"{config.normalize} {key}: no readable DMSO control fields")
+        stats[key] = np.stack([moments.mean, moments.std])
+        for i, ch in enumerate(table.channels):
+            stat_rows.append({"group": key, "level": config.normalize, "channel": ch, "mean": moments.mean[i],
+                              "std": moments.std[i], "n_images": moments.n_images, "n_pixels": moments.count})
+        task.advance(info=f"({key}): {moments.n_images} DMSO fields")
+    write_norm_stats(out, pd.DataFrame(stat_rows), stats_fingerprint)
+    return stats
 
-        # 3. Tiles, one plate at a time, each written atomically.
-        keep = frame if config.include_controls else frame[~frame["Metadata_IsControl"]]
-        bad_ids = {r["Metadata_ImageID"] for r in bad.rows}
-        keep = keep[~keep["Metadata_ImageID"].isin(bad_ids)]
-        task = bar.add_task("Tiles", total=len(keep))
-        plate_summaries = []
-        for plate, rows in keep.groupby("Metadata_Plate", sort=True):
-            group = plate if config.normalize == "plate" else (rows["Metadata_Batch"].iloc[0] if config.normalize == "batch" else None)
-            plate_stats = stats.get(group) if group is not None else None
-            fingerprint = _plate_fingerprint(config_hash, rows, plate_stats)
-            done = finished_plate(out, plate, fingerprint)
-            if done is not None:
-                plate_summaries.append(done)
-                bar.advance(task, len(rows))
-                continue
-            tiles_list, meta = [], []
-            for _, row in rows.iterrows():
-                try:
-                    pixels = read(row)
-                except BadInputError as exc:
-                    if not config.skip_bad:
-                        raise
-                    bad.add(row, str(exc))
-                    bar.advance(task)
-                    continue
-                x = anscombe(pixels)
-                if plate_stats is not None:
-                    x = zscore(x, plate_stats[0], plate_stats[1])
-                if config.scaling == "tile":
-                    float_tiles, where = split_tiles(x, config.tile_grid)
-                    tiles = np.stack([to_uint8(t, "image") for t in float_tiles])
-                else:
-                    tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
-                kept = [
-                    k
-                    for k, tile in enumerate(tiles)
-                    if config.empty_tile_fraction is None
-                    or not is_empty_tile(tile, config.empty_tile_level, config.empty_tile_fraction)
-                ]
-                # Resize per field, not per plate, so memory stays bounded by one field.
-                resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
-                for tile, k in zip(resized, kept):
-                    tr, tc = where[k]
-                    tiles_list.append(tile)
-                    record = {c: row[c] for c in frame.columns if c.startswith("Metadata_")}
-                    record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc})
-                    record["Metadata_SourcePath"] = row_paths(table, row)[0]
-                    meta.append(record)
-                bar.advance(task)
-            if not tiles_list:
-                continue
-            arr = np.stack(tiles_list)
-            if config.pad_channels and config.pad_channels > arr.shape[1]:
-                pad = np.zeros((arr.shape[0], config.pad_channels - arr.shape[1], *arr.shape[2:]), np.uint8)
-                arr = np.concatenate([arr, pad], axis=1)
-            plate_index = pd.DataFrame(meta)
-            plate_index["Metadata_PlateOffset"] = np.arange(len(plate_index))
-            plate_summaries.append(write_plate(out, plate, arr, plate_index, fingerprint))
 
-    # 4. The index and manifest, written last: their presence marks a complete cache.
-    if not plate_summaries:
-        raise BadInputError("no tiles were produced (every image was bad or empty)")
-    shapes = {tuple(s["tile_shape"]) for s in plate_summaries}
-    if len(shapes) != 1:
-        raise BadInputError(f"plates produced different tile shapes {sorted(shapes)}; fields must share one size")
-    skipped = pd.DataFrame(bad.rows, columns=["Metadata_ImageID", "reason"])
-    for r in bad.rows:
-        log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
-    manifest = write_index_and_manifest(
-        out,
-        plate_summaries,
-        skipped,
-        source=table.source,
-        channels=list(table.channels) + [f"zero{i}" for i in range(len(table.channels), config.pad_channels or 0)],
-        excluded_compounds=dict(table.excluded),
-        config=config.model_dump(mode="json"),
-        config_hash=config_hash,
-        provenance=run_info(),
-    )
-    return {k: manifest[k] for k in ("n_tiles", "n_images", "n_treated_tiles", "n_control_tiles", "n_skipped", "tile_shape")} | {
-        "n_plates": len(manifest["plates"]),
-        "cache": str(out),
-    }
+def _plate_tiles(table, rows: pd.DataFrame, plate_stats, config: PrepareConfig, read: _FieldReader,
+                 bad: _Bad) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """One plate's fields → (uint8 tiles (n, C, h, w), their index rows); None when no tile is left."""
+    tiles_list, meta = [], []
+    for _, row in rows.iterrows():
+        try:
+            pixels = read(row)
+        except BadInputError as exc:
+            if not config.skip_bad:
+                raise
+            bad.add(row, str(exc))
+            continue
+        x = anscombe(pixels)
+        if plate_stats is not None:
+            x = zscore(x, plate_stats[0], plate_stats[1])
+        if config.scaling == "tile":
+            float_tiles, where = split_tiles(x, config.tile_grid)
+            tiles = np.stack([to_uint8(t, "image") for t in float_tiles])
+        else:
+            tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
+        kept = [
+            k
+            for k, tile in enumerate(tiles)
+            if config.empty_tile_fraction is None
+            or not is_empty_tile(tile, config.empty_tile_level, config.empty_tile_fraction)
+        ]
+        # Resize per field, not per plate, so memory stays bounded by one field.
+        resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
+        for tile, k in zip(resized, kept):
+            tr, tc = where[k]
+            tiles_list.append(tile)
+            record = {c: row[c] for c in table.frame.columns if c.startswith("Metadata_")}
+            record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc})
+            record["Metadata_SourcePath"] = row_paths(table, row)[0]
+            meta.append(record)
+    if not tiles_list:
+        return None
+    arr = np.stack(tiles_list)
+    if config.pad_channels and config.pad_channels > arr.shape[1]:
+        pad = np.zeros((arr.shape[0], config.pad_channels - arr.shape[1], *arr.shape[2:]), np.uint8)
+        arr = np.concatenate([arr, pad], axis=1)
+    plate_index = pd.DataFrame(meta)
+    plate_index["Metadata_PlateOffset"] = np.arange(len(plate_index))
+    return arr, plate_index

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from cellmorph.data.bbbc021 import load_bbbc021, moa_subset_plates, read_image_csv, read_moa_csv, select_moa_subset
 from cellmorph.errors import BadInputError
+from tests.conftest import run_cli
 
 # Kensert et al. 2019, Table 1 (images per compound in the annotated subset).
 TABLE1 = {
@@ -60,11 +59,8 @@ def test_paths_follow_the_official_layout(real_metadata, tmp_path):
 
 
 def test_inspect_cli_contract(real_metadata):
-    proc = subprocess.run(
-        [sys.executable, "-m", "cellmorph.cli", "inspect", "--layout", "bbbc021", "--metadata",
-         str(real_metadata), "--moa-subset", "--json"],
-        capture_output=True, text=True, check=True,
-    )
+    proc = run_cli("inspect", "--layout", "bbbc021", "--metadata", real_metadata, "--moa-subset", "--json")
+    assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert (payload["n_images"], payload["n_treatments"], payload["n_compounds"]) == (1208, 103, 38)
     assert payload["images_per_compound"]["Vincristine".lower()] == 84
