@@ -126,17 +126,30 @@ def require_output_dir(path: Path, what: str = "output folder") -> Path:
     return path
 
 
+def require_file(path: Path, what: str, error=None) -> Path:
+    """``path`` if it is a file; a folder or a missing path is one error line naming it.
+
+    ``what`` names the expected file ("a CSV file"); ``error`` is the exception class
+    (default :class:`~cellmorph.errors.CellmorphError`).
+    """
+    from cellmorph.errors import CellmorphError
+
+    error = error or CellmorphError
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a directory, expected {what}")
+    if not path.is_file():
+        raise error(f"{path}: file not found (expected {what})")
+    return path
+
+
 def read_yaml_mapping(path: Path) -> dict:
     """A YAML file whose top level is a mapping; user errors become one-line CellmorphErrors."""
     import yaml
 
     from cellmorph.errors import CellmorphError
 
-    path = Path(path)
-    if path.is_dir():
-        raise CellmorphError(f"{path}: is a directory, expected a YAML file")
-    if not path.is_file():
-        raise CellmorphError(f"{path}: config file not found")
+    path = require_file(path, "a YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

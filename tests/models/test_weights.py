@@ -292,7 +292,7 @@ def test_resolution_order_path_then_cache_then_package(home, tmp_path, no_networ
     load_pretrained(ref, W._from_packages(LITE0), include_classifier=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
-    with pytest.raises(CellmorphError, match="weights file not found"):
+    with pytest.raises(CellmorphError, match=r"file not found \(expected a weights file"):
         resolve_weights(LITE0, weights=tmp_path / "nope.pth")
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.errors import BadInputError
+from cellmorph.runinfo import require_file
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "Metadata_ImageID",
@@ -164,11 +165,7 @@ def validate_frame(frame: pd.DataFrame, channels: tuple[str, ...], source: str) 
 
 def read_table_csv(path: Path, required: tuple[str, ...], dtype: dict | None = None) -> pd.DataFrame:
     """A CSV with at least one row and the ``required`` columns, none of them blank."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, expected a CSV file")
-    if not path.is_file():
-        raise BadInputError(f"{path}: file not found")
+    path = require_file(path, "a CSV file", BadInputError)
     try:
         frame = pd.read_csv(path, dtype=dtype)
     except Exception as exc:  # pandas raises many parser error types

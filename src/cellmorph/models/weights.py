@@ -295,12 +295,9 @@ def sha256_file(path: Path) -> str:
 
 def require_weights_file(path: Path, context: str = "") -> Path:
     """``path`` if it is a file; a folder or a missing path is one CellmorphError line."""
-    path = Path(path)
-    if path.is_dir():
-        raise CellmorphError(f"{path}: is a directory, expected a weights file{context}")
-    if not path.is_file():
-        raise CellmorphError(f"{path}: weights file not found{context}")
-    return path
+    from cellmorph.runinfo import require_file
+
+    return require_file(path, f"a weights file{context}")
 
 
 def _refused_pickle(path: Path, exc: pickle.UnpicklingError) -> str:
