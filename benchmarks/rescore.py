@@ -25,7 +25,7 @@ from cellmorph.datasets import InputPipeline
 from cellmorph.metrics import accuracy, aggregate
 from cellmorph.models import InputSpec, create_model
 from cellmorph.schema import CACHE_ROW_COLUMN, prob_column
-from cellmorph.train import TrainSettings, predict_tiles
+from cellmorph.train import PredictSettings, predict_tiles
 
 
 def rescore(run: Path, data: Path | None = None) -> dict:
@@ -41,11 +41,10 @@ def rescore(run: Path, data: Path | None = None) -> dict:
         model = create_model(state["model_name"], len(state["classes"]), init="xavier", in_chans=cache.tile_shape[0])
         model.load_state_dict(state["model"])
         spec = InputSpec.from_record(state["input"])
-        pipeline = InputPipeline(spec.mean, spec.std, spec.size)
+        pipeline = InputPipeline.from_spec(spec)
         rows = stored[CACHE_ROW_COLUMN].to_numpy()
         for tta in scored:
-            settings = TrainSettings(epochs=1, batch_size=32, lr=0.0, eval_batch_size=64, tta=tta)
-            probs = predict_tiles(model, pipeline, cache, rows, settings, torch.device("cpu"))
+            probs = predict_tiles(model, pipeline, cache, rows, PredictSettings(batch_size=64, tta=tta), torch.device("cpu"))
             if tta == config["config"].get("tta", "none") and not np.allclose(probs, stored[columns], atol=1e-4):
                 raise SystemExit(f"{rundir.fold_dir(fold)}: re-scored predictions differ from the stored ones")
             frame = stored.copy()

@@ -92,3 +92,15 @@ def test_profile_eval_cli_contract(real_metadata, tmp_path):
     for name in ("nsc_matches.csv", "nscb_matches.csv", "nsc_confusion_matrix.png", "nscb_confusion_matrix.png"):
         assert (tmp_path / "pe" / name).stat().st_size > 0
     assert (tmp_path / "pe" / "nsc_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_eval_bad_paths_are_one_line(real_metadata, tmp_path):
+    from tests.conftest import one_line_error, run_cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    one_line_error(run_cli("profile-eval", PROFILES, "--metadata", real_metadata, "--out", blocker),
+                   str(blocker), "existing file")
+    one_line_error(run_cli("profile-eval", tmp_path, "--metadata", real_metadata, "--out", tmp_path / "pe"),
+                   str(tmp_path), "is a directory")
+    assert blocker.read_text() == "keep me" and not (tmp_path / "pe").exists()

@@ -14,12 +14,12 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cellmorph.report import (  # noqa: E402
-    HELDOUT_KEY,
     init_comparison_figure,
     learning_curves_figure,
     plot_init_comparison,
     plot_learning_curves,
 )
+from cellmorph.schema import HELDOUT_ACCURACY  # noqa: E402
 
 LOSSES = {"0": 1.5, "1": 1.9, "2": 2.6}
 TRAIN = {"0": 0.40, "1": 0.50, "2": 0.30}
@@ -29,7 +29,7 @@ HELDOUT = {"0": 0.20, "1": 0.80, "2": 0.65}  # no fold at the mean (0.55), which
 def one_epoch(heldout: bool = True) -> dict[str, list[dict]]:
     return {
         name: [dict(epoch=1, loss=LOSSES[name], train_accuracy=TRAIN[name], lr=1e-3, seconds=2.0,
-                    **({HELDOUT_KEY: HELDOUT[name]} if heldout else {}))]
+                    **({HELDOUT_ACCURACY: HELDOUT[name]} if heldout else {}))]
         for name in LOSSES
     }
 
@@ -117,7 +117,7 @@ def test_learning_curves_png_and_history_without_heldout(tmp_path):
 
 def test_learning_curve_legends_sit_outside_the_axes():
     histories = {str(k): [dict(epoch=e, loss=2.0 / e + k, train_accuracy=0.9, lr=1e-3, seconds=1.0,
-                               **({HELDOUT_KEY: 0.8} if e in (1, 5) else {})) for e in range(1, 6)] for k in range(8)}
+                               **({HELDOUT_ACCURACY: 0.8} if e in (1, 5) else {})) for e in range(1, 6)] for k in range(8)}
     fig = learning_curves_figure(histories)
     try:
         fig.canvas.draw()

@@ -12,15 +12,14 @@ from cellmorph.datasets import InputPipeline
 from cellmorph.errors import CellmorphError
 from cellmorph.models import create_model, model_input_spec
 from cellmorph.runtime import derive_seeds, deterministic
-from cellmorph.train import TrainSettings, class_weights, fit, predict_tiles
+from cellmorph.train import PredictSettings, TrainSettings, class_weights, fit, predict_tiles
 
 CPU = torch.device("cpu")
 
 
 def predict(model, pipeline, cache, rows, batch_size, tta="none"):
     """Tile probabilities at ``batch_size`` tiles per forward pass."""
-    settings = TrainSettings(epochs=1, batch_size=2, lr=0.01, eval_batch_size=batch_size, tta=tta)
-    return predict_tiles(model, pipeline, cache, rows, settings, CPU)
+    return predict_tiles(model, pipeline, cache, rows, PredictSettings(batch_size=batch_size, tta=tta), CPU)
 
 
 @pytest.fixture(autouse=True)

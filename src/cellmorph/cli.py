@@ -131,20 +131,29 @@ def synth(
     seed: int = typer.Option(0, help="random seed; the same seed gives identical files"),
     dataset: Dataset = typer.Option(Dataset.bbbc021, help="which dataset layout to synthesise"),
     workers: int = typer.Option(1, help="processes used to render images"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
     if dataset is Dataset.bbbc014:
         from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
 
-        summary = generate_bbbc014(out, preset=preset, seed=seed, progress=sys.stderr.isatty())
+        summary = generate_bbbc014(out, preset=preset, seed=seed, progress=progress)
     else:
         from cellmorph.data.synthetic import generate_bbbc021
 
-        summary = generate_bbbc021(out, preset=preset, seed=seed, progress=sys.stderr.isatty(), workers=workers)
+        summary = generate_bbbc021(out, preset=preset, seed=seed, progress=progress, workers=workers)
     print(json.dumps(summary, default=str))
 
 
 # ----------------------------------------------------------------------------- prepare
+def _prepare_help(name: str, defaults: str = "") -> str:
+    """A PrepareConfig field's description as the option's help (plus its per-layout defaults)."""
+    from cellmorph.preprocess import PrepareConfig
+
+    text = PrepareConfig.model_fields[name].description or ""
+    return f"{text} ({defaults})" if defaults else text
+
+
 def _parse_grid(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -166,16 +175,13 @@ def prepare(
     moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
     channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
     normalize: Optional[Normalize] = typer.Option(
-        None, help="DMSO statistics per plate (default), per batch (week), or none (default for bbbc014)"
-    ),
-    tiles: Optional[str] = typer.Option(None, help="tile grid ROWSxCOLS (default 2x2; 1x1 for crops)"),
-    tile_size: Optional[int] = typer.Option(None, help="resize tiles to this square size, e.g. 224"),
-    scaling: Optional[Scaling] = typer.Option(
-        None, help="8-bit map: per-field min-max (paper's BBBC021), per-tile (paper's BBBC014), or fixed z range"
-    ),
-    empty_tile_fraction: Optional[float] = typer.Option(None, help="drop near-empty tiles (paper: 0.002)"),
-    controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help="also cache DMSO tiles (default: yes)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="log and exclude bad images instead of stopping"),
+        None, help=_prepare_help("normalize", "default plate; none for bbbc014")),
+    tiles: Optional[str] = typer.Option(None, help="ROWSxCOLS: " + _prepare_help("tile_grid", "default 2x2; 1x1 for crops")),
+    tile_size: Optional[int] = typer.Option(None, help=_prepare_help("tile_size")),
+    scaling: Optional[Scaling] = typer.Option(None, help=_prepare_help("scaling", "default image; tile for bbbc014")),
+    empty_tile_fraction: Optional[float] = typer.Option(None, help=_prepare_help("empty_tile_fraction")),
+    controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help=_prepare_help("include_controls")),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_prepare_help("skip_bad")),
     strict_compounds: bool = typer.Option(
         False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
     ),
@@ -331,6 +337,7 @@ def compare_inits_command(
 ) -> None:
     """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
     from cellmorph.cv import compare_inits, load_cv_config
+    from cellmorph.cv.rundir import INIT_COMPARISON
 
     epoch_list = _int_list(epochs, "--epochs")
     cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr, image_size=image_size,
@@ -344,27 +351,28 @@ def compare_inits_command(
     for init, values in result["by_init"].items():
         grid.add_row(init, *[f"{values[str(e)]['mean']:.3f} ± {values[str(e)]['std']:.3f}" for e in result["epochs"]])
     console.print(grid)
-    console.print(f"figure: {out / 'init_comparison.png'}")
+    console.print(f"figure: {out / (INIT_COMPARISON + '.png')}")
     print(json.dumps(result["by_init"]))
 
 
-def _demo_help(name: str) -> str:
+def _demo_option(name: str, *flags: str):
+    """A typer option whose default and help are DemoConfig's (one place for both)."""
     from cellmorph.demo import DemoConfig
 
-    return DemoConfig.model_fields[name].description or ""
+    field = DemoConfig.model_fields[name]
+    return typer.Option(field.default, *flags, help=field.description or "")
 
 
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (the synthetic data and cache go beside it)"),
-    seed: int = typer.Option(0, help=_demo_help("seed")),
-    epochs: int = typer.Option(5, help=_demo_help("epochs")),
-    image_size: int = typer.Option(224, help=_demo_help("image_size")),
-    freeze_stages: int = typer.Option(4, help=_demo_help("freeze_stages")),
-    tta: str = typer.Option("dihedral", help=_demo_help("tta")),
-    frozen_feature_cache: bool = typer.Option(True, "--frozen-feature-cache/--no-frozen-feature-cache",
-                                              help=_demo_help("frozen_feature_cache")),
-    cv_scheme: str = typer.Option("group-kfold:4", "--cv", help=_demo_help("cv")),
+    seed: int = _demo_option("seed"),
+    epochs: int = _demo_option("epochs"),
+    image_size: int = _demo_option("image_size"),
+    freeze_stages: int = _demo_option("freeze_stages"),
+    tta: str = _demo_option("tta"),
+    frozen_feature_cache: bool = _demo_option("frozen_feature_cache", "--frozen-feature-cache/--no-frozen-feature-cache"),
+    cv_scheme: str = _demo_option("cv", "--cv"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
@@ -414,8 +422,8 @@ def embed(
     from cellmorph.embed import embed as run_embed
 
     target = out or Path(data) / "embeddings" / model
-    summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online,
-                        progress and sys.stderr.isatty(), threads=threads)
+    summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online, progress,
+                        threads=threads)
     print(json.dumps(summary | {"out": str(target)}))
 
 

@@ -114,6 +114,11 @@ class InputPipeline(nn.Module):
         self.input_size = _size_tuple(input_size)
         self.augmenter = augmenter
 
+    @classmethod
+    def from_spec(cls, spec, augmenter: Augmenter | None = None) -> "InputPipeline":
+        """The pipeline a network's :class:`~cellmorph.models.InputSpec` asks for."""
+        return cls(spec.mean, spec.std, spec.size, augmenter)
+
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         x = tiles.to(self.mean.device, non_blocking=True).float().div_(255.0)
         if tuple(x.shape[-2:]) != self.input_size:

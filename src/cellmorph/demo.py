@@ -12,8 +12,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellmorph.progress import Progress
-
 DEMO_MODEL = "tf_efficientnet_lite0"
 
 
@@ -52,7 +50,8 @@ def demo_paths(out: Path) -> tuple[Path, Path]:
 def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True, say=print) -> dict:
     """synth tiny → prepare → cv; returns the CV metrics. Rerunning resumes each step."""
     from cellmorph.cv import load_cv_config, run_cv
-    from cellmorph.data.bbbc021 import load_bbbc021
+    from cellmorph.cv.rundir import CONFIG_FILE
+    from cellmorph.data.bbbc021 import IMAGE_CSV, load_bbbc021
     from cellmorph.data.synthetic import generate_bbbc021
     from cellmorph.preprocess import PrepareConfig, prepare
     from cellmorph.runinfo import require_output_dir
@@ -60,10 +59,9 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
     config = config or DemoConfig()
     out = require_output_dir(Path(out), "run directory")
     screen, cache = demo_paths(out)
-    show = Progress(progress).mode == "bar"
     say(f"1/3 synthetic tiny screen → {screen}")
-    if not (screen / "BBBC021_v1_image.csv").is_file():
-        generate_bbbc021(screen, preset="tiny", seed=config.seed, progress=show)
+    if not (screen / IMAGE_CSV).is_file():
+        generate_bbbc021(screen, preset="tiny", seed=config.seed, progress=progress)
     say(f"2/3 prepare (per-plate DMSO normalisation, Anscombe, 8-bit, 2×2 tiles) → {cache}")
     summary = prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=config.image_size),
                       progress=progress, threads=config.threads)
@@ -74,4 +72,4 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
                          image_size=config.image_size, seed=config.seed, freeze_stages=config.freeze_stages,
                          tta=config.tta, num_threads=config.threads,
                          frozen_feature_cache=config.frozen_feature_cache and config.freeze_stages > 0)
-    return run_cv(cache, out, cfg, resume=(out / "config.yaml").is_file(), progress=progress)
+    return run_cv(cache, out, cfg, resume=(out / CONFIG_FILE).is_file(), progress=progress)

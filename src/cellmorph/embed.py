@@ -43,17 +43,20 @@ def embed_tiles(
     progress: bool = True,
 ) -> np.ndarray:
     """float32 (n, d) embeddings of the tiles at ``rows`` (all tiles by default)."""
-    from rich.progress import Progress
+    from cellmorph.models import check_input_size
+    from cellmorph.progress import Progress
 
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
     model, spec = feature_extractor(model_name, init, weights, allow_network)
+    spec = spec.with_size(image_size)
+    check_input_size(model, spec, model_name)
     dev = torch.device(device)
-    pipeline = InputPipeline(spec.mean, spec.std, image_size or spec.size).to(dev).eval()
+    pipeline = InputPipeline.from_spec(spec).to(dev).eval()
     # NHWC is oneDNN's fast layout on CPU (≈1.8× for EfficientNet-Lite0 here) and cuDNN's on GPU.
     model.to(dev).to(memory_format=torch.channels_last)
     out: np.ndarray | None = None
-    with Progress(disable=not progress) as bar, torch.inference_mode():
-        task = bar.add_task(f"Embedding ({model_name})", total=len(rows))
+    with Progress(progress) as bar, torch.inference_mode():
+        task = bar.task(f"embedding tiles ({model_name})", len(rows), every=30.0)
         for tiles, positions in iterate_batches(cache, rows, batch_size, pin_memory=dev.type == "cuda"):
             x = pipeline(tiles).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
@@ -61,7 +64,7 @@ def embed_tiles(
             if out is None:
                 out = np.empty((len(rows), feats.shape[1]), dtype=np.float32)
             out[positions.numpy()] = feats
-            bar.advance(task, len(positions))
+            task.advance(len(positions))
     return out
 
 

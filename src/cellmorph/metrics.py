@@ -74,7 +74,7 @@ def aggregate_treatments(wells: pd.DataFrame, prefix: str = PROB_PREFIX) -> pd.D
     if "n_tiles" not in frame.columns:
         frame["n_tiles"] = 1
     treatments = _aggregate(frame, TREATMENT_KEYS, prefix, {"n_wells": "_one", "n_tiles": "n_tiles"})
-    treatments = treatments.drop(columns=[c for c in ("Metadata_Plate", "Metadata_Well") if c in treatments.columns])
+    treatments = treatments.drop(columns=[c for c in WELL_KEYS if c in treatments.columns])
     return add_calls(treatments, prefix)
 
 

@@ -42,7 +42,7 @@ from cellmorph.data.images import missing_files, read_field, row_paths
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import BadInputError, CellmorphError
 from cellmorph.progress import Progress
-from cellmorph.runinfo import require_output_dir, run_info
+from cellmorph.runinfo import created_root, require_output_dir, run_info
 
 
 class PrepareConfig(BaseModel):
@@ -50,7 +50,10 @@ class PrepareConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    normalize: Literal["plate", "batch", "none"] = "plate"
+    normalize: Literal["plate", "batch", "none"] = Field(
+        "plate", description="z-score against the DMSO fields of the same plate, of the plate's batch "
+        "(Metadata_Batch, the week prefix: for plates without DMSO), or none",
+    )
     tile_grid: tuple[int, int] = Field((2, 2), description="tiles per field as (rows, cols); 2×2 gives 640×512 on BBBC021")
     tile_size: int | None = Field(None, description="resize every tile to this square size (e.g. the model's 224)")
     scaling: Literal["image", "tile", "fixed"] = Field(
@@ -63,11 +66,11 @@ class PrepareConfig(BaseModel):
         None, description="drop a tile when at most this fraction of its pixels exceed empty_tile_level (paper: 0.002)"
     )
     empty_tile_level: int = 50
-    include_controls: bool = True
+    include_controls: bool = Field(True, description="also cache the DMSO tiles (needed to make DMSO a class)")
     pad_channels: int | None = Field(
         None, description="append all-zero channels up to this count (BBBC014: DAPI, FITC + a zero third channel)"
     )
-    skip_bad: bool = False
+    skip_bad: bool = Field(False, description="log and exclude bad images (CACHE/skipped.csv) instead of stopping")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -205,8 +208,7 @@ def prepare(
 
     config = config or PrepareConfig()
     out = Path(out)
-    # The top-most folder of ``out`` that this call creates (None when ``out`` exists).
-    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    created = created_root(out)
     require_output_dir(out, "cache folder")
     try:
         with torch_threads(threads):

@@ -26,7 +26,7 @@ import pandas as pd
 from cellmorph.data.bbbc021 import read_image_csv, read_moa_csv, select_moa_subset
 from cellmorph.data.table import CONTROL_COMPOUND, batch_of_plate
 from cellmorph.errors import BadInputError
-from cellmorph.schema import TREATMENT_KEYS
+from cellmorph.schema import TREATMENT_KEYS, WELL_KEYS
 
 
 def feature_columns(frame: pd.DataFrame) -> list[str]:
@@ -39,9 +39,9 @@ def feature_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def read_profiles(path: Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: file not found")
+    from cellmorph.runinfo import require_file
+
+    path = require_file(path, "a profiles CSV or parquet file", BadInputError)
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
@@ -71,7 +71,7 @@ def attach_bbbc021_metadata(profiles: pd.DataFrame, metadata_dir: Path) -> pd.Da
         .rename(columns={"Image_Metadata_Plate_DAPI": "Metadata_Plate", "Image_Metadata_Well_DAPI": "Metadata_Well"})
     )
     frame = profiles.rename(columns={"Image_Metadata_Plate": "Metadata_Plate", "Image_Metadata_Well": "Metadata_Well"})
-    frame = wells.merge(frame, on=["Metadata_Plate", "Metadata_Well"], how="inner")
+    frame = wells.merge(frame, on=WELL_KEYS, how="inner")
     batch = frame["Metadata_Plate"].map(batch_of_plate).rename("Metadata_Batch")
     return pd.concat([frame.iloc[:, :5], batch, frame.iloc[:, 5:]], axis=1)
 
@@ -223,8 +223,9 @@ def profile_eval(
     (e.g. ``wells.parquet`` from ``cellmorph embed``).
     """
     from cellmorph.report import plot_confusion
-    from cellmorph.runinfo import atomic_path, run_info, write_json
+    from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 
+    out = require_output_dir(Path(out))
     frame = read_profiles(profiles)
     if "Metadata_MoA" not in frame.columns:
         if metadata_dir is None:
@@ -233,7 +234,6 @@ def profile_eval(
     elif "Metadata_Batch" not in frame.columns:
         frame = frame.assign(Metadata_Batch=frame["Metadata_Plate"].astype(str).map(batch_of_plate))
     result = evaluate_profiles(frame, standardize=standardize, aggregate=aggregate, metric=metric)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("nsc", "nscb"):
         matches = result[name]

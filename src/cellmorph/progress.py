@@ -25,9 +25,11 @@ def format_seconds(seconds: float) -> str:
 class Task:
     """One counted step (plates, folds, epochs or batches)."""
 
-    def __init__(self, progress: "Progress", description: str, total: int, log: bool) -> None:
-        self._progress, self._log = progress, log
+    def __init__(self, progress: "Progress", description: str, total: int, log: bool, every: float = 0.0) -> None:
+        self._progress, self._log, self._every = progress, log, every
+        self._last_line = float("-inf")
         self.description, self.total, self.done = description, int(total), 0
+        self._resumed = 0  # steps finished by an earlier invocation: no time to learn from
         self._started = time.monotonic()
         self._id = progress._bar.add_task(description, total=total, info="") if progress._bar else None
 
@@ -35,7 +37,7 @@ class Task:
         """Start counting again, e.g. the epochs of the next fold."""
         self.total = self.total if total is None else int(total)
         self.description = description or self.description
-        self.done, self._started = 0, time.monotonic()
+        self.done, self._resumed, self._started = 0, 0, time.monotonic()
         if self._progress._bar:
             self._progress._bar.reset(self._id, total=self.total, description=self.description, info=info)
 
@@ -44,13 +46,20 @@ class Task:
         if self._progress._bar:
             self._progress._bar.update(self._id, info=info)
 
-    def advance(self, n: int = 1, info: str = "") -> None:
+    def advance(self, n: int = 1, info: str = "", resumed: bool = False) -> None:
+        """``n`` more steps done; ``resumed`` steps were done earlier and do not enter the estimate."""
         self.done += n
+        self._resumed += n if resumed else 0
         if self._progress._bar:
             self._progress._bar.update(self._id, advance=n, info=info)
         elif self._log and self._progress.mode == "log":
-            elapsed = time.monotonic() - self._started
-            left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            now = time.monotonic()
+            if now - self._last_line < self._every and self.done < self.total:
+                return
+            self._last_line = now
+            elapsed = now - self._started
+            worked = self.done - self._resumed
+            left = elapsed / worked * (self.total - self.done) if worked else 0.0
             detail = f" {info}" if info else ""
             self._progress.line(f"{self.description} {self.done}/{self.total}{detail}; "
                                 f"elapsed {format_seconds(elapsed)}, about {format_seconds(left)} left")
@@ -84,8 +93,9 @@ class Progress:
             self._bar.__exit__(*exc)
             self._bar = None
 
-    def task(self, description: str, total: int, log: bool = True) -> Task:
-        return Task(self, description, total, log)
+    def task(self, description: str, total: int, log: bool = True, every: float = 0.0) -> Task:
+        """A counted step; in a log, a line per advance (at most one per ``every`` seconds, and the last)."""
+        return Task(self, description, total, log, every)
 
     def line(self, text: str) -> None:
         """One plain line (log mode) or a line above the bars (terminal); nothing when off."""

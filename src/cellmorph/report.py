@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cellmorph.runinfo import atomic_path
+from cellmorph.schema import HELDOUT_ACCURACY
 
-#: Per-epoch history key the training loop writes for epochs whose held-out tiles were scored.
-HELDOUT_KEY = "heldout_tile_accuracy"
 
 
 def _pyplot():
@@ -125,7 +124,7 @@ def learning_curves_figure(histories: dict[str, list[dict]], metric: str = "loss
         epochs, mean = _mean_curve(train, common=True)
         ax_acc.plot(epochs, mean, color="C0", linewidth=2, marker="o", markersize=5,
                     label=f"training accuracy (mean of {len(train)} folds)")
-    heldout = _by_epoch(histories, HELDOUT_KEY)
+    heldout = _by_epoch(histories, HELDOUT_ACCURACY)
     handles = []
     if heldout:
         for name, (epochs, values) in heldout.items():

@@ -87,6 +87,13 @@ def atomic_path(final: Path, suffix: str | None = None):
             tmp_path.unlink()
 
 
+def created_root(path: Path) -> Path | None:
+    """The top-most folder of ``path`` that does not exist yet (None when ``path`` exists):
+    what a command that fails before finishing must remove to leave nothing behind."""
+    path = Path(path)
+    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+
+
 def require_output_dir(path: Path, what: str = "output folder") -> Path:
     """``path`` as a folder this process can create and write into, else one CellmorphError line.
 

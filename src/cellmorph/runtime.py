@@ -2,7 +2,8 @@
 
 Thread policy (one for every compute command): ``--threads N`` if given; else
 ``$CELLMORPH_THREADS``; else the CPUs a cluster scheduler granted (``$SLURM_CPUS_PER_TASK``,
-then ``$OMP_NUM_THREADS``); else every CPU this process may run on. On a shared machine
+then ``$OMP_NUM_THREADS``); else the CPUs this process may run on, at most torch's
+own default (the physical cores). On a shared machine
 ask for fewer: with another job running, one epoch took 3.5–56 s at 2 threads against
 about 1 s at 1 thread, because OpenMP threads spin-wait for each other.
 """
@@ -18,6 +19,8 @@ import torch
 from cellmorph.errors import CellmorphError
 
 THREAD_VARIABLES = ("CELLMORPH_THREADS", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
+# torch's own default (physical cores) before anyone changed it: hyperthreads add spin-waits, not speed.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def default_threads() -> int:
@@ -27,9 +30,10 @@ def default_threads() -> int:
         if value.isdigit() and int(value) > 0:
             return int(value)
     try:
-        return len(os.sched_getaffinity(0))
+        allowed = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        allowed = os.cpu_count() or 1
+    return max(1, min(allowed, _TORCH_DEFAULT_THREADS))
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -14,6 +14,9 @@ CONTROL_COLUMN = "Metadata_IsControl"
 FOLD_COLUMN = "Metadata_Fold"
 CACHE_ROW_COLUMN = "Metadata_CacheRow"  # a tile's row in its cache's index
 
+# In a fold's per-epoch history: the held-out tile accuracy of the epochs that were scored.
+HELDOUT_ACCURACY = "heldout_tile_accuracy"
+
 WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
 TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 # Metadata a well carries into its profile (constant within a well).

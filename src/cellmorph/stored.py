@@ -17,7 +17,7 @@ import pandas as pd
 
 from cellmorph.errors import BadInputError
 from cellmorph.metrics import score_treatments
-from cellmorph.schema import PROB_PREFIX
+from cellmorph.schema import prob_column
 
 COMPOUND_COLUMNS = ("Compounds", "Compound", "compound", "Metadata_Compound")
 CONCENTRATION_COLUMNS = ("Concentrations", "Concentration", "concentration", "Metadata_Concentration")
@@ -67,7 +67,7 @@ def normalise_sheet(sheet: pd.DataFrame, moa: pd.DataFrame, source: str) -> pd.D
         row = int(frame["Metadata_Concentration"].isna().to_numpy().nonzero()[0][0])
         raise BadInputError(f"{source}: row {row + 2}: concentration is not a number")
     for col in prob_cols:
-        frame[PROB_PREFIX + class_for_abbreviation(str(col), classes)] = sheet[col].to_numpy(dtype=float)
+        frame[prob_column(class_for_abbreviation(str(col), classes))] = sheet[col].to_numpy(dtype=float)
     truth = moa.assign(
         Metadata_Compound=moa["compound"].astype(str),
         _conc=pd.to_numeric(moa["concentration"]).round(6),

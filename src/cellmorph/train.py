@@ -24,12 +24,12 @@ from cellmorph.augment import TTA_MODES, dihedral
 from cellmorph.datasets import InputPipeline, batch_order, iterate_batches
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
-from cellmorph.models.frozen import FrozenFeatures, FrozenSplit, example_batch
+from cellmorph.models.frozen import FrozenFeatures, FrozenInput, FrozenSplit, example_batch
 
-# --------------------------------------------------------------------------- training
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """How :func:`fit` trains and :func:`predict_tiles` scores; every field is a CVConfig field."""
+    """How :func:`fit` trains; every field is a CVConfig field."""
 
     epochs: int
     batch_size: int
@@ -44,16 +44,28 @@ class TrainSettings:
     amp: bool | None = None
     channels_last: bool = True
     freeze_stages: int = 0
-    tta: str = "none"
 
     @classmethod
     def from_config(cls, config) -> "TrainSettings":
         """The fields of a resolved config (e.g. ``CVConfig.resolved()``) that training reads."""
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
-    @property
-    def predict_batch_size(self) -> int:
-        return self.eval_batch_size or 2 * self.batch_size
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How :func:`predict_tiles` scores tiles."""
+
+    batch_size: int = 64
+    num_workers: int = 0
+    amp: bool | None = None
+    channels_last: bool = True
+    tta: str = "none"
+
+    @classmethod
+    def from_config(cls, config) -> "PredictSettings":
+        """Scoring settings of a resolved config: its ``eval_batch_size`` is the batch size."""
+        return cls(config.eval_batch_size or 2 * config.batch_size, config.num_workers, config.amp,
+                   config.channels_last, config.tta)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -118,7 +130,8 @@ def fit(
     if frozen_features is not None:
         if not frozen_norms:
             raise CellmorphError("precomputed frozen-stage features need mode finetune with freeze_stages > 0")
-        frozen = _FrozenInput(model, pipeline, cache, rows, frozen_features, shuffle_seed, device)
+        frozen = FrozenInput(FrozenSplit(model, example_batch(pipeline, cache, rows, device)), frozen_features,
+                             rows, shuffle_seed)
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
     step = _Step(model, optimizer, torch.amp.GradScaler("cuda", enabled=amp), weights,
@@ -149,26 +162,6 @@ def fit(
         if on_epoch:
             on_epoch(record)
     return history
-
-
-class _FrozenInput:
-    """Precomputed frozen-stage features standing in for the frozen stages of ``model``."""
-
-    def __init__(self, model, pipeline, cache, rows, features: FrozenFeatures, shuffle_seed: int, device) -> None:
-        self.split = FrozenSplit(model, example_batch(pipeline, cache, rows, device))
-        if self.split.signature != features.signature:
-            raise CellmorphError("the precomputed frozen-stage features belong to other weights than this model's")
-        missing = [int(r) for r in rows if int(r) not in features.position]
-        if missing:
-            raise CellmorphError(f"no precomputed frozen-stage features for cache row(s) {missing[:5]}")
-        self.features = features
-        self.index = np.array([features.position[int(r)] for r in rows], dtype=np.int64)
-        # Each tile's copies in a seeded random order: epoch e uses copy order[e % copies].
-        copy_rng = np.random.default_rng([int(shuffle_seed), 1])
-        self.copy_of = np.argsort(copy_rng.random((len(rows), features.copies)), axis=1)
-
-    def batches(self, epoch: int, order):
-        return _feature_batches(self.features, self.index, self.copy_of[:, epoch % self.features.copies], order)
 
 
 class _Step:
@@ -203,13 +196,6 @@ class _Step:
         return {"loss": total_loss / max(seen, 1), "train_accuracy": total_correct / max(seen, 1), "n_tiles": seen}
 
 
-def _feature_batches(features: FrozenFeatures, index: np.ndarray, copies: np.ndarray, batches):
-    """(float32 frozen-stage features, positions) per batch of positions."""
-    for positions in batches:
-        x = np.asarray(features.array[copies[positions], index[positions]], dtype=np.float32)
-        yield torch.from_numpy(x), torch.from_numpy(np.asarray(positions, dtype=np.int64))
-
-
 def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     if tta == "none":
         return [x]
@@ -224,7 +210,7 @@ def predict_tiles(
     pipeline: InputPipeline,
     cache,
     rows: np.ndarray,
-    settings: TrainSettings,
+    settings: PredictSettings,
     device: torch.device,
     on_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
@@ -243,7 +229,7 @@ def predict_tiles(
         model.to(memory_format=torch.channels_last)
     pipeline.to(device).eval()
     out = None
-    batches = iterate_batches(cache, rows, settings.predict_batch_size, None, settings.num_workers, pin_memory=cuda)
+    batches = iterate_batches(cache, rows, settings.batch_size, None, settings.num_workers, pin_memory=cuda)
     for tiles, positions in batches:
         x = pipeline(tiles)
         probs = 0.0

@@ -154,7 +154,7 @@ def test_bad_configs_fail_early_with_one_line(crop_cache, tmp_path):
     cases = [
         (dict(SMALL, model="resnet_5000"), "unknown model"),
         (dict(SMALL, cv="group-kfold:3"), "3 folds but only 1 compounds"),
-        # One compound: its LOCO fold would train on nothing (the MoA rule is tested in test_evaluate).
+        # One compound: its LOCO fold would train on nothing (the MoA rule is tested in cv/test_splits.py).
         (dict(SMALL, cv="loco"), r"fold 0 \(cyclohexamide\) leaves no tiles to train on"),
         (dict(SMALL, cv="nscb"), "cyclohexamide"),
         (dict(SMALL, include_controls_as_class=False), "at least 2 classes"),

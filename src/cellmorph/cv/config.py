@@ -84,7 +84,7 @@ class CVConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="tile-reading worker processes")
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: $CELLMORPH_THREADS, $SLURM_CPUS_PER_TASK, "
-        "$OMP_NUM_THREADS, else every CPU this process may use); use 1 beside other jobs",
+        "$OMP_NUM_THREADS, else the physical cores this process may use); use 1 beside other jobs",
     )
     eval_batch_size: int | None = Field(None, ge=1, description="default 2 × batch_size")
     keep_checkpoints: KeepCheckpoints = Field(

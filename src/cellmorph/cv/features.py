@@ -30,7 +30,7 @@ class ProbeFeatures:
         return self.array[[self.position[int(r)] for r in rows]]
 
 
-def probe_embeddings(plan, rundir: RunDir, progress) -> ProbeFeatures:
+def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once."""
     from cellmorph.embed import embed_tiles
 
@@ -40,7 +40,7 @@ def probe_embeddings(plan, rundir: RunDir, progress) -> ProbeFeatures:
     if saved is not None:
         return ProbeFeatures(saved, rows)
     cfg = plan.config
-    progress.line(f"embedding {len(rows)} tiles once with {cfg.model}")
+    bar.line(f"embedding {len(rows)} tiles once with {cfg.model}")
     weights = Path(cfg.weights) if cfg.weights else None
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
                         str(plan.device), cfg.allow_network, progress=False)
@@ -49,7 +49,7 @@ def probe_embeddings(plan, rundir: RunDir, progress) -> ProbeFeatures:
     return ProbeFeatures(feats, rows)
 
 
-def frozen_feature_pool(plan, rundir: RunDir, resume: bool, progress):
+def frozen_feature_pool(plan, rundir: RunDir, resume: bool, bar):
     """The frozen stages' output for ``epochs`` augmented copies of every tile some fold trains on.
 
     Kept in the run directory while the run goes on, so ``--resume`` need not recompute it;
@@ -70,8 +70,7 @@ def frozen_feature_pool(plan, rundir: RunDir, resume: bool, progress):
     freeze_stages(model, cfg.freeze_stages)
     # The copies' augmentation draws: a seed of their own, recorded through the run's seed.
     seed = int(np.random.SeedSequence([int(cfg.seed), 0xF7]).generate_state(1)[0])
-    spec = plan.input
-    pipeline = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(cfg.augment, seed=seed))
+    pipeline = InputPipeline.from_spec(plan.input, Augmenter(cfg.augment, seed=seed))
     split = FrozenSplit(model.to(plan.device), example_batch(pipeline, plan.cache, rows, plan.device))
     key = {"fingerprint": plan.fingerprint, "signature": split.signature, "rows": digest(rows), "seed": seed}
     saved = rundir.read_marked_array(FROZEN_FEATURES, FROZEN_FEATURES_MARKER, key, mmap=True)
@@ -80,8 +79,8 @@ def frozen_feature_pool(plan, rundir: RunDir, resume: bool, progress):
     copies = int(cfg.epochs)
     # Batches of the training batch size (a fingerprinted field), not eval_batch_size (a runtime
     # field), because the augmentation draws depend on how tiles are batched.
-    task = progress.task("  frozen stages, once", copies * -(-len(rows) // cfg.batch_size), log=False)
-    progress.line(f"frozen stages once: {copies} augmented copies × {len(rows)} tiles")
+    task = bar.task("  frozen stages, once", copies * -(-len(rows) // cfg.batch_size), log=False)
+    bar.line(f"frozen stages once: {copies} augmented copies × {len(rows)} tiles")
 
     def fill(tmp):
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(copies, len(rows), *split.feature_shape))

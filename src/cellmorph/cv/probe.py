@@ -25,8 +25,10 @@ def fit_probe_head(x_train: np.ndarray, y_train: np.ndarray, class_weighting: bo
     return head, scaler
 
 
-def run_probe_fold(plan, fold: Fold, features: ProbeFeatures) -> tuple[np.ndarray, np.ndarray, list, dict]:
-    """(training rows used, held-out probabilities, empty history, head state) of one fold."""
+def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
+    """A logistic-regression head on the fold's training embeddings; its held-out probabilities."""
+    from cellmorph.cv.run import TrainedFold
+
     cfg, seeds, targets = plan.config, plan.seeds[fold.index], plan.targets
     train_rows = subsample_rows(fold.train, targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
     head, scaler = fit_probe_head(features.take(train_rows), targets[train_rows], cfg.class_weighting, seeds["init"])
@@ -39,4 +41,4 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures) -> tuple[np.ndarra
         "scaler_mean": torch.from_numpy(scaler.mean_.astype(np.float32)),
         "scaler_scale": torch.from_numpy(scaler.scale_.astype(np.float32)),
     }
-    return train_rows, probs, [], state
+    return TrainedFold(train_rows, probs, [], state, {})

@@ -13,16 +13,12 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.cv.config import CVConfig, validate_config
-from cellmorph.cv.rundir import RunDir
+from cellmorph.cv.rundir import INIT_COMPARISON, METRICS_FILE, REPLICATE_DIR, REPLICATES_CSV, RunDir
 from cellmorph.cv.run import run_cv
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import ACCURACY_KEYS
+from cellmorph.models.factory import INITS
 from cellmorph.runinfo import require_output_dir, run_info, write_csv, write_json
-
-REPLICATES_CSV = "replicates.csv"
-INIT_COMPARISON = "init_comparison"  # .csv, .png and .json
-
-REPLICATE_DIR = "replicate-{}"
 
 
 def run_replicates(
@@ -82,7 +78,7 @@ def run_replicates(
         "seconds": float(sum(m["seconds"] for m in runs)),
         "provenance": run_info(),
     }
-    write_json(out / "metrics.json", result)
+    write_json(out / METRICS_FILE, result)
     return result
 
 
@@ -155,4 +151,4 @@ def compare_inits(
 
 
 def _safe_name(init: str) -> str:
-    return init if init in ("imagenet", "xavier") else "checkpoint-" + hashlib.sha256(init.encode()).hexdigest()[:8]
+    return init if init in INITS else "checkpoint-" + hashlib.sha256(init.encode()).hexdigest()[:8]

@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,9 +44,23 @@ from cellmorph.errors import CellmorphError
 from cellmorph.metrics import ACCURACY_KEYS, aggregate, classification_text, compute_metrics, confusion
 from cellmorph.models import InitRecord, InputSpec
 from cellmorph.progress import Progress
-from cellmorph.runinfo import require_output_dir, run_info
+from cellmorph.runinfo import created_root, require_output_dir, run_info
 from cellmorph.runtime import derive_seeds, deterministic, resolve_device, torch_threads
-from cellmorph.schema import TRUE_COLUMN
+from cellmorph.schema import HELDOUT_ACCURACY, TRUE_COLUMN
+
+if TYPE_CHECKING:
+    from cellmorph.cache import TileCache
+
+
+@dataclass
+class TrainedFold:
+    """What training one fold produced, before it is written to the run directory."""
+
+    train_rows: np.ndarray  # the training rows used (after max_tiles_per_fold)
+    probs: np.ndarray  # held-out tile probabilities, (len(fold.test), classes)
+    history: list[dict]  # per epoch; empty for the linear probe
+    state: dict  # weights (plain tensors)
+    interim: dict[int, np.ndarray]  # held-out probabilities after the eval_epochs
 
 
 @dataclass
@@ -53,7 +68,7 @@ class RunPlan:
     """Everything a run needs, fixed before any work: what to train, on what, with which seeds."""
 
     config: CVConfig  # resolved: per-model defaults and the network's input size filled in
-    cache: object  # TileCache
+    cache: "TileCache"
     classes: list[str]
     targets: np.ndarray  # class number per cache row, -1 for rows no fold uses as a class
     folds: list[Fold]
@@ -108,7 +123,7 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None) -> RunPlan:
     network = build_model(base, len(classes), channels)
     if base.freeze_stages and base.mode == "finetune":
         freeze_stages(network.module, base.freeze_stages)  # too many stages → CellmorphError
-    check_input_size(network)
+    check_input_size(network.module, network.input, network.init.model)
     cfg = base.resolved().model_copy(update={"image_size": network.input.size})
     label_of = {c: i for i, c in enumerate(classes)}
     targets = cache.index[TRUE_COLUMN].astype(str).map(label_of).fillna(-1).astype(np.int64).to_numpy()
@@ -134,17 +149,17 @@ def run_cv(
     a run in ``out`` made with the same config and data, skipping finished folds.
     """
     started = time.perf_counter()
-    plan = plan_run(data, config)
     rundir = RunDir(require_output_dir(out, "run directory"))
-    created = not rundir.root.exists()
+    plan = plan_run(data, config)
+    created = created_root(rundir.root)
     with torch_threads(plan.config.num_threads) as threads, deterministic(plan.config.deterministic), \
             Progress(progress) as bar:
         rundir.begin(plan.header(data, threads), plan.fingerprint, resume, RUNTIME_FIELDS)
         try:
             outputs = run_folds(plan, rundir, resume, bar)
         except CellmorphError:
-            if created and not rundir.finished_folds():
-                shutil.rmtree(rundir.root, ignore_errors=True)  # nothing worth resuming: leave nothing behind
+            if created is not None and not rundir.finished_folds():
+                shutil.rmtree(created, ignore_errors=True)  # nothing worth resuming: leave nothing behind
             raise
     # Every fold is done: the frozen-stage features were only kept for resuming.
     rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
@@ -168,7 +183,7 @@ def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress) -> dic
         finished = rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index]) if resume else None
         if finished:
             outputs[fold.index] = rundir.read_fold(fold.index, finished, cfg.eval_epochs)
-            tasks["folds"].advance(info=f"({fold.name}) finished earlier")
+            tasks["folds"].advance(info=f"({fold.name}) finished earlier", resumed=True)
             continue
         rundir.start_fold(fold.index)
         tasks["folds"].update(f"fold {fold.index}: {fold.name}")
@@ -176,46 +191,44 @@ def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress) -> dic
         if cfg.mode == "linear-probe":
             from cellmorph.cv.probe import run_probe_fold
 
-            train_rows, probs, history, state = run_probe_fold(plan, fold, probe)
-            interim = {}
+            trained = run_probe_fold(plan, fold, probe)
         else:
-            train_rows, probs, history, state, interim = run_fold(plan, fold, frozen, tasks)
+            trained = run_fold(plan, fold, frozen, tasks)
         output = FoldOutput(
-            predictions=predictions_frame(plan.cache, fold.test, probs, plan.classes, fold.index),
-            history=history,
-            interim={e: predictions_frame(plan.cache, fold.test, p, plan.classes, fold.index) for e, p in interim.items()},
+            predictions=predictions_frame(plan.cache, fold.test, trained.probs, plan.classes, fold.index),
+            history=trained.history,
+            interim={e: predictions_frame(plan.cache, fold.test, p, plan.classes, fold.index)
+                     for e, p in trained.interim.items()},
         )
         output.seconds = time.perf_counter() - t0
         marker = fold.describe() | {"fingerprint": plan.fold_fingerprints[fold.index], "seeds": plan.seeds[fold.index],
-                                    "n_train_used": int(len(train_rows)), "seconds": output.seconds}
-        record = {"model": state, "model_name": cfg.model, "classes": list(plan.classes), "fold": fold.describe(),
-                  "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(), "history": history}
+                                    "n_train_used": int(len(trained.train_rows)), "seconds": output.seconds}
+        record = {"model": trained.state, "model_name": cfg.model, "classes": list(plan.classes),
+                  "fold": fold.describe(), "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(),
+                  "history": trained.history}
         rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints)
         outputs[fold.index] = output
-        accuracy = _tile_accuracy(probs, plan.targets[fold.test])
+        accuracy = _tile_accuracy(trained.probs, plan.targets[fold.test])
         tasks["folds"].advance(info=f"({fold.name}) held-out tile accuracy {accuracy:.3f} in {output.seconds:.0f} s")
     return outputs
 
 
-def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict):
-    """Fine-tune a fresh network on the fold's training tiles; score its test tiles.
-
-    Returns (training rows used, test probabilities, history, weights, {epoch: test probabilities}).
-    """
+def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict) -> TrainedFold:
+    """Fine-tune a fresh network on the fold's training tiles; score its test tiles."""
     from cellmorph.augment import Augmenter
     from cellmorph.datasets import InputPipeline
     from cellmorph.models import build_model
-    from cellmorph.train import TrainSettings, fit, predict_tiles
+    from cellmorph.train import PredictSettings, TrainSettings, fit, predict_tiles
 
-    cfg, seeds, spec = plan.config, plan.seeds[fold.index], plan.input
+    cfg, seeds = plan.config, plan.seeds[fold.index]
     train_rows = subsample_rows(fold.train, plan.targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
     torch.manual_seed(seeds["init"])
     model = build_model(cfg, len(plan.classes), plan.cache.tile_shape[0]).module
-    pipeline = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(cfg.augment, seed=seeds["augment"]))
-    settings = TrainSettings.from_config(cfg)
+    pipeline = InputPipeline.from_spec(plan.input, Augmenter(cfg.augment, seed=seeds["augment"]))
+    settings, scoring = TrainSettings.from_config(cfg), PredictSettings.from_config(cfg)
     test_targets = plan.targets[fold.test]
     n_batches = max(1, len(train_rows) // cfg.batch_size + (len(train_rows) % cfg.batch_size >= 2))
-    n_eval = -(-len(fold.test) // settings.predict_batch_size)
+    n_eval = -(-len(fold.test) // scoring.batch_size)
     tasks["epochs"].reset(cfg.epochs, f"  epochs ({fold.name})")
     tasks["batches"].reset(n_batches, "  batches")
     interim: dict[int, np.ndarray] = {}
@@ -224,10 +237,10 @@ def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict):
         if record["epoch"] in cfg.eval_epochs:
             # Scoring in eval mode draws no random numbers, so the final model is the same with or without it.
             tasks["batches"].reset(n_eval, f"  predicting (epoch {record['epoch']})")
-            interim[record["epoch"]] = predict_tiles(model, pipeline, plan.cache, fold.test, settings, plan.device,
+            interim[record["epoch"]] = predict_tiles(model, pipeline, plan.cache, fold.test, scoring, plan.device,
                                                      tasks["batches"].advance)
-            record["heldout_tile_accuracy"] = _tile_accuracy(interim[record["epoch"]], test_targets)
-        heldout = record.get("heldout_tile_accuracy")
+            record[HELDOUT_ACCURACY] = _tile_accuracy(interim[record["epoch"]], test_targets)
+        heldout = record.get(HELDOUT_ACCURACY)
         tasks["epochs"].advance(info=f"loss {record['loss']:.3f}, training accuracy {record['train_accuracy']:.3f}"
                                 + ("" if heldout is None else f", held-out tile accuracy {heldout:.3f}"))
         if record["epoch"] < cfg.epochs:
@@ -237,10 +250,10 @@ def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict):
     history = fit(model, pipeline, plan.cache, train_rows, plan.targets[train_rows], len(plan.classes), settings,
                   seeds["shuffle"], plan.device, tasks["batches"].advance, on_epoch, frozen)
     tasks["batches"].reset(n_eval, "  predicting")
-    probs = predict_tiles(model, pipeline, plan.cache, fold.test, settings, plan.device, tasks["batches"].advance)
-    history[-1]["heldout_tile_accuracy"] = _tile_accuracy(probs, test_targets)
+    probs = predict_tiles(model, pipeline, plan.cache, fold.test, scoring, plan.device, tasks["batches"].advance)
+    history[-1][HELDOUT_ACCURACY] = _tile_accuracy(probs, test_targets)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return train_rows, probs, history, state, interim
+    return TrainedFold(train_rows, probs, history, state, interim)
 
 
 def _tile_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
@@ -252,7 +265,8 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
     from cellmorph.report import plot_confusion, plot_learning_curves
 
     cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
-    tiles, wells, treatments = aggregate(pd.concat([o.predictions for o in outputs.values()], ignore_index=True))
+    predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)
+    tiles, wells, treatments = aggregate(predictions)
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
     if cfg.eval_epochs:
         by_epoch = {}
@@ -287,7 +301,7 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
         + f"\nTile level ({len(tiles)} tiles)\n"
         + classification_text(tiles, classes)
     )
-    rundir.write_tables(tiles, wells, treatments, report, matrix, classes)
+    rundir.write_tables(predictions, wells, treatments, report, matrix, classes)
     plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG),
                    title=f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
     if any(histories.values()):  # a linear probe has no epochs to plot

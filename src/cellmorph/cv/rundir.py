@@ -5,7 +5,7 @@
     config.yaml              resolved config, seeds, folds, data fingerprint, versions, git commit
     folds/<k>/predictions.parquet   that fold's test tiles (Metadata_* + prob_<class>)
     folds/<k>/predictions_epoch<e>.parquet   the same after epoch e (eval_epochs)
-    folds/<k>/history.json   per-epoch training loss/accuracy/lr/seconds (+ held-out accuracy)
+    folds/<k>/history.json   per epoch: training loss/accuracy/lr/seconds, schema.HELDOUT_ACCURACY where scored
     folds/<k>/state.pt       model weights + fold info (plain tensors; weights_only loads), per keep_checkpoints
     folds/<k>/fold.json      written last: marks the fold finished (resume skips it)
     embeddings.npy/.json     linear probe: frozen-backbone embeddings, kept for resume
@@ -51,6 +51,9 @@ REPORT_FILE = "classification_report.txt"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "learning_curves.png"
+REPLICATE_DIR = "replicate-{}"  # one run directory per replicate
+REPLICATES_CSV = "replicates.csv"
+INIT_COMPARISON = "init_comparison"  # .csv, .png and .json of compare_inits
 EMBEDDINGS = "embeddings.npy"
 EMBEDDINGS_MARKER = "embeddings.json"
 FROZEN_FEATURES = "frozen_features.npy"
@@ -123,6 +126,7 @@ class RunDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._states_written: list[Path] = []  # fold weights this process wrote (keep_checkpoints "last")
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -198,19 +202,25 @@ class RunDir:
         (self.fold_dir(fold) / FOLD_DONE).unlink(missing_ok=True)
 
     def write_fold(self, fold: int, output: FoldOutput, state: dict | None, marker: dict, keep: str) -> None:
-        """The fold's outputs, its weights as ``keep`` says (all | last | none), and last its marker."""
+        """The fold's outputs, its weights as ``keep`` says (all | last | none), and last its marker.
+
+        Only weights this process wrote are ever deleted: a resumed run keeps those of
+        folds finished earlier (e.g. by a release that kept every fold's weights).
+        """
         folder = self.fold_dir(fold)
         for epoch, frame in output.interim.items():
             _write_parquet(folder / fold_predictions_name(epoch), frame)
         _write_parquet(folder / FOLD_PREDICTIONS, output.predictions)
         write_json(folder / FOLD_HISTORY, output.history)
+        (folder / FOLD_STATE).unlink(missing_ok=True)  # an earlier attempt's weights are not this fold's
         if state is not None and keep != "none":
             with atomic_path(folder / FOLD_STATE) as tmp:
                 torch.save(state, tmp)
-        if keep == "last" or keep == "none":
-            for other in (self.root / FOLDS_DIR).glob(f"*/{FOLD_STATE}"):
-                if keep == "none" or other.parent != folder:
-                    other.unlink(missing_ok=True)
+            if keep == "last":
+                for earlier in self._states_written:
+                    earlier.unlink(missing_ok=True)
+                self._states_written = []
+            self._states_written.append(folder / FOLD_STATE)
         write_json(folder / FOLD_DONE, marker)
 
     def fold_state(self, fold: int) -> dict:
@@ -238,12 +248,6 @@ class RunDir:
         if not path.is_file():
             raise CellmorphError(f"{self.root}: not a cellmorph run directory (no {CONFIG_FILE})")
         return yaml.safe_load(path.read_text()) or {}
-
-    def read_metrics(self) -> dict:
-        return json.loads(self.path(METRICS_FILE).read_text())
-
-    def read_predictions(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path(PREDICTIONS_FILE))
 
     def has_results(self) -> bool:
         return self.path(METRICS_FILE).is_file()

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
-from cellmorph.schema import CONTROL_COLUMN, TRUE_COLUMN
+from cellmorph.schema import CONTROL_COLUMN, TRUE_COLUMN, WELL_KEYS
 
 DEFAULT_WELL_FOLDS = 5
 CV_CHOICES = "loco | group-kfold:K | nscb | well[:K] | batch | cell-line"
@@ -110,7 +110,8 @@ def _deal(keys_by_class: dict[str, list], n_folds: int, rng: np.random.Generator
 
 
 def _well_key(frame: pd.DataFrame) -> pd.Series:
-    return frame["Metadata_Plate"].astype(str) + "/" + frame["Metadata_Well"].astype(str)
+    plate, well = WELL_KEYS
+    return frame[plate].astype(str) + "/" + frame[well].astype(str)
 
 
 @dataclass

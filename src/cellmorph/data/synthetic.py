@@ -59,6 +59,7 @@ from cellmorph.data.bbbc021 import CHANNELS, IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUM
 from cellmorph.data.images import write_tiff
 from cellmorph.data.table import CONTROL_COMPOUND
 from cellmorph.errors import CellmorphError
+from cellmorph.progress import Progress
 from cellmorph.runinfo import require_output_dir, write_csv
 
 __all__ = [
@@ -1208,34 +1209,18 @@ def generate_bbbc021(
 
     chunk = 4
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(
-            TextColumn(f"synthetic BBBC021 ({spec.name})"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("images"), TimeElapsedColumn(),
-        )
-        bar.start()
-        task = bar.add_task("render", total=len(jobs))
-    try:
+    with Progress(progress) as bar:
+        task = bar.task(f"synthetic BBBC021 ({spec.name}) images", len(jobs), every=30.0)
         if workers <= 1:
             for ch in chunks:
-                done = _run_chunk(str(out), ch)
-                if bar is not None:
-                    bar.advance(task, done)
+                task.advance(_run_chunk(str(out), ch))
         else:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(_run_chunk, str(out), ch) for ch in chunks]
                 for fut in as_completed(futures):
-                    done = fut.result()
-                    if bar is not None:
-                        bar.advance(task, done)
-    finally:
-        if bar is not None:
-            bar.stop()
+                    task.advance(fut.result())
 
     write_csv(out / MOA_CSV, moa_table(spec, seed))
     write_csv(out / IMAGE_CSV, plate_map[list(IMAGE_COLUMNS)])

@@ -38,6 +38,7 @@ from cellmorph.data.bbbc014 import (
 )
 from cellmorph.data.images import write_tiff
 from cellmorph.errors import CellmorphError
+from cellmorph.progress import Progress
 from cellmorph.runinfo import require_output_dir, write_csv
 
 __all__ = [
@@ -409,17 +410,8 @@ def generate_bbbc014(
     (out / REAL_IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     wells = plate_map()
     plate = _plate_params(seed)
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(
-            TextColumn(f"synthetic BBBC014 [{spec.name}]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("wells"), TimeElapsedColumn(),
-        )
-        bar.start()
-        task = bar.add_task("render", total=len(wells))
-    try:
+    with Progress(progress) as bar:
+        task = bar.task(f"synthetic BBBC014 ({spec.name}) wells", len(wells), every=30.0)
         for rec in wells.itertuples(index=False):
             img = render_well(
                 seed, rec.Row, int(rec.Column), float(rec.Concentration), rec.CellLine,
@@ -427,11 +419,7 @@ def generate_bbbc014(
             )
             write_tiff(out / rec.FileName_DAPI, img[0])
             write_tiff(out / rec.FileName_FITC, img[1])
-            if bar is not None:
-                bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
+            task.advance()
     write_csv(out / IMAGE_CSV, wells)
     labels = label_wells(wells)
     return {

@@ -34,6 +34,7 @@ import pandas as pd
 
 from cellmorph.errors import BadInputError
 from cellmorph.runinfo import require_file
+from cellmorph.schema import TREATMENT_KEYS
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "Metadata_ImageID",
@@ -130,7 +131,7 @@ class ImageTable:
     def summary(self) -> dict:
         """Counts of the annotated (non-control) part, as the paper's Table 1 reports them."""
         treated = self.treated
-        treatments = treated.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups
+        treatments = treated.groupby(TREATMENT_KEYS).ngroups
         per_compound = treated.groupby("Metadata_Compound").size().sort_index()
         return {
             "n_images": int(len(treated)),

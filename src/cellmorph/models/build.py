@@ -66,22 +66,21 @@ def build_model(settings: NetworkSettings, n_classes: int, in_chans: int = 3) ->
     return Network(module, spec, module.cellmorph_init)
 
 
-def check_input_size(network: Network) -> None:
-    """Refuse an input size the architecture cannot take, before any run directory is written.
+def check_input_size(module: nn.Module, spec: InputSpec, name: str) -> None:
+    """Refuse an input size the architecture cannot take, before any output is written.
 
-    One forward pass of a single blank tile; e.g. inception_v3 shrinks 16 px to nothing.
+    One forward pass of a single blank tile: inception_v3 shrinks 16 px to nothing
+    (RuntimeError), a vision transformer asserts its patch grid (AssertionError).
     """
-    module, spec = network.module, network.input
     was_training = module.training
     try:
         module.eval()
         with torch.no_grad():
             module(torch.zeros(1, spec.channels, spec.size, spec.size))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CellmorphError(
-            f"image size {spec.size} px is too small for {network.init.model} ({reason[:160]}); "
-            "choose a larger --image-size"
+            f"image size {spec.size} px: {name} cannot take it ({reason[:160]}); choose another --image-size"
         ) from None
     finally:
         module.train(was_training)

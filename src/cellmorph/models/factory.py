@@ -60,6 +60,8 @@ def create_model(
     checkpoint: Path | None = None
     if init_s not in INITS:
         checkpoint = Path(init_s).expanduser()
+        if checkpoint.is_dir():
+            raise CellmorphError(f"init {init_s}: is a directory, expected 'imagenet', 'xavier' or a checkpoint file")
         if not checkpoint.is_file():
             raise CellmorphError(
                 f"init must be 'imagenet', 'xavier' or a checkpoint file; {init_s!r} is neither (file not found)"

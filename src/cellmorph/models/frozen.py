@@ -36,7 +36,7 @@ from torch import nn
 
 from cellmorph.errors import CellmorphError
 
-__all__ = ["FrozenFeatures", "FrozenSplit", "compute_frozen_features", "example_batch", "frozen_roots"]
+__all__ = ["FrozenFeatures", "FrozenInput", "FrozenSplit", "compute_frozen_features", "example_batch", "frozen_roots"]
 
 
 class _Stop(Exception):
@@ -250,3 +250,27 @@ def compute_frozen_features(
             if on_batch:
                 on_batch()
     return out
+
+
+class FrozenInput:
+    """Precomputed frozen-stage features standing in for the frozen stages of ``split.model``
+    while it trains on cache ``rows``: epoch by epoch, each tile's next augmented copy."""
+
+    def __init__(self, split: FrozenSplit, features: FrozenFeatures, rows: np.ndarray, shuffle_seed: int) -> None:
+        if split.signature != features.signature:
+            raise CellmorphError("the precomputed frozen-stage features belong to other weights than this model's")
+        missing = [int(r) for r in rows if int(r) not in features.position]
+        if missing:
+            raise CellmorphError(f"no precomputed frozen-stage features for cache row(s) {missing[:5]}")
+        self.split, self.features = split, features
+        self.index = np.array([features.position[int(r)] for r in rows], dtype=np.int64)
+        # Each tile's copies in a seeded random order: epoch e uses copy order[e % copies].
+        copy_rng = np.random.default_rng([int(shuffle_seed), 1])
+        self.copy_of = np.argsort(copy_rng.random((len(rows), features.copies)), axis=1)
+
+    def batches(self, epoch: int, order):
+        """(float32 frozen-stage features, positions) for each batch of positions in ``order``."""
+        copies = self.copy_of[:, epoch % self.features.copies]
+        for positions in order:
+            x = np.asarray(self.features.array[copies[positions], self.index[positions]], dtype=np.float32)
+            yield torch.from_numpy(x), torch.from_numpy(np.asarray(positions, dtype=np.int64))
