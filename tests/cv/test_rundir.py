@@ -41,6 +41,8 @@ def test_keep_checkpoints_decides_which_fold_weights_stay_and_resume_needs_none(
     # Resuming needs no weights, and keep_checkpoints is not part of what the run computes.
     again = run_cv(tiny_cache, out, dict(QUICK, keep_checkpoints="none"), resume=True, progress=False)
     assert again["resumed_folds"] == [0, 1, 2] and again["tile_accuracy"] == metrics["tile_accuracy"]
+    # Weights of folds finished earlier are never deleted by a later invocation's policy.
+    assert sorted(int(p.parent.name) for p in out.glob(f"folds/*/{FOLD_STATE}")) == kept
     if kept:
         state = rundir.fold_state(kept[-1])
         assert state["model_name"] == "test_resnet" and state["input"]["input_size"] == 32

@@ -1,6 +1,6 @@
 """Backbones: offline-first ImageNet weights, model construction and frozen stages."""
 
-from cellmorph.models.build import Network, build_model, check_input_size, model_input_spec
+from cellmorph.models.build import Network, build_model, check_input_size, input_size_errors, model_input_spec
 from cellmorph.models.factory import create_model, freeze_stages, load_checkpoint, stage_names, xavier_init_
 from cellmorph.models.spec import InitRecord, InputSpec
 from cellmorph.models.weights import (
@@ -34,6 +34,7 @@ __all__ = [
     "default_input_size",
     "freeze_stages",
     "import_weights",
+    "input_size_errors",
     "list_weights",
     "load_checkpoint",
     "load_pretrained",

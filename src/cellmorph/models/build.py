@@ -7,6 +7,7 @@ never read settings off attributes of the module or unpack a config into loose a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,21 +67,30 @@ def build_model(settings: NetworkSettings, n_classes: int, in_chans: int = 3) ->
     return Network(module, spec, module.cellmorph_init)
 
 
-def check_input_size(module: nn.Module, spec: InputSpec, name: str) -> None:
-    """Refuse an input size the architecture cannot take, before any output is written.
+@contextmanager
+def input_size_errors(spec: InputSpec, name: str):
+    """Within the block, a network's complaint about its input size becomes one clear line.
 
-    One forward pass of a single blank tile: inception_v3 shrinks 16 px to nothing
-    (RuntimeError), a vision transformer asserts its patch grid (AssertionError).
+    inception_v3 shrinks 16 px to nothing (RuntimeError); a vision transformer asserts its
+    patch grid (AssertionError). Wrap only a network's first forward pass: once one batch
+    went through, the size is fine and later errors are something else.
     """
-    was_training = module.training
     try:
-        module.eval()
-        with torch.no_grad():
-            module(torch.zeros(1, spec.channels, spec.size, spec.size))
+        yield
     except (RuntimeError, AssertionError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CellmorphError(
             f"image size {spec.size} px: {name} cannot take it ({reason[:160]}); choose another --image-size"
         ) from None
+
+
+def check_input_size(module: nn.Module, spec: InputSpec, name: str) -> None:
+    """Refuse an input size the architecture cannot take, before any output is written:
+    one forward pass of a single blank tile."""
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad(), input_size_errors(spec, name):
+            module(torch.zeros(1, spec.channels, spec.size, spec.size))
     finally:
         module.train(was_training)
