@@ -304,6 +304,47 @@ def cv(
     _print_metrics(metrics, out)
 
 
+@command()
+def train(
+    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    out: Path = typer.Option(..., help="model folder (bundle) to write"),
+    calibration: Optional[str] = typer.Option(
+        None, help="also run this CV (loco | group-kfold:K | …) into OUT.cv/ and store its out-of-fold "
+        "treatment probabilities in the bundle, for calibrated prediction sets"),
+    model: Optional[str] = typer.Option(None, help=field_help("model")),
+    init: Optional[str] = typer.Option(None, help=field_help("init")),
+    weights: Optional[Path] = typer.Option(None, help=field_help("weights")),
+    epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),
+    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
+    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
+    freeze_stages: Optional[int] = typer.Option(None, help=field_help("freeze_stages")),
+    tta: Optional[str] = typer.Option(None, help=field_help("tta")),
+    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
+    include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
+                                                    help=field_help("include_controls_as_class")),
+    max_tiles_per_fold: Optional[int] = typer.Option(None, help=field_help("max_tiles_per_fold")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    online: Optional[bool] = typer.Option(None, "--online/--offline", help=field_help("allow_network")),
+    config: Optional[Path] = typer.Option(None, help="YAML CVConfig (every cv setting); options given here override it"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed calibration CV"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+) -> None:
+    """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv)."""
+    from cellmorph.cv import load_cv_config
+    from cellmorph.final_model import train_final
+
+    cfg = load_cv_config(
+        config, model=model, init=init, weights=str(weights) if weights else None, epochs=epochs,
+        batch_size=batch_size, lr=lr, image_size=image_size, freeze_stages=freeze_stages, tta=tta, seed=seed,
+        include_controls_as_class=include_controls, max_tiles_per_fold=max_tiles_per_fold, num_threads=threads,
+        allow_network=online,
+    )
+    summary = train_final(data, out, cfg, calibration=calibration, resume=resume, progress=progress)
+    console.print(f"model bundle: {out}")
+    print(json.dumps(summary))
+
+
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     if text is None:
         return None

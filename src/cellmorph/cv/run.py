@@ -100,11 +100,12 @@ class RunPlan:
         }
 
 
-def plan_run(data: Path, config: CVConfig | dict | Path | None) -> RunPlan:
+def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool = True) -> RunPlan:
     """Validate the config against the data and build the network once, before any output exists.
 
     A missing weights file, a bad checkpoint, too many frozen stages or an input size the
     network cannot take fails here, and the input spec is that of the weights actually resolved.
+    ``with_folds=False`` (training one final model on everything) makes no CV folds.
     """
     from cellmorph.cache import TileCache
     from cellmorph.models import build_model, check_input_size, freeze_stages
@@ -112,10 +113,14 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None) -> RunPlan:
     base = validate_config(config if config is not None else {}, "config")
     cache = TileCache(Path(data))
     classes = class_names(cache.index, base.include_controls_as_class)
-    folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.seed,
-                                base.skip_untrainable_folds)
-    if not folds:
-        raise CellmorphError(f"cv {base.cv}: every fold was skipped; nothing to train")
+    folds, skipped = [], []
+    if with_folds:
+        folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.seed,
+                                    base.skip_untrainable_folds)
+        if not folds:
+            raise CellmorphError(f"cv {base.cv}: every fold was skipped; nothing to train")
+    elif len(classes) < 2:
+        raise CellmorphError(f"{data}: a classifier needs at least 2 classes; the data has {classes}")
     channels = cache.tile_shape[0]
     if channels != 3 and base.init != "xavier":
         raise CellmorphError(f"{data}: tiles have {channels} channels but ImageNet models take 3; "

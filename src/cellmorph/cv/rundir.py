@@ -249,6 +249,10 @@ class RunDir:
             raise CellmorphError(f"{self.root}: not a cellmorph run directory (no {CONFIG_FILE})")
         return yaml.safe_load(path.read_text()) or {}
 
+    def read_treatments(self) -> pd.DataFrame:
+        """Per-treatment median probabilities and calls of a finished run."""
+        return pd.read_csv(self.path(TREATMENTS_FILE))
+
     def has_results(self) -> bool:
         return self.path(METRICS_FILE).is_file()
 

@@ -1,0 +1,78 @@
+"""The final model: trained on every labelled treatment of a cache, saved as a bundle.
+
+::
+
+    from cellmorph.final_model import train_final
+    train_final("CACHE", "MODEL", {"model": "tf_efficientnet_lite0", "epochs": 5}, calibration="loco")
+
+Same recipe and config schema as ``cv``. With ``calibration``, a cross-validation with that
+scheme runs first (into ``MODEL.cv/``, resumable), and its out-of-fold treatment probabilities,
+scored by models that never saw those compounds, are stored in the bundle for calibrated
+prediction sets. The final model's seeds derive from (seed, :data:`FINAL_FOLD`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from cellmorph.cv.config import CVConfig, validate_config
+from cellmorph.cv.splits import Fold, parse_cv
+from cellmorph.errors import CellmorphError
+
+FINAL_FOLD = 999_999  # a fold number no CV uses: the final model's own seeds
+
+
+def calibration_run_dir(out: Path) -> Path:
+    return Path(str(out) + ".cv")
+
+
+def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = None,
+                calibration: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train on all labelled tiles of ``data``, write the bundle ``out``; returns a summary."""
+    from cellmorph.bundle import save_bundle
+    from cellmorph.cv.rundir import RunDir
+    from cellmorph.cv.run import plan_run, run_cv, run_fold
+    from cellmorph.progress import Progress
+    from cellmorph.runinfo import require_output_dir
+    from cellmorph.runtime import derive_seeds, deterministic, torch_threads
+
+    out = require_output_dir(Path(out), "model folder")
+    base = validate_config(config if config is not None else {}, "config")
+    if calibration is not None:
+        calibration = str(parse_cv(calibration))
+    plan = plan_run(data, base, with_folds=False)
+    scores = None
+    if calibration is not None:
+        run = calibration_run_dir(out)
+        resuming = resume or (run / "config.yaml").is_file()
+        metrics = run_cv(data, run, base.model_copy(update={"cv": calibration}), resume=resuming, progress=progress)
+        scores = RunDir(run).read_treatments()
+    rows = np.flatnonzero(plan.targets >= 0)
+    if len(rows) < 2:
+        raise CellmorphError(f"{data}: fewer than 2 labelled tiles to train the final model on")
+    fold = Fold(FINAL_FOLD, "final", rows, np.empty(0, dtype=np.int64))
+    final_plan = replace(plan, seeds={FINAL_FOLD: derive_seeds(plan.config.seed, FINAL_FOLD)})
+    with torch_threads(plan.config.num_threads), deterministic(plan.config.deterministic), Progress(progress) as bar:
+        tasks = {"epochs": bar.task("  epochs (final model)", plan.config.epochs),
+                 "batches": bar.task("  batches", 1, log=False)}
+        trained = run_fold(final_plan, fold, None, tasks)
+    cache = plan.cache
+    preprocessing = {k: cache.manifest.get(k) for k in ("source", "channels", "tile_shape", "config", "config_hash")}
+    training = {
+        "config": plan.config.model_dump(mode="json"),
+        "data": str(Path(data).resolve()),
+        "data_fingerprint": plan.data_fingerprint,
+        "seeds": final_plan.seeds[FINAL_FOLD],
+        "n_train_tiles": int(len(trained.train_rows)),
+        "history": trained.history,
+        "init": plan.init.record(),
+        "calibration": None if calibration is None else {
+            "cv": calibration, "run": str(calibration_run_dir(out).resolve()),
+            "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"]},
+    }
+    save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input, preprocessing, training, scores)
+    return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
+            "calibration": training["calibration"]}
