@@ -136,3 +136,17 @@ def tiny_cache(tiny_screen, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tinycache") / "cache"
     prepare(load_bbbc021(tiny_screen, tiny_screen), out, PrepareConfig(), progress=False)
     return out
+
+
+# `cellmorph train` in seconds: a tiny network from scratch on 32-px tiles.
+QUICK_TRAIN = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "1",
+               "--max-tiles-per-fold", "40", "--threads", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_cache, tmp_path_factory) -> Path:
+    """A model bundle trained on the tiny cache, calibrated by group-kfold:2. Do not modify."""
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -16,8 +16,7 @@ from cellmorph.bundle import CALIBRATION, MANIFEST, WEIGHTS, load_bundle
 from cellmorph.errors import CellmorphError
 from tests.conftest import one_line_error, run_cli
 
-QUICK_TRAIN = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "1",
-               "--max-tiles-per-fold", "40", "--threads", "1")
+from tests.conftest import QUICK_TRAIN  # noqa: E402
 
 # Probabilities of the first 24 tiles of a cache under a bundle, as `predict` will compute them.
 SCORE = """
@@ -34,12 +33,9 @@ np.save(sys.argv[3], probs)
 """
 
 
-@pytest.fixture(scope="module")
-def model(tiny_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "model"
-    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def model(tiny_bundle):
+    return tiny_bundle
 
 
 def test_train_writes_a_complete_bundle_with_out_of_fold_calibration(model, tiny_cache):

@@ -345,6 +345,34 @@ def train(
     print(json.dumps(summary))
 
 
+@command()
+def predict(
+    model: Path = typer.Option(..., help="model bundle from `cellmorph train`"),
+    data: Path = typer.Option(..., help="tile cache of the screen, prepared with the model's recipe"),
+    out: Path = typer.Option(..., help="folder for tiles/wells/treatments tables"),
+    alpha: float = typer.Option(0.1, help="conformal error level: sets cover the true MoA with probability ≥ 1 − alpha"),
+    batch_size: int = typer.Option(64, help="tiles per forward pass"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+) -> None:
+    """Call the MoA of every treatment of a prepared screen, with confidence and a conformal prediction set."""
+    from cellmorph.errors import validated
+    from cellmorph.predict import PredictConfig
+    from cellmorph.predict import predict as run_predict
+
+    settings = validated(PredictConfig, dict(alpha=alpha, batch_size=batch_size, threads=threads), "predict options")
+    summary = run_predict(model, data, out, settings, progress=progress)
+    grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}")
+    for column in ("mean set size", "empty sets", "accuracy", "coverage"):
+        grid.add_column(column, justify="right")
+    grid.add_row(f"{summary['mean_set_size']:.2f}", str(summary["n_empty_sets"]),
+                 f"{summary['treatment_accuracy']:.3f}" if "treatment_accuracy" in summary else "–",
+                 f"{summary['coverage']:.3f}" if "coverage" in summary else "–")
+    console.print(grid)
+    console.print(f"predictions: {out / 'treatments.csv'}")
+    print(json.dumps(summary))
+
+
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     if text is None:
         return None
