@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.predict import conformal_sets
+from cellmorph.predict import conformal_sets, held_out_coverage
 from tests.conftest import one_line_error, run_cli
 
 
@@ -75,3 +75,47 @@ def test_bad_predict_inputs_are_one_line(tiny_bundle, tiny_cache, tmp_path):
     one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", other, "--out", tmp_path / "p"),
                    str(other), "channels")
     assert not (tmp_path / "p").exists()
+
+
+def test_sets_cover_the_held_out_compounds_of_a_loco_run(tiny_cache, tmp_path):
+    """LOCO on the tiny screen (24 compounds, 44 treatments). Each compound's treatments get sets
+    calibrated on the out-of-fold scores of the other 23 compounds. Criterion: for α = 0.1 and 0.2
+    the share of the 44 treatments whose set holds the true MoA is at least 1 − α − 2·√(α(1−α)/44)
+    (two binomial standard errors: 0.81 and 0.68)."""
+    from cellmorph.cv import RunDir, run_cv
+
+    run_cv(tiny_cache, tmp_path / "loco", dict(model="test_resnet", init="xavier", image_size=32, epochs=2,
+                                               cv="loco", max_tiles_per_fold=60, num_threads=1), progress=False)
+    scores = RunDir(tmp_path / "loco").read_treatments()
+    classes = sorted(scores["Metadata_MoA"].unique())
+    for alpha in (0.1, 0.2):
+        result = held_out_coverage(scores, classes, alpha)
+        assert result["n_treatments"] == 44
+        assert result["coverage"] >= 1 - alpha - 2 * np.sqrt(alpha * (1 - alpha) / 44), result
+
+
+def test_a_saved_fold_model_reproduces_the_cv_predictions_of_its_held_out_compounds(tiny_cache, tmp_path):
+    """Fold weights (--keep-checkpoints all) applied to the fold's held-out tiles through the
+    prediction code give the probabilities the CV run wrote, to 1e-6 on the CPU."""
+    import torch
+
+    from cellmorph.cache import TileCache
+    from cellmorph.cv import RunDir, run_cv
+    from cellmorph.datasets import InputPipeline
+    from cellmorph.models import InputSpec, create_model
+    from cellmorph.runtime import torch_threads
+    from cellmorph.train import PredictSettings, predict_tiles
+
+    out = tmp_path / "run"
+    run_cv(tiny_cache, out, dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:2",
+                                 max_tiles_per_fold=40, num_threads=1, keep_checkpoints="all"), progress=False)
+    rundir, cache = RunDir(out), TileCache(tiny_cache)
+    for fold in rundir.finished_folds():
+        state, written = rundir.fold_state(fold), rundir.read_fold_predictions(fold)
+        model = create_model(state["model_name"], len(state["classes"]), init="xavier")
+        model.load_state_dict(state["model"])
+        with torch_threads(1):
+            probs = predict_tiles(model, InputPipeline.from_spec(InputSpec.from_record(state["input"])), cache,
+                                  written["Metadata_CacheRow"].to_numpy(), PredictSettings(batch_size=64),
+                                  torch.device("cpu"))
+        np.testing.assert_allclose(probs, written[[f"prob_{c}" for c in state["classes"]]].to_numpy(), atol=1e-6)
