@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cellmorph.bundle import CALIBRATION, MANIFEST, WEIGHTS, load_bundle
+from cellmorph.bundle import LEVELS, MANIFEST, WEIGHTS, calibration_file, load_bundle
 from cellmorph.errors import CellmorphError
 from tests.conftest import one_line_error, run_cli
 
@@ -46,15 +46,19 @@ def test_train_writes_a_complete_bundle_with_out_of_fold_calibration(model, tiny
     assert bundle.input.size == 32 and bundle.input.channels == 3
     assert bundle.recipe["config_hash"] == cache_manifest["config_hash"]
     assert bundle.recipe["channels"] == cache_manifest["channels"]
-    assert set(manifest["files"]) == {WEIGHTS, CALIBRATION} and all(len(v) == 64 for v in manifest["files"].values())
+    assert set(manifest["files"]) == {WEIGHTS, *map(calibration_file, LEVELS)}
+    assert all(len(v) == 64 for v in manifest["files"].values())
     training = manifest["training"]
     assert training["n_train_tiles"] == 40 and training["seeds"] and training["data_fingerprint"]
     assert "git_commit" in manifest["provenance"] and manifest["provenance"]["packages"]["torch"]
-    # Calibration scores are the CV's out-of-fold treatment probabilities, one row per treatment.
-    cv_treatments = pd.read_csv(str(model) + ".cv/treatments.csv")
-    assert len(bundle.calibration) == len(cv_treatments) == 44
-    probs = [c for c in cv_treatments.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(bundle.calibration[probs].to_numpy(), cv_treatments[probs].to_numpy())
+    # Calibration scores are the CV's out-of-fold probabilities, per treatment, well and tile.
+    cv_run = str(model) + ".cv"
+    written = {"treatments": pd.read_csv(cv_run + "/treatments.csv"), "wells": pd.read_csv(cv_run + "/wells.csv"),
+               "tiles": pd.read_parquet(cv_run + "/predictions.parquet")}
+    assert [len(bundle.calibration[level]) for level in LEVELS] == [44, 88, 352]
+    for level, frame in written.items():
+        probs = [c for c in frame.columns if c.startswith("prob_")]
+        np.testing.assert_allclose(bundle.calibration[level][probs].to_numpy(), frame[probs].to_numpy())
     assert training["calibration"]["cv"] == "group-kfold:2"
 
 
@@ -87,8 +91,8 @@ def test_an_altered_or_missing_file_is_refused(model, tmp_path):
     with pytest.raises(CellmorphError, match=f"{WEIGHTS}: sha256 differs"):
         load_bundle(altered)
     missing = _copy(model, tmp_path, "missing")
-    (missing / CALIBRATION).unlink()
-    with pytest.raises(CellmorphError, match=f"{CALIBRATION}: missing from the model bundle"):
+    (missing / calibration_file("wells")).unlink()
+    with pytest.raises(CellmorphError, match=f"{calibration_file('wells')}: missing from the model bundle"):
         load_bundle(missing)
     with pytest.raises(CellmorphError, match="not a model folder"):
         load_bundle(tmp_path / "nowhere")

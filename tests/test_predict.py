@@ -34,6 +34,11 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
     covered = [moa in m for moa, m in zip(treatments["Metadata_MoA"], members)]
     assert summary["coverage"] == pytest.approx(np.mean(covered))
     assert summary["treatment_accuracy"] == pytest.approx((treatments["Predicted_MoA"] == treatments["Metadata_MoA"]).mean())
+    # Wells and tiles get sets too, calibrated at their own level.
+    for level, n in (("wells", 88), ("tiles", 352)):
+        frame = pd.read_parquet(tmp_path / "pred0.1" / f"{level}.parquet")
+        assert len(frame) == n and {"Prediction_Set", "Set_Size", "Empty_Set", "Confidence"} <= set(frame.columns)
+        assert (frame["Set_Size"] == frame["Prediction_Set"].map(lambda s: len(s.split("|")) if s else 0)).all()
     # A larger alpha can only shrink a set: the sets at 0.3 are subsets of those at 0.1.
     looser = [set(s.split("|")) if s else set() for s in runs["0.3"][0]["Prediction_Set"]]
     assert all(small <= big for small, big in zip(looser, members))

@@ -8,8 +8,9 @@
                              tiles), training config and seeds, data fingerprint, provenance, and
                              the sha256 of every other file
       weights.safetensors    the network's weights (safetensors: tensors only, no pickle)
-      calibration.parquet    optional: out-of-fold treatment probabilities (Metadata_* +
-                             prob_<class>) of compounds the scoring models never saw
+      calibration_<level>.parquet   optional, for level treatments, wells and tiles: out-of-fold
+                             probabilities (Metadata_* + prob_<class>) of compounds the scoring
+                             models never saw
 
 A bundle is written into a temporary folder and renamed into place, so a folder named
 ``MODEL`` is always complete. Loading checks every file's sha256 before reading it.
@@ -35,7 +36,11 @@ from cellmorph.runinfo import require_output_dir, run_info
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
-CALIBRATION = "calibration.parquet"
+LEVELS = ("treatments", "wells", "tiles")  # the aggregation levels, each with its own calibration scores
+
+
+def calibration_file(level: str) -> str:
+    return f"calibration_{level}.parquet"
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Bundle:
     root: Path
     manifest: dict
     weights: dict[str, torch.Tensor]
-    calibration: pd.DataFrame | None
+    calibration: dict[str, pd.DataFrame]  # level → scores; empty without calibration
 
     @property
     def model_name(self) -> str:
@@ -87,7 +92,7 @@ def save_bundle(
     input_spec: InputSpec,
     preprocessing: dict,
     training: dict,
-    calibration: pd.DataFrame | None = None,
+    calibration: dict[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write a bundle to ``out`` (a new folder; an existing one is replaced only when complete)."""
     from safetensors.torch import save_file
@@ -98,9 +103,11 @@ def save_bundle(
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
         files = [WEIGHTS]
-        if calibration is not None:
-            calibration.to_parquet(tmp / CALIBRATION, index=False)
-            files.append(CALIBRATION)
+        for level, scores in (calibration or {}).items():
+            if level not in LEVELS:
+                raise ValueError(f"calibration level {level!r} is not one of {LEVELS}")
+            scores.to_parquet(tmp / calibration_file(level), index=False)
+            files.append(calibration_file(level))
         manifest = {
             "format": BUNDLE_FORMAT,
             "model": model_name,
@@ -160,5 +167,6 @@ def load_bundle(path: Path) -> Bundle:
         weights = load_file(str(root / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CellmorphError(f"{root / WEIGHTS}: not a safetensors file ({exc})") from None
-    calibration = pd.read_parquet(root / CALIBRATION) if CALIBRATION in manifest["files"] else None
+    calibration = {level: pd.read_parquet(root / calibration_file(level))
+                   for level in LEVELS if calibration_file(level) in manifest["files"]}
     return Bundle(root, manifest, weights, calibration)

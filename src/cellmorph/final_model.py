@@ -50,7 +50,7 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
         run = calibration_run_dir(out)
         resuming = resume or (run / "config.yaml").is_file()
         metrics = run_cv(data, run, base.model_copy(update={"cv": calibration}), resume=resuming, progress=progress)
-        scores = RunDir(run).read_treatments()
+        scores = RunDir(run).read_levels()
     rows = np.flatnonzero(plan.targets >= 0)
     if len(rows) < 2:
         raise CellmorphError(f"{data}: fewer than 2 labelled tiles to train the final model on")
@@ -74,7 +74,7 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
             "cv": calibration, "run": str(calibration_run_dir(out).resolve()),
             "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"],
             # How the sets would have done on these compounds, each treated as new in turn.
-            "held_out_coverage": [held_out_coverage(scores, plan.classes, a) for a in (0.1, 0.2)]},
+            "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)]},
     }
     save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input, preprocessing, training, scores)
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],

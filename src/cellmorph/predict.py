@@ -80,6 +80,14 @@ def held_out_coverage(scores: pd.DataFrame, classes: list[str], alpha: float,
             "n_treatments": len(covered)}
 
 
+def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> None:
+    """The set columns of ``frame`` from boolean (rows, classes) membership."""
+    names = np.array(classes, dtype=object)
+    frame[SET_COLUMN] = [SET_SEPARATOR.join(names[m]) for m in members]
+    frame[SET_SIZE_COLUMN] = members.sum(axis=1)
+    frame[EMPTY_SET_COLUMN] = frame[SET_SIZE_COLUMN] == 0
+
+
 def add_confidence(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     frame = frame.copy()
     frame[CONFIDENCE_COLUMN] = frame[[prob_column(c) for c in classes]].max(axis=1)
@@ -102,7 +110,7 @@ def predict(model: Path, data: Path, out: Path, config: PredictConfig | None = N
     config = config or PredictConfig()
     out = require_output_dir(Path(out), "prediction folder")
     bundle = load_bundle(model)
-    if bundle.calibration is None:
+    if not bundle.calibration:
         raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
     cache = TileCache(data)
     _check_recipe(bundle, cache)
@@ -116,14 +124,15 @@ def predict(model: Path, data: Path, out: Path, config: PredictConfig | None = N
         probs = predict_tiles(bundle.network(), InputPipeline.from_spec(bundle.input), cache, rows,
                               PredictSettings(batch_size=config.batch_size, tta=tta), torch.device("cpu"))
     tiles = predictions_frame(cache, rows, probs, classes, fold=-1).drop(columns=["Metadata_Fold"])
-    tiles, wells, treatments = (add_confidence(f, classes) for f in aggregate(tiles))
-    members = conformal_sets(bundle.calibration, treatments[[prob_column(c) for c in classes]].to_numpy(float),
-                             classes, config.alpha)
-    names = np.array(classes, dtype=object)
-    treatments[SET_COLUMN] = [SET_SEPARATOR.join(names[m]) for m in members]
-    treatments[SET_SIZE_COLUMN] = members.sum(axis=1)
-    treatments[EMPTY_SET_COLUMN] = treatments[SET_SIZE_COLUMN] == 0
-    summary = _summary(treatments, wells, tiles, classes, members, config.alpha)
+    levels = dict(zip(("tiles", "wells", "treatments"), (add_confidence(f, classes) for f in aggregate(tiles))))
+    sets = {}
+    for level, frame in levels.items():
+        if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
+            sets[level] = conformal_sets(bundle.calibration[level],
+                                         frame[[prob_column(c) for c in classes]].to_numpy(float), classes, config.alpha)
+            add_sets(frame, sets[level], classes)
+    tiles, wells, treatments = levels["tiles"], levels["wells"], levels["treatments"]
+    summary = _summary(treatments, wells, tiles, classes, sets["treatments"], config.alpha)
     for name, frame in (("tiles", tiles), ("wells", wells), ("treatments", treatments)):
         with atomic_path(out / f"{name}.parquet") as tmp:
             _metadata_first(frame).to_parquet(tmp, index=False)

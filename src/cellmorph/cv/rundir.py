@@ -253,6 +253,11 @@ class RunDir:
         """Per-treatment median probabilities and calls of a finished run."""
         return pd.read_csv(self.path(TREATMENTS_FILE))
 
+    def read_levels(self) -> dict[str, pd.DataFrame]:
+        """A finished run's held-out probabilities per treatment, well and tile."""
+        return {"treatments": self.read_treatments(), "wells": pd.read_csv(self.path(WELLS_FILE)),
+                "tiles": pd.read_parquet(self.path(PREDICTIONS_FILE))}
+
     def has_results(self) -> bool:
         return self.path(METRICS_FILE).is_file()
 
