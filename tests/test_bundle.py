@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cellmorph.bundle import LEVELS, MANIFEST, WEIGHTS, calibration_file, load_bundle
 from cellmorph.errors import CellmorphError

@@ -16,7 +16,6 @@ MoAs, accuracy and the empirical coverage of the sets are reported too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -146,10 +146,11 @@ class RunDir:
         keeping, so it is started afresh instead of blocking the same command.
         """
         config_path = self.path(CONFIG_FILE)
-        if config_path.is_file() and self.finished_folds():
+        finished = self.finished_folds()
+        if config_path.is_file() and finished:
             if not resume:
                 raise CellmorphError(
-                    f"{self.root} already holds a run ({len(self.finished_folds())} fold(s) finished): "
+                    f"{self.root} already holds a run ({len(finished)} fold(s) finished): "
                     "continue it with --resume, or choose another --out"
                 )
             previous = yaml.safe_load(config_path.read_text()) or {}
