@@ -73,7 +73,9 @@ class Bundle:
         """The trained network in eval mode (built without any pretrained download)."""
         from cellmorph.models import create_model
 
-        module = create_model(self.model_name, len(self.classes), init="xavier", in_chans=self.input.channels)
+        drop_rate = float(self.manifest["training"]["config"].get("drop_rate", 0.0))
+        module = create_model(self.model_name, len(self.classes), init="xavier", in_chans=self.input.channels,
+                              drop_rate=drop_rate)
         module.load_state_dict(self.weights)
         return module.eval()
 

@@ -254,49 +254,84 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                                                 "n_treatments", "n_folds")}))
 
 
+# The cv settings that `cv` and `train` share: one definition each, help from the config's fields.
+class CVOption:
+    model = typer.Option(None, help=field_help("model"))
+    init = typer.Option(None, help=field_help("init"))
+    epochs = typer.Option(None, help=field_help("epochs"))
+    mode = typer.Option(None, help=field_help("mode"))
+    weights = typer.Option(None, help=field_help("weights"))
+    batch_size = typer.Option(None, help=field_help("batch_size"))
+    lr = typer.Option(None, help=field_help("lr"))
+    image_size = typer.Option(None, help=field_help("image_size"))
+    drop_rate = typer.Option(None, help=field_help("drop_rate"))
+    seed = typer.Option(None, help=field_help("seed"))
+    include_controls = typer.Option(None, "--include-controls/--no-include-controls",
+                                    help=field_help("include_controls_as_class"))
+    max_tiles_per_fold = typer.Option(None, help=field_help("max_tiles_per_fold"))
+    freeze_stages = typer.Option(None, help=field_help("freeze_stages"))
+    frozen_feature_cache = typer.Option(None, "--frozen-feature-cache/--no-frozen-feature-cache",
+                                        help=field_help("frozen_feature_cache"))
+    eval_epochs = typer.Option(None, help=field_help("eval_epochs"))
+    tta = typer.Option(None, help=field_help("tta"))
+    device = typer.Option(None, help=field_help("device"))
+    num_workers = typer.Option(None, help=field_help("num_workers"))
+    threads = typer.Option(None, help=THREADS_HELP)
+    keep_checkpoints = typer.Option(None, help=field_help("keep_checkpoints"))
+    online = typer.Option(None, "--online/--offline", help=field_help("allow_network"))
+
+
+def _cv_config(config: Optional[Path], *, eval_epochs, mode, weights, include_controls, threads, online,
+               keep_checkpoints, **same_names):
+    """The CVConfig of a YAML file (optional) with the command's options on top."""
+    from cellmorph.cv import load_cv_config
+
+    return load_cv_config(
+        config, eval_epochs=_int_list(eval_epochs, "--eval-epochs"), mode=mode.value if mode else None,
+        weights=str(weights) if weights else None, include_controls_as_class=include_controls, num_threads=threads,
+        allow_network=online, keep_checkpoints=keep_checkpoints.value if keep_checkpoints else None, **same_names)
+
+
 @command()
 def cv(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="run directory to write"),
-    model: Optional[str] = typer.Option(None, help=field_help("model")),
-    init: Optional[str] = typer.Option(None, help=field_help("init")),
-    epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),
     cv_scheme: Optional[str] = typer.Option(None, "--cv", help=field_help("cv")),
-    mode: Optional[Mode] = typer.Option(None, help=field_help("mode")),
-    weights: Optional[Path] = typer.Option(None, help=field_help("weights")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
-    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
-    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
-    include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
-                                                    help=field_help("include_controls_as_class")),
-    max_tiles_per_fold: Optional[int] = typer.Option(None, help=field_help("max_tiles_per_fold")),
-    freeze_stages: Optional[int] = typer.Option(None, help=field_help("freeze_stages")),
-    frozen_feature_cache: Optional[bool] = typer.Option(
-        None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache")),
-    eval_epochs: Optional[str] = typer.Option(None, help=field_help("eval_epochs")),
-    tta: Optional[str] = typer.Option(None, help=field_help("tta")),
+    model: Optional[str] = CVOption.model,
+    init: Optional[str] = CVOption.init,
+    epochs: Optional[int] = CVOption.epochs,
+    mode: Optional[Mode] = CVOption.mode,
+    weights: Optional[Path] = CVOption.weights,
+    batch_size: Optional[int] = CVOption.batch_size,
+    lr: Optional[float] = CVOption.lr,
+    image_size: Optional[int] = CVOption.image_size,
+    drop_rate: Optional[float] = CVOption.drop_rate,
+    seed: Optional[int] = CVOption.seed,
+    include_controls: Optional[bool] = CVOption.include_controls,
+    max_tiles_per_fold: Optional[int] = CVOption.max_tiles_per_fold,
+    freeze_stages: Optional[int] = CVOption.freeze_stages,
+    frozen_feature_cache: Optional[bool] = CVOption.frozen_feature_cache,
+    eval_epochs: Optional[str] = CVOption.eval_epochs,
+    tta: Optional[str] = CVOption.tta,
+    device: Optional[str] = CVOption.device,
+    num_workers: Optional[int] = CVOption.num_workers,
+    threads: Optional[int] = CVOption.threads,
+    keep_checkpoints: Optional[KeepCheckpoints] = CVOption.keep_checkpoints,
+    online: Optional[bool] = CVOption.online,
     replicates: int = typer.Option(1, min=1, help="repeat the whole CV with seeds seed, seed+1, … (RUN/replicate-<r>)"),
-    device: Optional[str] = typer.Option(None, help=field_help("device")),
-    num_workers: Optional[int] = typer.Option(None, help=field_help("num_workers")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    keep_checkpoints: Optional[KeepCheckpoints] = typer.Option(None, help=field_help("keep_checkpoints")),
-    online: Optional[bool] = typer.Option(None, "--online/--offline", help=field_help("allow_network")),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run, skipping finished folds"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
-    from cellmorph.cv import load_cv_config, run_cv, run_replicates
+    from cellmorph.cv import run_cv, run_replicates
 
-    cfg = load_cv_config(
-        config, eval_epochs=_int_list(eval_epochs, "--eval-epochs"), model=model, init=init, epochs=epochs,
-        cv=cv_scheme, mode=mode.value if mode else None, weights=str(weights) if weights else None,
-        batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, include_controls_as_class=include_controls,
+    cfg = _cv_config(
+        config, cv=cv_scheme, model=model, init=init, epochs=epochs, mode=mode, weights=weights, batch_size=batch_size,
+        lr=lr, image_size=image_size, drop_rate=drop_rate, seed=seed, include_controls=include_controls,
         max_tiles_per_fold=max_tiles_per_fold, freeze_stages=freeze_stages, frozen_feature_cache=frozen_feature_cache,
-        tta=tta, device=device, num_workers=num_workers, num_threads=threads, allow_network=online,
-        keep_checkpoints=keep_checkpoints.value if keep_checkpoints else None,
-    )
+        eval_epochs=eval_epochs, tta=tta, device=device, num_workers=num_workers, threads=threads,
+        keep_checkpoints=keep_checkpoints, online=online)
     if replicates > 1:
         metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress)
     else:
@@ -309,59 +344,95 @@ def train(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="model folder (bundle) to write"),
     calibration: Optional[str] = typer.Option(
-        None, help="also run this CV (loco | group-kfold:K | …) into OUT.cv/ and store its out-of-fold "
-        "treatment probabilities in the bundle, for calibrated prediction sets"),
-    model: Optional[str] = typer.Option(None, help=field_help("model")),
-    init: Optional[str] = typer.Option(None, help=field_help("init")),
-    weights: Optional[Path] = typer.Option(None, help=field_help("weights")),
-    epochs: Optional[int] = typer.Option(None, help=field_help("epochs")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
-    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
-    freeze_stages: Optional[int] = typer.Option(None, help=field_help("freeze_stages")),
-    tta: Optional[str] = typer.Option(None, help=field_help("tta")),
-    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
-    include_controls: Optional[bool] = typer.Option(None, "--include-controls/--no-include-controls",
-                                                    help=field_help("include_controls_as_class")),
-    max_tiles_per_fold: Optional[int] = typer.Option(None, help=field_help("max_tiles_per_fold")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    online: Optional[bool] = typer.Option(None, "--online/--offline", help=field_help("allow_network")),
+        None, help="also run this CV (loco | group-kfold:K | well:K | …) into OUT.cv/ and store its out-of-fold "
+        "probabilities in the bundle, for calibrated prediction sets"),
+    model: Optional[str] = CVOption.model,
+    init: Optional[str] = CVOption.init,
+    epochs: Optional[int] = CVOption.epochs,
+    mode: Optional[Mode] = CVOption.mode,
+    weights: Optional[Path] = CVOption.weights,
+    batch_size: Optional[int] = CVOption.batch_size,
+    lr: Optional[float] = CVOption.lr,
+    image_size: Optional[int] = CVOption.image_size,
+    drop_rate: Optional[float] = CVOption.drop_rate,
+    seed: Optional[int] = CVOption.seed,
+    include_controls: Optional[bool] = CVOption.include_controls,
+    max_tiles_per_fold: Optional[int] = CVOption.max_tiles_per_fold,
+    freeze_stages: Optional[int] = CVOption.freeze_stages,
+    frozen_feature_cache: Optional[bool] = CVOption.frozen_feature_cache,
+    eval_epochs: Optional[str] = CVOption.eval_epochs,
+    tta: Optional[str] = CVOption.tta,
+    device: Optional[str] = CVOption.device,
+    num_workers: Optional[int] = CVOption.num_workers,
+    threads: Optional[int] = CVOption.threads,
+    keep_checkpoints: Optional[KeepCheckpoints] = CVOption.keep_checkpoints,
+    online: Optional[bool] = CVOption.online,
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig (every cv setting); options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed calibration CV"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv)."""
-    from cellmorph.cv import load_cv_config
     from cellmorph.final_model import train_final
 
-    cfg = load_cv_config(
-        config, model=model, init=init, weights=str(weights) if weights else None, epochs=epochs,
-        batch_size=batch_size, lr=lr, image_size=image_size, freeze_stages=freeze_stages, tta=tta, seed=seed,
-        include_controls_as_class=include_controls, max_tiles_per_fold=max_tiles_per_fold, num_threads=threads,
-        allow_network=online,
-    )
+    cfg = _cv_config(
+        config, model=model, init=init, epochs=epochs, mode=mode, weights=weights, batch_size=batch_size,
+        lr=lr, image_size=image_size, drop_rate=drop_rate, seed=seed, include_controls=include_controls,
+        max_tiles_per_fold=max_tiles_per_fold, freeze_stages=freeze_stages, frozen_feature_cache=frozen_feature_cache,
+        eval_epochs=eval_epochs, tta=tta, device=device, num_workers=num_workers, threads=threads,
+        keep_checkpoints=keep_checkpoints, online=online)
     summary = train_final(data, out, cfg, calibration=calibration, resume=resume, progress=progress)
     console.print(f"model bundle: {out}")
     print(json.dumps(summary))
 
 
+def _predict_help(name: str) -> str:
+    from cellmorph.predict import PredictConfig
+
+    return PredictConfig.model_fields[name].description or ""
+
+
 @command()
 def predict(
     model: Path = typer.Option(..., help="model bundle from `cellmorph train`"),
-    data: Path = typer.Option(..., help="tile cache of the screen, prepared with the model's recipe"),
     out: Path = typer.Option(..., help="folder for tiles/wells/treatments tables"),
-    alpha: float = typer.Option(0.1, help="conformal error level: sets cover the true MoA with probability ≥ 1 − alpha"),
-    batch_size: int = typer.Option(64, help="tiles per forward pass"),
+    data: Optional[Path] = typer.Option(None, help="tile cache of the screen, prepared with the model's recipe "
+                                        "(else give the images: --layout with --root, --index or --layout-config)"),
+    layout: Optional[Layout] = typer.Option(None, help="input layout of raw images, prepared with the model's "
+                                            "recipe into OUT/cache; labels are optional"),
+    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
+    metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv (default: --root); "
+                                            "BBBC021_v1_moa.csv there is optional"),
+    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
+    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
+    moa: Optional[Path] = typer.Option(None, help="compound,moa table of the compounds whose MoA is known"),
+    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
+    normalize: Optional[Normalize] = typer.Option(None, help=_predict_help("normalize")),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_predict_help("skip_bad")),
+    alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
+    mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
+    seed: int = typer.Option(0, help=_predict_help("seed")),
+    batch_size: int = typer.Option(64, help=_predict_help("batch_size")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
-    """Call the MoA of every treatment of a prepared screen, with confidence and a conformal prediction set."""
+    """Call the MoA of every treatment of a screen, with confidence and a conformal prediction set."""
     from cellmorph.errors import validated
     from cellmorph.predict import PredictConfig
     from cellmorph.predict import predict as run_predict
 
-    settings = validated(PredictConfig, dict(alpha=alpha, batch_size=batch_size, threads=threads), "predict options")
-    summary = run_predict(model, data, out, settings, progress=progress)
+    settings = validated(PredictConfig, dict(
+        alpha=alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
+        normalize=normalize.value if normalize else None), "predict options")
+    if (data is None) == (layout is None):
+        raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
+                             "--root/--index/--layout-config")
+    if data is not None and (normalize is not None or skip_bad):
+        raise CellmorphError("--normalize and --skip-bad apply to images (--layout); a cache is already prepared")
+    if layout is not None:
+        from cellmorph.data.layouts import load_table
+
+        data = load_table(layout, root, metadata, index, layout_config, moa, channels, require_labels=False)
+    summary = run_predict(model, data, out, settings, progress=progress, log=_log_line)
     grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}")
     for column in ("mean set size", "empty sets", "accuracy", "coverage"):
         grid.add_column(column, justify="right")

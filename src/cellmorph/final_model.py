@@ -42,6 +42,8 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
 
     out = require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
+    if base.mode == "linear-probe":
+        raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
     if calibration is not None:
         calibration = str(parse_cv(calibration))
     plan = plan_run(data, base, with_folds=False)

@@ -16,19 +16,28 @@ MoAs, accuracy and the empirical coverage of the sets are reported too.
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.errors import CellmorphError
-from cellmorph.schema import CONTROL_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
+from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
+
+if TYPE_CHECKING:
+    from cellmorph.data.table import ImageTable
 
 CONFIDENCE_COLUMN = "Confidence"
 SET_COLUMN = "Prediction_Set"
 SET_SIZE_COLUMN = "Set_Size"
 EMPTY_SET_COLUMN = "Empty_Set"
+MC_PREFIX = "mc_prob_"
+MC_ENTROPY_COLUMN = "MC_Entropy"
+CACHE_FOLDER = "cache"  # where predict prepares images given as a layout, inside its output folder
 SET_SEPARATOR = "|"
 
 
@@ -39,6 +48,15 @@ class PredictConfig(BaseModel):
                          "a treatment like the calibration ones with probability ≥ 1 − alpha")
     batch_size: int = Field(64, ge=1, description="tiles per forward pass")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
+    mc_dropout: int = Field(0, ge=0, description="also score every tile N times with the model's dropout active "
+                            "(MC dropout): mc_prob_<class> (the mean over the passes) and MC_Entropy (predictive "
+                            "entropy in nats) per tile, well and treatment; 0 = off. Needs a model trained with "
+                            "drop_rate > 0")
+    seed: int = Field(0, ge=0, description="seed of the MC-dropout draws")
+    normalize: Literal["plate", "batch"] | None = Field(
+        None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
+        "plates without DMSO, of the plate's batch; default: the model's own setting")
+    skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
 
 
 def conformal_sets(calibration: pd.DataFrame, probs: np.ndarray, classes: list[str], alpha: float) -> np.ndarray:
@@ -93,24 +111,45 @@ def add_confidence(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return frame
 
 
-def predict(model: Path, data: Path, out: Path, config: PredictConfig | None = None, progress: bool = True) -> dict:
-    """Score every tile of cache ``data`` with the bundle ``model``; write tables into ``out``."""
-    import torch
+def predict(model: Path, data: "Path | ImageTable", out: Path, config: PredictConfig | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Score every treated tile of ``data`` with the bundle ``model``; write tables into ``out``.
 
-    from cellmorph.bundle import load_bundle
-    from cellmorph.cache import TileCache
-    from cellmorph.cv.rundir import predictions_frame
-    from cellmorph.datasets import InputPipeline
-    from cellmorph.metrics import aggregate
-    from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_csv, write_json
-    from cellmorph.runtime import torch_threads
-    from cellmorph.train import PredictSettings, predict_tiles
+    ``data`` is a prepared tile cache, or an :class:`~cellmorph.data.table.ImageTable` of raw
+    images (labels optional), which is first prepared into ``out/cache`` with the bundle's own
+    recipe, normalised against each new plate's DMSO. On bad input nothing is left behind.
+    """
+    from cellmorph.runinfo import created_root, require_output_dir
 
     config = config or PredictConfig()
-    out = require_output_dir(Path(out), "prediction folder")
+    out = Path(out)
+    created = created_root(out)
+    require_output_dir(out, "prediction folder")
+    try:
+        return _predict(Path(model), data, out, config, progress, log)
+    except CellmorphError:
+        if created is not None and created.exists():
+            shutil.rmtree(created)
+        raise
+
+
+def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool, log) -> dict:
+    from cellmorph.bundle import load_bundle
+    from cellmorph.cache import TileCache
+    from cellmorph.runinfo import atomic_path, run_info, write_csv, write_json
+
     bundle = load_bundle(model)
     if not bundle.calibration:
         raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
+    if config.mc_dropout and not bundle.manifest["training"]["config"].get("drop_rate"):
+        raise CellmorphError(f"{model}: --mc-dropout needs a model trained with dropout (train --drop-rate 0.2)")
+    source = data
+    if not isinstance(data, (str, Path)):
+        from cellmorph.preprocess import prepare
+
+        data = out / CACHE_FOLDER
+        prepare(source, data, images_recipe(bundle, source, config), progress=progress, log=log,
+                threads=config.threads)
     cache = TileCache(data)
     _check_recipe(bundle, cache)
     classes = bundle.classes
@@ -118,12 +157,8 @@ def predict(model: Path, data: Path, out: Path, config: PredictConfig | None = N
     rows = np.flatnonzero(~index[CONTROL_COLUMN].astype(bool).to_numpy() | ("DMSO" in classes))
     if len(rows) == 0:
         raise CellmorphError(f"{data}: no treated tiles to predict")
-    tta = bundle.manifest["training"]["config"].get("tta", "none")
-    with torch_threads(config.threads):
-        probs = predict_tiles(bundle.network(), InputPipeline.from_spec(bundle.input), cache, rows,
-                              PredictSettings(batch_size=config.batch_size, tta=tta), torch.device("cpu"))
-    tiles = predictions_frame(cache, rows, probs, classes, fold=-1).drop(columns=["Metadata_Fold"])
-    levels = dict(zip(("tiles", "wells", "treatments"), (add_confidence(f, classes) for f in aggregate(tiles))))
+    levels = {level: _known_labels_only(frame, classes)
+              for level, frame in _score_levels(bundle, cache, rows, config, progress).items()}
     sets = {}
     for level, frame in levels.items():
         if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
@@ -136,14 +171,103 @@ def predict(model: Path, data: Path, out: Path, config: PredictConfig | None = N
         with atomic_path(out / f"{name}.parquet") as tmp:
             _metadata_first(frame).to_parquet(tmp, index=False)
     write_csv(out / "treatments.csv", _metadata_first(treatments))
-    write_json(out / "summary.json", summary | {"model": str(Path(model).resolve()), "data": str(Path(data).resolve()),
+    described = str(Path(source).resolve()) if isinstance(source, (str, Path)) else (source.origin or source.source)
+    write_json(out / "summary.json", summary | {"model": str(model.resolve()), "data": described,
+                                                 "cache": str(Path(data).resolve()),
                                                  "config": config.model_dump(), "provenance": run_info()})
     return summary
+
+
+def _known_labels_only(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Labels only where the screen has them: no Metadata_MoA column when no row has a known MoA,
+    else ``Correct`` is empty (NA) for the rows without one."""
+    if TRUE_COLUMN not in frame.columns:
+        return frame
+    known = frame[TRUE_COLUMN].astype(str).isin(classes)
+    if not known.any():
+        return frame.drop(columns=[TRUE_COLUMN, CORRECT_COLUMN], errors="ignore")
+    if CORRECT_COLUMN in frame.columns:
+        frame[CORRECT_COLUMN] = frame[CORRECT_COLUMN].astype("boolean").where(known, pd.NA)
+    return frame
+
+
+def images_recipe(bundle, table: "ImageTable", config: PredictConfig):
+    """The :class:`~cellmorph.preprocess.PrepareConfig` that makes ``table``'s tiles like the
+    model's training tiles; the channels must match in number, names and order."""
+    from cellmorph.preprocess import PrepareConfig
+
+    recipe = bundle.recipe
+    prepare = PrepareConfig.model_validate(recipe["config"])
+    given = list(table.channels) + [f"zero{i}" for i in range(len(table.channels), prepare.pad_channels or 0)]
+    if given != list(recipe["channels"]):
+        raise CellmorphError(f"{table.origin or table.source}: channels {list(table.channels)} differ from the "
+                             f"model's {list(recipe['channels'])} (number, names and order must match)")
+    update = {"include_controls": "DMSO" in bundle.classes, "skip_bad": config.skip_bad}
+    if config.normalize is not None and config.normalize != prepare.normalize:
+        if prepare.normalize == "none":
+            raise CellmorphError(f"--normalize {config.normalize}: the model was trained on tiles without DMSO "
+                                 "normalisation; leave --normalize out")
+        update["normalize"] = config.normalize
+    return prepare.model_copy(update=update)
+
+
+def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progress: bool) -> dict[str, pd.DataFrame]:
+    """Tiles, wells and treatments with ``prob_<class>``, the call and its confidence (and the MC-dropout
+    columns when asked for)."""
+    import torch
+
+    from cellmorph.cv.rundir import predictions_frame
+    from cellmorph.datasets import InputPipeline
+    from cellmorph.metrics import aggregate
+    from cellmorph.progress import Progress
+    from cellmorph.runtime import torch_threads
+    from cellmorph.train import PredictSettings, predict_tiles
+
+    classes = bundle.classes
+    tta = bundle.manifest["training"]["config"].get("tta", "none")
+    pipeline = InputPipeline.from_spec(bundle.input)
+    settings = PredictSettings(batch_size=config.batch_size, tta=tta)
+    network = bundle.network()
+    n_batches = -(-len(rows) // config.batch_size)
+    passes = [("deterministic", 0)] + ([("MC dropout", config.mc_dropout)] if config.mc_dropout else [])
+    probs = {}
+    with torch_threads(config.threads), Progress(progress) as bar:
+        for name, samples in passes:
+            task = bar.task(f"predict ({name})", n_batches, every=max(1, n_batches // 20))
+            torch.manual_seed(config.seed)
+            probs[samples] = predict_tiles(network, pipeline, cache, rows, replace(settings, mc_dropout=samples),
+                                           torch.device("cpu"), on_batch=task.advance)
+    frame = predictions_frame(cache, rows, probs[0], classes, fold=-1).drop(columns=["Metadata_Fold"])
+    levels = dict(zip(("tiles", "wells", "treatments"), (add_confidence(f, classes) for f in aggregate(frame))))
+    if config.mc_dropout:
+        mc = predictions_frame(cache, rows, probs[config.mc_dropout], classes, fold=-1)
+        for level, stochastic in zip(levels, aggregate(mc.drop(columns=["Metadata_Fold"]))):
+            add_mc_columns(levels[level], stochastic, classes)
+    return levels
+
+
+def add_mc_columns(frame: pd.DataFrame, stochastic: pd.DataFrame, classes: list[str]) -> None:
+    """``mc_prob_<class>`` from ``stochastic`` (the same rows, aggregated from MC-dropout tile means)
+    and ``MC_Entropy``, the entropy (nats) of those probabilities renormalised to sum to one."""
+    keys = [c for c in frame.columns if str(c).startswith("Metadata_") and c in stochastic.columns]
+    if not frame[keys].reset_index(drop=True).equals(stochastic[keys].reset_index(drop=True)):
+        raise CellmorphError("internal: MC-dropout rows do not line up with the deterministic ones")
+    mean = stochastic[[prob_column(c) for c in classes]].to_numpy(float)
+    for i, c in enumerate(classes):
+        frame[MC_PREFIX + c] = mean[:, i]
+    p = mean / np.clip(mean.sum(axis=1, keepdims=True), 1e-12, None)
+    frame[MC_ENTROPY_COLUMN] = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
 
 
 def _metadata_first(frame: pd.DataFrame) -> pd.DataFrame:
     meta = [c for c in frame.columns if str(c).startswith("Metadata_")]
     return frame[meta + [c for c in frame.columns if c not in meta]]
+
+
+# Settings a screen may prepare differently from the training cache: which images are kept,
+# and which DMSO fields (the plate's own, or its batch's) give the z-score.
+_FREE_SETTINGS = {"skip_bad", "include_controls"}
+_DMSO_NORMALISATIONS = {"plate", "batch"}
 
 
 def _check_recipe(bundle, cache) -> None:
@@ -153,7 +277,8 @@ def _check_recipe(bundle, cache) -> None:
         raise CellmorphError(f"{cache.root}: channels {list(cache.channels)} differ from the model's "
                              f"{list(recipe['channels'])} (number, names and order must match)")
     ours, theirs = cache.manifest.get("config", {}), recipe.get("config", {})
-    differ = sorted(k for k in set(ours) | set(theirs) if k != "skip_bad" and ours.get(k) != theirs.get(k))
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in _FREE_SETTINGS and ours.get(k) != theirs.get(k)
+                    and not {ours.get(k), theirs.get(k)} <= _DMSO_NORMALISATIONS)
     if differ:
         raise CellmorphError(f"{cache.root}: prepared with other settings than the model's training cache "
                              f"({', '.join(f'{k}={ours.get(k)!r} vs {theirs.get(k)!r}' for k in differ)})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 PROB_PREFIX = "prob_"
 TRUE_COLUMN = "Metadata_MoA"  # the label: an MoA, or "DMSO" for controls
+UNLABELLED = ""  # the Metadata_MoA of a compound of unknown MoA (what `predict` is for)
 PREDICTED_COLUMN = "Predicted_MoA"
 CORRECT_COLUMN = "Correct"
 CONTROL_COLUMN = "Metadata_IsControl"

@@ -60,6 +60,7 @@ class PredictSettings:
     amp: bool | None = None
     channels_last: bool = True
     tta: str = "none"
+    mc_dropout: int = 0  # > 0: the mean softmax of this many passes with dropout active (MC dropout)
 
     @classmethod
     def from_config(cls, config) -> "PredictSettings":
@@ -204,6 +205,16 @@ def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [dihedral(x, k) for k in ks]
 
 
+def enable_dropout(model: nn.Module) -> None:
+    """Dropout active, all else in eval mode. timm heads apply ``F.dropout(..., training=self.training)``
+    of the top module, so only that flag is set there (its children, batch norm among them, stay in eval);
+    dropout layers deeper down are switched on one by one."""
+    model.training = True
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.train()
+
+
 @torch.inference_mode()
 def predict_tiles(
     model: nn.Module,
@@ -218,6 +229,9 @@ def predict_tiles(
 
     ``settings.tta="dihedral"`` averages each tile's softmax over the 8 dihedral transforms (4 for
     a non-square input), a test-time augmentation; ``"none"`` (the paper) scores each tile once.
+    ``settings.mc_dropout=N`` averages N passes with dropout active and everything else (batch norm,
+    stochastic depth) in eval mode; draws follow torch's global generator. timm's ``drop_rate`` is
+    the dropout of the classifier head, so the backbone runs once and only the head N times.
     """
     if settings.tta not in TTA_MODES:
         raise CellmorphError(f"tta must be one of {', '.join(TTA_MODES)}, got {settings.tta!r}")
@@ -225,6 +239,8 @@ def predict_tiles(
     amp = cuda if settings.amp is None else (settings.amp and cuda)
     channels_last = settings.channels_last
     model.to(device).eval()
+    if settings.mc_dropout:
+        enable_dropout(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     pipeline.to(device).eval()
@@ -234,13 +250,20 @@ def predict_tiles(
         x = pipeline(tiles)
         probs = 0.0
         views = _tta_views(x, settings.tta)
+        passes = 0
         for view in views:
             if channels_last:
                 view = view.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = model(view)
-            probs = probs + torch.softmax(logits.float(), dim=1)
-        probs = (probs / len(views)).cpu().numpy()
+                if settings.mc_dropout:
+                    features = model.forward_features(view)
+                    heads = [model.forward_head(features) for _ in range(settings.mc_dropout)]
+                else:
+                    heads = [model(view)]
+            for logits in heads:
+                probs = probs + torch.softmax(logits.float(), dim=1)
+                passes += 1
+        probs = (probs / passes).cpu().numpy()
         if out is None:
             out = np.empty((len(rows), probs.shape[1]), dtype=np.float32)
         out[positions.numpy()] = probs

@@ -52,6 +52,8 @@ class CVConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant | cosine over the epochs")
     class_weighting: bool = Field(True, description="class-weighted cross-entropy n/(k·n_c) as in the paper")
     image_size: int | None = Field(None, ge=16, description="network input size in px (default the model's 224/299)")
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (timm's drop_rate; "
+                             "0 as in the paper); > 0 makes `predict --mc-dropout` possible")
     cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out)")
     include_controls_as_class: bool = Field(False, description="make DMSO a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")

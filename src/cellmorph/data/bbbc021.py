@@ -24,6 +24,7 @@ from cellmorph.data.table import (
     read_table_csv,
 )
 from cellmorph.errors import BadInputError
+from cellmorph.schema import UNLABELLED
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
 MOA_CSV = "BBBC021_v1_moa.csv"
@@ -131,6 +132,31 @@ def check_compounds_annotated(images: pd.DataFrame, moa: pd.DataFrame, metadata_
             f"{Path(metadata_dir) / IMAGE_CSV}: row {row + 2}: compound "
             f"{compounds.iloc[row]!r} is absent from {MOA_CSV}"
         )
+
+
+def load_unlabelled(root: Path, metadata_dir: Path | None = None) -> ImageTable:
+    """Every image of the image table, for ``predict``: compounds of unknown MoA are the point.
+
+    ``BBBC021_v1_moa.csv`` is optional here; where it lists a compound and concentration, that
+    MoA is kept (so accuracy and coverage can be reported), else the MoA is
+    :data:`~cellmorph.schema.UNLABELLED`. DMSO fields are labelled DMSO.
+    """
+    root = Path(root)
+    metadata_dir = Path(metadata_dir) if metadata_dir is not None else root
+    if metadata_dir.is_file():
+        raise BadInputError(f"{metadata_dir}: is a file, expected the folder holding {IMAGE_CSV}")
+    images = read_image_csv(metadata_dir)
+    labels = images["Image_Metadata_Compound"].astype(str).where(
+        images["Image_Metadata_Compound"].astype(str) == CONTROL_COMPOUND, UNLABELLED)
+    if (metadata_dir / MOA_CSV).is_file():
+        moa = read_moa_csv(metadata_dir)
+        known = moa.assign(_conc=_conc_key(moa["concentration"])).drop_duplicates(["compound", "_conc"])
+        keys = pd.MultiIndex.from_arrays([images["Image_Metadata_Compound"].astype(str),
+                                          _conc_key(images["Image_Metadata_Concentration"])])
+        lookup = pd.Series(known["moa"].astype(str).to_numpy(),
+                           index=pd.MultiIndex.from_arrays([known["compound"].astype(str), known["_conc"]]))
+        labels = pd.Series(lookup.reindex(keys).to_numpy(), index=images.index).fillna(labels)
+    return table_from_image_rows(images.assign(moa=labels), root, metadata_dir)
 
 
 def load_bbbc021(

@@ -20,6 +20,7 @@ from cellmorph.data.table import (
     read_table_csv,
 )
 from cellmorph.errors import BadInputError
+from cellmorph.schema import UNLABELLED
 
 DEFAULT_CHANNELS: tuple[str, ...] = ("DAPI", "Tubulin", "Actin")
 CROP_COLUMNS: tuple[str, ...] = (
@@ -38,18 +39,31 @@ def read_moa_table(path: Path) -> pd.DataFrame:
     return read_table_csv(path, ("compound", "moa"))
 
 
-def label_from_moa_table(frame: pd.DataFrame, moa: pd.DataFrame, source: Path, moa_path: Path) -> pd.Series:
-    """MoA per row, by compound; every compound must be in the MoA table."""
+def label_from_moa_table(frame: pd.DataFrame, moa: pd.DataFrame, source: Path, moa_path: Path,
+                         require_labels: bool = True) -> pd.Series:
+    """MoA per row, by compound; every compound must be in the MoA table unless not ``require_labels``
+    (then an absent compound is :data:`~cellmorph.schema.UNLABELLED`)."""
     mapping = moa.drop_duplicates("compound").set_index("compound")["moa"].astype(str)
     compounds = frame["Metadata_Compound"].astype(str)
     labels = compounds.map(mapping)
     absent = labels.isna()
+    if not require_labels:
+        return labels.fillna(UNLABELLED)
     if absent.any():
         row = int(np.flatnonzero(absent.to_numpy())[0])
         raise BadInputError(
             f"{source}: row {row + 2}: compound {compounds.iloc[row]!r} is absent from the MoA table {moa_path}"
         )
     return labels
+
+
+def unlabelled_moa(frame: pd.DataFrame, control_compound: str) -> pd.Series:
+    """The label column of a table without labels: the control compound's, else UNLABELLED."""
+    compounds = frame["Metadata_Compound"].astype(str)
+    given = frame["Metadata_MoA"] if "Metadata_MoA" in frame.columns else pd.Series(pd.NA, index=frame.index)
+    blank = given.isna() | (given.astype(str).str.strip() == "")
+    fallback = compounds.where(compounds == control_compound, UNLABELLED)
+    return given.astype(object).where(~blank, fallback).astype(str)
 
 
 def complete_metadata(frame: pd.DataFrame, control_compound: str) -> pd.DataFrame:
@@ -72,18 +86,25 @@ def load_crop_table(
     channels: tuple[str, ...] = DEFAULT_CHANNELS,
     moa_csv: Path | None = None,
     control_compound: str = CONTROL_COMPOUND,
+    require_labels: bool = True,
 ) -> ImageTable:
     """Load a crop table; ``FileName`` is relative to the CSV's folder.
 
     With ``moa_csv`` the labels come from that ``compound,moa`` table (a
     compound absent from it is an error); otherwise from ``Metadata_MoA``.
+    Without ``require_labels`` (``predict``), labels are optional: a crop of a compound
+    with no known MoA is kept, labelled :data:`~cellmorph.schema.UNLABELLED`.
     """
     index_csv = Path(index_csv)
-    required = CROP_COLUMNS if moa_csv is None else tuple(c for c in CROP_COLUMNS if c != "Metadata_MoA")
+    labelled = require_labels and moa_csv is None
+    required = CROP_COLUMNS if labelled else tuple(c for c in CROP_COLUMNS if c != "Metadata_MoA")
     raw = read_table_csv(index_csv, required)
     frame = raw.copy()
     if moa_csv is not None:
-        frame["Metadata_MoA"] = label_from_moa_table(frame, read_moa_table(moa_csv), index_csv, Path(moa_csv))
+        frame["Metadata_MoA"] = label_from_moa_table(frame, read_moa_table(moa_csv), index_csv, Path(moa_csv),
+                                                     require_labels)
+    if not require_labels:
+        frame["Metadata_MoA"] = unlabelled_moa(frame, control_compound)
     base = index_csv.parent.resolve()
     frame[STACK_COLUMN] = [str(base / name) for name in frame["FileName"].astype(str)]
     frame["Metadata_ImageID"] = frame["FileName"].astype(str)

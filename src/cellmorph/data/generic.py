@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellmorph.data.crops import complete_metadata, label_from_moa_table, read_moa_table
+from cellmorph.data.crops import complete_metadata, label_from_moa_table, read_moa_table, unlabelled_moa
 from cellmorph.data.table import CONTROL_COMPOUND, STACK_COLUMN, ImageTable, channel_column, read_table_csv
 from cellmorph.errors import BadInputError, validated
 from cellmorph.runinfo import read_yaml_mapping
@@ -51,13 +51,15 @@ class GenericLayout(BaseModel):
     control_compound: str = CONTROL_COMPOUND
 
 
-def load_generic(layout: GenericLayout) -> ImageTable:
+def load_generic(layout: GenericLayout, require_labels: bool = True) -> ImageTable:
+    """The :class:`ImageTable` of ``layout``; without ``require_labels`` (``predict``) a compound of
+    no known MoA is kept, labelled :data:`~cellmorph.schema.UNLABELLED`."""
     if not layout.channels and not layout.stack_column:
         raise BadInputError(f"{layout.csv}: layout config names neither channels nor stack_column")
     if layout.stack_column and not layout.channel_names:
         raise BadInputError(f"{layout.csv}: layout config with stack_column needs channel_names")
     required = [layout.plate_column, layout.well_column, layout.compound_column, layout.concentration_column]
-    if layout.moa_table is None:
+    if layout.moa_table is None and require_labels:
         if not layout.moa_column:
             raise BadInputError(f"{layout.csv}: layout config needs moa_column or moa_table")
         required.append(layout.moa_column)
@@ -79,10 +81,12 @@ def load_generic(layout: GenericLayout) -> ImageTable:
         frame["Metadata_Batch"] = raw[layout.batch_column]
     if layout.moa_table is not None:
         frame["Metadata_MoA"] = label_from_moa_table(
-            frame, read_moa_table(layout.moa_table), Path(layout.csv), Path(layout.moa_table)
+            frame, read_moa_table(layout.moa_table), Path(layout.csv), Path(layout.moa_table), require_labels
         )
-    else:
+    elif layout.moa_column in raw.columns:
         frame["Metadata_MoA"] = raw[layout.moa_column]
+    if not require_labels:
+        frame["Metadata_MoA"] = unlabelled_moa(frame, layout.control_compound)
 
     def resolve(folder_values, file_values):
         return [str(root / str(d) / str(f)) if d is not None else str(root / str(f)) for d, f in zip(folder_values, file_values)]
@@ -108,6 +112,6 @@ def load_generic(layout: GenericLayout) -> ImageTable:
     )
 
 
-def load_generic_yaml(path: Path) -> ImageTable:
+def load_generic_yaml(path: Path, require_labels: bool = True) -> ImageTable:
     """Load the table a YAML :class:`GenericLayout` file describes; config mistakes name the file."""
-    return load_generic(validated(GenericLayout, read_yaml_mapping(path), str(path)))
+    return load_generic(validated(GenericLayout, read_yaml_mapping(path), str(path)), require_labels)

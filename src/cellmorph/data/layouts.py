@@ -36,6 +36,7 @@ def load_table(
     channels: str | None = None,
     moa_subset: bool = True,
     strict_compounds: bool = False,
+    require_labels: bool = True,
 ) -> ImageTable:
     """The :class:`ImageTable` of a dataset in ``layout``, from the inputs that layout needs.
 
@@ -45,6 +46,10 @@ def load_table(
     * ``crops``: ``index`` (the crop CSV), optional ``moa`` (compound,moa CSV) and
       ``channels`` (comma-separated names; default DAPI,Tubulin,Actin).
     * ``generic``: ``layout_config`` (a YAML :class:`~cellmorph.data.generic.GenericLayout`).
+
+    Without ``require_labels`` (what ``predict`` loads) no image is left out for lacking a
+    known MoA: such images get the label :data:`~cellmorph.schema.UNLABELLED`, and BBBC021's
+    MoA table and subset selection become optional.
     """
     layout = _check_layout(layout)
     if layout == "bbbc021":
@@ -52,6 +57,10 @@ def load_table(
 
         if root is None and metadata is None:
             raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
+        if not require_labels:
+            from cellmorph.data.bbbc021 import load_unlabelled
+
+            return load_unlabelled(root or metadata, metadata)
         return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
     if layout == "bbbc014":
         from cellmorph.data.bbbc014 import load_bbbc014
@@ -65,12 +74,12 @@ def load_table(
         if index is None:
             raise CellmorphError("--layout crops needs --index CSV")
         names = tuple(c.strip() for c in channels.split(",") if c.strip()) if channels else DEFAULT_CHANNELS
-        return load_crop_table(index, channels=names, moa_csv=moa)
+        return load_crop_table(index, channels=names, moa_csv=moa, require_labels=require_labels)
     from cellmorph.data.generic import load_generic_yaml
 
     if layout_config is None:
         raise CellmorphError("--layout generic needs --layout-config YAML")
-    return load_generic_yaml(layout_config)
+    return load_generic_yaml(layout_config, require_labels)
 
 
 def prepare_config(layout: str, config_file: Path | None = None, **given) -> "PrepareConfig":

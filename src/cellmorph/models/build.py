@@ -28,6 +28,7 @@ class NetworkSettings(Protocol):
     weights: str | None
     allow_network: bool
     image_size: int | None
+    drop_rate: float
 
 
 @dataclass
@@ -62,6 +63,7 @@ def build_model(settings: NetworkSettings, n_classes: int, in_chans: int = 3) ->
         weights=None if settings.weights is None else Path(settings.weights),
         allow_network=settings.allow_network,
         in_chans=in_chans,
+        drop_rate=getattr(settings, "drop_rate", 0.0),
     )
     spec = module.cellmorph_input.with_size(settings.image_size).with_channels(in_chans)
     return Network(module, spec, module.cellmorph_init)
