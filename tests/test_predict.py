@@ -124,3 +124,134 @@ def test_a_saved_fold_model_reproduces_the_cv_predictions_of_its_held_out_compou
                                   written["Metadata_CacheRow"].to_numpy(), PredictSettings(batch_size=64),
                                   torch.device("cpu"))
         np.testing.assert_allclose(probs, written[[f"prob_{c}" for c in state["classes"]]].to_numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- raw images of a new screen
+@pytest.fixture(scope="module")
+def new_screen(tmp_path_factory):
+    """Another synthetic screen (seed 1) whose treated compounds are renamed, so that none is known to
+    the model, and without the MoA table: what a biologist brings to `predict`."""
+    from cellmorph.data.synthetic import generate_bbbc021
+
+    out = tmp_path_factory.mktemp("new") / "screen"
+    generate_bbbc021(out, preset="tiny", seed=1, progress=False)
+    images = pd.read_csv(out / "BBBC021_v1_image.csv")
+    treated = images["Image_Metadata_Compound"] != "DMSO"
+    images.loc[treated, "Image_Metadata_Compound"] = "new-" + images.loc[treated, "Image_Metadata_Compound"]
+    images.to_csv(out / "BBBC021_v1_image.csv", index=False)
+    (out / "BBBC021_v1_moa.csv").unlink()
+    return out
+
+
+def test_predict_on_images_of_unknown_compounds_writes_every_treatment_with_its_set(tiny_bundle, new_screen, tmp_path):
+    out = tmp_path / "pred"
+    proc = run_cli("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", new_screen, "--out", out,
+                   "--threads", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    treatments = pd.read_parquet(out / "treatments.parquet")
+    images = pd.read_csv(new_screen / "BBBC021_v1_image.csv")
+    treated = images[images["Image_Metadata_Compound"] != "DMSO"]
+    expected = set(zip(treated["Image_Metadata_Compound"], treated["Image_Metadata_Concentration"].astype(float)))
+    assert set(zip(treatments["Metadata_Compound"], treatments["Metadata_Concentration"])) == expected
+    assert len(treatments) == len(expected) == 44
+    assert list(treatments.columns[:2]) == ["Metadata_Compound", "Metadata_Concentration"]
+    assert "Metadata_MoA" not in treatments.columns  # no labels in, none made up
+    assert {"Predicted_MoA", "Confidence", "Prediction_Set", "Set_Size", "Empty_Set"} <= set(treatments.columns)
+    assert (treatments["Set_Size"] == treatments["Prediction_Set"].map(lambda s: len(s.split("|")) if s else 0)).all()
+    csv = pd.read_csv(out / "treatments.csv")
+    assert len(csv) == 44 and csv["Metadata_Compound"].str.startswith("new-").all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_treatments"] == 44 and "coverage" not in summary
+    assert (out / "cache" / "manifest.json").is_file()  # the screen, prepared with the model's recipe
+
+
+def test_images_are_prepared_exactly_as_the_training_cache(tiny_bundle, tiny_screen, tiny_cache, tmp_path):
+    """The training screen given as images (--layout) gives the probabilities of its prepared cache
+    (--data): the bundle's recipe is applied to new images as `prepare` applied it."""
+    from cellmorph.data.layouts import load_table
+    from cellmorph.predict import PredictConfig, predict
+
+    config = PredictConfig(threads=1)
+    predict(tiny_bundle, load_table("bbbc021", tiny_screen, require_labels=False), tmp_path / "images", config,
+            progress=False)
+    predict(tiny_bundle, tiny_cache, tmp_path / "cache", config, progress=False)
+    for level in ("tiles", "treatments"):
+        images = pd.read_parquet(tmp_path / "images" / f"{level}.parquet")
+        cached = pd.read_parquet(tmp_path / "cache" / f"{level}.parquet")
+        probs = [c for c in cached.columns if c.startswith("prob_")]
+        assert len(images) == len(cached)
+        np.testing.assert_allclose(images[probs].to_numpy(), cached[probs].to_numpy(), atol=1e-6)
+        assert images["Prediction_Set"].tolist() == cached["Prediction_Set"].tolist()
+
+
+def test_a_plate_without_dmso_is_one_line_with_the_batch_hint(tiny_bundle, new_screen, tmp_path):
+    screen = tmp_path / "screen"
+    shutil.copytree(new_screen, screen)
+    images = pd.read_csv(screen / "BBBC021_v1_image.csv")
+    plate = sorted(images["Image_Metadata_Plate_DAPI"].unique())[1]
+    no_dmso = (images["Image_Metadata_Compound"] == "DMSO") & (images["Image_Metadata_Plate_DAPI"] == plate)
+    images[~no_dmso].to_csv(screen / "BBBC021_v1_image.csv", index=False)
+    out = tmp_path / "new" / "pred"
+    args = ("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", screen, "--threads", "1",
+            "--no-progress")
+    one_line_error(run_cli(*args, "--out", out), plate, "no DMSO", "--normalize batch")
+    assert not (tmp_path / "new").exists()
+    # The fallback: that plate is z-scored against the DMSO of the other plate of its batch.
+    proc = run_cli(*args, "--out", out, "--normalize", "batch")
+    assert proc.returncode == 0, proc.stderr
+    assert len(pd.read_parquet(out / "treatments.parquet")) == 44
+    assert json.loads((out / "cache" / "manifest.json").read_text())["config"]["normalize"] == "batch"
+
+
+def test_images_with_other_channels_or_no_screen_are_one_line(tiny_bundle, real_crops, tmp_path):
+    out = tmp_path / "pred"
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "crops", "--index", real_crops,
+                           "--channels", "DAPI,Actin", "--out", out), "channels", str(real_crops))
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--out", out), "--data", "--layout")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- MC dropout
+@pytest.fixture(scope="module")
+def dropout_bundle(tiny_cache, tmp_path_factory):
+    from tests.conftest import QUICK_TRAIN
+
+    out = tmp_path_factory.mktemp("dropout") / "model"
+    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--drop-rate", "0.5", "--calibration", "group-kfold:2",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_mc_dropout_adds_mean_probabilities_and_predictive_entropy(dropout_bundle, tiny_cache, tmp_path):
+    from cellmorph.predict import PredictConfig, predict
+
+    runs = {}
+    for name, config in {"plain": PredictConfig(threads=1), "mc": PredictConfig(threads=1, mc_dropout=8),
+                         "again": PredictConfig(threads=1, mc_dropout=8),
+                         "seed1": PredictConfig(threads=1, mc_dropout=8, seed=1)}.items():
+        predict(dropout_bundle, tiny_cache, tmp_path / name, config, progress=False)
+        runs[name] = {level: pd.read_parquet(tmp_path / name / f"{level}.parquet")
+                      for level in ("tiles", "wells", "treatments")}
+    for level, frame in runs["mc"].items():
+        probs = [c for c in frame.columns if c.startswith("prob_")]
+        mc = ["mc_" + c for c in probs]
+        assert set(mc) <= set(frame.columns) and "MC_Entropy" in frame.columns, level
+        # The calls and the calibrated sets stay those of the deterministic model.
+        np.testing.assert_array_equal(frame[probs].to_numpy(), runs["plain"][level][probs].to_numpy())
+        assert frame["Prediction_Set"].tolist() == runs["plain"][level]["Prediction_Set"].tolist()
+        assert "MC_Entropy" not in runs["plain"][level].columns
+        assert (frame["MC_Entropy"] >= 0).all() and (frame["MC_Entropy"] <= np.log(len(probs)) + 1e-9).all()
+        # Seeded draws: the same seed repeats them, another seed gives other draws.
+        np.testing.assert_array_equal(frame[mc].to_numpy(), runs["again"][level][mc].to_numpy())
+        assert not np.allclose(frame[mc].to_numpy(), runs["seed1"][level][mc].to_numpy())
+    tiles = runs["mc"]["tiles"]
+    probs = [c for c in tiles.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(tiles[["mc_" + c for c in probs]].sum(axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(tiles[["mc_" + c for c in probs]].to_numpy(), tiles[probs].to_numpy())  # dropout was on
+
+
+def test_mc_dropout_on_a_model_without_dropout_is_one_line(tiny_bundle, tiny_cache, tmp_path):
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--mc-dropout", "4",
+                           "--out", tmp_path / "p"), "--mc-dropout", "--drop-rate")
+    assert not (tmp_path / "p").exists()

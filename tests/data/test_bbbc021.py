@@ -86,3 +86,25 @@ def test_concentrations_match_despite_float_noise(real_metadata):
     moa = read_moa_csv(real_metadata).copy()
     moa["concentration"] = moa["concentration"] * (1 + 1e-9)
     assert len(select_moa_subset(images, moa, keep_controls=False)) == 1208
+
+
+def test_predict_loads_every_image_and_keeps_the_labels_it_knows(real_metadata, tmp_path):
+    """Without required labels (what `predict` loads), no compound is left out: the 7,040 images of
+    the 74 compounds absent from the MoA table stay, unlabelled; listed treatments keep their MoA."""
+    from cellmorph.data.layouts import load_table
+
+    frame = load_table("bbbc021", tmp_path, real_metadata, require_labels=False).frame
+    assert len(frame) == 13_200
+    moa = read_moa_csv(real_metadata)
+    assert (frame.loc[frame["Metadata_IsControl"], "Metadata_MoA"] == "DMSO").all()
+    unlisted = ~frame["Metadata_Compound"].isin(set(moa["compound"]))
+    assert unlisted.sum() == 7_040 and (frame.loc[unlisted, "Metadata_MoA"] == "").all()
+    labelled = load_bbbc021(tmp_path, real_metadata, moa_subset=False)
+    merged = frame.merge(labelled.frame[["Metadata_ImageID", "Metadata_MoA"]], on="Metadata_ImageID")
+    assert len(merged) == len(labelled.frame) and (merged["Metadata_MoA_x"] == merged["Metadata_MoA_y"]).all()
+    # The MoA table is optional then.
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "BBBC021_v1_image.csv").write_bytes((real_metadata / "BBBC021_v1_image.csv").read_bytes())
+    bare = load_table("bbbc021", tmp_path, meta, require_labels=False).frame
+    assert len(bare) == 13_200 and set(bare["Metadata_MoA"]) == {"", "DMSO"}

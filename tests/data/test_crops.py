@@ -120,3 +120,21 @@ def test_generic_cellprofiler_layout_from_yaml(tiny_screen, tmp_path):
     summary = prepare(table, tmp_path / "cache", PrepareConfig(), progress=False)
     assert TileCache(tmp_path / "cache").tile_shape[0] == 2
     assert summary["n_tiles"] == 4 * len(images)
+
+
+def test_crop_tables_without_labels_load_for_predict(real_crops, tmp_path):
+    """A crop table without Metadata_MoA is an error for training, but loads for `predict`, with the
+    controls labelled DMSO and every other crop unlabelled; a MoA table labels only what it lists."""
+    index = pd.read_csv(real_crops).drop(columns=["Metadata_MoA"])
+    index["FileName"] = [str(real_crops.parent / name) for name in index["FileName"]]
+    csv = tmp_path / "index.csv"
+    index.to_csv(csv, index=False)
+    with pytest.raises(BadInputError, match="Metadata_MoA"):
+        load_crop_table(csv)
+    frame = load_crop_table(csv, require_labels=False).frame
+    assert len(frame) == 1120
+    assert set(frame.loc[frame["Metadata_IsControl"], "Metadata_MoA"]) == {"DMSO"}
+    assert set(frame.loc[~frame["Metadata_IsControl"], "Metadata_MoA"]) == {""}
+    (tmp_path / "moa.csv").write_text("compound,moa\nDMSO,DMSO\nsomething-else,Epithelial\n")
+    frame = load_crop_table(csv, moa_csv=tmp_path / "moa.csv", require_labels=False).frame
+    assert set(frame["Metadata_MoA"]) == {"DMSO", ""}
