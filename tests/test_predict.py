@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.predict import conformal_sets, held_out_coverage
+from cellmorph.bundle import load_bundle
+from cellmorph.calibration import TemperatureScaling
 from tests.conftest import one_line_error, run_cli
 
 
@@ -30,7 +31,11 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
     members = [set(s.split("|")) if s else set() for s in treatments["Prediction_Set"]]
     assert all(m <= set(classes) for m in members)
     assert [len(m) for m in members] == treatments["Set_Size"].tolist()
-    np.testing.assert_allclose(treatments["Confidence"], treatments[probs].max(axis=1))
+    np.testing.assert_allclose(treatments["Raw_Confidence"], treatments[probs].max(axis=1))
+    # Confidence: the call's probability after temperature scaling, which keeps the call.
+    assert ((treatments["Confidence"] > 0) & (treatments["Confidence"] <= 1)).all()
+    scaled = TemperatureScaling.from_scores(load_bundle(tiny_bundle).calibration["treatments"], classes)
+    np.testing.assert_allclose(treatments["Confidence"], scaled.transform(treatments[probs].to_numpy()).max(axis=1))
     covered = [moa in m for moa, m in zip(treatments["Metadata_MoA"], members)]
     assert summary["coverage"] == pytest.approx(np.mean(covered))
     assert summary["treatment_accuracy"] == pytest.approx((treatments["Predicted_MoA"] == treatments["Metadata_MoA"]).mean())
@@ -42,30 +47,6 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
     # A larger alpha can only shrink a set: the sets at 0.3 are subsets of those at 0.1.
     looser = [set(s.split("|")) if s else set() for s in runs["0.3"][0]["Prediction_Set"]]
     assert all(small <= big for small, big in zip(looser, members))
-
-
-def test_conformal_sets_cover_at_their_level_on_exchangeable_scores():
-    """Calibration and test treatments drawn from one distribution: empirical coverage ≥ 1 − α
-    minus three binomial standard errors of the test size (n = 2,000), for α = 0.1 and 0.2."""
-    rng = np.random.default_rng(0)
-    classes = ["A", "B", "C", "D"]
-
-    def draw(n):
-        truth = rng.integers(0, 4, n)
-        logits = rng.normal(size=(n, 4))
-        logits[np.arange(n), truth] += 1.0
-        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        return probs, truth
-
-    cal_probs, cal_truth = draw(500)
-    calibration = pd.DataFrame(cal_probs, columns=[f"prob_{c}" for c in classes])
-    calibration["Metadata_MoA"] = np.array(classes)[cal_truth]
-    test_probs, test_truth = draw(2000)
-    for alpha in (0.1, 0.2):
-        members = conformal_sets(calibration, test_probs, classes, alpha)
-        coverage = members[np.arange(len(test_truth)), test_truth].mean()
-        assert coverage >= 1 - alpha - 3 * np.sqrt(alpha * (1 - alpha) / len(test_truth)), (alpha, coverage)
-        assert members.sum(axis=1).mean() < 4  # informative: not every class in every set
 
 
 def test_bad_predict_inputs_are_one_line(tiny_bundle, tiny_cache, tmp_path):
@@ -80,23 +61,6 @@ def test_bad_predict_inputs_are_one_line(tiny_bundle, tiny_cache, tmp_path):
     one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", other, "--out", tmp_path / "p"),
                    str(other), "channels")
     assert not (tmp_path / "p").exists()
-
-
-def test_sets_cover_the_held_out_compounds_of_a_loco_run(tiny_cache, tmp_path):
-    """LOCO on the tiny screen (24 compounds, 44 treatments). Each compound's treatments get sets
-    calibrated on the out-of-fold scores of the other 23 compounds. Criterion: for α = 0.1 and 0.2
-    the share of the 44 treatments whose set holds the true MoA is at least 1 − α − 2·√(α(1−α)/44)
-    (two binomial standard errors: 0.81 and 0.68)."""
-    from cellmorph.cv import RunDir, run_cv
-
-    run_cv(tiny_cache, tmp_path / "loco", dict(model="test_resnet", init="xavier", image_size=32, epochs=2,
-                                               cv="loco", max_tiles_per_fold=60, num_threads=1), progress=False)
-    scores = RunDir(tmp_path / "loco").read_treatments()
-    classes = sorted(scores["Metadata_MoA"].unique())
-    for alpha in (0.1, 0.2):
-        result = held_out_coverage(scores, classes, alpha)
-        assert result["n_treatments"] == 44
-        assert result["coverage"] >= 1 - alpha - 2 * np.sqrt(alpha * (1 - alpha) / 44), result
 
 
 def test_a_saved_fold_model_reproduces_the_cv_predictions_of_its_held_out_compounds(tiny_cache, tmp_path):

@@ -35,7 +35,7 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     from cellmorph.bundle import save_bundle
     from cellmorph.cv.rundir import RunDir
     from cellmorph.cv.run import plan_run, run_cv, run_fold
-    from cellmorph.predict import held_out_coverage
+    from cellmorph.calibration import held_out_calibration_error, held_out_coverage
     from cellmorph.progress import Progress
     from cellmorph.runinfo import require_output_dir
     from cellmorph.runtime import derive_seeds, deterministic, torch_threads
@@ -76,7 +76,8 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
             "cv": calibration, "run": str(calibration_run_dir(out).resolve()),
             "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"],
             # How the sets would have done on these compounds, each treated as new in turn.
-            "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)]},
+            "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)],
+            "held_out_calibration_error": held_out_calibration_error(scores["treatments"], plan.classes)},
     }
     save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input, preprocessing, training, scores)
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],

@@ -1,17 +1,18 @@
-"""Apply a model bundle to a prepared screen: calls, confidence and conformal prediction sets.
+"""Apply a model bundle to a screen: calls, calibrated confidence and conformal prediction sets.
 
 ::
 
     from cellmorph.predict import PredictConfig, predict
     summary = predict("MODEL", "CACHE", "PRED", PredictConfig(alpha=0.1))
 
-Per tile, well and treatment: ``prob_<class>``, the call (``Predicted_MoA``) and its
-``Confidence`` (the call's median probability). Per treatment, a conformal prediction set
-at level 1 − ``alpha`` from the bundle's out-of-fold calibration scores (crepes, hinge
-non-conformity, no smoothing, so sets are deterministic and conservative): every MoA
-that fits at that level. An empty set says no known MoA fits, which is what a compound
-with a new mechanism should produce. No labels are needed; where the screen carries known
-MoAs, accuracy and the empirical coverage of the sets are reported too.
+The screen is a prepared cache, or raw images (an ImageTable, labels optional) that are
+prepared with the bundle's recipe first. Per tile, well and treatment: ``prob_<class>`` (median
+aggregation, as in the paper), the call (``Predicted_MoA``), its ``Raw_Confidence`` (the call's
+median probability) and ``Confidence`` (that probability temperature-scaled on the bundle's
+out-of-fold scores of the level), and a conformal prediction set at level 1 − ``alpha`` from
+the same scores (:mod:`cellmorph.calibration`): every MoA that fits at that level. An empty
+set says no known MoA fits, which is what a compound with a new mechanism should produce.
+Where the screen carries known MoAs, accuracy and the empirical coverage are reported too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from cellmorph.calibration import TemperatureScaling, conformal_sets
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from cellmorph.data.table import ImageTable
 
 CONFIDENCE_COLUMN = "Confidence"
+RAW_CONFIDENCE_COLUMN = "Raw_Confidence"
 SET_COLUMN = "Prediction_Set"
 SET_SIZE_COLUMN = "Set_Size"
 EMPTY_SET_COLUMN = "Empty_Set"
@@ -59,44 +62,6 @@ class PredictConfig(BaseModel):
     skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
 
 
-def conformal_sets(calibration: pd.DataFrame, probs: np.ndarray, classes: list[str], alpha: float) -> np.ndarray:
-    """Boolean (n, classes) membership of each row's prediction set at level 1 − ``alpha``.
-
-    ``calibration`` holds out-of-fold ``prob_<class>`` and the true ``Metadata_MoA`` of
-    treatments the scoring models never saw.
-    """
-    from crepes import ConformalClassifier
-    from crepes.extras import hinge
-
-    labelled = calibration[calibration[TRUE_COLUMN].astype(str).isin(classes)]
-    if len(labelled) == 0:
-        raise CellmorphError("the model bundle's calibration scores hold no treatment of a known class")
-    cal_probs = labelled[[prob_column(c) for c in classes]].to_numpy(dtype=float)
-    cal_alphas = hinge(cal_probs, np.array(classes, dtype=object), labelled[TRUE_COLUMN].astype(str).to_numpy())
-    conformal = ConformalClassifier().fit(cal_alphas)
-    return conformal.predict_set(hinge(probs), confidence=1.0 - alpha, smoothing=False).astype(bool)
-
-
-def held_out_coverage(scores: pd.DataFrame, classes: list[str], alpha: float,
-                      group: str = "Metadata_Compound") -> dict:
-    """Coverage of the sets of each compound's treatments, calibrated on the other compounds' scores.
-
-    ``scores`` are out-of-fold treatment probabilities (a CV's ``treatments.csv``). Each compound
-    is treated as new in turn, as ``predict`` treats a compound the model never saw.
-    """
-    labelled = scores[scores[TRUE_COLUMN].astype(str).isin(classes)].reset_index(drop=True)
-    columns = [prob_column(c) for c in classes]
-    covered, sizes = [], []
-    for _, held in labelled.groupby(group, sort=True):
-        rest = labelled.drop(index=held.index)
-        members = conformal_sets(rest, held[columns].to_numpy(float), classes, alpha)
-        truth = held[TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
-        covered.extend(members[np.arange(len(truth)), truth])
-        sizes.extend(members.sum(axis=1))
-    return {"alpha": alpha, "coverage": float(np.mean(covered)), "mean_set_size": float(np.mean(sizes)),
-            "n_treatments": len(covered)}
-
-
 def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> None:
     """The set columns of ``frame`` from boolean (rows, classes) membership."""
     names = np.array(classes, dtype=object)
@@ -105,9 +70,14 @@ def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> No
     frame[EMPTY_SET_COLUMN] = frame[SET_SIZE_COLUMN] == 0
 
 
-def add_confidence(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def add_confidence(frame: pd.DataFrame, classes: list[str], calibration: pd.DataFrame | None) -> pd.DataFrame:
+    """``Raw_Confidence``, the call's median probability, and ``Confidence``, that probability
+    after temperature scaling fitted on the level's out-of-fold scores (the raw one without them)."""
     frame = frame.copy()
-    frame[CONFIDENCE_COLUMN] = frame[[prob_column(c) for c in classes]].max(axis=1)
+    probs = frame[[prob_column(c) for c in classes]].to_numpy(float)
+    frame[RAW_CONFIDENCE_COLUMN] = probs.max(axis=1)
+    scaling = TemperatureScaling.from_scores(calibration, classes) if calibration is not None else None
+    frame[CONFIDENCE_COLUMN] = scaling.transform(probs).max(axis=1) if scaling else frame[RAW_CONFIDENCE_COLUMN]
     return frame
 
 
@@ -238,7 +208,8 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
             probs[samples] = predict_tiles(network, pipeline, cache, rows, replace(settings, mc_dropout=samples),
                                            torch.device("cpu"), on_batch=task.advance)
     frame = predictions_frame(cache, rows, probs[0], classes, fold=-1).drop(columns=["Metadata_Fold"])
-    levels = dict(zip(("tiles", "wells", "treatments"), (add_confidence(f, classes) for f in aggregate(frame))))
+    levels = {level: add_confidence(f, classes, bundle.calibration.get(level))
+              for level, f in zip(("tiles", "wells", "treatments"), aggregate(frame))}
     if config.mc_dropout:
         mc = predictions_frame(cache, rows, probs[config.mc_dropout], classes, fold=-1)
         for level, stochastic in zip(levels, aggregate(mc.drop(columns=["Metadata_Fold"]))):
