@@ -127,7 +127,10 @@ def held_out_calibration_error(scores: pd.DataFrame, classes: list[str], group: 
         scaling = TemperatureScaling.fit(probs[rest], truth[rest])
         temperatures.append(scaling.temperature)
         scaled[held.index] = scaling.transform(probs[held.index]).max(axis=1)
+    renormalised = (probs / probs.sum(axis=1, keepdims=True)).max(axis=1)
     return {"ece_raw": expected_calibration_error(probs.max(axis=1), correct, bins),
+            # what the renormalisation alone does (T = 1), so the temperature's own share shows
+            "ece_renormalised": expected_calibration_error(renormalised, correct, bins),
             "ece_temperature_scaled": expected_calibration_error(scaled, correct, bins),
             "median_temperature": float(np.median(temperatures)), "accuracy": float(correct.mean()),
             "mean_raw_confidence": float(probs.max(axis=1).mean()),
