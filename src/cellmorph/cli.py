@@ -7,6 +7,7 @@ and is printed here as one ``error: ...`` line on stderr with exit code 2.
 from __future__ import annotations
 
 import functools
+import inspect as introspect  # `inspect` is also a command below
 import json
 import sys
 from enum import Enum
@@ -255,83 +256,85 @@ def _print_metrics(metrics: dict, out: Path) -> None:
 
 
 # The cv settings that `cv` and `train` share: one definition each, help from the config's fields.
-class CVOption:
-    model = typer.Option(None, help=field_help("model"))
-    init = typer.Option(None, help=field_help("init"))
-    epochs = typer.Option(None, help=field_help("epochs"))
-    mode = typer.Option(None, help=field_help("mode"))
-    weights = typer.Option(None, help=field_help("weights"))
-    batch_size = typer.Option(None, help=field_help("batch_size"))
-    lr = typer.Option(None, help=field_help("lr"))
-    image_size = typer.Option(None, help=field_help("image_size"))
-    drop_rate = typer.Option(None, help=field_help("drop_rate"))
-    seed = typer.Option(None, help=field_help("seed"))
-    include_controls = typer.Option(None, "--include-controls/--no-include-controls",
-                                    help=field_help("include_controls_as_class"))
-    max_tiles_per_fold = typer.Option(None, help=field_help("max_tiles_per_fold"))
-    freeze_stages = typer.Option(None, help=field_help("freeze_stages"))
-    frozen_feature_cache = typer.Option(None, "--frozen-feature-cache/--no-frozen-feature-cache",
-                                        help=field_help("frozen_feature_cache"))
-    eval_epochs = typer.Option(None, help=field_help("eval_epochs"))
-    tta = typer.Option(None, help=field_help("tta"))
-    device = typer.Option(None, help=field_help("device"))
-    num_workers = typer.Option(None, help=field_help("num_workers"))
-    threads = typer.Option(None, help=THREADS_HELP)
-    keep_checkpoints = typer.Option(None, help=field_help("keep_checkpoints"))
-    online = typer.Option(None, "--online/--offline", help=field_help("allow_network"))
+CV_OPTIONS: dict[str, tuple[object, object]] = {
+    "model": (Optional[str], typer.Option(None, help=field_help("model"))),
+    "init": (Optional[str], typer.Option(None, help=field_help("init"))),
+    "epochs": (Optional[int], typer.Option(None, help=field_help("epochs"))),
+    "mode": (Optional[Mode], typer.Option(None, help=field_help("mode"))),
+    "weights": (Optional[Path], typer.Option(None, help=field_help("weights"))),
+    "batch_size": (Optional[int], typer.Option(None, help=field_help("batch_size"))),
+    "lr": (Optional[float], typer.Option(None, help=field_help("lr"))),
+    "image_size": (Optional[int], typer.Option(None, help=field_help("image_size"))),
+    "drop_rate": (Optional[float], typer.Option(None, help=field_help("drop_rate"))),
+    "seed": (Optional[int], typer.Option(None, help=field_help("seed"))),
+    "include_controls": (Optional[bool], typer.Option(None, "--include-controls/--no-include-controls",
+                                                      help=field_help("include_controls_as_class"))),
+    "max_tiles_per_fold": (Optional[int], typer.Option(None, help=field_help("max_tiles_per_fold"))),
+    "freeze_stages": (Optional[int], typer.Option(None, help=field_help("freeze_stages"))),
+    "frozen_feature_cache": (Optional[bool], typer.Option(
+        None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache"))),
+    "eval_epochs": (Optional[str], typer.Option(None, help=field_help("eval_epochs"))),
+    "tta": (Optional[str], typer.Option(None, help=field_help("tta"))),
+    "device": (Optional[str], typer.Option(None, help=field_help("device"))),
+    "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),
+    "threads": (Optional[int], typer.Option(None, help=THREADS_HELP)),
+    "keep_checkpoints": (Optional[KeepCheckpoints], typer.Option(None, help=field_help("keep_checkpoints"))),
+    "online": (Optional[bool], typer.Option(None, "--online/--offline", help=field_help("allow_network"))),
+}
 
 
-def _cv_config(config: Optional[Path], *, eval_epochs, mode, weights, include_controls, threads, online,
-               keep_checkpoints, **same_names):
+def cv_options(func):
+    """Give command ``func`` the options of :data:`CV_OPTIONS`; it receives their values as ``options``.
+
+    typer reads a command's options off its signature, so the wrapper's signature is ``func``'s own
+    parameters followed by the shared ones.
+    """
+    signature = introspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    shared = [introspect.Parameter(name, introspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in CV_OPTIONS.items()]
+
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        options = {name: kwargs.pop(name) for name in CV_OPTIONS}
+        return func(options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return wrapper
+
+
+def _cv_config(config: Optional[Path], options: dict, **more):
     """The CVConfig of a YAML file (optional) with the command's options on top."""
     from cellmorph.cv import load_cv_config
 
-    return load_cv_config(
-        config, eval_epochs=_int_list(eval_epochs, "--eval-epochs"), mode=mode.value if mode else None,
-        weights=str(weights) if weights else None, include_controls_as_class=include_controls, num_threads=threads,
-        allow_network=online, keep_checkpoints=keep_checkpoints.value if keep_checkpoints else None, **same_names)
+    given = dict(options) | more
+    renamed = {"include_controls": "include_controls_as_class", "threads": "num_threads", "online": "allow_network"}
+    for option, field in renamed.items():
+        given[field] = given.pop(option)
+    given["eval_epochs"] = _int_list(given["eval_epochs"], "--eval-epochs")
+    given["weights"] = str(given["weights"]) if given["weights"] else None
+    for option in ("mode", "keep_checkpoints"):
+        given[option] = given[option].value if given[option] else None
+    return load_cv_config(config, **given)
 
 
 @command()
+@cv_options
 def cv(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="run directory to write"),
     cv_scheme: Optional[str] = typer.Option(None, "--cv", help=field_help("cv")),
-    model: Optional[str] = CVOption.model,
-    init: Optional[str] = CVOption.init,
-    epochs: Optional[int] = CVOption.epochs,
-    mode: Optional[Mode] = CVOption.mode,
-    weights: Optional[Path] = CVOption.weights,
-    batch_size: Optional[int] = CVOption.batch_size,
-    lr: Optional[float] = CVOption.lr,
-    image_size: Optional[int] = CVOption.image_size,
-    drop_rate: Optional[float] = CVOption.drop_rate,
-    seed: Optional[int] = CVOption.seed,
-    include_controls: Optional[bool] = CVOption.include_controls,
-    max_tiles_per_fold: Optional[int] = CVOption.max_tiles_per_fold,
-    freeze_stages: Optional[int] = CVOption.freeze_stages,
-    frozen_feature_cache: Optional[bool] = CVOption.frozen_feature_cache,
-    eval_epochs: Optional[str] = CVOption.eval_epochs,
-    tta: Optional[str] = CVOption.tta,
-    device: Optional[str] = CVOption.device,
-    num_workers: Optional[int] = CVOption.num_workers,
-    threads: Optional[int] = CVOption.threads,
-    keep_checkpoints: Optional[KeepCheckpoints] = CVOption.keep_checkpoints,
-    online: Optional[bool] = CVOption.online,
     replicates: int = typer.Option(1, min=1, help="repeat the whole CV with seeds seed, seed+1, … (RUN/replicate-<r>)"),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run, skipping finished folds"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    options: dict | None = None,
 ) -> None:
     """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
     from cellmorph.cv import run_cv, run_replicates
 
-    cfg = _cv_config(
-        config, cv=cv_scheme, model=model, init=init, epochs=epochs, mode=mode, weights=weights, batch_size=batch_size,
-        lr=lr, image_size=image_size, drop_rate=drop_rate, seed=seed, include_controls=include_controls,
-        max_tiles_per_fold=max_tiles_per_fold, freeze_stages=freeze_stages, frozen_feature_cache=frozen_feature_cache,
-        eval_epochs=eval_epochs, tta=tta, device=device, num_workers=num_workers, threads=threads,
-        keep_checkpoints=keep_checkpoints, online=online)
+    cfg = _cv_config(config, options, cv=cv_scheme)
     if replicates > 1:
         metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress)
     else:
@@ -340,47 +343,23 @@ def cv(
 
 
 @command()
+@cv_options
 def train(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="model folder (bundle) to write"),
     calibration: Optional[str] = typer.Option(
         None, help="also run this CV (loco | group-kfold:K | well:K | …) into OUT.cv/ and store its out-of-fold "
-        "probabilities in the bundle, for calibrated prediction sets"),
-    model: Optional[str] = CVOption.model,
-    init: Optional[str] = CVOption.init,
-    epochs: Optional[int] = CVOption.epochs,
-    mode: Optional[Mode] = CVOption.mode,
-    weights: Optional[Path] = CVOption.weights,
-    batch_size: Optional[int] = CVOption.batch_size,
-    lr: Optional[float] = CVOption.lr,
-    image_size: Optional[int] = CVOption.image_size,
-    drop_rate: Optional[float] = CVOption.drop_rate,
-    seed: Optional[int] = CVOption.seed,
-    include_controls: Optional[bool] = CVOption.include_controls,
-    max_tiles_per_fold: Optional[int] = CVOption.max_tiles_per_fold,
-    freeze_stages: Optional[int] = CVOption.freeze_stages,
-    frozen_feature_cache: Optional[bool] = CVOption.frozen_feature_cache,
-    eval_epochs: Optional[str] = CVOption.eval_epochs,
-    tta: Optional[str] = CVOption.tta,
-    device: Optional[str] = CVOption.device,
-    num_workers: Optional[int] = CVOption.num_workers,
-    threads: Optional[int] = CVOption.threads,
-    keep_checkpoints: Optional[KeepCheckpoints] = CVOption.keep_checkpoints,
-    online: Optional[bool] = CVOption.online,
+        "probabilities in the bundle, for calibrated confidence and prediction sets"),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig (every cv setting); options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed calibration CV"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    options: dict | None = None,
 ) -> None:
     """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv)."""
     from cellmorph.final_model import train_final
 
-    cfg = _cv_config(
-        config, model=model, init=init, epochs=epochs, mode=mode, weights=weights, batch_size=batch_size,
-        lr=lr, image_size=image_size, drop_rate=drop_rate, seed=seed, include_controls=include_controls,
-        max_tiles_per_fold=max_tiles_per_fold, freeze_stages=freeze_stages, frozen_feature_cache=frozen_feature_cache,
-        eval_epochs=eval_epochs, tta=tta, device=device, num_workers=num_workers, threads=threads,
-        keep_checkpoints=keep_checkpoints, online=online)
-    summary = train_final(data, out, cfg, calibration=calibration, resume=resume, progress=progress)
+    summary = train_final(data, out, _cv_config(config, options), calibration=calibration, resume=resume,
+                          progress=progress)
     console.print(f"model bundle: {out}")
     print(json.dumps(summary))
 
