@@ -123,3 +123,16 @@ def test_train_output_that_is_a_file_is_one_line(tiny_cache, tmp_path):
     blocker.write_text("keep me")
     one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--out", blocker), str(blocker), "existing file")
     assert blocker.read_text() == "keep me"
+
+
+def test_train_takes_the_cv_options_and_refuses_a_probe_it_cannot_save(tiny_cache, tmp_path):
+    """`train` has `cv`'s options (one shared set); a linear probe makes no network to bundle."""
+    one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe",
+                           "--out", tmp_path / "m"), "linear-probe")
+    assert not (tmp_path / "m").exists()
+    from typer.main import get_command
+
+    from cellmorph.cli import app
+
+    options = {name: {o for p in get_command(app).commands[name].params for o in p.opts} for name in ("cv", "train")}
+    assert options["cv"] - options["train"] == {"--cv", "--replicates"}
