@@ -41,6 +41,27 @@ def test_to_uint8_image_scaling_spans_full_range():
     assert (fixed == 255).all()
 
 
+@pytest.mark.parametrize("scaling", ["image", "fixed", "tile"])
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_the_in_place_field_map_gives_the_bytes_of_the_three_steps(scaling, with_stats):
+    """prepare maps a field in one float32 buffer; it must equal anscombe → zscore → to_uint8 exactly,
+    or caches (and the bundles trained on them) would change."""
+    from cellmorph.preprocess import PrepareConfig, field_to_uint8, zscore
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 4096, size=(64, 80, 3), dtype=np.uint16)
+    stats = np.stack([rng.uniform(20, 40, 3), np.array([3.0, 0.0, 5.5])]) if with_stats else None  # a zero std too
+    config = PrepareConfig(scaling=scaling)
+    expected = anscombe(pixels)
+    if stats is not None:
+        expected = zscore(expected, stats[0], stats[1])
+    got = field_to_uint8(pixels, stats, config)
+    if scaling == "tile":
+        np.testing.assert_array_equal(got, expected)  # float: mapped per tile later
+    else:
+        np.testing.assert_array_equal(got, to_uint8(expected, scaling, config.fixed_range))
+
+
 def test_split_tiles_2x2_gives_quadrants_in_channel_first_order():
     field = np.arange(1024 * 1280 * 3, dtype=np.uint32).reshape(1024, 1280, 3)
     tiles, where = split_tiles(field, (2, 2))

@@ -33,3 +33,15 @@ def test_torch_threads_sets_and_restores():
     with torch_threads(1) as n:
         assert n == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
+
+
+def test_keep_freed_memory_applies_on_glibc_linux():
+    """`predict` and `embed` keep freed memory for reuse (mallopt); in a fresh process, as they do."""
+    import subprocess
+    import sys
+
+    code = "from cellmorph.runtime import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import platform
+
+    assert out == ("True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False")

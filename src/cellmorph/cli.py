@@ -390,7 +390,7 @@ def predict(
     alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
     mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
     seed: int = typer.Option(0, help=_predict_help("seed")),
-    batch_size: int = typer.Option(64, help=_predict_help("batch_size")),
+    batch_size: int = typer.Option(32, help=_predict_help("batch_size")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
@@ -411,6 +411,9 @@ def predict(
         from cellmorph.data.layouts import load_table
 
         data = load_table(layout, root, metadata, index, layout_config, moa, channels, require_labels=False)
+    from cellmorph.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
     summary = run_predict(model, data, out, settings, progress=progress, log=_log_line)
     grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}")
     for column in ("mean set size", "empty sets", "accuracy", "coverage"):
@@ -541,6 +544,9 @@ def embed(
     from cellmorph.embed import embed as run_embed
 
     target = out or Path(data) / "embeddings" / model
+    from cellmorph.runtime import keep_freed_memory
+
+    keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
     summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online, progress,
                         threads=threads)
     print(json.dumps(summary | {"out": str(target)}))

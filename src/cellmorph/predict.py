@@ -49,7 +49,8 @@ class PredictConfig(BaseModel):
 
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="conformal error level: sets cover the true MoA of "
                          "a treatment like the calibration ones with probability ≥ 1 − alpha")
-    batch_size: int = Field(64, ge=1, description="tiles per forward pass")
+    batch_size: int = Field(32, ge=1, description="tiles per forward pass (32: as fast as 64 on a CPU, "
+                            "with ~0.5 GB less peak memory for Lite0 at 224 px)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
     mc_dropout: int = Field(0, ge=0, description="also score every tile N times with the model's dropout active "
                             "(MC dropout): mc_prob_<class> (the mean over the passes) and MC_Entropy (predictive "

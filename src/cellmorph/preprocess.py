@@ -308,14 +308,20 @@ class _FieldReader:
     """Reads fields of one table, checking that every field has the shape of the first one read."""
 
     def __init__(self, table: ImageTable) -> None:
+        import threading
+
         self.table = table
         self.shape: tuple[int, int] | None = None
+        self._first = threading.Lock()  # fields are read by a thread pool; the first one sets the shape
 
     def __call__(self, row) -> np.ndarray:
-        pixels = read_field(self.table, row, self.shape)
         if self.shape is None:
-            self.shape = tuple(pixels.shape[:2])
-        return pixels
+            with self._first:
+                if self.shape is None:
+                    pixels = read_field(self.table, row, None)
+                    self.shape = tuple(pixels.shape[:2])
+                    return pixels
+        return read_field(self.table, row, self.shape)
 
 
 def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, read: _FieldReader, bad: _Bad,
@@ -360,44 +366,90 @@ def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, 
     return stats
 
 
+def field_to_uint8(pixels: np.ndarray, stats: np.ndarray | None, config: PrepareConfig) -> np.ndarray:
+    """One field through Anscombe → z-score → 8-bit map, in one float32 buffer.
+
+    The same float32 operations in the same order as :func:`anscombe`, :func:`zscore` and
+    :func:`to_uint8`, so the same bytes, without their three full-field temporaries (a
+    1280×1024×3 field is 15.7 MB per copy). ``scaling="tile"`` maps per tile afterwards instead.
+    """
+    x = np.asarray(pixels).astype(np.float32)
+    x += np.float32(3.0 / 8.0)
+    np.sqrt(x, out=x)
+    x *= 2.0
+    if stats is not None:
+        x -= stats[0].astype(np.float32)
+        x /= np.where(stats[1] > 0, stats[1], 1.0).astype(np.float32)
+    if config.scaling == "tile":
+        return x
+    lo, hi = (float(x.min()), float(x.max())) if config.scaling == "image" else config.fixed_range
+    x -= lo
+    x *= 255.0 / (hi - lo) if hi > lo else 0.0
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
+
+
+def _field_tiles(row, plate_stats, config: PrepareConfig, read: _FieldReader):
+    """(uint8 tiles (k, C, h, w) kept, their grid positions) of one field, or the BadInputError reading it."""
+    try:
+        pixels = read(row)
+    except BadInputError as exc:
+        return exc
+    field = field_to_uint8(pixels, plate_stats, config)
+    if config.scaling == "tile":
+        float_tiles, where = split_tiles(field, config.tile_grid)
+        tiles = np.stack([to_uint8(t, "image") for t in float_tiles])
+    else:
+        tiles, where = split_tiles(field, config.tile_grid)
+    kept = [
+        k
+        for k, tile in enumerate(tiles)
+        if config.empty_tile_fraction is None
+        or not is_empty_tile(tile, config.empty_tile_level, config.empty_tile_fraction)
+    ]
+    # Resize per field, not per plate, so memory stays bounded by one field.
+    resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
+    return resized, [where[k] for k in kept], kept
+
+
 def _plate_tiles(table, rows: pd.DataFrame, plate_stats, config: PrepareConfig, read: _FieldReader,
                  bad: _Bad) -> tuple[np.ndarray, pd.DataFrame] | None:
-    """One plate's fields → (uint8 tiles (n, C, h, w), their index rows); None when no tile is left."""
-    tiles_list, meta = [], []
-    for _, row in rows.iterrows():
-        try:
-            pixels = read(row)
-        except BadInputError as exc:
-            if not config.skip_bad:
-                raise
-            bad.add(row, str(exc))
-            continue
-        x = anscombe(pixels)
-        if plate_stats is not None:
-            x = zscore(x, plate_stats[0], plate_stats[1])
-        if config.scaling == "tile":
-            float_tiles, where = split_tiles(x, config.tile_grid)
-            tiles = np.stack([to_uint8(t, "image") for t in float_tiles])
-        else:
-            tiles, where = split_tiles(to_uint8(x, config.scaling, config.fixed_range), config.tile_grid)
-        kept = [
-            k
-            for k, tile in enumerate(tiles)
-            if config.empty_tile_fraction is None
-            or not is_empty_tile(tile, config.empty_tile_level, config.empty_tile_fraction)
-        ]
-        # Resize per field, not per plate, so memory stays bounded by one field.
-        resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
-        for tile, k in zip(resized, kept):
-            tr, tc = where[k]
-            tiles_list.append(tile)
-            record = {c: row[c] for c in table.frame.columns if c.startswith("Metadata_")}
-            record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc})
-            record["Metadata_SourcePath"] = row_paths(table, row)[0]
-            meta.append(record)
-    if not tiles_list:
+    """One plate's fields → (uint8 tiles (n, C, h, w), their index rows); None when no tile is left.
+
+    Fields are processed by a small thread pool (TIFF decoding, numpy and torch release the GIL),
+    results taken in table order, so the cache is the same bytes whatever the thread count. Tiles
+    go into one array allocated for the plate: per-field arrays kept alive between each field's
+    large temporaries fragmented the heap, and one 240-field plate held ~3 GB (benchmarks/RESULTS.md).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = [row for _, row in rows.iterrows()]
+    per_field = config.tile_grid[0] * config.tile_grid[1]
+    tiles_out: np.ndarray | None = None
+    n, meta = 0, []
+    metadata = [c for c in table.frame.columns if c.startswith("Metadata_")]
+    with ThreadPoolExecutor(max(1, min(2, torch.get_num_threads()))) as pool:  # torch_threads set it
+        for row, result in zip(records, pool.map(lambda r: _field_tiles(r, plate_stats, config, read), records)):
+            if isinstance(result, BadInputError):
+                if not config.skip_bad:
+                    raise result
+                bad.add(row, str(result))
+                continue
+            resized, where, kept = result
+            if tiles_out is None and len(resized):
+                tiles_out = np.empty((len(records) * per_field, *resized.shape[1:]), dtype=np.uint8)
+            tiles_out[n : n + len(resized)] = resized
+            n += len(resized)
+            source = row_paths(table, row)[0]
+            for (tr, tc), k in zip(where, kept):
+                record = {c: row[c] for c in metadata}
+                record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc,
+                               "Metadata_SourcePath": source})
+                meta.append(record)
+    if not meta:
         return None
-    arr = np.stack(tiles_list)
+    arr = tiles_out[:n]
     if config.pad_channels and config.pad_channels > arr.shape[1]:
         pad = np.zeros((arr.shape[0], config.pad_channels - arr.shape[1], *arr.shape[2:]), np.uint8)
         arr = np.concatenate([arr, pad], axis=1)
