@@ -49,8 +49,8 @@ class PredictConfig(BaseModel):
 
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="conformal error level: sets cover the true MoA of "
                          "a treatment like the calibration ones with probability ≥ 1 − alpha")
-    batch_size: int = Field(32, ge=1, description="tiles per forward pass (32: as fast as 64 on a CPU, "
-                            "with ~0.5 GB less peak memory for Lite0 at 224 px)")
+    batch_size: int = Field(16, ge=1, description="tiles per forward pass (16: as fast as 32 or 64 on a CPU, "
+                            "with 0.4-0.6 GB less peak memory for Lite0 at 224 px, benchmarks/RESULTS.md)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
     mc_dropout: int = Field(0, ge=0, description="also score every tile N times with the model's dropout active "
                             "(MC dropout): mc_prob_<class> (the mean over the passes) and MC_Entropy (predictive "
@@ -61,6 +61,9 @@ class PredictConfig(BaseModel):
         None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
         "plates without DMSO, of the plate's batch; default: the model's own setting")
     skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
+    reuse_freed_memory: bool = Field(False, description="before scoring, make this process keep freed memory "
+                                     "for reuse (glibc; about 2x faster scoring on CPU, but the process keeps "
+                                     "its peak memory until it exits): the CLI sets it, a library caller opts in")
 
 
 def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> None:
@@ -202,6 +205,10 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     n_batches = -(-len(rows) // config.batch_size)
     passes = [("deterministic", 0)] + ([("MC dropout", config.mc_dropout)] if config.mc_dropout else [])
     probs = {}
+    if config.reuse_freed_memory:  # after prepare, so its freed fields go back to the system first
+        from cellmorph.runtime import keep_freed_memory
+
+        keep_freed_memory()
     with torch_threads(config.threads), Progress(progress) as bar:
         for name, samples in passes:
             task = bar.task(f"predict ({name})", n_batches, every=max(1, n_batches // 20))
