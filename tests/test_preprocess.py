@@ -43,13 +43,16 @@ def test_to_uint8_image_scaling_spans_full_range():
 
 @pytest.mark.parametrize("scaling", ["image", "fixed", "tile"])
 @pytest.mark.parametrize("with_stats", [True, False])
-def test_the_in_place_field_map_gives_the_bytes_of_the_three_steps(scaling, with_stats):
-    """prepare maps a field in one float32 buffer; it must equal anscombe → zscore → to_uint8 exactly,
-    or caches (and the bundles trained on them) would change."""
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32])
+def test_the_fast_field_map_gives_the_bytes_of_the_three_steps(scaling, with_stats, dtype):
+    """prepare maps a field by table lookup (8/16-bit) or in one float32 buffer; either must equal
+    anscombe → zscore → to_uint8 exactly, or caches (and the bundles trained on them) would change."""
     from cellmorph.preprocess import PrepareConfig, field_to_uint8, zscore
 
     rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 4096, size=(64, 80, 3), dtype=np.uint16)
+    top = 255 if dtype == np.uint8 else 4096
+    pixels = rng.integers(0, top, size=(64, 80, 3)).astype(dtype)
+    pixels[0, 0] = [0, top, 7]  # the extremes sit in different channels
     stats = np.stack([rng.uniform(20, 40, 3), np.array([3.0, 0.0, 5.5])]) if with_stats else None  # a zero std too
     config = PrepareConfig(scaling=scaling)
     expected = anscombe(pixels)
