@@ -414,10 +414,9 @@ def _lookup_to_uint8(pixels: np.ndarray, stats: np.ndarray | None, config: Prepa
         table -= stats[0].astype(np.float32)
         table /= np.where(stats[1] > 0, stats[1], 1.0).astype(np.float32)
     if config.scaling == "image":
-        flat = pixels.reshape(-1, channels)
-        low, high = flat.min(axis=0), flat.max(axis=0)
-        lo = float(min(table[low[c], c] for c in range(channels)))
-        hi = float(max(table[high[c], c] for c in range(channels)))
+        # per-channel views: a strided reduction over axis 0 of (H·W, C) is ~10× slower
+        lo = float(min(table[pixels[..., c].min(), c] for c in range(channels)))
+        hi = float(max(table[pixels[..., c].max(), c] for c in range(channels)))
     else:
         lo, hi = config.fixed_range
     table8 = _scale_to_uint8(table, lo, hi)
