@@ -433,3 +433,31 @@ def test_a_directory_where_a_file_belongs(option, real_crops, tiny_copy, tmp_pat
             continue  # inspect has no --config
         one_line_error(run_cli(command, *args, *extra), str(folder), "is a directory")
     assert not (tmp_path / "cache").exists()
+
+
+def test_fields_are_processed_in_a_bounded_pool_and_returned_in_order():
+    """prepare's field pool: every item once, in order, never more than `ahead` in flight."""
+    import threading
+    import time
+
+    from cellmorph.preprocess import _in_order
+    from cellmorph.runtime import torch_threads
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def work(i):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.002 * (i % 3))
+        with lock:
+            state["now"] -= 1
+        return i * i
+
+    with torch_threads(2):
+        results = []
+        for r in _in_order(work, range(23), ahead=4):
+            time.sleep(0.003)  # a slow consumer must not let work pile up
+            results.append(r)
+    assert results == [i * i for i in range(23)]
+    assert state["most"] <= 2

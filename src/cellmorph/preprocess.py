@@ -346,15 +346,25 @@ def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, 
     groups = list(controls.groupby(_group_key(controls, config.normalize), sort=True))
     task = bar.task(f"DMSO statistics per {config.normalize}", len(groups))
     stat_rows = []
+
+    def transformed(row):
+        try:
+            return anscombe(read(row))
+        except BadInputError as exc:
+            return exc
+
     for key, rows in groups:
         moments = ChannelMoments(len(table.channels))
-        for _, row in rows.iterrows():
-            try:
-                moments.add(anscombe(read(row)))
-            except BadInputError as exc:
+        records = [row for _, row in rows.iterrows()]
+        # Fields are read in a small pool; the sums are taken here in table order, so the
+        # statistics are the same bits whatever the thread count.
+        for row, field in zip(records, _in_order(transformed, records)):
+            if isinstance(field, BadInputError):
                 if not config.skip_bad:
-                    raise
-                bad.add(row, str(exc))
+                    raise field
+                bad.add(row, str(field))
+                continue
+            moments.add(field)
         if moments.n_images == 0:
             raise BadInputError(f"{config.normalize} {key}: no readable DMSO control fields")
         stats[key] = np.stack([moments.mean, moments.std])
@@ -426,6 +436,28 @@ def _lookup_to_uint8(pixels: np.ndarray, stats: np.ndarray | None, config: Prepa
     return out
 
 
+def _in_order(work, items, ahead: int = 4):
+    """``work`` over ``items`` in a pool of up to 2 threads (TIFF decoding, numpy and torch release
+    the GIL; torch_threads has set the count), yielding results in the items' order.
+
+    At most ``ahead`` items are in flight, so memory stays bounded by a few fields however slow
+    the consumer, and a consumer that stops early (bad input) waits for those few only.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    remaining = iter(items)
+    with ThreadPoolExecutor(max(1, min(2, torch.get_num_threads()))) as pool:
+        in_flight = deque(pool.submit(work, item) for item in islice(remaining, ahead))
+        while in_flight:
+            result = in_flight.popleft().result()
+            for item in remaining:
+                in_flight.append(pool.submit(work, item))
+                break
+            yield result
+
+
 def _field_tiles(row, plate_stats, config: PrepareConfig, read: _FieldReader):
     """(uint8 tiles (k, C, h, w) kept, their grid positions) of one field, or the BadInputError reading it."""
     try:
@@ -458,31 +490,28 @@ def _plate_tiles(table, rows: pd.DataFrame, plate_stats, config: PrepareConfig, 
     go into one array allocated for the plate: per-field arrays kept alive between each field's
     large temporaries fragmented the heap, and one 240-field plate held ~3 GB (benchmarks/RESULTS.md).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     records = [row for _, row in rows.iterrows()]
     per_field = config.tile_grid[0] * config.tile_grid[1]
     tiles_out: np.ndarray | None = None
     n, meta = 0, []
     metadata = [c for c in table.frame.columns if c.startswith("Metadata_")]
-    with ThreadPoolExecutor(max(1, min(2, torch.get_num_threads()))) as pool:  # torch_threads set it
-        for row, result in zip(records, pool.map(lambda r: _field_tiles(r, plate_stats, config, read), records)):
-            if isinstance(result, BadInputError):
-                if not config.skip_bad:
-                    raise result
-                bad.add(row, str(result))
-                continue
-            resized, where, kept = result
-            if tiles_out is None and len(resized):
-                tiles_out = np.empty((len(records) * per_field, *resized.shape[1:]), dtype=np.uint8)
-            tiles_out[n : n + len(resized)] = resized
-            n += len(resized)
-            source = row_paths(table, row)[0]
-            for (tr, tc), k in zip(where, kept):
-                record = {c: row[c] for c in metadata}
-                record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc,
-                               "Metadata_SourcePath": source})
-                meta.append(record)
+    for row, result in zip(records, _in_order(lambda r: _field_tiles(r, plate_stats, config, read), records)):
+        if isinstance(result, BadInputError):
+            if not config.skip_bad:
+                raise result
+            bad.add(row, str(result))
+            continue
+        resized, where, kept = result
+        if tiles_out is None and len(resized):
+            tiles_out = np.empty((len(records) * per_field, *resized.shape[1:]), dtype=np.uint8)
+        tiles_out[n : n + len(resized)] = resized
+        n += len(resized)
+        source = row_paths(table, row)[0]
+        for (tr, tc), k in zip(where, kept):
+            record = {c: row[c] for c in metadata}
+            record.update({"Metadata_Tile": k, "Metadata_TileRow": tr, "Metadata_TileCol": tc,
+                           "Metadata_SourcePath": source})
+            meta.append(record)
     if not meta:
         return None
     arr = tiles_out[:n]
