@@ -119,3 +119,11 @@ def test_expected_calibration_error_by_hand():
     # Two bins used: [0.2, 0.3) holds 0.25, 0.25 (1 of 2 right: |0.5 − 0.25| = 0.25);
     # [0.9, 1.0] holds 0.95, 0.95 (2 of 2 right: 0.05). Weighted: (0.25 + 0.05) / 2.
     assert expected_calibration_error(np.array([0.25, 0.25, 0.95, 0.95]), np.array([1, 0, 1, 1])) == pytest.approx(0.15)
+
+
+def test_too_few_or_one_class_scores_leave_the_confidence_unscaled():
+    """A handful of calibration rows, or one class, would drive T towards 0 (every confidence ~1)."""
+    probs = np.array([[0.6, 0.4], [0.7, 0.3], [0.55, 0.45]])
+    assert TemperatureScaling.fit(probs, np.array([0, 0, 0])).temperature == 1.0
+    many = np.tile(probs, (10, 1))
+    assert TemperatureScaling.fit(many, np.zeros(len(many), dtype=int)).temperature == 1.0

@@ -172,6 +172,8 @@ def test_images_with_other_channels_or_no_screen_are_one_line(tiny_bundle, real_
     one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "crops", "--index", real_crops,
                            "--channels", "DAPI,Actin", "--out", out), "channels", str(real_crops))
     one_line_error(run_cli("predict", "--model", tiny_bundle, "--out", out), "--data", "--layout")
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", out, "--moa",
+                           real_crops, "--out", out), "--moa")
     assert not out.exists()
 
 

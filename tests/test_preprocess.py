@@ -461,3 +461,47 @@ def test_fields_are_processed_in_a_bounded_pool_and_returned_in_order():
             results.append(r)
     assert results == [i * i for i in range(23)]
     assert state["most"] <= 2
+
+
+def test_a_plate_whose_first_field_is_empty_keeps_its_other_tiles(tiny_copy, tmp_path):
+    """With the paper's empty-tile filter, a blank first field leaves no tile; the plate's other
+    fields must still be cached (it once crashed on the unallocated plate array)."""
+    from cellmorph.data.table import channel_column
+    from cellmorph.preprocess import PrepareConfig, prepare
+
+    table = load_bbbc021(tiny_copy, tiny_copy)
+    plate = sorted(table.frame["Metadata_Plate"].unique())[0]
+    first = table.frame[table.frame["Metadata_Plate"] == plate].iloc[0]  # the plate's first field read
+    for ch in table.channels:
+        path = first[channel_column(ch)]
+        tifffile.imwrite(path, np.zeros_like(tifffile.imread(path)))
+    rows = table.frame[table.frame["Metadata_Plate"] == plate]
+    summary = prepare(table.subset(table.frame["Metadata_Plate"] == plate), tmp_path / "cache",
+                      PrepareConfig(normalize="none", empty_tile_fraction=0.002), progress=False)
+    index = TileCache(tmp_path / "cache").index
+    assert first["Metadata_ImageID"] not in set(index["Metadata_ImageID"])
+    assert 0 < summary["n_tiles"] <= 4 * (len(rows) - 1)
+
+
+def test_an_odd_sized_field_is_the_one_skipped_whatever_the_thread_count(tiny_copy, tmp_path):
+    """Fields are read by a 2-thread pool, but the reference size is that of the first field in table
+    order: with --skip-bad, an odd-sized second field is the one skipped, with 1 thread or 2."""
+    from cellmorph.data.table import channel_column
+    from cellmorph.preprocess import PrepareConfig, prepare
+
+    table = load_bbbc021(tiny_copy, tiny_copy)
+    plate = sorted(table.frame["Metadata_Plate"].unique())[0]
+    table = table.subset(table.frame["Metadata_Plate"] == plate)
+    odd = table.frame.iloc[1]
+    for ch in table.channels:
+        path = odd[channel_column(ch)]
+        tifffile.imwrite(path, tifffile.imread(path)[:-8, :-8])
+    caches = {}
+    for threads in (1, 2):
+        out = tmp_path / f"cache{threads}"
+        prepare(table, out, PrepareConfig(normalize="none", skip_bad=True), progress=False, threads=threads)
+        caches[threads] = out
+        skipped = pd.read_csv(out / "skipped.csv")
+        assert skipped["Metadata_ImageID"].tolist() == [odd["Metadata_ImageID"]], skipped
+    for plate_file in sorted((caches[1] / "plates").glob("*.npy")):
+        assert plate_file.read_bytes() == (caches[2] / "plates" / plate_file.name).read_bytes()

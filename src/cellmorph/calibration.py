@@ -26,6 +26,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.schema import TRUE_COLUMN, prob_column
 
 COMPOUND = "Metadata_Compound"
+MIN_SCORES = 10  # calibration rows needed to fit a temperature
 
 
 def labelled_scores(scores: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -80,7 +81,14 @@ class TemperatureScaling:
 
     @classmethod
     def fit(cls, probs: np.ndarray, truth: np.ndarray) -> "TemperatureScaling":
+        """T by maximum likelihood; T = 1 (no scaling) when the scores cannot support a fit: fewer
+        than :data:`MIN_SCORES` rows or a single class, where the likelihood keeps rising as T → 0
+        and every confidence would become ~1."""
         from scipy.optimize import minimize_scalar
+
+        truth = np.asarray(truth)
+        if len(truth) < MIN_SCORES or len(np.unique(truth)) < 2:
+            return cls(1.0)
 
         logs = np.log(np.clip(np.asarray(probs, dtype=float), 1e-12, None))
 

@@ -406,6 +406,9 @@ def predict(
     if (data is None) == (layout is None):
         raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
                              "--root/--index/--layout-config")
+    if moa is not None and layout != Layout.crops:
+        raise CellmorphError("--moa labels crop tables (--layout crops); BBBC021 reads BBBC021_v1_moa.csv beside "
+                             "the image table, a generic layout its YAML's moa_table")
     if data is not None and (normalize is not None or skip_bad):
         raise CellmorphError("--normalize and --skip-bad apply to images (--layout); a cache is already prepared")
     if layout is not None:

@@ -38,7 +38,7 @@ from cellmorph.cache import (
     write_norm_stats,
     write_plate,
 )
-from cellmorph.data.images import missing_files, read_field, row_paths
+from cellmorph.data.images import check_field_shape, missing_files, read_field, row_paths
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import BadInputError, CellmorphError
 from cellmorph.progress import Progress
@@ -305,23 +305,22 @@ def _usable_images(table: ImageTable, config: PrepareConfig, bad: _Bad) -> Image
 
 
 class _FieldReader:
-    """Reads fields of one table, checking that every field has the shape of the first one read."""
+    """Reads fields of one table (safe from several threads); :meth:`check`, called by the consumer in
+    table order, holds every field to the size of the first one, so the outcome never depends on
+    which thread finished first."""
 
     def __init__(self, table: ImageTable) -> None:
-        import threading
-
         self.table = table
         self.shape: tuple[int, int] | None = None
-        self._first = threading.Lock()  # fields are read by a thread pool; the first one sets the shape
 
     def __call__(self, row) -> np.ndarray:
+        return read_field(self.table, row)
+
+    def check(self, row, shape) -> None:
         if self.shape is None:
-            with self._first:
-                if self.shape is None:
-                    pixels = read_field(self.table, row, None)
-                    self.shape = tuple(pixels.shape[:2])
-                    return pixels
-        return read_field(self.table, row, self.shape)
+            self.shape = tuple(shape[:2])
+        else:
+            check_field_shape(row_paths(self.table, row)[0], shape[:2], self.shape)
 
 
 def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, read: _FieldReader, bad: _Bad,
@@ -359,10 +358,14 @@ def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, 
         # Fields are read in a small pool; the sums are taken here in table order, so the
         # statistics are the same bits whatever the thread count.
         for row, field in zip(records, _in_order(transformed, records)):
-            if isinstance(field, BadInputError):
-                if not config.skip_bad:
+            try:
+                if isinstance(field, BadInputError):
                     raise field
-                bad.add(row, str(field))
+                read.check(row, field.shape)
+            except BadInputError as exc:
+                if not config.skip_bad:
+                    raise
+                bad.add(row, str(exc))
                 continue
             moments.add(field)
         if moments.n_images == 0:
@@ -459,7 +462,8 @@ def _in_order(work, items, ahead: int = 4):
 
 
 def _field_tiles(row, plate_stats, config: PrepareConfig, read: _FieldReader):
-    """(uint8 tiles (k, C, h, w) kept, their grid positions) of one field, or the BadInputError reading it."""
+    """(uint8 tiles (k, C, h, w) kept, their grid positions, tile numbers, the field's shape) of one
+    field, or the BadInputError reading it."""
     try:
         pixels = read(row)
     except BadInputError as exc:
@@ -478,7 +482,7 @@ def _field_tiles(row, plate_stats, config: PrepareConfig, read: _FieldReader):
     ]
     # Resize per field, not per plate, so memory stays bounded by one field.
     resized = resize_tiles(tiles[kept], config.tile_size) if config.tile_size and kept else tiles[kept]
-    return resized, [where[k] for k in kept], kept
+    return resized, [where[k] for k in kept], kept, pixels.shape
 
 
 def _plate_tiles(table, rows: pd.DataFrame, plate_stats, config: PrepareConfig, read: _FieldReader,
@@ -496,13 +500,19 @@ def _plate_tiles(table, rows: pd.DataFrame, plate_stats, config: PrepareConfig, 
     n, meta = 0, []
     metadata = [c for c in table.frame.columns if c.startswith("Metadata_")]
     for row, result in zip(records, _in_order(lambda r: _field_tiles(r, plate_stats, config, read), records)):
-        if isinstance(result, BadInputError):
-            if not config.skip_bad:
+        try:
+            if isinstance(result, BadInputError):
                 raise result
-            bad.add(row, str(result))
+            resized, where, kept, shape = result
+            read.check(row, shape)
+        except BadInputError as exc:
+            if not config.skip_bad:
+                raise
+            bad.add(row, str(exc))
             continue
-        resized, where, kept = result
-        if tiles_out is None and len(resized):
+        if not len(resized):  # every tile of the field was empty
+            continue
+        if tiles_out is None:
             tiles_out = np.empty((len(records) * per_field, *resized.shape[1:]), dtype=np.uint8)
         tiles_out[n : n + len(resized)] = resized
         n += len(resized)

@@ -65,6 +65,15 @@ def _read_plane(path: str) -> np.ndarray:
     return pixels
 
 
+def check_field_shape(path, shape, expected_shape) -> None:
+    """Raise naming ``path`` when a field's (H, W) differs from the dataset's."""
+    if tuple(shape) != tuple(expected_shape):
+        raise BadInputError(
+            f"{path}: field shape {shape[0]}×{shape[1]} differs from the dataset's "
+            f"{expected_shape[0]}×{expected_shape[1]}"
+        )
+
+
 def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     """The H×W×C pixels of one row, in ``table.channels`` order, as stored (e.g. uint16).
 
@@ -97,11 +106,8 @@ def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int
             planes.append(plane)
         pixels = np.stack(planes, axis=-1)
         path = row[channel_column(table.channels[0])]
-    if expected_shape is not None and tuple(pixels.shape[:2]) != tuple(expected_shape):
-        raise BadInputError(
-            f"{path}: field shape {pixels.shape[0]}×{pixels.shape[1]} differs from the dataset's "
-            f"{expected_shape[0]}×{expected_shape[1]}"
-        )
+    if expected_shape is not None:
+        check_field_shape(path, pixels.shape[:2], expected_shape)
     if not np.issubdtype(pixels.dtype, np.number):
         raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
     return pixels
