@@ -173,9 +173,7 @@ def images_recipe(bundle, table: "ImageTable", config: PredictConfig):
     recipe = bundle.recipe
     prepare = PrepareConfig.model_validate(recipe["config"])
     given = list(table.channels) + [f"zero{i}" for i in range(len(table.channels), prepare.pad_channels or 0)]
-    if given != list(recipe["channels"]):
-        raise CellmorphError(f"{table.origin or table.source}: channels {list(table.channels)} differ from the "
-                             f"model's {list(recipe['channels'])} (number, names and order must match)")
+    _check_channels(table.origin or table.source, given, table.channels, recipe)
     update = {"include_controls": "DMSO" in bundle.classes, "skip_bad": config.skip_bad}
     if config.normalize is not None and config.normalize != prepare.normalize:
         if prepare.normalize == "none":
@@ -249,12 +247,17 @@ _FREE_SETTINGS = {"skip_bad", "include_controls"}
 _DMSO_NORMALISATIONS = {"plate", "batch"}
 
 
+def _check_channels(where, given: list[str], named, recipe: dict) -> None:
+    """The screen's channels (with any zero padding, ``given``) must be the training cache's."""
+    if given != list(recipe["channels"]):
+        raise CellmorphError(f"{where}: channels {list(named)} differ from the model's "
+                             f"{list(recipe['channels'])} (number, names and order must match)")
+
+
 def _check_recipe(bundle, cache) -> None:
     """The screen must be prepared as the training cache was (channels, normalisation, scaling, tiles)."""
     recipe = bundle.recipe
-    if list(cache.channels) != list(recipe["channels"]):
-        raise CellmorphError(f"{cache.root}: channels {list(cache.channels)} differ from the model's "
-                             f"{list(recipe['channels'])} (number, names and order must match)")
+    _check_channels(cache.root, list(cache.channels), cache.channels, recipe)
     ours, theirs = cache.manifest.get("config", {}), recipe.get("config", {})
     differ = sorted(k for k in set(ours) | set(theirs) if k not in _FREE_SETTINGS and ours.get(k) != theirs.get(k)
                     and not {ours.get(k), theirs.get(k)} <= _DMSO_NORMALISATIONS)

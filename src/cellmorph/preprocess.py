@@ -76,7 +76,19 @@ class PrepareConfig(BaseModel):
 # --------------------------------------------------------------------------- transforms
 def anscombe(x: np.ndarray) -> np.ndarray:
     """Anscombe variance-stabilising transform, 2·sqrt(x + 3/8), in float32."""
-    return 2.0 * np.sqrt(np.asarray(x, dtype=np.float32) + np.float32(3.0 / 8.0))
+    return _normalise_in_place(np.array(x, dtype=np.float32), None)
+
+
+def _normalise_in_place(x: np.ndarray, stats: np.ndarray | None) -> np.ndarray:
+    """Anscombe, then (with ``stats``) the z-score of :func:`zscore`, on float32 ``x`` in place: the
+    one definition of these float32 steps, so every path through them gives the same bytes."""
+    x += np.float32(3.0 / 8.0)
+    np.sqrt(x, out=x)
+    x *= 2.0
+    if stats is not None:
+        x -= stats[0].astype(np.float32)
+        x /= np.where(stats[1] > 0, stats[1], 1.0).astype(np.float32)
+    return x
 
 
 @dataclass
@@ -391,13 +403,7 @@ def field_to_uint8(pixels: np.ndarray, stats: np.ndarray | None, config: Prepare
     pixels = np.asarray(pixels)
     if pixels.dtype in (np.uint8, np.uint16) and config.scaling != "tile":
         return _lookup_to_uint8(pixels, stats, config)
-    x = pixels.astype(np.float32)
-    x += np.float32(3.0 / 8.0)
-    np.sqrt(x, out=x)
-    x *= 2.0
-    if stats is not None:
-        x -= stats[0].astype(np.float32)
-        x /= np.where(stats[1] > 0, stats[1], 1.0).astype(np.float32)
+    x = _normalise_in_place(pixels.astype(np.float32), stats)
     if config.scaling == "tile":
         return x
     lo, hi = (float(x.min()), float(x.max())) if config.scaling == "image" else config.fixed_range
@@ -417,15 +423,9 @@ def _lookup_to_uint8(pixels: np.ndarray, stats: np.ndarray | None, config: Prepa
     """The field map as one table lookup per channel: a 16-bit field has at most 65,536 values,
     against 1.3 M pixels per channel. Anscombe and the z-score are non-decreasing, so the field's
     float extremes are the table's values at each channel's raw extremes (about 2.4× faster)."""
-    levels = np.arange(np.iinfo(pixels.dtype).max + 1, dtype=np.float32)
-    levels += np.float32(3.0 / 8.0)
-    np.sqrt(levels, out=levels)
-    levels *= 2.0
     channels = pixels.shape[-1]
-    table = np.repeat(levels[:, None], channels, axis=1)  # (levels, C), like a field's last axis
-    if stats is not None:
-        table -= stats[0].astype(np.float32)
-        table /= np.where(stats[1] > 0, stats[1], 1.0).astype(np.float32)
+    levels = np.arange(np.iinfo(pixels.dtype).max + 1, dtype=np.float32)
+    table = _normalise_in_place(np.repeat(levels[:, None], channels, axis=1), stats)  # (levels, C), like a field
     if config.scaling == "image":
         # per-channel views: a strided reduction over axis 0 of (H·W, C) is ~10× slower
         lo = float(min(table[pixels[..., c].min(), c] for c in range(channels)))
