@@ -53,24 +53,50 @@ def test_the_fast_field_map_gives_the_bytes_of_the_three_steps(scaling, with_sta
     top = 255 if dtype == np.uint8 else 4096
     pixels = rng.integers(0, top, size=(64, 80, 3)).astype(dtype)
     pixels[0, 0] = [0, top, 7]  # the extremes sit in different channels
+    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))  # fields are mapped channel-first
     stats = np.stack([rng.uniform(20, 40, 3), np.array([3.0, 0.0, 5.5])]) if with_stats else None  # a zero std too
     config = PrepareConfig(scaling=scaling)
     expected = anscombe(pixels)
     if stats is not None:
         expected = zscore(expected, stats[0], stats[1])
-    got = field_to_uint8(pixels, stats, config)
-    if scaling == "tile":
-        np.testing.assert_array_equal(got, expected)  # float: mapped per tile later
-    else:
-        np.testing.assert_array_equal(got, to_uint8(expected, scaling, config.fixed_range))
+    got = field_to_uint8(planes, stats, config)
+    if scaling != "tile":  # float: mapped per tile later
+        expected = to_uint8(expected, scaling, config.fixed_range)
+    np.testing.assert_array_equal(got, expected.transpose(2, 0, 1))
+    # a channel-first view of an H×W×C array (how stacked files come in) maps the same
+    np.testing.assert_array_equal(field_to_uint8(pixels.transpose(2, 0, 1), stats, config), got)
 
 
 def test_split_tiles_2x2_gives_quadrants_in_channel_first_order():
-    field = np.arange(1024 * 1280 * 3, dtype=np.uint32).reshape(1024, 1280, 3)
+    field = np.arange(3 * 1024 * 1281, dtype=np.uint32).reshape(3, 1024, 1281)  # C×H×W; an odd column cropped
     tiles, where = split_tiles(field, (2, 2))
     assert tiles.shape == (4, 3, 512, 640)
     assert where == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    np.testing.assert_array_equal(tiles[3], field[512:, 640:].transpose(2, 0, 1))
+    np.testing.assert_array_equal(tiles[3], field[:, 512:, 640:1280])
+    np.testing.assert_array_equal(tiles[1], field[:, :512, 640:1280])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32])
+def test_dmso_moments_of_a_field_are_those_of_its_anscombe_pixels(dtype):
+    """The DMSO statistics sum a large 8/16-bit field from its histogram; they must equal the
+    pixel-by-pixel moments of the Anscombe-transformed field (to float64 rounding)."""
+    from cellmorph.preprocess import ChannelMoments
+
+    rng = np.random.default_rng(5)
+    top = 255 if dtype == np.uint8 else 4096
+    planes = rng.integers(0, top, size=(3, 300, 260)).astype(dtype)  # > 65,536 pixels per channel
+    count, total, total_sq = ChannelMoments.of_field(planes)
+    exact = anscombe(planes).astype(np.float64).reshape(3, -1)
+    assert count == 300 * 260
+    np.testing.assert_allclose(total, exact.sum(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(total_sq, (exact**2).sum(axis=1), rtol=1e-13)
+    moments = ChannelMoments(3)
+    moments.add((count, total, total_sq))
+    moments.add(ChannelMoments.of_field(planes[:, :10]))  # a small field: summed pixel by pixel
+    both = np.concatenate([exact, anscombe(planes[:, :10]).astype(np.float64).reshape(3, -1)], axis=1)
+    np.testing.assert_allclose(moments.mean, both.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(moments.std, both.std(axis=1), rtol=1e-9)
+    assert moments.n_images == 2 and moments.count == both.shape[1]
 
 
 def test_empty_tile_filter_and_resize():

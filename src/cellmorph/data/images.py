@@ -13,17 +13,19 @@ from cellmorph.data.table import STACK_COLUMN, ImageTable, channel_column
 from cellmorph.errors import BadInputError
 
 
+def path_columns(table: ImageTable) -> list[str]:
+    """The table's file columns: the stack's, or one per channel in ``table.channels`` order."""
+    return [STACK_COLUMN] if table.is_stacked else [channel_column(ch) for ch in table.channels]
+
+
 def row_paths(table: ImageTable, row: pd.Series) -> list[str]:
-    if table.is_stacked:
-        return [row[STACK_COLUMN]]
-    return [row[channel_column(ch)] for ch in table.channels]
+    return [row[col] for col in path_columns(table)]
 
 
 def missing_files(table: ImageTable) -> list[tuple[int, str]]:
     """(row position, path) of every referenced file that does not exist."""
-    columns = [STACK_COLUMN] if table.is_stacked else [channel_column(c) for c in table.channels]
     out = []
-    for col in columns:
+    for col in path_columns(table):
         for pos, path in enumerate(table.frame[col].to_numpy()):
             if not Path(path).is_file():
                 out.append((pos, str(path)))
@@ -74,8 +76,13 @@ def check_field_shape(path, shape, expected_shape) -> None:
         )
 
 
-def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The H×W×C pixels of one row, in ``table.channels`` order, as stored (e.g. uint16).
+def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The C×H×W pixels of one row, in ``table.channels`` order, as stored (e.g. uint16).
+
+    Channel-first because fields are stored one file per channel: stacking the planes along a new
+    first axis is a plain copy, and every later per-channel step reads contiguous memory (an H×W×C
+    field made the per-channel lookups and extremes of prepare twice as slow). A stacked file stored
+    H×W×C comes back as a channel-first view of it.
 
     Raises :class:`BadInputError` naming the file for a missing, corrupt or
     wrongly shaped image. ``expected_shape`` (H, W) enforces one field size.
@@ -90,6 +97,7 @@ def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int
             raise BadInputError(
                 f"{path}: expected an H×W×{n_channels} image ({', '.join(table.channels)}), got shape {pixels.shape}"
             )
+        pixels = np.moveaxis(pixels, -1, 0)
     else:
         planes = []
         for ch in table.channels:
@@ -104,13 +112,18 @@ def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int
                     f"{path}: channel {ch} has shape {plane.shape}, other channels of this field have {planes[0].shape}"
                 )
             planes.append(plane)
-        pixels = np.stack(planes, axis=-1)
+        pixels = np.stack(planes)
         path = row[channel_column(table.channels[0])]
     if expected_shape is not None:
-        check_field_shape(path, pixels.shape[:2], expected_shape)
+        check_field_shape(path, pixels.shape[1:], expected_shape)
     if not np.issubdtype(pixels.dtype, np.number):
         raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
     return pixels
+
+
+def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The H×W×C pixels of one row (a view of :func:`read_planes`), in ``table.channels`` order."""
+    return np.moveaxis(read_planes(table, row, expected_shape), 0, -1)
 
 
 def write_tiff(path: Path, image: np.ndarray) -> None:
