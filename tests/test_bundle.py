@@ -136,3 +136,31 @@ def test_train_takes_the_cv_options_and_refuses_a_probe_it_cannot_save(tiny_cach
 
     options = {name: {o for p in get_command(app).commands[name].params for o in p.opts} for name in ("cv", "train")}
     assert options["cv"] - options["train"] == {"--cv", "--replicates"}
+
+
+def test_train_refuses_cv_only_options_without_a_calibration_cv(tiny_cache, tmp_path):
+    """--eval-epochs and --keep-checkpoints act on held-out folds; without --calibration there are none,
+    so train says so instead of ignoring them."""
+    for option in (["--eval-epochs", "1"], ["--keep-checkpoints", "all"]):
+        one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, *option, "--out", tmp_path / "m"),
+                       option[0], "--calibration")
+        assert not (tmp_path / "m").exists()
+
+
+def test_the_bundle_records_its_training_compounds_and_whether_calibration_held_them_out(model, tiny_cache):
+    from cellmorph.cache import TileCache
+
+    bundle = load_bundle(model)
+    index = TileCache(tiny_cache).index
+    treated = sorted(set(index.loc[~index["Metadata_IsControl"].astype(bool), "Metadata_Compound"]))
+    # the compounds of the tiles it trained on (QUICK_TRAIN subsamples 40 tiles)
+    assert set(bundle.training_compounds) <= set(treated) and len(bundle.training_compounds) > 10
+    assert bundle.manifest["training"]["calibration"]["compound_disjoint"] is True  # group-kfold:2
+    assert bundle.calibration_compound_disjoint
+    # A bundle from before these records: the calibration scores' compounds, the scheme's own property.
+    training = dict(bundle.manifest["training"], calibration=dict(bundle.manifest["training"]["calibration"]))
+    del training["compounds"], training["calibration"]["compound_disjoint"]
+    older = type(bundle)(bundle.root, dict(bundle.manifest, training=training), bundle.weights, bundle.calibration)
+    assert older.training_compounds == treated and older.calibration_compound_disjoint
+    training["calibration"]["cv"] = "well:2"
+    assert not older.calibration_compound_disjoint

@@ -44,6 +44,14 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
         frame = pd.read_parquet(tmp_path / "pred0.1" / f"{level}.parquet")
         assert len(frame) == n and {"Prediction_Set", "Set_Size", "Empty_Set", "Confidence"} <= set(frame.columns)
         assert (frame["Set_Size"] == frame["Prediction_Set"].map(lambda s: len(s.split("|")) if s else 0)).all()
+    # The model was trained on these compounds: flagged, and scored apart from new compounds.
+    seen = treatments["Metadata_Compound"].isin(load_bundle(tiny_bundle).training_compounds)
+    assert treatments["Metadata_InTraining"].tolist() == seen.tolist() and seen.any()
+    parts = summary["training_compounds"], summary["new_compounds"]
+    assert [p["n_labelled_treatments"] for p in parts] == [seen.sum(), (~seen).sum()]
+    assert parts[0]["treatment_accuracy"] == pytest.approx(
+        (treatments["Predicted_MoA"] == treatments["Metadata_MoA"])[seen].mean())
+    assert "trained on (Metadata_InTraining)" in proc.stderr  # the last run's note
     # A larger alpha can only shrink a set: the sets at 0.3 are subsets of those at 0.1.
     looser = [set(s.split("|")) if s else set() for s in runs["0.3"][0]["Prediction_Set"]]
     assert all(small <= big for small, big in zip(looser, members))
@@ -120,6 +128,7 @@ def test_predict_on_images_of_unknown_compounds_writes_every_treatment_with_its_
     assert len(treatments) == len(expected) == 44
     assert list(treatments.columns[:2]) == ["Metadata_Compound", "Metadata_Concentration"]
     assert "Metadata_MoA" not in treatments.columns  # no labels in, none made up
+    assert not treatments["Metadata_InTraining"].any()
     assert {"Predicted_MoA", "Confidence", "Prediction_Set", "Set_Size", "Empty_Set"} <= set(treatments.columns)
     assert (treatments["Set_Size"] == treatments["Prediction_Set"].map(lambda s: len(s.split("|")) if s else 0)).all()
     csv = pd.read_csv(out / "treatments.csv")
@@ -250,8 +259,11 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
     assert proc.returncode == 0, proc.stderr
     table = load_table("crops", index=tmp_path / "held.csv", require_labels=False)
     for alpha in (0.1, 0.2):
-        out = tmp_path / f"pred{alpha}"
-        predict(model, table, out, PredictConfig(alpha=alpha), progress=False)
+        out, notes = tmp_path / f"pred{alpha}", []
+        summary = predict(model, table, out, PredictConfig(alpha=alpha), progress=False, log=notes.append)
+        # well folds hold out wells of compounds trained on elsewhere: said, and recorded
+        assert summary["calibration_compound_disjoint"] is False
+        assert any("well:2 CV" in n and "not for new compounds" in n for n in notes), notes
         crops = pd.read_parquet(out / "tiles.parquet")
         wells = pd.read_parquet(out / "wells.parquet")
         assert len(crops) == 400 and len(wells) == 5
@@ -259,3 +271,15 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
         assert np.mean(covered) >= 1 - alpha - 3 * np.sqrt(alpha * (1 - alpha) / 400), (alpha, np.mean(covered))
         assert crops["Set_Size"].mean() < 1.5, crops["Set_Size"].mean()
         assert (wells["Predicted_MoA"] == wells["Metadata_MoA"]).all()
+
+
+def test_a_bundle_whose_recipe_this_version_cannot_read_is_one_line(tiny_bundle, new_screen, tmp_path):
+    """A bundle from another cellmorph version (here: a recipe field this one does not know)."""
+    other = tmp_path / "model"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "bundle.json").read_text())
+    manifest["preprocessing"]["config"]["resize_arithmetic"] = "uint8"
+    (other / "bundle.json").write_text(json.dumps(manifest))
+    one_line_error(run_cli("predict", "--model", other, "--layout", "bbbc021", "--root", new_screen,
+                           "--out", tmp_path / "p", "--no-progress"), str(other), "recipe", "resize_arithmetic")
+    assert not (tmp_path / "p").exists()

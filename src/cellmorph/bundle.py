@@ -69,6 +69,32 @@ class Bundle:
         """The training cache's preprocessing: channels, tile shape, ``PrepareConfig`` and its hash."""
         return dict(self.manifest["preprocessing"])
 
+    @property
+    def training_compounds(self) -> list[str] | None:
+        """The compounds the final model was trained on; bundles that predate the record give the
+        calibration CV's compounds, which came from the same cache (None without either)."""
+        recorded = self.manifest["training"].get("compounds")
+        if recorded is not None:
+            return list(recorded)
+        scores = self.calibration.get("treatments")
+        return None if scores is None else sorted(map(str, set(scores["Metadata_Compound"])))
+
+    @property
+    def calibration_cv(self) -> str | None:
+        record = self.manifest["training"].get("calibration")
+        return None if not record else record["cv"]
+
+    @property
+    def calibration_compound_disjoint(self) -> bool:
+        """Whether the calibration scores come from models that never saw their compounds (a
+        loco, group-kfold or nscb CV); True without calibration, where no sets are made."""
+        from cellmorph.cv.splits import parse_cv
+
+        record = self.manifest["training"].get("calibration") or {}
+        if "compound_disjoint" in record:
+            return bool(record["compound_disjoint"])
+        return parse_cv(record["cv"]).compound_disjoint if record.get("cv") else True
+
     def network(self) -> nn.Module:
         """The trained network in eval mode (built without any pretrained download)."""
         from cellmorph.models import create_model

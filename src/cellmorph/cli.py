@@ -416,12 +416,17 @@ def predict(
 
         data = load_table(layout, root, metadata, index, layout_config, moa, channels, require_labels=False)
     summary = run_predict(model, data, out, settings, progress=progress, log=_log_line)
-    grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}")
-    for column in ("mean set size", "empty sets", "accuracy", "coverage"):
+    grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}: "
+                       f"mean set size {summary['mean_set_size']:.2f}, {summary['n_empty_sets']} empty")
+    for column in ("labelled treatments", "n", "accuracy", "coverage"):
         grid.add_column(column, justify="right")
-    grid.add_row(f"{summary['mean_set_size']:.2f}", str(summary["n_empty_sets"]),
-                 f"{summary['treatment_accuracy']:.3f}" if "treatment_accuracy" in summary else "–",
-                 f"{summary['coverage']:.3f}" if "coverage" in summary else "–")
+    parts = [("all", summary)] + [(name.replace("_", " "), summary[name]) for name in ("new_compounds",
+                                                                                     "training_compounds")
+                                  if summary.get(name, {}).get("n_labelled_treatments")]
+    for name, part in parts:
+        grid.add_row(name, str(part.get("n_labelled_treatments", 0)),
+                     f"{part['treatment_accuracy']:.3f}" if "treatment_accuracy" in part else "–",
+                     f"{part['coverage']:.3f}" if "coverage" in part else "–")
     console.print(grid)
     console.print(f"predictions: {out / 'treatments.csv'}")
     print(json.dumps(summary))

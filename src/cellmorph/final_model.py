@@ -44,14 +44,15 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     base = validate_config(config if config is not None else {}, "config")
     if base.mode == "linear-probe":
         raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
-    if calibration is not None:
-        calibration = str(parse_cv(calibration))
+    scheme = parse_cv(calibration) if calibration is not None else None
+    if scheme is None:
+        _check_no_cv_only_options(base)
     plan = plan_run(data, base, with_folds=False)
     scores = None
-    if calibration is not None:
+    if scheme is not None:
         run = calibration_run_dir(out)
         resuming = resume or (run / "config.yaml").is_file()
-        metrics = run_cv(data, run, base.model_copy(update={"cv": calibration}), resume=resuming, progress=progress)
+        metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress)
         scores = RunDir(run).read_levels()
     rows = np.flatnonzero(plan.targets >= 0)
     if len(rows) < 2:
@@ -70,10 +71,14 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
         "data_fingerprint": plan.data_fingerprint,
         "seeds": final_plan.seeds[FINAL_FOLD],
         "n_train_tiles": int(len(trained.train_rows)),
+        # the compounds the final model saw: predict flags them (Metadata_InTraining) and scores them apart
+        "compounds": sorted(map(str, set(cache.index["Metadata_Compound"].iloc[trained.train_rows]))),
         "history": trained.history,
         "init": plan.init.record(),
-        "calibration": None if calibration is None else {
-            "cv": calibration, "run": str(calibration_run_dir(out).resolve()),
+        "calibration": None if scheme is None else {
+            "cv": str(scheme), "run": str(calibration_run_dir(out).resolve()),
+            # False for well or batch folds: their held-out compounds were trained on in other folds
+            "compound_disjoint": scheme.compound_disjoint,
             "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"],
             # How the sets would have done on these compounds, each treated as new in turn.
             "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)],
@@ -82,3 +87,17 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input, preprocessing, training, scores)
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
             "calibration": training["calibration"]}
+
+
+# Options that only act on a cross-validation's held-out folds: without a calibration CV, train
+# would ignore them, so they are refused instead.
+_CV_ONLY = {"eval_epochs": "--eval-epochs", "keep_checkpoints": "--keep-checkpoints",
+            "skip_untrainable_folds": "skip_untrainable_folds"}
+
+
+def _check_no_cv_only_options(config: CVConfig) -> None:
+    given = [option for name, option in _CV_ONLY.items()
+             if getattr(config, name) != CVConfig.model_fields[name].get_default(call_default_factory=True)]
+    if given:
+        raise CellmorphError(f"train: {', '.join(given)} only act on the calibration CV's folds; "
+                             "give --calibration loco (or group-kfold:K), or leave them out")

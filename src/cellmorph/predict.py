@@ -40,6 +40,7 @@ SET_SIZE_COLUMN = "Set_Size"
 EMPTY_SET_COLUMN = "Empty_Set"
 MC_PREFIX = "mc_prob_"
 MC_ENTROPY_COLUMN = "MC_Entropy"
+IN_TRAINING_COLUMN = "Metadata_InTraining"  # the compound was among the final model's training compounds
 CACHE_FOLDER = "cache"  # where predict prepares images given as a layout, inside its output folder
 SET_SEPARATOR = "|"
 
@@ -61,9 +62,10 @@ class PredictConfig(BaseModel):
         None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
         "plates without DMSO, of the plate's batch; default: the model's own setting")
     skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
-    reuse_freed_memory: bool = Field(False, description="before scoring, make this process keep freed memory "
-                                     "for reuse (glibc; about 2x faster scoring on CPU, but the process keeps "
-                                     "its peak memory until it exits): the CLI sets it, a library caller opts in")
+    reuse_freed_memory: bool = Field(False, description="make this process keep freed memory for reuse "
+                                     "(glibc; about 2x faster scoring on CPU and a faster prepare, but the "
+                                     "process keeps its peak memory until it exits): the CLI sets it, a library "
+                                     "caller opts in")
 
 
 def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> None:
@@ -117,6 +119,13 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
         raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
     if config.mc_dropout and not bundle.manifest["training"]["config"].get("drop_rate"):
         raise CellmorphError(f"{model}: --mc-dropout needs a model trained with dropout (train --drop-rate 0.2)")
+    if config.reuse_freed_memory:
+        # Before prepare too: its fields and resized tiles are tens of MB apiece, which glibc would
+        # otherwise map and zero afresh for every field (0.9 s of a 240-field plate's 17-19 s end
+        # to end, at the same peak memory, benchmarks/RESULTS.md).
+        from cellmorph.runtime import keep_freed_memory
+
+        keep_freed_memory()
     source = data
     if not isinstance(data, (str, Path)):
         from cellmorph.preprocess import prepare
@@ -131,8 +140,12 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     rows = np.flatnonzero(~index[CONTROL_COLUMN].astype(bool).to_numpy() | ("DMSO" in classes))
     if len(rows) == 0:
         raise CellmorphError(f"{data}: no treated tiles to predict")
-    levels = {level: _known_labels_only(frame, classes)
+    levels = {level: _flag_training_compounds(_known_labels_only(frame, classes), bundle.training_compounds)
               for level, frame in _score_levels(bundle, cache, rows, config, progress).items()}
+    if not bundle.calibration_compound_disjoint:
+        log(f"note: {model}'s calibration scores come from a {bundle.calibration_cv} CV, whose held-out wells are of "
+            "compounds the scoring models were trained on: the sets and Confidence are calibrated for new wells "
+            "of known compounds, not for new compounds (train with --calibration loco for those)")
     sets = {}
     for level, frame in levels.items():
         if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
@@ -141,6 +154,12 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
             add_sets(frame, sets[level], classes)
     tiles, wells, treatments = levels["tiles"], levels["wells"], levels["treatments"]
     summary = _summary(treatments, wells, tiles, classes, sets["treatments"], config.alpha)
+    summary["calibration_compound_disjoint"] = bundle.calibration_compound_disjoint
+    seen = summary.get("training_compounds", {}).get("n_labelled_treatments", 0)
+    if seen:
+        log(f"note: {seen} of {summary['n_labelled_treatments']} labelled treatments are of compounds the model was "
+            f"trained on ({IN_TRAINING_COLUMN}); their accuracy and coverage are optimistic, so summary.json also "
+            "scores new and training compounds apart")
     for name, frame in (("tiles", tiles), ("wells", wells), ("treatments", treatments)):
         with atomic_path(out / f"{name}.parquet") as tmp:
             _metadata_first(frame).to_parquet(tmp, index=False)
@@ -165,13 +184,30 @@ def _known_labels_only(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return frame
 
 
+def _flag_training_compounds(frame: pd.DataFrame, compounds: list[str] | None) -> pd.DataFrame:
+    """``Metadata_InTraining``: whether the row's compound was one the final model was trained on
+    (its calls and sets say little about new compounds). Left out when the bundle records none."""
+    if compounds is not None and "Metadata_Compound" in frame.columns:
+        frame[IN_TRAINING_COLUMN] = frame["Metadata_Compound"].astype(str).isin(set(compounds))
+    return frame
+
+
 def images_recipe(bundle, table: "ImageTable", config: PredictConfig):
     """The :class:`~cellmorph.preprocess.PrepareConfig` that makes ``table``'s tiles like the
     model's training tiles; the channels must match in number, names and order."""
+    from pydantic import ValidationError
+
     from cellmorph.preprocess import PrepareConfig
 
     recipe = bundle.recipe
-    prepare = PrepareConfig.model_validate(recipe["config"])
+    try:
+        prepare = PrepareConfig.model_validate(recipe["config"])
+    except ValidationError as exc:  # a bundle from another cellmorph version, or an edited one
+        first = exc.errors()[0]
+        made_by = bundle.manifest.get("provenance", {}).get("packages", {}).get("cellmorph", "another version")
+        raise CellmorphError(f"{bundle.root}: its preprocessing recipe does not fit this cellmorph "
+                             f"({'.'.join(map(str, first['loc']))}: {first['msg']}); predict with the cellmorph "
+                             f"that trained it ({made_by}) or retrain the model") from None
     given = list(table.channels) + [f"zero{i}" for i in range(len(table.channels), prepare.pad_channels or 0)]
     _check_channels(table.origin or table.source, given, table.channels, recipe)
     update = {"include_controls": "DMSO" in bundle.classes, "skip_bad": config.skip_bad}
@@ -203,10 +239,6 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     n_batches = -(-len(rows) // config.batch_size)
     passes = [("deterministic", 0)] + ([("MC dropout", config.mc_dropout)] if config.mc_dropout else [])
     probs = {}
-    if config.reuse_freed_memory:  # after prepare, so its freed fields go back to the system first
-        from cellmorph.runtime import keep_freed_memory
-
-        keep_freed_memory()
     with torch_threads(config.threads), Progress(progress) as bar:
         for name, samples in passes:
             task = bar.task(f"predict ({name})", n_batches, every=max(1, n_batches // 20))
@@ -271,12 +303,25 @@ def _summary(treatments, wells, tiles, classes, members, alpha) -> dict:
                "n_tiles": int(len(tiles)), "mean_set_size": float(members.sum(axis=1).mean()),
                "n_empty_sets": int((members.sum(axis=1) == 0).sum())}
     known = treatments[TRUE_COLUMN].astype(str).isin(classes) if TRUE_COLUMN in treatments.columns else None
-    if known is not None and known.any():
-        truth = treatments.loc[known, TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
-        summary.update({
-            "n_labelled_treatments": int(known.sum()),
-            "treatment_accuracy": float((treatments.loc[known, PREDICTED_COLUMN].astype(str)
-                                         == treatments.loc[known, TRUE_COLUMN].astype(str)).mean()),
-            "coverage": float(members[known.to_numpy()][np.arange(len(truth)), truth].mean()),
-        })
+    if known is None or not known.any():
+        return summary
+    known = known.to_numpy()
+    summary.update(_scores(treatments, members, classes, known))
+    if IN_TRAINING_COLUMN in treatments.columns:
+        seen = treatments[IN_TRAINING_COLUMN].to_numpy(bool)
+        summary["new_compounds"] = _scores(treatments, members, classes, known & ~seen)
+        summary["training_compounds"] = _scores(treatments, members, classes, known & seen)
     return summary
+
+
+def _scores(treatments: pd.DataFrame, members: np.ndarray, classes: list[str], rows: np.ndarray) -> dict:
+    """Accuracy and set coverage over the labelled treatments ``rows`` (a boolean mask)."""
+    if not rows.any():
+        return {"n_labelled_treatments": 0}
+    labelled = treatments[rows]
+    truth = labelled[TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
+    return {
+        "n_labelled_treatments": int(rows.sum()),
+        "treatment_accuracy": float((labelled[PREDICTED_COLUMN].astype(str) == labelled[TRUE_COLUMN].astype(str)).mean()),
+        "coverage": float(members[rows][np.arange(len(truth)), truth].mean()),
+    }

@@ -231,7 +231,9 @@ def predict_tiles(
     a non-square input), a test-time augmentation; ``"none"`` (the paper) scores each tile once.
     ``settings.mc_dropout=N`` averages N passes with dropout active and everything else (batch norm,
     stochastic depth) in eval mode; draws follow torch's global generator. timm's ``drop_rate`` is
-    the dropout of the classifier head, so the backbone runs once and only the head N times.
+    the dropout of the classifier head, so the backbone runs once and only the head N times. Dropout
+    layers inside a backbone (a ViT built with ``drop_rate`` has them) are active too, but since its
+    features are computed once per batch, they draw once and the N head passes share that draw.
     """
     if settings.tta not in TTA_MODES:
         raise CellmorphError(f"tta must be one of {', '.join(TTA_MODES)}, got {settings.tta!r}")

@@ -43,6 +43,13 @@ class CVScheme:
     def __str__(self) -> str:
         return self.name if self.k is None or self.name == "loco" else f"{self.name}:{self.k}"
 
+    @property
+    def compound_disjoint(self) -> bool:
+        """Whether every held-out compound is absent from its fold's training tiles (loco,
+        group-kfold, nscb), so held-out scores describe compounds new to the model. well and batch
+        folds hold out wells or batches of compounds that other folds train on."""
+        return self.name in ("loco", "group-kfold", "nscb")
+
 
 def parse_cv(spec: str) -> CVScheme:
     """``loco`` | ``group-kfold:K`` | ``nscb`` | ``well`` | ``well:K`` → :class:`CVScheme`."""
