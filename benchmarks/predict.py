@@ -25,8 +25,8 @@ each in a fresh child process under ``/usr/bin/time -v`` (wall time, peak RSS, m
 
 Tiles/s are tiles scored ÷ the child's whole wall time (start-up and model loading included for
 all of them). With ``--profile`` (default) one in-process ``prepare`` with the bundle's recipe
-runs under cProfile to split it into TIFF reading, Anscombe, z-score, 8-bit map, tiling, resize
-and writing. The fp32 matmul peak (``benchmarks/run.py``) is measured before and after for
+runs with a timer around each step (TIFF reading, DMSO moments, the 8-bit lookup, tiling, resize,
+index, writing), wall and CPU seconds summed over the threads that ran it. The fp32 matmul peak (``benchmarks/run.py``) is measured before and after for
 context, and the 1-minute load average around every run, since the machine may be shared.
 Prints a table and ends with one JSON line of medians.
 
@@ -38,11 +38,9 @@ pages for every batch, so "end to end − on cache" is not prepare's cost (bench
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
 import platform
-import pstats
 import re
 import shutil
 import statistics
@@ -235,9 +233,28 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_mb": rss_kb / 1024, "minor_faults": minor_faults, "load_before": load}
 
 
+# (class in cellmorph.preprocess or "" for the module, attribute, label): the steps of prepare's two
+# passes, timed wherever they run
+PREPARE_STEPS = (
+    ("", "read_planes", "read TIFFs (read_planes)"),
+    ("ChannelMoments", "of_field", "DMSO moments (histogram)"),
+    ("FieldMap", "__call__", "Anscombe → z-score → 8-bit (lookup)"),
+    ("", "split_tiles", "split_tiles"),
+    ("", "resize_tiles", "resize_tiles (float, antialiased)"),
+    ("", "_tile_index", "tile index"),
+    ("", "write_plate", "write_plate"),
+    ("", "write_index_and_manifest", "index + manifest"),
+    ("", "_dmso_statistics", "pass: DMSO statistics"),
+    ("", "_plate_tiles", "pass: tiles"),
+)
+
+
 def profile_prepare(bundle_dir: Path, plate: Path, out: Path, threads: int) -> dict:
-    """One in-process ``prepare`` of the plate with the bundle's recipe (as predict runs it) under cProfile:
-    cumulative seconds of each step of the prepare loop."""
+    """One in-process ``prepare`` of the plate with the bundle's recipe (as predict runs it), each step
+    wrapped in a timer: wall and CPU seconds summed over every thread that ran it (prepare's pool runs
+    the per-field steps in 2 worker threads, which cProfile would not see)."""
+    import threading
+
     from cellmorph.bundle import load_bundle
     from cellmorph.data.layouts import load_table
     from cellmorph.predict import PredictConfig, images_recipe
@@ -247,39 +264,43 @@ def profile_prepare(bundle_dir: Path, plate: Path, out: Path, threads: int) -> d
     recipe = images_recipe(load_bundle(bundle_dir), table, PredictConfig(threads=threads))
     if out.exists():
         shutil.rmtree(out)
-    profiler = cProfile.Profile()
-    t = time.perf_counter()
-    profiler.enable()
-    prepare(table, out, recipe, progress=False, log=lambda *_: None, threads=threads)
-    profiler.disable()
-    total = time.perf_counter() - t
-    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    totals = {label: [0.0, 0.0, 0] for _, _, label in PREPARE_STEPS}  # wall, cpu, calls
+    lock = threading.Lock()
+    originals = []
+    import cellmorph.preprocess as module
 
-    def cum(name: str, module: str) -> tuple[float, int]:
-        hits = [(v[3], v[1]) for (f, _, n), v in stats.items() if n == name and f.endswith(module)]
-        return (sum(h[0] for h in hits), sum(h[1] for h in hits)) if hits else (0.0, 0)
+    for cls, name, label in PREPARE_STEPS:
+        owner = getattr(module, cls) if cls else module
+        function = inspect_static(owner, name)
+        originals.append((owner, name, owner.__dict__[name]))
 
-    steps = {
-        # inside the DMSO statistics pass and the per-plate tile pass alike
-        "read TIFFs (read_field)": cum("read_field", "images.py"),
-        "anscombe": cum("anscombe", "preprocess.py"),
-        "DMSO moments (ChannelMoments.add)": cum("add", "preprocess.py"),
-        "zscore": cum("zscore", "preprocess.py"),
-        "8-bit map (to_uint8)": cum("to_uint8", "preprocess.py"),
-        "split_tiles": cum("split_tiles", "preprocess.py"),
-        "resize_tiles": cum("resize_tiles", "preprocess.py"),
-        "write_plate": cum("write_plate", "cache.py"),
-        "index + manifest": cum("write_index_and_manifest", "cache.py"),
-    }
-    passes = {"DMSO statistics pass": cum("_dmso_statistics", "preprocess.py")[0],
-              "tile pass (_plate_tiles)": cum("_plate_tiles", "preprocess.py")[0]}
-    # the per-field metadata records of _plate_tiles (pandas row access) are what is left of the tile pass
-    accounted = sum(v[0] for k, v in steps.items() if k not in ("write_plate", "index + manifest"))
-    rest = total - accounted - steps["write_plate"][0] - steps["index + manifest"][0]
-    top = sorted(((v[2], f"{Path(f).name}:{n}") for (f, _, n), v in stats.items()), reverse=True)[:12]
-    return {"total_s": total, "steps": {k: {"s": round(v[0], 3), "calls": v[1]} for k, v in steps.items()},
-            "passes": {k: round(v, 3) for k, v in passes.items()}, "other_s": round(rest, 3),
-            "top_self": [(round(s, 3), name) for s, name in top]}
+        def timed(*args, _function=function, _label=label, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                with lock:
+                    entry = totals[_label]
+                    entry[0] += time.perf_counter() - wall
+                    entry[1] += time.thread_time() - cpu
+                    entry[2] += 1
+
+        setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__[name], staticmethod) else timed)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        prepare(table, out, recipe, progress=False, log=lambda *_: None, threads=threads)
+        total, total_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return {"total_s": total, "cpu_s": total_cpu,
+            "steps": {k: {"wall_s": round(v[0], 3), "cpu_s": round(v[1], 3), "calls": v[2]} for k, v in totals.items()}}
+
+
+def inspect_static(owner, name: str):
+    """The plain function behind ``owner.name`` (a staticmethod's own function)."""
+    attribute = owner.__dict__[name]
+    return attribute.__func__ if isinstance(attribute, staticmethod) else attribute
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -295,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the plate")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                        help="cProfile one in-process prepare of the plate (phase breakdown)")
+                        help="time each step of one in-process prepare of the plate (phase breakdown)")
     args = parser.parse_args(argv)
 
     import torch
@@ -403,9 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg_start_end": [round(load_start, 2), round(load_end, 2)],
     }
     if prof is not None:
-        result["prepare_profile"] = {"total_s": round(prof["total_s"], 3), "other_s": prof["other_s"],
-                                     "passes": prof["passes"],
-                                     "steps": {k: v["s"] for k, v in prof["steps"].items()}}
+        result["prepare_profile"] = {"total_s": round(prof["total_s"], 3), "cpu_s": round(prof["cpu_s"], 3),
+                                     "steps": prof["steps"]}
 
     log(f"\n{MODEL} @ {SIZE} px, {summary['n_tiles']} tiles ({built['n_fields']} fields of 1280×1024, 2×2 tiles, "
         f"DMSO fields read for the z-score only), {args.threads} threads, medians of {args.repeats}:")
@@ -421,14 +441,10 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"end to end − on cache: {res['e2e_minus_on_cache_s']:.1f} s (less than prepare alone when scoring "
         "after prepare reuses prepare's freed heap instead of faulting in fresh pages)")
     if prof is not None:
-        log(f"\nprepare of the plate in process under cProfile: {prof['total_s']:.1f} s "
-            f"(cProfile overhead included; cumulative seconds)")
-        for k, v in prof["passes"].items():
-            log(f"  {k:36s} {v:7.2f}")
+        log(f"\nprepare of the plate in process: {prof['total_s']:.2f} s wall, {prof['cpu_s']:.2f} s CPU; per step, "
+            "summed over the threads that ran it:")
         for k, v in prof["steps"].items():
-            log(f"  {k:36s} {v['s']:7.2f}  ({v['calls']} calls)")
-        log(f"  {'other (per-tile metadata, pandas …)':36s} {prof['other_s']:7.2f}")
-        log("  top self time: " + "; ".join(f"{name} {s:.2f}" for s, name in prof["top_self"]))
+            log(f"  {k:40s} wall {v['wall_s']:6.2f}  CPU {v['cpu_s']:6.2f}  ({v['calls']} calls)")
     log(f"fp32 matmul peak: {peak:.1f} GFLOP/s (before {peak_before:.1f}, after {peak_after:.1f})")
     print(json.dumps(result))
     return result
