@@ -89,6 +89,20 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     # Real cells: frozen ImageNet features separate cycloheximide from DMSO well above chance (0.57).
     assert metrics["tile_accuracy"] > 0.75, metrics
     assert metrics["well_accuracy"] > 0.8, metrics
+    # The same probe on an intermediate stage: recorded in the run, in its embeddings, and as good.
+    staged = tmp_path / "staged"
+    proc = run_cli("cv", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--mode", "linear-probe",
+                   "--cv", "well:3", "--include-controls", "--image-size", "64", "--features", "stage3/mean+max",
+                   "--out", str(staged))
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((staged / "config.yaml").read_text())["config"]["features"] == {
+        "layers": [3], "pool": ["mean", "max"]}
+    marker = json.loads((staged / "embeddings.json").read_text())
+    assert marker["features"]["name"] == "stage3/mean+max" and marker["dim"] == 2 * 96  # mobilenetv2 stage 3: 96 channels
+    assert json.loads((staged / "metrics.json").read_text())["tile_accuracy"] > 0.75
+    emb = run_cli("embed", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--image-size", "64",
+                  "--features", "stage9", "--out", str(tmp_path / "bad"))
+    one_line_error(emb, "stage9", "mobilenetv2_100 has stages 0–4")
 
 
 def test_demo_writes_the_run_directory(tmp_path):

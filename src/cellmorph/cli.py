@@ -255,6 +255,10 @@ def _print_metrics(metrics: dict, out: Path) -> None:
                                                 "n_treatments", "n_folds")}))
 
 
+FEATURES_HELP = ("head (the backbone's pooled output), or timm feature stages counted from 0 with their "
+                 "spatial pools: stage3 (mean-pooled), stage3+stage4/mean+max, stage3/gem")
+
+
 # The cv settings that `cv` and `train` share: one definition each, help from the config's fields.
 CV_OPTIONS: dict[str, tuple[object, object]] = {
     "model": (Optional[str], typer.Option(None, help=field_help("model"))),
@@ -275,6 +279,7 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
         None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache"))),
     "eval_epochs": (Optional[str], typer.Option(None, help=field_help("eval_epochs"))),
     "tta": (Optional[str], typer.Option(None, help=field_help("tta"))),
+    "features": (Optional[str], typer.Option(None, help=field_help("features"))),
     "device": (Optional[str], typer.Option(None, help=field_help("device"))),
     "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),
     "threads": (Optional[int], typer.Option(None, help=THREADS_HELP)),
@@ -544,17 +549,19 @@ def embed(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     online: bool = typer.Option(False, "--online", help="allow fetching weights from the hub"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    features: str = typer.Option("head", help=FEATURES_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
     from cellmorph.embed import embed as run_embed
-
-    target = out or Path(data) / "embeddings" / model
+    from cellmorph.models.features import FeatureSpec
     from cellmorph.runtime import keep_freed_memory
 
+    spec = FeatureSpec.parse(features)
+    target = out or Path(data) / "embeddings" / model
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
     summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online, progress,
-                        threads=threads)
+                        threads=threads, features=spec)
     print(json.dumps(summary | {"out": str(target)}))
 
 

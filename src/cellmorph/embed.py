@@ -1,9 +1,10 @@
 """Frozen-backbone embeddings: per tile, aggregated to wells as a pycytominer-style profile.
 
-The backbone's pooled features (its classifier removed) are computed once per
-tile under ``torch.inference_mode``. Wells are the median of their tiles (as
-``pycytominer.aggregate`` does by default), with ``Metadata_*`` columns first,
-so ``cellmorph profile-eval`` and pycytominer can score them directly.
+The backbone's features (a :class:`~cellmorph.models.features.FeatureSpec`: its pooled head,
+or pooled intermediate stages) are computed once per tile under ``torch.inference_mode``.
+Wells are the median of their tiles (as ``pycytominer.aggregate`` does by default), with
+``Metadata_*`` columns first, so ``cellmorph profile-eval`` and pycytominer can score them
+directly. ``embed.json`` records the feature spec.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import torch
 
 from cellmorph.cache import TileCache
 from cellmorph.datasets import InputPipeline, iterate_batches
+from cellmorph.models.features import FeatureExtractor, FeatureSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 from cellmorph.schema import WELL_KEYS, WELL_METADATA
 
 
-def feature_extractor(model_name: str, init: str = "imagenet", weights: Path | None = None, allow_network: bool = False):
-    """(backbone without classifier, its :class:`~cellmorph.models.InputSpec`) for ``model_name``."""
+def feature_extractor(model_name: str, init: str = "imagenet", weights: Path | None = None, allow_network: bool = False,
+                      features: FeatureSpec | None = None):
+    """(:class:`FeatureExtractor` of ``features`` (default: the head), the backbone's
+    :class:`~cellmorph.models.InputSpec`) for ``model_name``."""
     from cellmorph.models import create_model
 
     model = create_model(model_name, num_classes=1, init=init, weights=weights, allow_network=allow_network)
     model.reset_classifier(0)  # timm: forward() now returns pooled features
-    model.eval()
-    return model, model.cellmorph_input
+    extractor = FeatureExtractor(model, features or FeatureSpec(), model_name)
+    return extractor.eval(), model.cellmorph_input
 
 
 def embed_tiles(
@@ -42,13 +46,14 @@ def embed_tiles(
     device: str = "cpu",
     allow_network: bool = False,
     progress: bool = True,
+    features: FeatureSpec | None = None,
 ) -> np.ndarray:
-    """float32 (n, d) embeddings of the tiles at ``rows`` (all tiles by default)."""
+    """float32 (n, d) embeddings (``features``, default the head) of the tiles at ``rows`` (all by default)."""
     from cellmorph.models import input_size_errors
     from cellmorph.progress import Progress
 
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
-    model, spec = feature_extractor(model_name, init, weights, allow_network)
+    model, spec = feature_extractor(model_name, init, weights, allow_network, features)
     spec = spec.with_size(image_size)
     dev = torch.device(device)
     pipeline = InputPipeline.from_spec(spec).to(dev).eval()
@@ -92,10 +97,12 @@ def embed(
     allow_network: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    features: FeatureSpec | None = None,
 ) -> dict:
     """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``.
 
-    ``threads``: torch CPU threads (default: :func:`cellmorph.runtime.default_threads`).
+    ``threads``: torch CPU threads (default: :func:`cellmorph.runtime.default_threads`);
+    ``features``: which activations, pooled how (default: the head).
     """
     from cellmorph.runtime import torch_threads
 
@@ -103,7 +110,7 @@ def embed(
     cache = TileCache(data)
     with torch_threads(threads):
         feats = embed_tiles(cache, model_name, None, init, weights, image_size, batch_size, device, allow_network,
-                            progress)
+                            progress, features)
     meta = [c for c in cache.index.columns if c.startswith("Metadata_")]
     tiles = pd.concat(
         [cache.index[meta].reset_index(drop=True), pd.DataFrame(feats, columns=[f"emb_{i}" for i in range(feats.shape[1])])],
@@ -120,6 +127,7 @@ def embed(
         "n_tiles": int(len(tiles)),
         "n_wells": int(len(wells)),
         "dim": int(feats.shape[1]),
+        "features": (features or FeatureSpec()).record(),
         "data": str(data),
     }
     write_json(out / "embed.json", summary | {"provenance": run_info()})

@@ -16,6 +16,8 @@ from cellmorph.errors import CellmorphError
     ("epochs: 3\neval_epochs: [1, 5]\n", r"eval_epochs \[5\] exceed epochs=3"),
     ("eval_epochs: [11]\n", r"eval_epochs \[11\] exceed epochs=10"),  # the default 10 epochs
     ("keep_checkpoints: some\n", "keep_checkpoints"),
+    ("features: stage3\n", "features stage3/mean apply to mode linear-probe"),
+    ("mode: linear-probe\nfeatures: stage3/avg\n", "features"),
 ])
 def test_a_config_file_that_cannot_run_fails_when_loaded(yaml_text, message, tmp_path):
     path = tmp_path / "cv.yaml"
@@ -43,3 +45,16 @@ def test_options_are_checked_by_the_same_rules_and_override_the_file(tmp_path):
 def test_option_help_is_the_field_description():
     assert field_help("keep_checkpoints").startswith("fold weights to keep")
     assert "cell-line" in field_help("cv") and "batch" in field_help("cv")
+
+
+def test_features_load_from_their_name_or_a_mapping_and_stay_out_of_default_fingerprints(tmp_path):
+    from cellmorph.cv.rundir import compute_fields
+    from cellmorph.models.features import FeatureSpec
+
+    path = tmp_path / "cv.yaml"
+    path.write_text("mode: linear-probe\nfeatures: {layers: [3, 4], pool: [mean, max]}\n")
+    assert CVConfig.from_yaml(path).features == FeatureSpec.parse("stage3+stage4/mean+max")
+    assert load_cv_config(None, mode="linear-probe", features="stage3").features.layers == (3,)
+    # the default (head) leaves fingerprints of runs made before the option existed unchanged
+    assert "features" not in compute_fields(CVConfig(mode="linear-probe"), ())
+    assert compute_fields(CVConfig(mode="linear-probe", features="stage3"), ())["features"]["layers"] == [3]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cellmorph.augment import AugmentConfig, TTAMode
 from cellmorph.cv.splits import CV_CHOICES, parse_cv
 from cellmorph.errors import CellmorphError, validated
+from cellmorph.models.features import FeatureSpec
 from cellmorph.runinfo import read_yaml_mapping
 
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
@@ -78,6 +79,10 @@ class CVConfig(BaseModel):
         "none", description="test-time augmentation: dihedral averages each held-out tile's softmax over its 8 "
         "rotations/mirrors before the median aggregation (not in the paper; 8× prediction cost)",
     )
+    features: FeatureSpec = Field(
+        default_factory=FeatureSpec,
+        description="linear-probe: the embedding, head (the backbone's pooled output) or timm feature stages "
+        "counted from 0 with their spatial pools, e.g. stage3, stage3+stage4/mean+max, stage3/gem")
     seed: int = Field(0, ge=0, description="random seed; each fold's seeds derive from it and the fold number")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
@@ -109,6 +114,9 @@ class CVConfig(BaseModel):
     @model_validator(mode="after")
     def _check_combinations(self) -> "CVConfig":
         """Combinations that cannot work, refused when the config is made, not hours into a run."""
+        if not self.features.is_head and self.mode != "linear-probe":
+            raise ValueError(f"features {self.features.describe()} apply to mode linear-probe; finetune and linear "
+                             "train the network's own head")
         if self.tta != "none" and self.mode == "linear-probe":
             raise ValueError("tta applies to the finetune and linear modes; linear-probe embeds each tile once")
         if self.freeze_stages and self.mode == "finetune" and self.init == "xavier":

@@ -40,11 +40,12 @@ def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     if saved is not None:
         return ProbeFeatures(saved, rows)
     cfg = plan.config
-    bar.line(f"embedding {len(rows)} tiles once with {cfg.model}")
+    bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features)")
     weights = Path(cfg.weights) if cfg.weights else None
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
-                        str(plan.device), cfg.allow_network, progress=False)
-    rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key | {"dim": int(feats.shape[1])},
+                        str(plan.device), cfg.allow_network, progress=False, features=cfg.features)
+    rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
+                              key | {"dim": int(feats.shape[1]), "features": cfg.features.record()},
                               lambda tmp: np.save(tmp, feats))
     return ProbeFeatures(feats, rows)
 
