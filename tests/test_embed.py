@@ -15,12 +15,15 @@ from sklearn.preprocessing import StandardScaler
 from cellmorph.cache import TileCache
 from cellmorph.data.bbbc021 import load_bbbc021
 from cellmorph.embed import embed, tiles_to_wells
+from cellmorph.models.features import FeatureSpec
 
 
 @pytest.fixture(scope="module")
 def tiny_embeddings(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb")
-    summary = embed(tiny_cache, out, "tf_efficientnet_lite0", image_size=128, progress=False)
+    # the head features (1,280-d), on which the generator's morphology check was set up
+    summary = embed(tiny_cache, out, "tf_efficientnet_lite0", image_size=128, progress=False,
+                    features=FeatureSpec.parse("head"))
     return out, summary
 
 

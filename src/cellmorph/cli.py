@@ -179,7 +179,8 @@ def prepare(
         None, help=_prepare_help("normalize", "default plate; none for bbbc014")),
     tiles: Optional[str] = typer.Option(None, help="ROWSxCOLS: " + _prepare_help("tile_grid", "default 2x2; 1x1 for crops")),
     tile_size: Optional[int] = typer.Option(None, help=_prepare_help("tile_size")),
-    scaling: Optional[Scaling] = typer.Option(None, help=_prepare_help("scaling", "default image; tile for bbbc014")),
+    scaling: Optional[Scaling] = typer.Option(None, help=_prepare_help("scaling", "default image; fixed for crops, "
+                                              "tile for bbbc014")),
     empty_tile_fraction: Optional[float] = typer.Option(None, help=_prepare_help("empty_tile_fraction")),
     controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help=_prepare_help("include_controls")),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_prepare_help("skip_bad")),
@@ -187,6 +188,8 @@ def prepare(
         False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
     ),
     config: Optional[Path] = typer.Option(None, help="YAML PrepareConfig; command-line options override it"),
+    paper: bool = typer.Option(False, "--paper", help="start from the paper's recipe for the layout: per-plate "
+                               "DMSO z-score, 8-bit map stretched per field (crops default to a fixed map)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
@@ -197,6 +200,7 @@ def prepare(
     cfg = prepare_config(
         layout,
         config,
+        paper,
         normalize=normalize.value if normalize else None,
         scaling=scaling.value if scaling else None,
         include_controls=controls,
@@ -523,8 +527,16 @@ def demo(
 # ----------------------------------------------------------------------------- embed / profiles
 class Standardize(str, Enum):
     plate = "plate"
+    batch = "batch"
     all = "all"
     none = "none"
+
+
+class Whiten(str, Enum):
+    none = "none"
+    spherize = "spherize"
+    tvn = "tvn"
+    coral = "coral"
 
 
 class Aggregate(str, Enum):
@@ -544,12 +556,12 @@ def embed(
     out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
     init: str = typer.Option("imagenet", help="imagenet | xavier | checkpoint path"),
     weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
-    image_size: Optional[int] = typer.Option(None, help="input size (default: the model's)"),
+    image_size: Optional[int] = typer.Option(None, help="input size (default: 128 px for crops, else the model's)"),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     online: bool = typer.Option(False, "--online", help="allow fetching weights from the hub"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    features: str = typer.Option("head", help=FEATURES_HELP),
+    features: str = typer.Option("stage3", help=FEATURES_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
@@ -570,14 +582,20 @@ def profile_eval(
     profiles: Path = typer.Argument(..., help="per-well profiles: CellProfiler CSV or a cellmorph wells.parquet"),
     out: Path = typer.Option(..., help="output folder"),
     metadata: Optional[Path] = typer.Option(None, help="BBBC021 metadata folder (labels for CellProfiler CSVs)"),
-    standardize: Standardize = typer.Option(Standardize.plate, help="z-score features to DMSO wells per plate"),
+    standardize: Standardize = typer.Option(Standardize.plate, help="z-score features to the DMSO wells of each "
+                                            "plate, batch or of all plates (a plate without DMSO: its batch's)"),
+    whiten: Whiten = typer.Option(Whiten.none, help="then whiten on DMSO: spherize (ZCA), tvn (PCA whitening) or "
+                                  "coral (per-batch DMSO covariance aligned)"),
+    strength: Optional[float] = typer.Option(None, help="whitening regulariser: ridge for spherize/coral (default "
+                                             "10), components for tvn (default 100)"),
     aggregate: Aggregate = typer.Option(Aggregate.mean, help="treatment profile = mean or median of its wells"),
     metric: Metric = typer.Option(Metric.correlation, help="1-NN similarity"),
 ) -> None:
-    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles."""
+    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles (NSCB leaves out MoAs of one batch)."""
     from cellmorph.profiles import profile_eval as run_profile_eval
 
-    metrics = run_profile_eval(profiles, out, metadata, standardize.value, aggregate.value, metric.value)
+    metrics = run_profile_eval(profiles, out, metadata, standardize.value, aggregate.value, metric.value,
+                               whiten.value, strength, log=_log_line)
     print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}))
 
 

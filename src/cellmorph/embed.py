@@ -18,20 +18,20 @@ import torch
 
 from cellmorph.cache import TileCache
 from cellmorph.datasets import InputPipeline, iterate_batches
-from cellmorph.models.features import FeatureExtractor, FeatureSpec
+from cellmorph.models.features import DEFAULT_FEATURES, FeatureExtractor, FeatureSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 from cellmorph.schema import WELL_KEYS, WELL_METADATA
 
 
 def feature_extractor(model_name: str, init: str = "imagenet", weights: Path | None = None, allow_network: bool = False,
                       features: FeatureSpec | None = None):
-    """(:class:`FeatureExtractor` of ``features`` (default: the head), the backbone's
+    """(:class:`FeatureExtractor` of ``features`` (default: mean-pooled stage 3), the backbone's
     :class:`~cellmorph.models.InputSpec`) for ``model_name``."""
     from cellmorph.models import create_model
 
     model = create_model(model_name, num_classes=1, init=init, weights=weights, allow_network=allow_network)
     model.reset_classifier(0)  # timm: forward() now returns pooled features
-    extractor = FeatureExtractor(model, features or FeatureSpec(), model_name)
+    extractor = FeatureExtractor(model, features or DEFAULT_FEATURES, model_name)
     return extractor.eval(), model.cellmorph_input
 
 
@@ -48,13 +48,16 @@ def embed_tiles(
     progress: bool = True,
     features: FeatureSpec | None = None,
 ) -> np.ndarray:
-    """float32 (n, d) embeddings (``features``, default the head) of the tiles at ``rows`` (all by default)."""
+    """float32 (n, d) embeddings (``features``, default mean-pooled stage 3) of the tiles at ``rows`` (all
+    by default). ``image_size`` None: the layout's input size for crops (128 px), else the model's."""
     from cellmorph.models import input_size_errors
     from cellmorph.progress import Progress
 
+    from cellmorph.data.layouts import layout_input_size
+
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
     model, spec = feature_extractor(model_name, init, weights, allow_network, features)
-    spec = spec.with_size(image_size)
+    spec = spec.with_size(image_size or layout_input_size(cache.manifest.get("source")))
     dev = torch.device(device)
     pipeline = InputPipeline.from_spec(spec).to(dev).eval()
     # NHWC is oneDNN's fast layout on CPU (≈1.8× for EfficientNet-Lite0 here) and cuDNN's on GPU.
@@ -102,7 +105,7 @@ def embed(
     """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``.
 
     ``threads``: torch CPU threads (default: :func:`cellmorph.runtime.default_threads`);
-    ``features``: which activations, pooled how (default: the head).
+    ``features``: which activations, pooled how (default: mean-pooled stage 3).
     """
     from cellmorph.runtime import torch_threads
 
@@ -127,7 +130,7 @@ def embed(
         "n_tiles": int(len(tiles)),
         "n_wells": int(len(wells)),
         "dim": int(feats.shape[1]),
-        "features": (features or FeatureSpec()).record(),
+        "features": (features or DEFAULT_FEATURES).record(),
         "data": str(data),
     }
     write_json(out / "embed.json", summary | {"provenance": run_info()})

@@ -294,3 +294,22 @@ def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run,
 
     with pytest.raises(CellmorphError, match="frozen_feature_cache needs mode finetune with freeze_stages > 0"):
         run_cv(crop_cache, tmp_path / "bad", dict(SMALL, frozen_feature_cache=True), progress=False)
+
+
+def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache):
+    """Crop tables (the cache's source says so) default to 128 px, and a pretrained fine-tune to the
+    recipe that led on real crops (4 frozen stages computed once, dihedral TTA); the linear probe to
+    mean-pooled stage 3. Whatever a config gives is kept."""
+    from cellmorph.cv.run import plan_run
+
+    common = dict(model="tf_efficientnet_lite0", init="imagenet", epochs=1, cv="well:3",
+                  include_controls_as_class=True, num_threads=1)
+    cfg = plan_run(crop_cache, common).config
+    assert (cfg.image_size, cfg.freeze_stages, cfg.frozen_feature_cache, cfg.tta) == (128, 4, True, "dihedral")
+    given = plan_run(crop_cache, dict(common, freeze_stages=1, tta="none", image_size=64)).config
+    assert (given.image_size, given.freeze_stages, given.frozen_feature_cache, given.tta) == (64, 1, True, "none")
+    probe = plan_run(crop_cache, dict(common, mode="linear-probe")).config
+    assert (probe.image_size, probe.features.describe(), probe.tta, probe.freeze_stages) == (128, "stage3/mean",
+                                                                                             "none", 0)
+    scratch = plan_run(crop_cache, dict(common, init="xavier")).config  # frozen random filters do not learn
+    assert (scratch.image_size, scratch.freeze_stages, scratch.tta) == (128, 0, "none")

@@ -37,13 +37,19 @@ def test_prepare_config_layout_defaults():
     assert prepare_config("generic").tile_grid == (2, 2)
     assert prepare_config("crops").tile_grid == (1, 1)
     assert prepare_config("bbbc014") == bbbc014_prepare_config()
+    # crops are not stretched one by one (issue 19); --paper restores the per-field map anywhere
+    assert prepare_config("crops").scaling == "fixed" and prepare_config("bbbc021").scaling == "image"
+    assert prepare_config("crops", paper=True).scaling == "image"
+    assert prepare_config("crops", paper=True).tile_grid == (1, 1)
+    assert prepare_config("bbbc021", paper=True) == prepare_config("bbbc021")
+    assert prepare_config("bbbc014", paper=True) == bbbc014_prepare_config()
 
 
 def test_prepare_config_file_then_given_values(tmp_path):
     path = tmp_path / "prepare.yaml"
     path.write_text(yaml.safe_dump({"normalize": "batch", "tile_size": 96, "skip_bad": True}))
     cfg = prepare_config("crops", path, tile_size=64, scaling=None, skip_bad=None)
-    assert (cfg.normalize, cfg.tile_size, cfg.scaling, cfg.skip_bad, cfg.tile_grid) == ("batch", 64, "image", True, (1, 1))
+    assert (cfg.normalize, cfg.tile_size, cfg.scaling, cfg.skip_bad, cfg.tile_grid) == ("batch", 64, "fixed", True, (1, 1))
     # A given value overrides the layout default, and None never overrides.
     assert prepare_config("bbbc014", tile_size=None, tile_grid=(2, 2)).tile_grid == (2, 2)
     assert prepare_config("bbbc014", tile_size=None).tile_size == 256

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -76,3 +77,35 @@ def test_embed_records_and_writes_stage_features(tiny_cache, tmp_path):
     tiles = pd.read_parquet(tmp_path / "e" / "tiles.parquet")
     values = tiles[[f"emb_{i}" for i in range(224)]].to_numpy()
     assert np.isfinite(values).all() and values.std(axis=0).mean() > 0
+
+
+def test_embed_defaults_to_mean_pooled_stage3_and_crops_to_128_px(real_crops, tmp_path):
+    """The evidence-backed defaults (issue 19): stage 3, mean-pooled; 128 px for crop tables."""
+    import json
+
+    from cellmorph.data.crops import load_crop_table
+    from cellmorph.embed import embed
+    from cellmorph.preprocess import PrepareConfig, prepare
+
+    index = pd.read_csv(real_crops).head(40)
+    index["FileName"] = [str(real_crops.parent / name) for name in index["FileName"]]
+    index.to_csv(tmp_path / "few.csv", index=False)
+    prepare(load_crop_table(tmp_path / "few.csv"), tmp_path / "cache", PrepareConfig(tile_grid=(1, 1),
+            normalize="none"), progress=False)
+    seen = {}
+    import cellmorph.embed as module
+
+    original = module.FeatureExtractor.forward
+
+    def spy(self, x):
+        seen["size"] = tuple(x.shape[-2:])
+        return original(self, x)
+
+    module.FeatureExtractor.forward = spy
+    try:
+        summary = embed(tmp_path / "cache", tmp_path / "e", "tf_efficientnet_lite0", progress=False)
+    finally:
+        module.FeatureExtractor.forward = original
+    assert summary["features"]["name"] == "stage3/mean" and summary["dim"] == 112
+    assert seen["size"] == (128, 128)
+    assert json.loads((tmp_path / "e" / "embed.json").read_text())["features"]["layers"] == [3]

@@ -35,7 +35,7 @@ def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     from cellmorph.embed import embed_tiles
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
-    key = {"fingerprint": plan.fingerprint, "rows": int(len(rows))}
+    key = {"fingerprint": plan.fingerprint, "rows": int(len(rows)), "features": plan.config.features.record()}
     saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
     if saved is not None:
         return ProbeFeatures(saved, rows)
@@ -45,7 +45,7 @@ def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
                         str(plan.device), cfg.allow_network, progress=False, features=cfg.features)
     rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
-                              key | {"dim": int(feats.shape[1]), "features": cfg.features.record()},
+                              key | {"dim": int(feats.shape[1])},
                               lambda tmp: np.save(tmp, feats))
     return ProbeFeatures(feats, rows)
 

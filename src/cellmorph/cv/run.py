@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, validate_config
+from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, validate_config, with_layout_defaults
 from cellmorph.cv.rundir import (
     CONFUSION_PNG,
     CURVES_PNG,
@@ -110,8 +110,9 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     from cellmorph.cache import TileCache
     from cellmorph.models import build_model, check_input_size, freeze_stages
 
-    base = validate_config(config if config is not None else {}, "config")
     cache = TileCache(Path(data))
+    base = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
+                                cache.manifest.get("source"))
     classes = class_names(cache.index, base.include_controls_as_class)
     folds, skipped = [], []
     if with_folds:

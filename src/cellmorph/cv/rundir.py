@@ -92,9 +92,14 @@ def compute_fields(config, runtime_fields: tuple[str, ...]) -> dict:
     Fields at their default are left out: a run started before a new option existed (new
     options default to the old behaviour) still resumes after an upgrade.
     """
+    from cellmorph.cv.config import IMPLICIT_EARLIER
+
     data = config.model_dump(mode="json", exclude_defaults=True)
     for key in runtime_fields:
         data.pop(key, None)
+    for key, value in IMPLICIT_EARLIER.items():
+        if key in data and getattr(config, key) == value:
+            del data[key]
     return data
 
 
