@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cellmorph.cache import TileCache
 from cellmorph.data.bbbc021 import load_bbbc021
-from cellmorph.embed import embed, tiles_to_wells
+from cellmorph.embed import EmbedConfig, embed, tiles_to_wells
 from cellmorph.models.features import FeatureSpec
 
 
@@ -22,8 +22,8 @@ from cellmorph.models.features import FeatureSpec
 def tiny_embeddings(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb")
     # the head features (1,280-d), on which the generator's morphology check was set up
-    summary = embed(tiny_cache, out, "tf_efficientnet_lite0", image_size=128, progress=False,
-                    features=FeatureSpec.parse("head"))
+    summary = embed(tiny_cache, out, EmbedConfig(model="tf_efficientnet_lite0", image_size=128,
+                                                 features=FeatureSpec.parse("head")), progress=False)
     return out, summary
 
 
@@ -109,3 +109,24 @@ def test_intensity_statistics_stay_near_chance_on_mini(tmp_path):
     assert len(labels) == 302 and len(set(groups)) == 38
     probe = _loco_accuracy(stats, labels, groups)
     assert probe < 2 / 12, probe
+
+
+def test_embed_writes_dmso_normalised_well_profiles_and_aggregates_by_mean_or_median(tiny_cache, tmp_path):
+    """wells_normalized.parquet: each plate's DMSO wells at mean 0 / sd 1 per feature (pycytominer's
+    standardize), from the same wells as wells.parquet; --aggregate mean makes a well the mean."""
+    config = EmbedConfig(image_size=64, aggregate="mean")
+    summary = embed(tiny_cache, tmp_path / "e", config, progress=False)
+    assert summary["normalized"] and summary["features"]["name"] == "stage3/mean"
+    tiles = pd.read_parquet(tmp_path / "e" / "tiles.parquet")
+    wells = pd.read_parquet(tmp_path / "e" / "wells.parquet")
+    normalized = pd.read_parquet(tmp_path / "e" / "wells_normalized.parquet")
+    emb = [c for c in wells.columns if c.startswith("emb_")]
+    first = wells.iloc[0]
+    members = tiles[(tiles["Metadata_Plate"] == first["Metadata_Plate"]) & (tiles["Metadata_Well"] == first["Metadata_Well"])]
+    np.testing.assert_allclose(first[emb].to_numpy(float), members[emb].mean().to_numpy(), rtol=1e-5)
+    assert len(normalized) == len(wells)
+    dmso = normalized[normalized["Metadata_Compound"] == "DMSO"]
+    varying = [c for c in emb if np.isfinite(dmso[c]).all() and dmso.groupby("Metadata_Plate")[c].std(ddof=0).min() > 0]
+    per_plate = dmso.groupby("Metadata_Plate")[varying]
+    np.testing.assert_allclose(per_plate.mean().to_numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(per_plate.std(ddof=0).to_numpy(), 1.0, atol=1e-4)

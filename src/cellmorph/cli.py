@@ -373,6 +373,12 @@ def train(
     print(json.dumps(summary))
 
 
+def _embed_help(name: str) -> str:
+    from cellmorph.embed import EmbedConfig
+
+    return EmbedConfig.model_fields[name].description or ""
+
+
 def _predict_help(name: str) -> str:
     from cellmorph.predict import PredictConfig
 
@@ -552,28 +558,37 @@ class Metric(str, Enum):
 @command()
 def embed(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
-    model: str = typer.Option("tf_efficientnet_lite0", help="timm backbone name"),
+    model: str = typer.Option("tf_efficientnet_lite0", help=_embed_help("model")),
     out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
-    init: str = typer.Option("imagenet", help="imagenet | xavier | checkpoint path"),
-    weights: Optional[Path] = typer.Option(None, help="explicit ImageNet weights file"),
-    image_size: Optional[int] = typer.Option(None, help="input size (default: 128 px for crops, else the model's)"),
+    init: str = typer.Option("imagenet", help=_embed_help("init")),
+    weights: Optional[Path] = typer.Option(None, help=_embed_help("weights")),
+    image_size: Optional[int] = typer.Option(None, help=_embed_help("image_size")),
     batch_size: int = typer.Option(64),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    online: bool = typer.Option(False, "--online", help="allow fetching weights from the hub"),
+    device: str = typer.Option("cpu", help=_embed_help("device")),
+    online: bool = typer.Option(False, "--online", help=_embed_help("allow_network")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     features: str = typer.Option("stage3", help=FEATURES_HELP),
+    aggregate: Aggregate = typer.Option(Aggregate.median, help=_embed_help("aggregate")),
+    standardize: Standardize = typer.Option(Standardize.plate, help=_embed_help("standardize")),
+    whiten: Whiten = typer.Option(Whiten.none, help=_embed_help("whiten")),
+    strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
+    from cellmorph.embed import EmbedConfig
     from cellmorph.embed import embed as run_embed
+    from cellmorph.errors import validated
     from cellmorph.models.features import FeatureSpec
     from cellmorph.runtime import keep_freed_memory
 
-    spec = FeatureSpec.parse(features)
+    config = validated(EmbedConfig, dict(
+        model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
+        image_size=image_size, features=FeatureSpec.parse(features), batch_size=batch_size, device=device,
+        threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
+        strength=strength), "embed options")
     target = out or Path(data) / "embeddings" / model
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
-    summary = run_embed(data, target, model, init, weights, image_size, batch_size, device, online, progress,
-                        threads=threads, features=spec)
+    summary = run_embed(data, target, config, progress, log=_log_line)
     print(json.dumps(summary | {"out": str(target)}))
 
 

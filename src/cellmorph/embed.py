@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.cache import TileCache
 from cellmorph.datasets import InputPipeline, iterate_batches
@@ -88,50 +90,82 @@ def tiles_to_wells(index: pd.DataFrame, features: np.ndarray, how: str = "median
     return meta.join(grouped[names].agg(how)).reset_index()
 
 
-def embed(
-    data: Path,
-    out: Path,
-    model_name: str = "tf_efficientnet_lite0",
-    init: str = "imagenet",
-    weights: Path | None = None,
-    image_size: int | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-    allow_network: bool = False,
-    progress: bool = True,
-    threads: int | None = None,
-    features: FeatureSpec | None = None,
-) -> dict:
-    """Embed every tile of cache ``data``; write ``tiles.parquet`` and ``wells.parquet`` into ``out``.
+class EmbedConfig(BaseModel):
+    """What ``cellmorph embed`` computes: the network, its features, and the well profiles."""
 
-    ``threads``: torch CPU threads (default: :func:`cellmorph.runtime.default_threads`);
-    ``features``: which activations, pooled how (default: mean-pooled stage 3).
-    """
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tf_efficientnet_lite0", description="timm backbone name")
+    init: str = Field("imagenet", description="imagenet | xavier | checkpoint path")
+    weights: str | None = Field(None, description="explicit ImageNet weights file")
+    allow_network: bool = Field(False, description="allow fetching weights from the hub")
+    image_size: int | None = Field(None, ge=16, description="input size (default: 128 px for crops, else the model's)")
+    features: FeatureSpec = Field(DEFAULT_FEATURES, description="which activations, pooled how (default stage3: "
+                                  "mean-pooled stage 3)")
+    batch_size: int = Field(64, ge=1)
+    device: str = Field("cpu", description="cpu | cuda")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
+    aggregate: Literal["median", "mean"] = Field("median", description="a well's profile: the median (pycytominer's "
+                                                 "default) or the mean of its tiles")
+    standardize: Literal["plate", "batch", "all", "none"] = Field(
+        "plate", description="wells_normalized.parquet: z-score to the DMSO wells of each plate, batch or all plates "
+        "(a plate without DMSO: its batch's); none writes no normalised table")
+    whiten: Literal["none", "spherize", "tvn", "coral"] = Field(
+        "none", description="then whiten on DMSO wells: spherize (ZCA), tvn (PCA whitening) or coral (per batch)")
+    strength: float | None = Field(None, gt=0, description="whitening regulariser: ridge for spherize/coral (10), "
+                                   "components for tvn (100)")
+
+
+def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bool = True, log=print) -> dict:
+    """Embed every tile of cache ``data``; write ``tiles.parquet``, ``wells.parquet`` (each well the
+    median or mean of its tiles) and, where the cache has DMSO wells, ``wells_normalized.parquet``
+    (:func:`cellmorph.profiles.normalize_profiles`) into ``out``; ``embed.json`` records the config."""
     from cellmorph.runtime import torch_threads
 
+    config = config or EmbedConfig()
     out = require_output_dir(Path(out), "embedding folder")
     cache = TileCache(data)
-    with torch_threads(threads):
-        feats = embed_tiles(cache, model_name, None, init, weights, image_size, batch_size, device, allow_network,
-                            progress, features)
+    with torch_threads(config.threads):
+        feats = embed_tiles(cache, config.model, None, config.init, Path(config.weights) if config.weights else None,
+                            config.image_size, config.batch_size, config.device, config.allow_network, progress,
+                            config.features)
     meta = [c for c in cache.index.columns if c.startswith("Metadata_")]
-    tiles = pd.concat(
-        [cache.index[meta].reset_index(drop=True), pd.DataFrame(feats, columns=[f"emb_{i}" for i in range(feats.shape[1])])],
-        axis=1,
-    )
-    wells = tiles_to_wells(cache.index, feats)
+    names = [f"emb_{i}" for i in range(feats.shape[1])]
+    tiles = pd.concat([cache.index[meta].reset_index(drop=True), pd.DataFrame(feats, columns=names)], axis=1)
+    wells = tiles_to_wells(cache.index, feats, config.aggregate)
     with atomic_path(out / "tiles.parquet") as tmp:
         tiles.to_parquet(tmp, index=False)
     with atomic_path(out / "wells.parquet") as tmp:
         wells.to_parquet(tmp, index=False)
+    normalized = _normalized_wells(wells, names, config, log)
+    if normalized is not None:
+        with atomic_path(out / "wells_normalized.parquet") as tmp:
+            normalized.to_parquet(tmp, index=False)
     summary = {
-        "model": model_name,
-        "init": init,
+        "model": config.model,
+        "init": config.init,
         "n_tiles": int(len(tiles)),
         "n_wells": int(len(wells)),
         "dim": int(feats.shape[1]),
-        "features": (features or DEFAULT_FEATURES).record(),
+        "features": config.features.record(),
+        "normalized": normalized is not None,
         "data": str(data),
     }
-    write_json(out / "embed.json", summary | {"provenance": run_info()})
+    write_json(out / "embed.json", summary | {"config": config.model_dump(mode="json"), "provenance": run_info()})
     return summary
+
+
+def _normalized_wells(wells: pd.DataFrame, names: list[str], config: EmbedConfig, log) -> pd.DataFrame | None:
+    """The well profiles normalised against their DMSO wells, or None (asked for none, or no DMSO)."""
+    from cellmorph.profiles import normalize_profiles
+
+    if config.standardize == "none" and config.whiten == "none":
+        return None
+    if not (wells["Metadata_Compound"] == "DMSO").any():
+        log("note: the cache holds no DMSO wells (prepare with --controls), so no wells_normalized.parquet")
+        return None
+    if "Metadata_Batch" not in wells.columns:
+        from cellmorph.data.table import batch_of_plate
+
+        wells = wells.assign(Metadata_Batch=wells["Metadata_Plate"].astype(str).map(batch_of_plate))
+    return normalize_profiles(wells, names, config.standardize, config.whiten, config.strength, log=log)

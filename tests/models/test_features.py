@@ -68,10 +68,10 @@ def test_embed_records_and_writes_stage_features(tiny_cache, tmp_path):
 
     import pandas as pd
 
-    from cellmorph.embed import embed
+    from cellmorph.embed import EmbedConfig, embed
 
-    summary = embed(tiny_cache, tmp_path / "e", "tf_efficientnet_lite0", image_size=64, progress=False,
-                    features=FeatureSpec.parse("stage3/mean+gem"))
+    summary = embed(tiny_cache, tmp_path / "e", EmbedConfig(image_size=64, features=FeatureSpec.parse("stage3/mean+gem")),
+                    progress=False)
     assert summary["dim"] == 224 and summary["features"]["name"] == "stage3/mean+gem"
     assert json.loads((tmp_path / "e" / "embed.json").read_text())["features"]["layers"] == [3]
     tiles = pd.read_parquet(tmp_path / "e" / "tiles.parquet")
@@ -103,7 +103,7 @@ def test_embed_defaults_to_mean_pooled_stage3_and_crops_to_128_px(real_crops, tm
 
     module.FeatureExtractor.forward = spy
     try:
-        summary = embed(tmp_path / "cache", tmp_path / "e", "tf_efficientnet_lite0", progress=False)
+        summary = embed(tmp_path / "cache", tmp_path / "e", progress=False)
     finally:
         module.FeatureExtractor.forward = original
     assert summary["features"]["name"] == "stage3/mean" and summary["dim"] == 112
