@@ -171,3 +171,14 @@ def test_a_run_that_failed_before_its_first_fold_does_not_block_the_same_command
     proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "metrics.json").read_text())["resumed_folds"] == []
+
+
+def test_cv_takes_the_fine_tuning_levers(tiny_cache, tmp_path):
+    """Discriminative rates, gradual unfreezing and a probe-initialised head, from the command line
+    into the run's recorded config."""
+    run = tmp_path / "run"
+    proc = run_cli("cv", "--data", str(tiny_cache), *QUICK_CV, "--backbone-lr-scale", "0.1", "--unfreeze-every", "1",
+                   "--head-init", "probe", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    assert (config["backbone_lr_scale"], config["unfreeze_every"], config["head_init"]) == (0.1, 1, "probe")

@@ -164,3 +164,69 @@ def test_freeze_stages_stops_gradients_and_keeps_frozen_statistics():
     assert not any(p.requires_grad for p in model.layer1.parameters())
     with pytest.raises(CellmorphError, match="at most"):
         freeze_stages(create_model("test_resnet", 2, init="xavier"), len(stages))
+
+
+def _fit_with(settings, epochs_seed=0):
+    cache, labels = _toy()
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 2, init="xavier")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=0))
+    with deterministic():
+        fit(model, pipe, cache, np.arange(len(labels)), labels, 2, settings, epochs_seed, CPU)
+    return model, before, model.state_dict()
+
+
+def _changed(before, after, prefix: str, parameters_only: bool, model) -> bool:
+    names = {n for n, _ in model.named_parameters()} if parameters_only else set(after)
+    return any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix) and k in names)
+
+
+def test_a_zero_backbone_rate_trains_the_head_alone():
+    """Discriminative rates: backbone_lr_scale scales every non-head parameter's rate (0: frozen weights)."""
+    model, before, after = _fit_with(TrainSettings(epochs=1, batch_size=8, lr=0.05, backbone_lr_scale=0.0))
+    assert _changed(before, after, "fc", True, model)
+    for stage in ("conv1", "layer1", "layer2", "layer3", "layer4"):
+        assert not _changed(before, after, stage, True, model), stage
+    scaled, _, _ = _fit_with(TrainSettings(epochs=1, batch_size=8, lr=0.05, backbone_lr_scale=0.5))
+    assert _changed(before, scaled.state_dict(), "layer4", True, scaled)
+
+
+def test_gradual_unfreezing_opens_one_stage_per_period_from_the_top():
+    """Epoch 1: the head alone (the other stages' weights and BatchNorm statistics untouched);
+    epoch 2: layer4 too; the stages below stay as they were."""
+    model, before, after = _fit_with(TrainSettings(epochs=1, batch_size=8, lr=0.05, unfreeze_every=1))
+    assert _changed(before, after, "fc", True, model)
+    for stage in ("conv1", "layer1", "layer2", "layer3", "layer4"):
+        assert not _changed(before, after, stage, False, model), stage
+    model, before, after = _fit_with(TrainSettings(epochs=2, batch_size=8, lr=0.05, unfreeze_every=1))
+    assert _changed(before, after, "layer4", False, model)
+    for stage in ("conv1", "layer1", "layer2", "layer3"):
+        assert not _changed(before, after, stage, False, model), stage
+    assert all(p.requires_grad for p in model.layer4.parameters())
+
+
+def test_the_head_can_start_from_a_linear_probe_of_the_pretrained_features():
+    """head_init probe: before any step, the network's softmax on the (un-augmented) training tiles is
+    the logistic regression's predict_proba on their pooled features."""
+    from cellmorph.cv.probe import fit_probe_head
+    from cellmorph.train import init_head_from_probe
+
+    cache, labels = _toy()
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 2, init="xavier").eval()
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, spec.size).eval()
+    rows = np.arange(len(labels))
+    init_head_from_probe(model, pipe, cache, rows, labels, 2, True, 0, CPU)
+    with torch.no_grad():
+        x = pipe(torch.from_numpy(cache.tiles(rows)))
+        features = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+        probs = torch.softmax(model(x), 1).numpy()
+    probe, scaler = fit_probe_head(features, labels, True, 0)
+    np.testing.assert_allclose(probs, probe.predict_proba(scaler.transform(features)), atol=1e-5)
+    assert (probs.argmax(1) == labels).mean() > 0.9  # the toy task is linear in these features
+    # and the full fit starts from it
+    model, before, after = _fit_with(TrainSettings(epochs=1, batch_size=8, lr=0.01, head_init="probe"))
+    assert _changed(before, after, "fc", True, model)

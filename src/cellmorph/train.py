@@ -44,6 +44,9 @@ class TrainSettings:
     amp: bool | None = None
     channels_last: bool = True
     freeze_stages: int = 0
+    backbone_lr_scale: float = 1.0
+    unfreeze_every: int = 0
+    head_init: str = "random"
 
     @classmethod
     def from_config(cls, config) -> "TrainSettings":
@@ -82,6 +85,76 @@ def _lr_at(settings: TrainSettings, epoch: int) -> float:
     if settings.lr_schedule == "cosine" and settings.epochs > 1:
         return 0.5 * settings.lr * (1.0 + math.cos(math.pi * epoch / settings.epochs))
     return settings.lr
+
+
+def _param_groups(model: nn.Module, params: list[nn.Parameter], settings: TrainSettings) -> list[dict]:
+    """The head at the learning rate, the rest of the network at ``backbone_lr_scale`` times it
+    (discriminative learning rates: pretrained filters move less than the new head)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    groups = [{"params": [p for p in params if id(p) in head_ids], "scale": 1.0},
+              {"params": [p for p in params if id(p) not in head_ids], "scale": settings.backbone_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+class _Unfreezing:
+    """Gradual unfreezing: the head trains alone first, then one more trainable stage every
+    ``every`` epochs, from the top down (ULMFiT's schedule). Stages still waiting neither get
+    gradients nor update their BatchNorm statistics."""
+
+    def __init__(self, model: nn.Module, every: int, frozen: int) -> None:
+        from cellmorph.models.factory import stage_names
+
+        self.every = every
+        modules = dict(model.named_modules())
+        stages = stage_names(model)[frozen:-1]  # the trainable stages below the head, input side first
+        self.stages = [[modules[n] for n in stage if n in modules] for stage in reversed(stages)]
+        self.params = [[p for m in stage for p in m.parameters() if p.requires_grad] for stage in self.stages]
+
+    def apply(self, epoch: int) -> list[nn.Module]:
+        """Set which stages train in ``epoch`` (from 0); returns the BatchNorms to keep in eval mode."""
+        open_stages = epoch // self.every
+        waiting = []
+        for k, (stage, params) in enumerate(zip(self.stages, self.params)):
+            for p in params:
+                p.requires_grad_(k < open_stages)
+            if k >= open_stages:
+                waiting += [m for module in stage for m in module.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return waiting
+
+
+@torch.no_grad()
+def init_head_from_probe(model: nn.Module, pipeline: InputPipeline, cache, rows: np.ndarray, targets: np.ndarray,
+                         n_classes: int, class_weighting: bool, seed: int, device: torch.device,
+                         batch_size: int = 64) -> None:
+    """Start the classifier from a logistic regression on the network's own pooled features of the
+    training tiles (un-augmented): linear probing, then fine-tuning (LP-FT, Kumar et al. 2022), so
+    the first steps do not distort pretrained features through a random head."""
+    from cellmorph.cv.probe import fit_probe_head
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise CellmorphError("head_init probe needs a model whose classifier is one linear layer")
+    was_training = model.training
+    model.eval()
+    pipeline.eval()
+    features = np.empty((len(rows), head.in_features), dtype=np.float32)
+    for tiles, positions in iterate_batches(cache, rows, batch_size, None):
+        x = pipeline(tiles.to(device))
+        features[positions.numpy()] = model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy()
+    probe, scaler = fit_probe_head(features, np.asarray(targets), class_weighting, seed)
+    coef = probe.coef_ / scaler.scale_
+    intercept = probe.intercept_ - coef @ scaler.mean_
+    if coef.shape[0] == 1:  # two classes: scikit-learn keeps one logit, the difference
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((n_classes, head.in_features), dtype=np.float32)
+    bias = np.full(n_classes, float(intercept.min()) - 10.0, dtype=np.float32)  # classes without tiles: unlikely
+    weight[probe.classes_] = coef
+    bias[probe.classes_] = intercept
+    head.weight.copy_(torch.from_numpy(weight))
+    head.bias.copy_(torch.from_numpy(bias))
+    model.train(was_training)
 
 
 def _trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
@@ -133,7 +206,13 @@ def fit(
             raise CellmorphError("precomputed frozen-stage features need mode finetune with freeze_stages > 0")
         frozen = FrozenInput(FrozenSplit(model, example_batch(pipeline, cache, rows, device)), frozen_features,
                              rows, shuffle_seed)
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.head_init == "probe":
+        init_head_from_probe(model, pipeline, cache, rows, targets, n_classes, settings.class_weighting, shuffle_seed,
+                             device)
+    unfreezing = (_Unfreezing(model, settings.unfreeze_every, settings.freeze_stages)
+                  if settings.unfreeze_every and settings.mode == "finetune" else None)
+    optimizer = torch.optim.SGD(_param_groups(model, params, settings), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
     weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
     step = _Step(model, optimizer, torch.amp.GradScaler("cuda", enabled=amp), weights,
                  torch.as_tensor(np.asarray(targets, dtype=np.int64)), device, amp, settings.channels_last)
@@ -142,10 +221,11 @@ def fit(
     for epoch in range(settings.epochs):
         lr = _lr_at(settings, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
+        waiting = unfreezing.apply(epoch) if unfreezing is not None else []
         if settings.mode == "finetune":
             model.train()
-            for norm in frozen_norms:  # frozen stages keep ImageNet's running statistics
+            for norm in frozen_norms + waiting:  # frozen (and not yet unfrozen) stages keep their statistics
                 norm.eval()
         else:
             model.eval()  # frozen backbone: BatchNorm statistics stay ImageNet's

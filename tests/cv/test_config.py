@@ -17,6 +17,10 @@ from cellmorph.errors import CellmorphError
     ("eval_epochs: [11]\n", r"eval_epochs \[11\] exceed epochs=10"),  # the default 10 epochs
     ("keep_checkpoints: some\n", "keep_checkpoints"),
     ("features: stage3\n", "features stage3/mean apply to mode linear-probe"),
+    ("mode: linear\nbackbone_lr_scale: 0.1\n", "mode finetune only"),
+    ("mode: linear-probe\nunfreeze_every: 1\n", "mode finetune only"),
+    ("mode: linear-probe\nhead_init: probe\n", "linear-probe is the probe itself"),
+    ("head_init: lp\n", "head_init"),
     ("mode: linear-probe\nfeatures: stage3/avg\n", "features"),
 ])
 def test_a_config_file_that_cannot_run_fails_when_loaded(yaml_text, message, tmp_path):

@@ -67,6 +67,15 @@ class CVConfig(BaseModel):
         0, ge=0, description="fine-tune only: freeze the stem and following stages, N coarse timm stages in all "
         "(0 = train everything); frozen early stages need no backward pass, the big CPU saving",
     )
+    backbone_lr_scale: float = Field(
+        1.0, ge=0.0, le=1.0, description="fine-tune: the backbone's learning rate as a fraction of the head's "
+        "(discriminative learning rates; 1 = one rate for all, the paper)")
+    unfreeze_every: int = Field(
+        0, ge=0, description="fine-tune: gradual unfreezing, the head alone first, then one more trainable stage "
+        "(top down) every N epochs; 0 = all trainable stages from the start")
+    head_init: Literal["random", "probe"] = Field(
+        "random", description="the classifier's start: random (the paper), or a logistic regression on the "
+        "pretrained features of the training tiles (linear probe, then fine-tune)")
     frozen_feature_cache: bool = Field(
         False, description="with freeze_stages: run the frozen stages once per run on `epochs` augmented copies "
         "of every tile and train each fold's remaining stages on those outputs (LOCO: 38 folds × epochs passes "
@@ -121,6 +130,10 @@ class CVConfig(BaseModel):
         if self.features is not None and not self.features.is_head and self.mode != "linear-probe":
             raise ValueError(f"features {self.features.describe()} apply to mode linear-probe; finetune and linear "
                              "train the network's own head")
+        if self.mode != "finetune" and (self.backbone_lr_scale != 1.0 or self.unfreeze_every):
+            raise ValueError("backbone_lr_scale and unfreeze_every act on the backbone: mode finetune only")
+        if self.head_init == "probe" and self.mode == "linear-probe":
+            raise ValueError("head_init probe starts a trained head; linear-probe is the probe itself")
         if self.tta != "none" and self.mode == "linear-probe":
             raise ValueError("tta applies to the finetune and linear modes; linear-probe embeds each tile once")
         if self.freeze_stages and self.mode == "finetune" and self.init == "xavier":
