@@ -57,6 +57,15 @@ def test_median_aggregation_tile_well_treatment_differs_from_mean():
     assert score_treatments(tr_all) == 1.0
     cm = confusion(tr_all, ["A", "B"])
     assert cm.tolist() == [[1, 0], [0, 1]]
+    # The mean at both steps (an option): well P1/A01 is 0.6 (A); treatment x the mean of its wells.
+    _, w_mean, tr_mean = aggregate(tiles, how="mean")
+    w_mean = w_mean.set_index(["Metadata_Plate", "Metadata_Well"])
+    assert w_mean.loc[("P1", "A01"), "prob_A"] == pytest.approx(0.6)
+    assert w_mean.loc[("P1", "A01"), "Predicted_MoA"] == "A"
+    x = tr_mean.set_index(["Metadata_Compound", "Metadata_Concentration"]).loc[("x", 1.0)]
+    assert x["prob_A"] == pytest.approx((0.6 + 1.4 / 3 + 0.95) / 3)
+    with pytest.raises(CellmorphError, match="aggregate 'max'"):
+        aggregate(tiles, how="max")
 
 
 def test_score_treatments_on_a_stored_softmax_table():

@@ -286,6 +286,7 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "backbone_lr_scale": (Optional[float], typer.Option(None, help=field_help("backbone_lr_scale"))),
     "unfreeze_every": (Optional[int], typer.Option(None, help=field_help("unfreeze_every"))),
     "head_init": (Optional[str], typer.Option(None, help=field_help("head_init"))),
+    "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
     "device": (Optional[str], typer.Option(None, help=field_help("device"))),
     "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),

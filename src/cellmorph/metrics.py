@@ -38,14 +38,17 @@ def prob_columns(frame: pd.DataFrame, prefix: str = PROB_PREFIX) -> list[str]:
     return cols
 
 
-def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: dict[str, str]) -> pd.DataFrame:
+def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: dict[str, str],
+               how: str = "median") -> pd.DataFrame:
     probs = prob_columns(frame, prefix)
     frame = frame.drop(columns=[c for c in TILE_COLUMNS if c in frame.columns and c not in keys])
     missing = [k for k in keys if k not in frame.columns]
     if missing:
         raise CellmorphError(f"cannot aggregate: missing column(s) {', '.join(missing)}")
     grouped = frame.groupby(keys, sort=True, dropna=False)
-    out = grouped[probs].median()
+    if how not in ("median", "mean"):
+        raise CellmorphError(f"aggregate {how!r}: expected median or mean")
+    out = grouped[probs].agg(how)
     meta = {}
     for col in frame.columns:
         if col in keys or col in probs or not str(col).startswith("Metadata_"):
@@ -59,21 +62,21 @@ def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: 
     return pd.concat([pd.DataFrame(meta), out], axis=1).reset_index()
 
 
-def aggregate_wells(tiles: pd.DataFrame, prefix: str = PROB_PREFIX) -> pd.DataFrame:
-    """Median per-tile probability of each (plate, well); constant ``Metadata_*`` columns are kept."""
+def aggregate_wells(tiles: pd.DataFrame, prefix: str = PROB_PREFIX, how: str = "median") -> pd.DataFrame:
+    """Median (or mean) per-tile probability of each (plate, well); constant ``Metadata_*`` columns are kept."""
     frame = tiles.copy()
     frame["_one"] = 1
-    wells = _aggregate(frame, WELL_KEYS, prefix, {"n_tiles": "_one"})
+    wells = _aggregate(frame, WELL_KEYS, prefix, {"n_tiles": "_one"}, how)
     return add_calls(wells, prefix)
 
 
-def aggregate_treatments(wells: pd.DataFrame, prefix: str = PROB_PREFIX) -> pd.DataFrame:
-    """Median of the well medians of each (compound, concentration)."""
+def aggregate_treatments(wells: pd.DataFrame, prefix: str = PROB_PREFIX, how: str = "median") -> pd.DataFrame:
+    """Median (or mean) of the well profiles of each (compound, concentration)."""
     frame = wells.drop(columns=[c for c in (PREDICTED_COLUMN, CORRECT_COLUMN) if c in wells.columns]).copy()
     frame["_one"] = 1
     if "n_tiles" not in frame.columns:
         frame["n_tiles"] = 1
-    treatments = _aggregate(frame, TREATMENT_KEYS, prefix, {"n_wells": "_one", "n_tiles": "n_tiles"})
+    treatments = _aggregate(frame, TREATMENT_KEYS, prefix, {"n_wells": "_one", "n_tiles": "n_tiles"}, how)
     treatments = treatments.drop(columns=[c for c in WELL_KEYS if c in treatments.columns])
     return add_calls(treatments, prefix)
 
@@ -116,10 +119,11 @@ def score_treatments(
     return accuracy(frame, true_column, prefix)
 
 
-def aggregate(tiles: pd.DataFrame, prefix: str = PROB_PREFIX) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Tiles (with calls), wells, treatments."""
-    wells = aggregate_wells(tiles, prefix)
-    return add_calls(tiles, prefix), wells, aggregate_treatments(wells, prefix)
+def aggregate(tiles: pd.DataFrame, prefix: str = PROB_PREFIX,
+              how: str = "median") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Tiles (with calls), wells, treatments: ``how`` is the median (the paper) or the mean at both steps."""
+    wells = aggregate_wells(tiles, prefix, how)
+    return add_calls(tiles, prefix), wells, aggregate_treatments(wells, prefix, how)
 
 
 # --------------------------------------------------------------------------- metrics

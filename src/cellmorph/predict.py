@@ -245,12 +245,13 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
             torch.manual_seed(config.seed)
             probs[samples] = predict_tiles(network, pipeline, cache, rows, replace(settings, mc_dropout=samples),
                                            torch.device("cpu"), on_batch=task.advance)
+    how = bundle.manifest["training"]["config"].get("aggregate", "median")  # as the calibration scores were made
     frame = predictions_frame(cache, rows, probs[0], classes, fold=-1).drop(columns=["Metadata_Fold"])
     levels = {level: add_confidence(f, classes, bundle.calibration.get(level))
-              for level, f in zip(("tiles", "wells", "treatments"), aggregate(frame))}
+              for level, f in zip(("tiles", "wells", "treatments"), aggregate(frame, how=how))}
     if config.mc_dropout:
         mc = predictions_frame(cache, rows, probs[config.mc_dropout], classes, fold=-1)
-        for level, stochastic in zip(levels, aggregate(mc.drop(columns=["Metadata_Fold"]))):
+        for level, stochastic in zip(levels, aggregate(mc.drop(columns=["Metadata_Fold"]), how=how)):
             add_mc_columns(levels[level], stochastic, classes)
     return levels
 

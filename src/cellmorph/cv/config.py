@@ -96,6 +96,8 @@ class CVConfig(BaseModel):
         None, description="linear-probe: the embedding, head (the backbone's pooled output) or timm feature "
         "stages counted from 0 with their spatial pools, e.g. stage3, stage3+stage4/mean+max, stage3/gem "
         "(default stage3: mean-pooled stage 3)")
+    aggregate: Literal["median", "mean"] = Field(
+        "median", description="tile → well → treatment probabilities: the median at each step (the paper) or the mean")
     seed: int = Field(0, ge=0, description="random seed; each fold's seeds derive from it and the fold number")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")

@@ -272,12 +272,13 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
 
     cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
     predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)
-    tiles, wells, treatments = aggregate(predictions)
+    tiles, wells, treatments = aggregate(predictions, how=cfg.aggregate)
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
     if cfg.eval_epochs:
         by_epoch = {}
         for e in cfg.eval_epochs:
-            t, w, tr = aggregate(pd.concat([o.interim[e] for o in outputs.values()], ignore_index=True))
+            t, w, tr = aggregate(pd.concat([o.interim[e] for o in outputs.values()], ignore_index=True),
+                                 how=cfg.aggregate)
             by_epoch[str(e)] = {k: compute_metrics(t, w, tr, classes, n_folds)[k] for k in ACCURACY_KEYS}
         by_epoch[str(cfg.epochs)] = {k: metrics[k] for k in ACCURACY_KEYS}
         metrics["by_epoch"] = by_epoch
