@@ -308,6 +308,8 @@ def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache)
     assert (cfg.image_size, cfg.freeze_stages, cfg.frozen_feature_cache, cfg.tta) == (128, 4, True, "dihedral")
     given = plan_run(crop_cache, dict(common, freeze_stages=1, tta="none", image_size=64)).config
     assert (given.image_size, given.freeze_stages, given.frozen_feature_cache, given.tta) == (64, 1, True, "none")
+    unfrozen = plan_run(crop_cache, dict(common, freeze_stages=0)).config  # nothing frozen: nothing to cache
+    assert (unfrozen.freeze_stages, unfrozen.frozen_feature_cache, unfrozen.tta) == (0, False, "dihedral")
     probe = plan_run(crop_cache, dict(common, mode="linear-probe")).config
     assert (probe.image_size, probe.features.describe(), probe.tta, probe.freeze_stages) == (128, "stage3/mean",
                                                                                              "none", 0)

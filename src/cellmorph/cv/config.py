@@ -213,6 +213,8 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
         update["image_size"] = size
     if source == "crops" and config.mode == "finetune" and config.init != "xavier":
         update.update({k: v for k, v in CROP_FINETUNE_DEFAULTS.items() if k in unset})
+        if not update.get("freeze_stages", config.freeze_stages):
+            update.pop("frozen_feature_cache", None)  # asked for no frozen stages: nothing to cache
     return validate_config(config.model_copy(update=update)) if update else config
 
 
