@@ -142,10 +142,10 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
         raise CellmorphError(f"{data}: no treated tiles to predict")
     levels = {level: _flag_training_compounds(_known_labels_only(frame, classes), bundle.training_compounds)
               for level, frame in _score_levels(bundle, cache, rows, config, progress).items()}
-    if not bundle.calibration_compound_disjoint:
-        log(f"note: {model}'s calibration scores come from a {bundle.calibration_cv} CV, whose held-out wells are of "
-            "compounds the scoring models were trained on: the sets and Confidence are calibrated for new wells "
-            "of known compounds, not for new compounds (train with --calibration loco for those)")
+    notes = [] if bundle.calibration_compound_disjoint else [
+        f"note: {model}'s calibration scores come from a {bundle.calibration_cv} CV, whose held-out wells or "
+        "batches are of compounds the scoring models were trained on: the sets and Confidence are calibrated for "
+        "new wells of known compounds, not for new compounds (train with --calibration loco for those)"]
     sets = {}
     for level, frame in levels.items():
         if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
@@ -157,9 +157,9 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     summary["calibration_compound_disjoint"] = bundle.calibration_compound_disjoint
     seen = summary.get("training_compounds", {}).get("n_labelled_treatments", 0)
     if seen:
-        log(f"note: {seen} of {summary['n_labelled_treatments']} labelled treatments are of compounds the model was "
-            f"trained on ({IN_TRAINING_COLUMN}); their accuracy and coverage are optimistic, so summary.json also "
-            "scores new and training compounds apart")
+        notes.append(f"note: {seen} of {summary['n_labelled_treatments']} labelled treatments are of compounds the "
+                     f"model was trained on ({IN_TRAINING_COLUMN}); their accuracy and coverage are optimistic, so "
+                     "summary.json also scores new and training compounds apart")
     for name, frame in (("tiles", tiles), ("wells", wells), ("treatments", treatments)):
         with atomic_path(out / f"{name}.parquet") as tmp:
             _metadata_first(frame).to_parquet(tmp, index=False)
@@ -168,6 +168,8 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     write_json(out / "summary.json", summary | {"model": str(model.resolve()), "data": described,
                                                  "cache": str(Path(data).resolve()),
                                                  "config": config.model_dump(), "provenance": run_info()})
+    for note in notes:  # after success, so a failure ends in its one error line alone
+        log(note)
     return summary
 
 
