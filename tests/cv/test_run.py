@@ -315,3 +315,21 @@ def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache)
                                                                                              "none", 0)
     scratch = plan_run(crop_cache, dict(common, init="xavier")).config  # frozen random filters do not learn
     assert (scratch.image_size, scratch.freeze_stages, scratch.tta) == (128, 0, "none")
+
+
+def test_gradual_unfreezing_works_with_the_frozen_feature_cache(first_run, crop_cache, tmp_path):
+    """unfreeze_every on top of frozen stages computed once: the same models as with the stages run every
+    step, and stages not yet opened (layer2, layer3 after 2 epochs at 1 stage per epoch) keep their start."""
+    checkpoint = first_run[0] / "folds" / "0" / "state.pt"
+    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, unfreeze_every=1, augment={"enabled": False})
+    run_cv(crop_cache, tmp_path / "plain", base, progress=False)
+    run_cv(crop_cache, tmp_path / "cached", dict(base, frozen_feature_cache=True), progress=False)
+    start = torch.load(checkpoint, weights_only=True)["model"]
+    for fold in ("0", "1", "2"):
+        a = torch.load(tmp_path / "plain" / "folds" / fold / "state.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "cached" / "folds" / fold / "state.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), fold
+        for key in a:
+            if key.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")):
+                assert torch.equal(a[key], start[key]), (fold, key)
+        assert any(not torch.equal(a[k], start[k]) for k in a if k.startswith("layer4")), fold
