@@ -164,8 +164,4 @@ def _normalized_wells(wells: pd.DataFrame, names: list[str], config: EmbedConfig
     if not (wells["Metadata_Compound"] == "DMSO").any():
         log("note: the cache holds no DMSO wells (prepare with --controls), so no wells_normalized.parquet")
         return None
-    if "Metadata_Batch" not in wells.columns:
-        from cellmorph.data.table import batch_of_plate
-
-        wells = wells.assign(Metadata_Batch=wells["Metadata_Plate"].astype(str).map(batch_of_plate))
     return normalize_profiles(wells, names, config.standardize, config.whiten, config.strength, log=log)

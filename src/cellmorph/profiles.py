@@ -7,7 +7,7 @@ Small functional steps in pycytominer's style, on ``Metadata_*`` tables:
 2. :func:`normalize_profiles` — z-score each feature against the DMSO wells of its plate,
    its batch or all plates (pycytominer's ``normalize(method="standardize")`` with DMSO as
    the samples to fit on; a plate without DMSO falls back to its batch, then to all plates),
-   then optionally whiten on DMSO: ZCA ``spherize`` (pycytominer), ``tvn`` (PCA whitening,
+   then optionally whiten on DMSO: ZCA ``spherize`` (with a ridge), ``tvn`` (PCA whitening,
    typical variation normalisation) or ``coral`` (each batch's DMSO covariance aligned to all
    DMSO wells', as DeepProfiler's BBBC021 evaluation does). :func:`standardize_to_controls`
    is the plain per-group z-score.
@@ -130,8 +130,8 @@ def normalize_profiles(
       whose rank a per-plate z-score lowers by one per plate); ``tvn`` (PCA whitening of the DMSO wells
       keeping ``strength`` components, default 100); ``coral`` (per batch, DMSO covariance
       mapped onto that of all DMSO wells, each with ridge ``strength``, default 10). With
-      fewer DMSO wells than features (BBBC021: 294 against 453), whitening is underdetermined:
-      the ridge, epsilon or component count decide how much it can distort.
+      fewer DMSO wells than features (BBBC021: 294 against 513), whitening is underdetermined:
+      the ridge or the component count decides how much it can distort.
     Features with zero DMSO variance in a group become NaN there and are dropped later.
     """
     out = frame.copy()

@@ -121,11 +121,6 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
     return pixels
 
 
-def read_field(table: ImageTable, row: pd.Series, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The H×W×C pixels of one row (a view of :func:`read_planes`), in ``table.channels`` order."""
-    return np.moveaxis(read_planes(table, row, expected_shape), 0, -1)
-
-
 def write_tiff(path: Path, image: np.ndarray) -> None:
     """A single-channel TIFF, written atomically (temp name beside it, then rename)."""
     from cellmorph.runinfo import atomic_path
