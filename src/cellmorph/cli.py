@@ -332,7 +332,52 @@ def _cv_config(config: Optional[Path], options: dict, **more):
     return load_cv_config(config, **given)
 
 
+class ExecutorKind(str, Enum):
+    local = "local"
+    dask = "dask"
+    slurm = "slurm"
+
+
+EXECUTOR_OPTIONS = {
+    "executor": (Optional[ExecutorKind], typer.Option(
+        None, help="where folds run: local (this process), dask (a Dask cluster), slurm (a job array)")),
+    "scheduler": (Optional[str], typer.Option(
+        None, help="dask: a running scheduler's address, e.g. tcp://HOST:8786 (default: start a LocalCluster)")),
+    "workers": (Optional[int], typer.Option(None, min=1, help="dask: LocalCluster workers (default: one per core)")),
+    "executor_config": (Optional[Path], typer.Option(
+        None, help="YAML ExecutorConfig: Slurm partition, time, CPUs, GPUs, memory, max running; Dask settings")),
+}
+
+
+def executor_options(func):
+    """Give command ``func`` the options of :data:`EXECUTOR_OPTIONS`, handed over as an ExecutorConfig ``executor``."""
+    signature = introspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "executor"]
+    shared = [introspect.Parameter(name, introspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in EXECUTOR_OPTIONS.items()]
+
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        from cellmorph.cv.executors import ExecutorConfig, executor_config
+
+        given = {name: kwargs.pop(name) for name in EXECUTOR_OPTIONS}
+        path = given.pop("executor_config")
+        given["kind"] = given.pop("executor").value if given["executor"] else None
+        if given["kind"] is None and (given["scheduler"] or given["workers"]):
+            given["kind"] = "dask"
+        if path is not None:
+            cfg = ExecutorConfig.from_yaml(path, **given)
+        else:
+            cfg = executor_config({k: v for k, v in given.items() if v is not None})
+        return func(executor=cfg, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return wrapper
+
+
 @command()
+@executor_options
 @cv_options
 def cv(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
@@ -343,15 +388,16 @@ def cv(
     resume: bool = typer.Option(False, "--resume", help="continue a killed run, skipping finished folds"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
     options: dict | None = None,
+    executor=None,
 ) -> None:
     """Cross-validate a CNN on a prepared cache (the paper's experiment: --cv loco)."""
     from cellmorph.cv import run_cv, run_replicates
 
     cfg = _cv_config(config, options, cv=cv_scheme)
     if replicates > 1:
-        metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress)
+        metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress, executor=executor)
     else:
-        metrics = run_cv(data, out, cfg, resume=resume, progress=progress)
+        metrics = run_cv(data, out, cfg, resume=resume, progress=progress, executor=executor)
     _print_metrics(metrics, out)
 
 
@@ -369,12 +415,14 @@ def train(
     options: dict | None = None,
 ) -> None:
     """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv)."""
+    from cellmorph.distributed import current
     from cellmorph.final_model import train_final
 
     summary = train_final(data, out, _cv_config(config, options), calibration=calibration, resume=resume,
                           progress=progress)
-    console.print(f"model bundle: {out}")
-    print(json.dumps(summary))
+    if current().is_main:  # under torchrun: once, not once per process
+        console.print(f"model bundle: {out}")
+        print(json.dumps(summary))
 
 
 def _embed_help(name: str) -> str:
@@ -464,6 +512,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 
 
 @command("compare-inits")
+@executor_options
 def compare_inits_command(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="output directory (one sub-run per init)"),
@@ -481,6 +530,7 @@ def compare_inits_command(
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue, skipping finished folds and replicates"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    executor=None,
 ) -> None:
     """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
     from cellmorph.cv import compare_inits, load_cv_config
@@ -490,7 +540,7 @@ def compare_inits_command(
     cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr, image_size=image_size,
                          seed=seed, epochs=max(epoch_list), num_threads=threads)
     result = compare_inits(data, out, cfg, tuple(i for i in inits.split(",") if i), tuple(epoch_list),
-                           replicates, metric, resume=resume, progress=progress)
+                           replicates, metric, resume=resume, progress=progress, executor=executor)
     grid = Table(title=f"{metric} (mean ± SD over {replicates} replicate(s))")
     grid.add_column("init")
     for e in result["epochs"]:

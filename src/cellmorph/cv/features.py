@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cellmorph.augment import Augmenter
+from cellmorph.errors import CellmorphError
 from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER, FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest
 
 
@@ -30,8 +32,9 @@ class ProbeFeatures:
         return self.array[[self.position[int(r)] for r in rows]]
 
 
-def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
-    """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once."""
+def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFeatures:
+    """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once
+    (``compute=False``: only read; a fold task on a worker finds them made before it started)."""
     from cellmorph.embed import embed_tiles
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
@@ -39,9 +42,15 @@ def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
     if saved is not None:
         return ProbeFeatures(saved, rows)
+    if not compute:
+        raise CellmorphError(f"{rundir.path(EMBEDDINGS)}: the run's shared embeddings are missing or belong to "
+                             "another run")
     cfg = plan.config
     bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features)")
     weights = Path(cfg.weights) if cfg.weights else None
+    # A network that is not pretrained (init xavier) embeds with random filters: drawn from the run's
+    # seed, so that the embeddings are the same whichever process (a Dask worker, a Slurm task) makes them.
+    torch.manual_seed(int(np.random.SeedSequence([int(cfg.seed), 0xE3]).generate_state(1)[0]))
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
                         str(plan.device), cfg.allow_network, progress=False, features=cfg.features)
     rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
@@ -50,7 +59,7 @@ def probe_embeddings(plan, rundir: RunDir, bar) -> ProbeFeatures:
     return ProbeFeatures(feats, rows)
 
 
-def frozen_feature_pool(plan, rundir: RunDir, resume: bool, bar):
+def frozen_feature_pool(plan, rundir: RunDir, resume: bool, bar, compute: bool = True):
     """The frozen stages' output for ``epochs`` augmented copies of every tile some fold trains on.
 
     Kept in the run directory while the run goes on, so ``--resume`` need not recompute it;
@@ -77,6 +86,9 @@ def frozen_feature_pool(plan, rundir: RunDir, resume: bool, bar):
     saved = rundir.read_marked_array(FROZEN_FEATURES, FROZEN_FEATURES_MARKER, key, mmap=True)
     if saved is not None:
         return FrozenFeatures(saved, rows, split.signature)
+    if not compute:
+        raise CellmorphError(f"{rundir.path(FROZEN_FEATURES)}: the run's frozen-feature pool is missing or belongs "
+                             "to another run")
     copies = int(cfg.epochs)
     # Batches of the training batch size (a fingerprinted field), not eval_batch_size (a runtime
     # field), because the augmentation draws depend on how tiles are batched.

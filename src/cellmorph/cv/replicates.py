@@ -14,6 +14,7 @@ import pandas as pd
 
 from cellmorph.cv.config import CVConfig, validate_config
 from cellmorph.cv.rundir import INIT_COMPARISON, METRICS_FILE, REPLICATE_DIR, REPLICATES_CSV, RunDir
+from cellmorph.cv.executors import executor_scope
 from cellmorph.cv.run import run_cv
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import ACCURACY_KEYS
@@ -28,6 +29,7 @@ def run_replicates(
     replicates: int = 1,
     resume: bool = False,
     progress: bool = True,
+    executor=None,
 ) -> dict:
     """``replicates`` complete :func:`run_cv` runs that differ only in their seed (seed, seed+1, …).
 
@@ -42,12 +44,15 @@ def run_replicates(
     out = require_output_dir(out)
     rows, runs = [], []
     for r in range(replicates):
-        seed = base.seed + r
         run_dir = out / REPLICATE_DIR.format(r)
         if RunDir(run_dir).has_results() and not resume:
             raise CellmorphError(f"{run_dir} already holds a run (finished): continue it with --resume, or choose another --out")
-        metrics = run_cv(data, run_dir, base.model_copy(update={"seed": seed}), resume=resume, progress=progress)
-        runs.append(metrics)
+    with executor_scope(executor) as engine:  # one cluster for every replicate
+        for r in range(replicates):
+            runs.append(run_cv(data, out / REPLICATE_DIR.format(r), base.model_copy(update={"seed": base.seed + r}),
+                               resume=resume, progress=progress, executor=engine))
+    for r, metrics in enumerate(runs):
+        seed = base.seed + r
         scored = metrics.get("by_epoch") or {str(metrics["epochs"]): {k: metrics[k] for k in ACCURACY_KEYS}}
         for epoch, values in scored.items():
             rows.append({"replicate": r, "seed": seed, "init": metrics["init"], "model": metrics["model"],
@@ -110,6 +115,7 @@ def compare_inits(
     metric: str = "well_accuracy",
     resume: bool = False,
     progress: bool = True,
+    executor=None,
 ) -> dict:
     """The paper's Fig. 4: accuracy after each of ``epochs`` for every init, over replicates.
 
@@ -126,17 +132,19 @@ def compare_inits(
     last = max(epochs)
     tables = []
     summary = {}
-    for init in inits:
-        update = {"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})}
-        if init == "xavier":
-            update["freeze_stages"] = 0  # a from-scratch network trains every stage (see CVConfig)
-            update["frozen_feature_cache"] = False  # so nothing is frozen to cache
-        cfg = base.model_copy(update=update)
-        replicate_metrics = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress)
-        table = pd.read_csv(Path(out) / _safe_name(init) / REPLICATES_CSV)
-        table["init"] = init
-        tables.append(table[table["epoch"].isin(epochs)])
-        summary[init] = {e: replicate_metrics["by_epoch"][str(e)][metric] for e in sorted(epochs)}
+    with executor_scope(executor) as engine:  # one cluster for every init and replicate
+        for init in inits:
+            update = {"init": init, "epochs": last, "eval_epochs": sorted(set(epochs) - {last})}
+            if init == "xavier":
+                update["freeze_stages"] = 0  # a from-scratch network trains every stage (see CVConfig)
+                update["frozen_feature_cache"] = False  # so nothing is frozen to cache
+            cfg = base.model_copy(update=update)
+            replicate_metrics = run_replicates(data, Path(out) / _safe_name(init), cfg, replicates, resume, progress,
+                                               executor=engine)
+            table = pd.read_csv(Path(out) / _safe_name(init) / REPLICATES_CSV)
+            table["init"] = init
+            tables.append(table[table["epoch"].isin(epochs)])
+            summary[init] = {e: replicate_metrics["by_epoch"][str(e)][metric] for e in sorted(epochs)}
     combined = pd.concat(tables, ignore_index=True)
     write_csv(Path(out) / f"{INIT_COMPARISON}.csv", combined)
     from cellmorph.report import plot_init_comparison

@@ -16,6 +16,7 @@ uninterrupted run. The directory layout is :mod:`cellmorph.cv.rundir`'s.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from cellmorph.schema import HELDOUT_ACCURACY, TRUE_COLUMN
 
 if TYPE_CHECKING:
     from cellmorph.cache import TileCache
+    from cellmorph.cv.executors import Executor, ExecutorConfig, FoldTask
 
 
 @dataclass
@@ -148,21 +150,27 @@ def run_cv(
     config: CVConfig | dict | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    executor: "Executor | ExecutorConfig | dict | str | None" = None,
 ) -> dict:
     """Cross-validate ``config.model`` on the tile cache ``data``; write the run to ``out``.
 
     Returns the metrics dict (also in ``out/metrics.json``). ``resume=True`` continues
-    a run in ``out`` made with the same config and data, skipping finished folds.
+    a run in ``out`` made with the same config and data, skipping finished folds, whichever
+    executor ran them. ``executor`` says where folds run (:mod:`cellmorph.cv.executors`:
+    local, dask or slurm; default local); every executor writes the same run directory.
     """
+    from cellmorph.cv.executors import executor_scope
+
     started = time.perf_counter()
     rundir = RunDir(require_output_dir(out, "run directory"))
     plan = plan_run(data, config)
     created = created_root(rundir.root)
-    with torch_threads(plan.config.num_threads) as threads, deterministic(plan.config.deterministic), \
-            Progress(progress) as bar:
-        rundir.begin(plan.header(data, threads), plan.fingerprint, resume, RUNTIME_FIELDS)
+    with executor_scope(executor) as engine, torch_threads(plan.config.num_threads) as threads, \
+            deterministic(plan.config.deterministic), Progress(progress) as bar:
+        rundir.begin(plan.header(data, threads) | {"executor": engine.describe()}, plan.fingerprint, resume,
+                     RUNTIME_FIELDS)
         try:
-            outputs = run_folds(plan, rundir, resume, bar)
+            outputs = run_folds(plan, rundir, resume, bar, engine, data)
         except CellmorphError:
             if created is not None and not rundir.finished_folds():
                 shutil.rmtree(created, ignore_errors=True)  # nothing worth resuming: leave nothing behind
@@ -172,51 +180,145 @@ def run_cv(
     return summarise(plan, rundir, outputs, time.perf_counter() - started)
 
 
-def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress) -> dict[int, FoldOutput]:
-    """Each fold, run or (with ``resume``) read back; features shared by folds computed once first."""
-    from cellmorph.cv.features import frozen_feature_pool, probe_embeddings
+def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, executor: "Executor",
+              data: Path) -> dict[int, FoldOutput]:
+    """Each unfinished fold run by ``executor`` (features shared by folds computed once first);
+    then every fold's outputs read back from the run directory, as each executor left them."""
+    from cellmorph.cv.executors import FoldTask, SlurmExecutor
 
     cfg = plan.config
-    tasks = {
-        "folds": bar.task("folds", len(plan.folds)),
-        "epochs": bar.task("  epochs", cfg.epochs),
-        "batches": bar.task("  batches", 1, log=False),
-    }
-    probe = probe_embeddings(plan, rundir, bar) if cfg.mode == "linear-probe" else None
-    frozen = frozen_feature_pool(plan, rundir, resume, bar) if cfg.frozen_feature_cache else None
-    outputs: dict[int, FoldOutput] = {}
+    folds_bar = bar.task("folds", len(plan.folds))
+    names = {f.index: f.name for f in plan.folds}
+    earlier: dict[int, dict] = {}
+    todo: list[Fold] = []
     for fold in plan.folds:
-        finished = rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index]) if resume else None
-        if finished:
-            outputs[fold.index] = rundir.read_fold(fold.index, finished, cfg.eval_epochs)
-            tasks["folds"].advance(info=f"({fold.name}) finished earlier", resumed=True)
-            continue
-        rundir.start_fold(fold.index)
-        tasks["folds"].update(f"fold {fold.index}: {fold.name}")
-        t0 = time.perf_counter()
+        marker = rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index]) if resume else None
+        if marker:
+            earlier[fold.index] = marker
+            folds_bar.advance(info=f"({fold.name}) finished earlier", resumed=True)
+        else:
+            todo.append(fold)
+    last = max((f.index for f in todo), default=None)
+    ran: list[int] = []
+
+    def on_done(index: int, info: dict) -> None:
+        ran.append(index)
+        if cfg.keep_checkpoints == "last":  # only the last fold's weights stay, whatever order folds finish in
+            for k in ran:
+                if k != last:
+                    rundir.drop_fold_state(k)
+        where = f" on {info['host']}" if executor.remote and info.get("host") else ""
+        folds_bar.advance(info=f"({names[index]}) held-out tile accuracy {info['accuracy']:.3f} "
+                               f"in {info['seconds']:.0f} s{where}")
+
+    if todo and executor.remote:
+        threads = executor.fold_threads(cfg.num_threads)
+
+        def task(index: int | None) -> FoldTask:
+            return FoldTask(str(Path(data).resolve()), str(rundir.root.resolve()), cfg.model_dump(mode="json"),
+                            plan.fingerprint, index, threads, log=isinstance(executor, SlurmExecutor))
+
+        if needs_shared_features(cfg):
+            bar.line("shared features: computing once on the executor before the folds")
+            executor.run([task(None)], lambda t, info: None)
+        executor.run([task(f.index) for f in todo], lambda t, info: on_done(t.fold, info))
+    elif todo:
+        shared = shared_features(plan, rundir, resume, bar)
+        tasks = fold_bars(bar, cfg)
+        for fold in todo:
+            folds_bar.update(f"fold {fold.index}: {fold.name}")
+            on_done(fold.index, execute_fold(plan, rundir, fold, shared, tasks))
+    outputs = {}
+    for fold in plan.folds:
+        marker = earlier.get(fold.index) or rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index])
+        if marker is None:
+            raise CellmorphError(f"{rundir.fold_dir(fold.index)}: the executor reported fold {fold.index} done "
+                                 "but its results are not in the run directory (is it on shared storage?)")
+        outputs[fold.index] = rundir.read_fold(fold.index, marker, cfg.eval_epochs)
+        outputs[fold.index].resumed = fold.index in earlier
+    return outputs
+
+
+def needs_shared_features(cfg: CVConfig) -> bool:
+    return cfg.mode == "linear-probe" or cfg.frozen_feature_cache
+
+
+def shared_features(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, compute: bool = True):
+    """The probe's embeddings or the frozen-feature pool (None if the run uses neither), read from
+    the run directory when there, else computed and written there (``compute=False``: an error)."""
+    from cellmorph.cv.features import frozen_feature_pool, probe_embeddings
+
+    if plan.config.mode == "linear-probe":
+        return probe_embeddings(plan, rundir, bar, compute)
+    if plan.config.frozen_feature_cache:
+        return frozen_feature_pool(plan, rundir, resume, bar, compute)
+    return None
+
+
+def fold_bars(bar: Progress, cfg: CVConfig) -> dict:
+    return {"epochs": bar.task("  epochs", cfg.epochs), "batches": bar.task("  batches", 1, log=False)}
+
+
+def execute_fold(plan: RunPlan, rundir: RunDir, fold: Fold, shared, tasks: dict) -> dict:
+    """Train and score one fold, write ``folds/<k>/`` (atomically); a few numbers about it."""
+    import socket
+
+    from threadpoolctl import threadpool_limits
+
+    cfg = plan.config
+    t0 = time.perf_counter()
+    # BLAS (the probe's solver, NumPy) on the fold's thread count too: the same result in this
+    # process as on a Dask worker or a Slurm node given the same --threads.
+    with threadpool_limits(torch.get_num_threads()):
         if cfg.mode == "linear-probe":
             from cellmorph.cv.probe import run_probe_fold
 
-            trained = run_probe_fold(plan, fold, probe)
+            trained = run_probe_fold(plan, fold, shared)
         else:
-            trained = run_fold(plan, fold, frozen, tasks)
-        output = FoldOutput(
-            predictions=predictions_frame(plan.cache, fold.test, trained.probs, plan.classes, fold.index),
-            history=trained.history,
-            interim={e: predictions_frame(plan.cache, fold.test, p, plan.classes, fold.index)
-                     for e, p in trained.interim.items()},
-        )
-        output.seconds = time.perf_counter() - t0
-        marker = fold.describe() | {"fingerprint": plan.fold_fingerprints[fold.index], "seeds": plan.seeds[fold.index],
-                                    "n_train_used": int(len(trained.train_rows)), "seconds": output.seconds}
-        record = {"model": trained.state, "model_name": cfg.model, "classes": list(plan.classes),
-                  "fold": fold.describe(), "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(),
-                  "history": trained.history}
-        rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints)
-        outputs[fold.index] = output
-        accuracy = _tile_accuracy(trained.probs, plan.targets[fold.test])
-        tasks["folds"].advance(info=f"({fold.name}) held-out tile accuracy {accuracy:.3f} in {output.seconds:.0f} s")
-    return outputs
+            trained = run_fold(plan, fold, shared, tasks)
+    output = FoldOutput(
+        predictions=predictions_frame(plan.cache, fold.test, trained.probs, plan.classes, fold.index),
+        history=trained.history,
+        interim={e: predictions_frame(plan.cache, fold.test, p, plan.classes, fold.index)
+                 for e, p in trained.interim.items()},
+    )
+    seconds = time.perf_counter() - t0
+    info = {"fold": fold.index, "seconds": seconds, "accuracy": _tile_accuracy(trained.probs, plan.targets[fold.test]),
+            "threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
+    marker = fold.describe() | {"fingerprint": plan.fold_fingerprints[fold.index], "seeds": plan.seeds[fold.index],
+                                "n_train_used": int(len(trained.train_rows)), "seconds": seconds,
+                                "threads": info["threads"], "host": info["host"]}
+    record = {"model": trained.state, "model_name": cfg.model, "classes": list(plan.classes),
+              "fold": fold.describe(), "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(),
+              "history": trained.history}
+    info["written"] = rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints)
+    return info
+
+
+def run_fold_task(task: "FoldTask") -> dict:
+    """One fold (or, with ``task.fold`` None, the shared features) in whatever process runs it:
+    a Dask worker, a Slurm array task. The run is planned again from the paths and config in
+    ``task`` and must come out with the driver's fingerprint. A fold already finished (a
+    duplicate of a retried task) is not run again."""
+    plan = plan_run(Path(task.data), task.config)
+    if plan.fingerprint != task.fingerprint:
+        raise CellmorphError(f"{task.name()}: the cache {task.data} or cellmorph itself differs on this worker "
+                             "from the driver's (the run's fingerprint does not match)")
+    rundir = RunDir(Path(task.out))
+    with torch_threads(task.threads), deterministic(plan.config.deterministic), Progress(task.log) as bar:
+        if task.fold is None:
+            shared_features(plan, rundir, False, bar)
+            return {"fold": None}
+        fold = next((f for f in plan.folds if f.index == task.fold), None)
+        if fold is None:
+            raise CellmorphError(f"{task.name()}: the run has no such fold")
+        marker = rundir.finished_fold(fold.index, plan.fold_fingerprints[fold.index])
+        if marker:
+            return {"fold": fold.index, "seconds": float(marker.get("seconds", 0.0)), "accuracy": float("nan"),
+                    "threads": marker.get("threads"), "host": marker.get("host"), "written": False}
+        bar.line(f"{task.name()} ({fold.name}) of {task.out}")
+        return execute_fold(plan, rundir, fold, shared_features(plan, rundir, False, bar, compute=False),
+                            fold_bars(bar, plan.config))
 
 
 def run_fold(plan: RunPlan, fold: Fold, frozen, tasks: dict) -> TrainedFold:

@@ -8,6 +8,7 @@
     folds/<k>/history.json   per epoch: training loss/accuracy/lr/seconds, schema.HELDOUT_ACCURACY where scored
     folds/<k>/state.pt       model weights + fold info (plain tensors; weights_only loads), per keep_checkpoints
     folds/<k>/fold.json      written last: marks the fold finished (resume skips it)
+                             (a fold's folder is written under a hidden name, then renamed into place)
     embeddings.npy/.json     linear probe: frozen-backbone embeddings, kept for resume
     frozen_features.npy/.json   frozen-feature cache: kept for resume, deleted when the run ends
     predictions.parquet      all test tiles: Metadata_* + Metadata_Fold + prob_<class>
@@ -23,8 +24,13 @@ its marker carry the fold's fingerprint, a digest of everything that decides its
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +137,6 @@ class RunDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._states_written: list[Path] = []  # fold weights this process wrote (keep_checkpoints "last")
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -171,12 +176,16 @@ class RunDir:
             tmp.write_text(yaml.safe_dump(header | {"fingerprint": fingerprint}, sort_keys=False, allow_unicode=True))
 
     def remove_temporaries(self) -> None:
-        """Half-written files a killed run left behind (atomic writes use hidden ``.<name>.*`` temporaries)."""
-        for folder in [self.root, *sorted((self.root / FOLDS_DIR).glob("*"))]:
+        """What a killed run left half-written: hidden ``.<name>.*`` files of atomic writes and
+        hidden staging folders of folds (see :meth:`write_fold`)."""
+        folds = self.root / FOLDS_DIR
+        for folder in [self.root, folds, *sorted(folds.glob("[!.]*"))]:
             if folder.is_dir():
                 for tmp in folder.glob(".*"):
                     if tmp.is_file():
                         tmp.unlink(missing_ok=True)
+                    elif tmp.is_dir() and folder == folds:
+                        shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ folds
     def finished_fold(self, fold: int, fingerprint: str) -> dict | None:
@@ -203,31 +212,56 @@ class RunDir:
             resumed=True,
         )
 
-    def start_fold(self, fold: int) -> None:
-        """A fold about to (re)run is not finished, whatever an earlier attempt wrote."""
-        (self.fold_dir(fold) / FOLD_DONE).unlink(missing_ok=True)
+    def write_fold(self, fold: int, output: FoldOutput, state: dict | None, marker: dict, keep: str) -> bool:
+        """The fold's outputs, its weights unless ``keep`` is none, and last its marker: all written
+        into a hidden staging folder that is then renamed into place, so ``folds/<k>/`` is either
+        complete or absent, whichever process (a Dask worker, a Slurm task) wrote it.
 
-    def write_fold(self, fold: int, output: FoldOutput, state: dict | None, marker: dict, keep: str) -> None:
-        """The fold's outputs, its weights as ``keep`` says (all | last | none), and last its marker.
-
-        Only weights this process wrote are ever deleted: a resumed run keeps those of
-        folds finished earlier (e.g. by a release that kept every fold's weights).
+        Returns False when another attempt at the same fold (a retry on a second worker after the
+        first was presumed lost) finished first: its result, identical by construction, stays.
         """
-        folder = self.fold_dir(fold)
-        for epoch, frame in output.interim.items():
-            _write_parquet(folder / fold_predictions_name(epoch), frame)
-        _write_parquet(folder / FOLD_PREDICTIONS, output.predictions)
-        write_json(folder / FOLD_HISTORY, output.history)
-        (folder / FOLD_STATE).unlink(missing_ok=True)  # an earlier attempt's weights are not this fold's
-        if state is not None and keep != "none":
-            with atomic_path(folder / FOLD_STATE) as tmp:
-                torch.save(state, tmp)
-            if keep == "last":
-                for earlier in self._states_written:
-                    earlier.unlink(missing_ok=True)
-                self._states_written = []
-            self._states_written.append(folder / FOLD_STATE)
-        write_json(folder / FOLD_DONE, marker)
+        folds = self.root / FOLDS_DIR
+        folds.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".fold-{int(fold)}.", dir=folds))
+        try:
+            for epoch, frame in output.interim.items():
+                _write_parquet(staging / fold_predictions_name(epoch), frame)
+            _write_parquet(staging / FOLD_PREDICTIONS, output.predictions)
+            write_json(staging / FOLD_HISTORY, output.history)
+            if state is not None and keep != "none":
+                with atomic_path(staging / FOLD_STATE) as tmp:
+                    torch.save(state, tmp)
+            write_json(staging / FOLD_DONE, marker)
+            return self._commit_fold(fold, staging, marker["fingerprint"])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into place
+
+    def _commit_fold(self, fold: int, staging: Path, fingerprint: str) -> bool:
+        final = self.fold_dir(fold)
+        for _ in range(5):
+            if self.finished_fold(fold, fingerprint):
+                return False  # a concurrent attempt won the race
+            if final.exists():
+                # An unfinished attempt's leftovers (older releases wrote in place): moved aside
+                # first, because a rename cannot replace a non-empty folder.
+                aside = final.with_name(f".stale-{int(fold)}.{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(final, aside)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.rename(staging, final)
+                return True
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        raise CellmorphError(f"{final}: could not put the fold's results in place (another process keeps "
+                             "writing there)")
+
+    def drop_fold_state(self, fold: int) -> None:
+        """Delete a fold's saved weights (keep_checkpoints last: only the last fold's stay)."""
+        (self.fold_dir(fold) / FOLD_STATE).unlink(missing_ok=True)
 
     def fold_state(self, fold: int) -> dict:
         """A fold's saved weights and record (``weights_only`` load: plain tensors and types only)."""
