@@ -402,6 +402,7 @@ def cv(
 
 
 @command()
+@executor_options
 @cv_options
 def train(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
@@ -413,13 +414,17 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue a killed calibration CV"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
     options: dict | None = None,
+    executor=None,
 ) -> None:
-    """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv)."""
+    """Train the final model on every labelled treatment and save it as a bundle (same recipe as cv).
+
+    The executor options say where the calibration CV's folds run; the final model trains here
+    (data-parallel when launched by torchrun)."""
     from cellmorph.distributed import current
     from cellmorph.final_model import train_final
 
     summary = train_final(data, out, _cv_config(config, options), calibration=calibration, resume=resume,
-                          progress=progress)
+                          progress=progress, executor=executor)
     if current().is_main:  # under torchrun: once, not once per process
         console.print(f"model bundle: {out}")
         print(json.dumps(summary))

@@ -9,6 +9,10 @@ Same recipe and config schema as ``cv``. With ``calibration``, a cross-validatio
 scheme runs first (into ``MODEL.cv/``, resumable), and its out-of-fold treatment probabilities,
 scored by models that never saw those compounds, are stored in the bundle for calibrated
 prediction sets. The final model's seeds derive from (seed, :data:`FINAL_FOLD`).
+
+Under ``torchrun`` the final model trains data-parallel (:mod:`cellmorph.distributed`): every
+process trains, rank 0 alone prints progress and writes the bundle, whose training record
+says how (``data_parallel``: world size, backend). ``calibration`` is refused there for now.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ def calibration_run_dir(out: Path) -> Path:
 
 
 def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = None,
-                calibration: str | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train on all labelled tiles of ``data``, write the bundle ``out``; returns a summary."""
+                calibration: str | None = None, resume: bool = False, progress: bool = True,
+                executor=None) -> dict:
+    """Train on all labelled tiles of ``data``, write the bundle ``out``; returns a summary.
+
+    ``executor`` runs the calibration CV's folds (see :func:`cellmorph.cv.run_cv`)."""
+    from cellmorph import distributed
     from cellmorph.bundle import save_bundle
     from cellmorph.cv.rundir import RunDir
     from cellmorph.cv.run import plan_run, run_cv, run_fold
@@ -40,26 +48,39 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     from cellmorph.runinfo import require_output_dir
     from cellmorph.runtime import derive_seeds, deterministic, torch_threads
 
-    out = require_output_dir(Path(out), "model folder")
+    # Under torchrun, rank 0 alone probes the folder (below): probes by every rank would race.
+    launched = distributed.launched_world_size() > 1
+    out = Path(out) if launched else require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
     if base.mode == "linear-probe":
         raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
     scheme = parse_cv(calibration) if calibration is not None else None
     if scheme is None:
         _check_no_cv_only_options(base)
+    elif launched:
+        raise CellmorphError("train --calibration does not run under torchrun yet (the calibration CV would run "
+                             "in every process); run the calibrated training without torchrun, or leave "
+                             "--calibration out under torchrun")
+    dp = distributed.init_from_env(base.device)
+    if dp.active:
+        dp.main_only(lambda: require_output_dir(out, "model folder"))
     plan = plan_run(data, base, with_folds=False)
     scores = None
     if scheme is not None:
         run = calibration_run_dir(out)
         resuming = resume or (run / "config.yaml").is_file()
-        metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress)
+        metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress,
+                         executor=executor)
         scores = RunDir(run).read_levels()
     rows = np.flatnonzero(plan.targets >= 0)
     if len(rows) < 2:
         raise CellmorphError(f"{data}: fewer than 2 labelled tiles to train the final model on")
     fold = Fold(FINAL_FOLD, "final", rows, np.empty(0, dtype=np.int64))
     final_plan = replace(plan, seeds={FINAL_FOLD: derive_seeds(plan.config.seed, FINAL_FOLD)})
-    with torch_threads(plan.config.num_threads), deterministic(plan.config.deterministic), Progress(progress) as bar:
+    if dp.active:
+        final_plan = replace(final_plan, device=dp.device)
+    with torch_threads(plan.config.num_threads), deterministic(plan.config.deterministic), \
+            Progress(progress and dp.is_main) as bar:
         tasks = {"epochs": bar.task("  epochs (final model)", plan.config.epochs),
                  "batches": bar.task("  batches", 1, log=False)}
         trained = run_fold(final_plan, fold, None, tasks)
@@ -75,6 +96,8 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
         "compounds": sorted(map(str, set(cache.index["Metadata_Compound"].iloc[trained.train_rows]))),
         "history": trained.history,
         "init": plan.init.record(),
+        # global batch = config batch_size, split over world_size processes (cellmorph.distributed)
+        "data_parallel": dp.record(),
         "calibration": None if scheme is None else {
             "cv": str(scheme), "run": str(calibration_run_dir(out).resolve()),
             # False for well or batch folds: their held-out compounds were trained on in other folds
@@ -84,7 +107,9 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
             "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)],
             "held_out_calibration_error": held_out_calibration_error(scores["treatments"], plan.classes)},
     }
-    save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input, preprocessing, training, scores)
+    # Rank 0 writes; the other ranks wait for the complete bundle (and fail with it if it fails).
+    dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input,
+                                     preprocessing, training, scores))
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
             "calibration": training["calibration"]}
 

@@ -6,6 +6,10 @@ as in the authors' ``class_weight``). On CUDA: mixed precision + channels-last;
 on CPU: fp32. Every random draw comes from seeds handed in by the caller, and
 :func:`deterministic` switches PyTorch to deterministic kernels, so a fold's
 result depends only on its seed and data.
+
+Under ``torchrun`` (:mod:`cellmorph.distributed`) :func:`fit` trains data-parallel: each
+process takes its share of every global batch, and the gradients are summed over processes
+so that each step is the one-process step (see :class:`_Step`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from cellmorph.augment import TTA_MODES, dihedral
 from cellmorph.datasets import InputPipeline, batch_order, iterate_batches
+from cellmorph.distributed import DataParallel, current, rank_seed
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
 from cellmorph.models.frozen import FrozenFeatures, FrozenInput, FrozenSplit, example_batch
@@ -189,10 +194,25 @@ def fit(
     With ``frozen_features`` (and ``settings.freeze_stages``), the frozen stages are not run:
     each tile's precomputed output for one augmented copy feeds the trainable stages. The
     batch order is the same as without them.
+
+    Data-parallel (more than one process in :func:`cellmorph.distributed.current`): every
+    process draws the same global batches of ``settings.batch_size`` and trains on its share
+    of each (see :class:`_Step`); the history is that of the global batches, the same on
+    every process. On CUDA, BatchNorm becomes SyncBatchNorm (statistics of the global batch).
+    On the CPU, where torch's SyncBatchNorm does not run (it takes GPU tensors only), each
+    process's BatchNorm normalises its own share of the batch, so a BatchNorm network trains
+    as with batch statistics of ``batch_size / world_size`` tiles: not the one-process model
+    (a LayerNorm or GroupNorm network, e.g. ConvNeXt, is that model up to float rounding).
+    Its running statistics are averaged over the processes after every epoch, so all
+    processes keep the same model.
     """
     cuda = device.type == "cuda"
     amp = cuda if settings.amp is None else (settings.amp and cuda)
     model.to(device)
+    dp = current()
+    sync_norms = dp.active and cuda
+    if dp.active:
+        _join(model, dp, sync_norms)
     if settings.channels_last:
         # NHWC: oneDNN's fast convolution layout on CPU (≈1.5× training, ≈1.8× inference
         # for EfficientNet-Lite0 here) and the tensor-core layout on CUDA.
@@ -215,7 +235,8 @@ def fit(
                                 weight_decay=settings.weight_decay)
     weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
     step = _Step(model, optimizer, torch.amp.GradScaler("cuda", enabled=amp), weights,
-                 torch.as_tensor(np.asarray(targets, dtype=np.int64)), device, amp, settings.channels_last)
+                 torch.as_tensor(np.asarray(targets, dtype=np.int64)), device, amp, settings.channels_last,
+                 dp if dp.active else None)
     rng = np.random.default_rng(shuffle_seed)
     history = []
     for epoch in range(settings.epochs):
@@ -238,6 +259,8 @@ def fit(
         else:
             order = batch_order(len(rows), settings.batch_size, rng, min_last=2)
             totals = step.epoch(frozen.batches(epoch, order), frozen.split, epoch, on_batch)
+        if dp.active and not sync_norms:
+            dp.average_batchnorm_statistics(model)
         record = {"epoch": epoch + 1, **totals, "lr": lr, "seconds": time.perf_counter() - start}
         history.append(record)
         if on_epoch:
@@ -245,16 +268,45 @@ def fit(
     return history
 
 
-class _Step:
-    """One SGD step per batch with class-weighted cross-entropy; sums loss and accuracy over an epoch."""
+def _join(model: nn.Module, dp: DataParallel, sync_norms: bool) -> None:
+    """Make ``model`` one replica of the data-parallel model (before stages are frozen, since
+    freezing and unfreezing keep references to its BatchNorm modules)."""
+    if sync_norms:
+        from timm.layers import convert_sync_batchnorm  # also timm's BatchNormAct2d, with its activation
 
-    def __init__(self, model, optimizer, scaler, weights, y_all, device, amp: bool, channels_last: bool) -> None:
+        convert_sync_batchnorm(model)  # the root (a network, never a BatchNorm) is changed in place
+    dp.broadcast_state(model)
+    # Dropout and stochastic depth draw from torch's global generator: a stream of its own per
+    # rank, else every rank would draw the same masks for its (different) samples.
+    torch.manual_seed(rank_seed(torch.initial_seed(), dp.rank))
+
+
+class _Step:
+    """One SGD step per batch with class-weighted cross-entropy; sums loss and accuracy over an epoch.
+
+    Data-parallel (``dp`` given): every rank gets the same global batch (already through the
+    input pipeline, so its augmentation draws are those of one process) and keeps its
+    :meth:`~cellmorph.distributed.DataParallel.shard`. Its loss is its share of the global
+    batch's weighted mean: ``sum(per_sample * class_weight) / global_batch_size``, so the sum of
+    the ranks' gradients is the one-process gradient, for uneven shards too. One all-reduce per
+    step sums the gradients together with the loss and correct count, so every rank records the
+    global batch's numbers and sees the same loss in the divergence check.
+    """
+
+    def __init__(self, model, optimizer, scaler, weights, y_all, device, amp: bool, channels_last: bool,
+                 dp: DataParallel | None = None) -> None:
         self.model, self.optimizer, self.scaler, self.weights = model, optimizer, scaler, weights
         self.y_all, self.device, self.amp, self.channels_last = y_all, device, amp, channels_last
+        self.dp = dp
 
     def epoch(self, batches, split: FrozenSplit | None, epoch: int, on_batch) -> dict:
         total_loss, total_correct, seen = 0.0, 0, 0
+        dp = self.dp
         for x, positions in batches:
+            n = len(positions)  # the global batch
+            if dp is not None:
+                part = dp.shard(n)
+                x, positions = x[part], positions[part]
             y = self.y_all[positions].to(self.device, non_blocking=True)
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -262,16 +314,23 @@ class _Step:
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.model(x) if split is None else split.tail(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-            loss = (per_sample * self.weights[y]).mean()
+            if dp is None:
+                loss = (per_sample * self.weights[y]).mean()
+            else:
+                loss = (per_sample * self.weights[y]).sum() / n
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            correct = (logits.detach().argmax(1) == y).sum()
+            if dp is not None:
+                params = (p for group in self.optimizer.param_groups for p in group["params"])
+                loss, correct = dp.all_reduce_gradients(params, torch.stack([loss.detach(), correct.float()]))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if not torch.isfinite(loss):
                 raise CellmorphError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning rate")
-            total_loss += float(loss.detach()) * len(y)
-            total_correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
+            total_loss += float(loss.detach()) * n
+            total_correct += int(correct)
+            seen += n
             if on_batch:
                 on_batch()
         return {"loss": total_loss / max(seen, 1), "train_accuracy": total_correct / max(seen, 1), "n_tiles": seen}

@@ -1,0 +1,99 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) train the model 1 process trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellmorph.bundle import load_bundle
+from cellmorph.distributed import DataParallel
+from cellmorph.errors import CellmorphError
+
+BIN = Path(sys.executable).parent
+TORCHRUN, CELLMORPH = BIN / "torchrun", BIN / "cellmorph"
+
+# Weights are O(1) (at most ≈1 here). Two processes compute the same steps as one, except that each
+# step's gradient is the sum of two half-batch gradients instead of one whole-batch reduction, so
+# only the order of float32 summation differs: ≈1e-7 relative per step, after 12 SGD steps with
+# momentum measured at 1.8e-7 max abs difference. 1e-5 leaves a margin of ~50x for other CPUs'
+# kernels, and is far below what a wrong split would cost (a rank's mean over its own shard
+# instead of its share of the global mean, on the uneven 3/2 last batch; or unreduced gradients),
+# which moves weights by ~1e-3 and more; the test checks that training moved them that far.
+WEIGHT_TOL = 1e-5
+LOSS_RTOL = 1e-5
+
+# 45 tiles in batches of 8: five even 4/4 splits and a last batch of 5, split 3/2. ConvNeXt
+# normalises with LayerNorm (per sample), so no statistic couples the samples of a batch and the
+# split changes nothing but summation order (a BatchNorm network would normalise each half alone).
+TRAIN = ("train", "--model", "convnext_atto", "--init", "xavier", "--image-size", "32", "--epochs", "2",
+         "--batch-size", "8", "--max-tiles-per-fold", "45", "--threads", "1", "--no-progress")
+TRAIN_CONFIG = {"model": "convnext_atto", "init": "xavier", "image_size": 32, "epochs": 2, "batch_size": 8,
+                "max_tiles_per_fold": 45, "num_threads": 1}  # the same, as a CVConfig
+
+
+def test_shard_splits_a_global_batch_contiguously_and_as_evenly_as_possible():
+    for world in range(1, 6):
+        for n in range(0, 23):
+            parts = [range(n)[DataParallel(rank=r, world_size=world).shard(n)] for r in range(world)]
+            assert [i for part in parts for i in part] == list(range(n))  # in order, each sample once
+            sizes = [len(part) for part in parts]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert DataParallel(rank=0, world_size=2).shard(5) == slice(0, 3)
+    assert DataParallel(rank=1, world_size=2).shard(5) == slice(3, 5)
+    assert DataParallel(rank=2, world_size=3).shard(2) == slice(2, 2)  # nothing left for the last rank
+    assert DataParallel().shard(7) == slice(0, 7)
+
+
+def test_calibration_is_refused_under_torchrun(tiny_cache, tmp_path, monkeypatch):
+    from cellmorph.final_model import train_final
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before joining any group
+    with pytest.raises(CellmorphError, match="--calibration does not run under torchrun"):
+        train_final(tiny_cache, tmp_path / "model", {"model": "convnext_atto", "init": "xavier"},
+                    calibration="group-kfold:2", progress=False)
+    assert not (tmp_path / "model").exists()
+
+
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tiny_cache, tmp_path):
+    from cellmorph.final_model import train_final
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    parallel = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", str(CELLMORPH),
+                                 *TRAIN, "--data", str(tiny_cache), "--out", str(two)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The one-process reference: the same options through the API, in this process while torchrun
+    # runs (results do not depend on timing; it saves a process start on a 2-core machine).
+    train_final(tiny_cache, one, TRAIN_CONFIG, progress=False)
+    stdout, stderr = parallel.communicate(timeout=600)
+    assert parallel.returncode == 0, stderr
+    assert len(stdout.strip().splitlines()) == 1  # rank 0 alone prints the summary
+    assert json.loads(stdout)["model"] == str(two)
+
+    a, b = load_bundle(one), load_bundle(two)
+    assert a.manifest["training"]["data_parallel"]["world_size"] == 1
+    assert b.manifest["training"]["data_parallel"] == {"world_size": 2, "backend": "gloo", "sync_batchnorm": False}
+    assert a.weights.keys() == b.weights.keys()
+    diff = {k: float((a.weights[k].double() - b.weights[k].double()).abs().max()) for k in a.weights}
+    assert max(diff.values()) < WEIGHT_TOL, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+    # Training moved the weights far beyond the tolerance (the comparison means something): the
+    # start is the network run_fold builds from the recorded init seed.
+    from cellmorph.models import create_model
+
+    torch.manual_seed(a.manifest["training"]["seeds"]["init"])
+    start = create_model("convnext_atto", len(a.classes), init="xavier").state_dict()
+    moved = max(float((a.weights[k].double() - start[k].double()).abs().max()) for k in a.weights)
+    assert moved > 100 * WEIGHT_TOL, moved
+
+    h1, h2 = a.manifest["training"]["history"], b.manifest["training"]["history"]
+    assert [h["epoch"] for h in h1] == [h["epoch"] for h in h2] == [1, 2]
+    for r1, r2 in zip(h1, h2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=LOSS_RTOL)
+        assert (r2["train_accuracy"], r2["n_tiles"]) == (r1["train_accuracy"], r1["n_tiles"]) and r1["n_tiles"] == 45
