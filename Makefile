@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install system-deps demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cellmorph demo --out runs/demo
 
-test: install
+# Debian packages that tests use where they can (a one-node Slurm for the job-array tests); where
+# apt-get or root is missing, those tests are skipped and say why.
+system-deps:
+	@if ! command -v slurmctld >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing slurm-wlm and munge (Debian) for the Slurm tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+			|| echo "warning: could not install slurm-wlm and munge; the Slurm tests will be skipped"; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -27,6 +28,8 @@ TORCHRUN, CELLMORPH = BIN / "torchrun", BIN / "cellmorph"
 # which moves weights by ~1e-3 and more; the test checks that training moved them that far.
 WEIGHT_TOL = 1e-5
 LOSS_RTOL = 1e-5
+# Held-out probabilities of those weights: softmax outputs move no more than the weights do.
+PROB_TOL = 1e-4
 
 # 45 tiles in batches of 8: five even 4/4 splits and a last batch of 5, split 3/2. ConvNeXt
 # normalises with LayerNorm (per sample), so no statistic couples the samples of a batch and the
@@ -50,14 +53,28 @@ def test_shard_splits_a_global_batch_contiguously_and_as_evenly_as_possible():
     assert DataParallel().shard(7) == slice(0, 7)
 
 
-def test_calibration_is_refused_under_torchrun(tiny_cache, tmp_path, monkeypatch):
-    from cellmorph.final_model import train_final
+def test_cross_validation_folds_train_data_parallel_too(tiny_cache, tmp_path):
+    """``train --calibration`` under torchrun: the calibration CV's folds and the final model are
+    each trained by both processes; rank 0 alone writes the run directory and the bundle."""
+    from cellmorph.cv import RunDir, run_cv
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before joining any group
-    with pytest.raises(CellmorphError, match="--calibration does not run under torchrun"):
-        train_final(tiny_cache, tmp_path / "model", {"model": "convnext_atto", "init": "xavier"},
-                    calibration="group-kfold:2", progress=False)
-    assert not (tmp_path / "model").exists()
+    two = tmp_path / "two"
+    parallel = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", str(CELLMORPH),
+                               *TRAIN, "--epochs", "1", "--calibration", "group-kfold:2", "--data", str(tiny_cache),
+                               "--out", str(two)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert parallel.returncode == 0, parallel.stderr
+    one = tmp_path / "one.cv"
+    run_cv(tiny_cache, one, dict(TRAIN_CONFIG, epochs=1, cv="group-kfold:2"), progress=False)
+    cv_two = Path(str(two) + ".cv")
+    assert RunDir(cv_two).read_config()["data_parallel"]["world_size"] == 2
+    assert sorted(p.name for p in (cv_two / "folds").iterdir()) == ["0", "1"]
+    assert not list(cv_two.rglob(".*")), "temporaries left behind"
+    a, b = (pd.read_parquet(run / "predictions.parquet") for run in (one, cv_two))
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    pd.testing.assert_frame_equal(a.drop(columns=probs), b.drop(columns=probs))
+    assert float((a[probs] - b[probs]).abs().max().max()) < PROB_TOL
+    assert load_bundle(two).manifest["training"]["calibration"]["cv"] == "group-kfold:2"
 
 
 def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tiny_cache, tmp_path):

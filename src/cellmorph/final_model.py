@@ -12,7 +12,8 @@ prediction sets. The final model's seeds derive from (seed, :data:`FINAL_FOLD`).
 
 Under ``torchrun`` the final model trains data-parallel (:mod:`cellmorph.distributed`): every
 process trains, rank 0 alone prints progress and writes the bundle, whose training record
-says how (``data_parallel``: world size, backend). ``calibration`` is refused there for now.
+says how (``data_parallel``: world size, backend); the calibration CV's folds train
+data-parallel too (:func:`cellmorph.cv.run_cv`).
 """
 
 from __future__ import annotations
@@ -57,10 +58,6 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     scheme = parse_cv(calibration) if calibration is not None else None
     if scheme is None:
         _check_no_cv_only_options(base)
-    elif launched:
-        raise CellmorphError("train --calibration does not run under torchrun yet (the calibration CV would run "
-                             "in every process); run the calibrated training without torchrun, or leave "
-                             "--calibration out under torchrun")
     dp = distributed.init_from_env(base.device)
     if dp.active:
         dp.main_only(lambda: require_output_dir(out, "model folder"))

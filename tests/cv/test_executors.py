@@ -184,8 +184,10 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
     out = tmp_path / "run"
     args = ("cv", "--data", tiny_cache, "--out", out, "--model", "test_resnet", "--init", "xavier", "--image-size",
             "32", "--epochs", "4", "--cv", "group-kfold:3", "--threads", "1", "--no-progress")
+    quick_timeout = _yaml(tmp_path / "dask.yaml", {"connect_timeout_s": 3})
     driver = subprocess.Popen([sys.executable, "-m", "cellmorph.cli", *map(str, args), "--executor", "dask",
-                               "--scheduler", dask.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--scheduler", dask.address, "--executor-config", quick_timeout],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         while not (out / FOLDS_DIR / "0" / FOLD_DONE).is_file() and driver.poll() is None:
@@ -207,7 +209,8 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
 
 def test_unreachable_scheduler_is_one_line_and_leaves_nothing(tiny_cache, tmp_path):
     proc = run_cli("cv", "--data", tiny_cache, "--out", tmp_path / "run", *QUICK_ARGS, "--executor", "dask",
-                   "--scheduler", "tcp://127.0.0.1:9")
+                   "--scheduler", "tcp://127.0.0.1:9",
+                   "--executor-config", _yaml(tmp_path / "dask.yaml", {"connect_timeout_s": 2}))
     one_line_error(proc, "cannot reach the Dask scheduler", "tcp://127.0.0.1:9")
     assert not (tmp_path / "run").exists()
 
@@ -236,3 +239,86 @@ def test_a_fold_that_runs_twice_is_written_once(tiny_cache, tmp_path):
 
     with pytest.raises(CellmorphError, match="fingerprint"):
         run_fold_task(stale)
+
+
+SLURM = dict(kind="slurm", partition="debug", time_min=10, cpus_per_task=1, max_running=2, poll_seconds=0.5)
+
+
+def test_the_sbatch_script_asks_for_what_the_config_says(tmp_path):
+    """No Slurm needed: the script submitit would submit for a 38-fold array."""
+    from cellmorph.cv.executors import SlurmExecutor
+
+    config = ExecutorConfig(kind="slurm", partition="gpu", time_min=45, cpus_per_task=6, gpus_per_node=1, mem_gb=16,
+                            max_running=10, account="screening", setup=["export CELLMORPH_HOME=/shared/cellmorph"])
+    script = SlurmExecutor(config).submission_script(tmp_path / "slurm", "cellmorph-run", 38)
+    for line in ("#SBATCH --array=0-37%10", "#SBATCH --cpus-per-task=6", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --mem=16384M", "#SBATCH --partition=gpu", "#SBATCH --time=45", "#SBATCH --account=screening",
+                 "#SBATCH --job-name=cellmorph-run", "#SBATCH --nodes=1",
+                 f"#SBATCH --output={tmp_path / 'slurm'}/%A_%a_0_log.out",
+                 f"#SBATCH --error={tmp_path / 'slurm'}/%A_%a_0_log.err",
+                 "export CELLMORPH_HOME=/shared/cellmorph", sys.executable):
+        assert line in script, line
+    # Loaded from YAML, as --executor-config reads it; unknown keys are refused in one line.
+    path = tmp_path / "slurm.yaml"
+    path.write_text("executor:\n  kind: slurm\n  partition: gpu\n  max_running: 10\n")
+    assert ExecutorConfig.from_yaml(path).max_running == 10
+    path.write_text("kind: slurm\npartitoin: gpu\n")
+    from cellmorph.errors import CellmorphError
+
+    with pytest.raises(CellmorphError, match="partitoin"):
+        ExecutorConfig.from_yaml(path)
+
+
+def test_folds_as_a_job_array_on_a_real_slurm_node(tiny_cache, reference, tmp_path, monkeypatch):
+    from tests.support.slurm_node import slurm_unavailable_reason, start_slurm
+
+    reason = slurm_unavailable_reason("none")
+    if reason:
+        pytest.skip(reason)
+    node = start_slurm(tmp_path / "slurm", cpus=2)
+    try:
+        for key, value in node.env.items():
+            monkeypatch.setenv(key, value)
+        out = tmp_path / "run"
+        proc = run_cli("cv", "--data", tiny_cache, "--out", out, *QUICK_ARGS, "--executor", "slurm",
+                       "--executor-config", _yaml(tmp_path / "slurm.yaml", dict(SLURM, partition=node.partition)))
+        assert proc.returncode == 0, proc.stderr + node.logs()
+        same_results(reference["quick"], out)
+        header = RunDir(out).read_config()
+        assert header["executor"]["kind"] == "slurm" and header["executor"]["max_running"] == 2
+        scripts = sorted((out / "slurm").glob("*_submission.sh"))
+        assert len(scripts) == 1  # one sbatch: one array for the run's 3 folds
+        script = scripts[0].read_text()
+        for line in ("#SBATCH --array=0-2%2", "#SBATCH --cpus-per-task=1", f"#SBATCH --partition={node.partition}",
+                     "#SBATCH --time=10", f"#SBATCH --output={out / 'slurm'}/%A_%a_0_log.out"):
+            assert line in script, line
+        logs = sorted((out / "slurm").glob("*_log.err"))
+        assert len(logs) == 3
+        assert any("fold" in log.read_text() for log in logs)  # each task's plain progress lines
+        clean_folds_except_logs(out, 3)
+    finally:
+        node.stop()
+
+
+def test_submitit_local_jobs_where_there_is_no_slurm(tiny_cache, reference, tmp_path):
+    from tests.support.slurm_node import slurm_unavailable_reason
+
+    if slurm_unavailable_reason("none") is None:
+        pytest.skip("a real Slurm node runs here: the job array is tested against it instead")
+    out = tmp_path / "run"
+    run_cv(tiny_cache, out, QUICK, progress=False,
+           executor=ExecutorConfig(kind="slurm", cluster="local", poll_seconds=0.5))
+    same_results(reference["quick"], out)
+
+
+def _yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def clean_folds_except_logs(run: Path, n_folds: int) -> None:
+    folds = sorted(p.name for p in (run / FOLDS_DIR).iterdir())
+    assert folds == [str(k) for k in range(n_folds)], folds
+    assert not [p for p in (run / FOLDS_DIR).rglob(".*")], "staging folders left behind"

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -57,6 +59,8 @@ class ExecutorConfig(BaseModel):
     scheduler: str | None = Field(None, description="dask: address of a running scheduler, e.g. tcp://HOST:8786")
     workers: int | None = Field(None, ge=1, description="dask: LocalCluster worker processes when no scheduler "
                                 "is given (default: the cores / threads per fold)")
+    connect_timeout_s: float = Field(20.0, gt=0, description="dask: how long to wait for the scheduler, at the "
+                                     "start and to reconnect when the connection drops")
     # Slurm (submitit)
     cluster: Literal["slurm", "local"] = Field(
         "slurm", description="slurm: submit with sbatch; local: run the same jobs as local processes (no Slurm)")
@@ -81,8 +85,8 @@ class ExecutorConfig(BaseModel):
 
     def describe(self) -> dict:
         """What a run's ``config.yaml`` records about where its folds ran (not part of its fingerprint)."""
-        keep = {"kind", "threads"} | ({"scheduler", "workers"} if self.kind == "dask" else set()) | (
-            set(type(self).model_fields) - {"scheduler", "workers", "poll_seconds"} if self.kind == "slurm" else set())
+        keep = {"kind", "threads"} | ({"scheduler", "workers", "connect_timeout_s"} if self.kind == "dask" else set()) | (
+            set(type(self).model_fields) - {"scheduler", "workers", "connect_timeout_s", "poll_seconds"} if self.kind == "slurm" else set())
         return self.model_dump(mode="json", include=keep)
 
 
@@ -182,7 +186,7 @@ class DaskExecutor(Executor):
         self._log_levels = _quiet_loggers("distributed")
         if self.config.scheduler:
             try:
-                self.client = Client(self.config.scheduler, timeout="20s")
+                self.client = Client(self.config.scheduler, timeout=f"{self.config.connect_timeout_s}s")
             except (OSError, TimeoutError) as error:
                 raise CellmorphError(f"cannot reach the Dask scheduler at {self.config.scheduler}: {error}") from None
         else:
@@ -269,6 +273,20 @@ class SlurmExecutor(Executor):
     def fold_threads(self, run_threads: int | None) -> int | None:
         return self.config.threads or run_threads or self.config.cpus_per_task
 
+    def sbatch_parameters(self, name: str) -> dict[str, Any]:
+        """What each array task asks Slurm for, as submitit's SlurmExecutor parameters."""
+        cfg = self.config
+        params: dict[str, Any] = {
+            "job_name": name, "time": cfg.time_min, "cpus_per_task": cfg.cpus_per_task or cfg.threads or 1,
+            "nodes": 1, "ntasks_per_node": 1, "setup": list(cfg.setup),
+        }
+        optional = {"partition": cfg.partition, "account": cfg.account, "qos": cfg.qos,
+                    "array_parallelism": cfg.max_running,
+                    "mem": f"{int(cfg.mem_gb * 1024)}M" if cfg.mem_gb else None,
+                    "gpus_per_node": cfg.gpus_per_node or None}
+        params.update({k: v for k, v in optional.items() if v is not None})
+        return params
+
     def submitit_executor(self, folder: Path, name: str):
         """The configured ``submitit`` executor writing into ``folder`` (scripts, logs, task files)."""
         try:
@@ -276,31 +294,26 @@ class SlurmExecutor(Executor):
         except ImportError as error:  # pragma: no cover - a dependency of cellmorph
             raise CellmorphError(f"executor slurm needs submitit ({error})") from None
         cfg = self.config
+        # A task that times out is not requeued by submitit (max_num_timeout 0): the driver reports
+        # it, and --resume runs it again.
         if cfg.cluster == "slurm":
+            if shutil.which("sbatch") is None:
+                raise CellmorphError("executor slurm: no sbatch on PATH (run on a Slurm login node, or set "
+                                     "cluster: local in the executor config)")
             executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=0)
-            params: dict[str, Any] = {
-                "job_name": name, "time": cfg.time_min, "cpus_per_task": cfg.cpus_per_task or cfg.threads or 1,
-                "ntasks_per_node": 1, "nodes": 1, "setup": list(cfg.setup),
-                # A fold writes its own results; a requeued fold simply runs again.
-                "signal_delay_s": 60,
-            }
-            optional = {"partition": cfg.partition, "account": cfg.account, "qos": cfg.qos,
-                        "array_parallelism": cfg.max_running,
-                        "mem": f"{int(cfg.mem_gb * 1024)}M" if cfg.mem_gb else None,
-                        "gpus_per_node": cfg.gpus_per_node or None}
-            params.update({k: v for k, v in optional.items() if v is not None})
-            executor.update_parameters(**params)
+            executor.update_parameters(**self.sbatch_parameters(name))
         else:
             executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=0)
             executor.update_parameters(timeout_min=cfg.time_min, gpus_per_node=cfg.gpus_per_node)
         return executor
 
-    def submission_script(self, folder: Path, name: str) -> str:
-        """The sbatch script this executor would submit (for inspection; nothing is submitted)."""
-        executor = self.submitit_executor(folder, name)
-        if self.config.cluster != "slurm":
-            raise CellmorphError("cluster local submits no sbatch script")
-        return executor._make_submission_file_text("python -u -m submitit.core._submit '%j'", "UID")
+    def submission_script(self, folder: Path, name: str, n_tasks: int) -> str:
+        """The sbatch script an array of ``n_tasks`` folds is submitted with (nothing is submitted,
+        no Slurm needed): resources, ``--array=0-(n-1)%max_running``, log paths under ``folder``."""
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}",
+                                   folder=str(folder), map_count=n_tasks, **self.sbatch_parameters(name))
 
     def run(self, tasks: list[FoldTask], on_done: Callable[[FoldTask, dict], None]) -> None:
         import submitit

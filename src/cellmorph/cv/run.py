@@ -16,10 +16,11 @@ uninterrupted run. The directory layout is :mod:`cellmorph.cv.rundir`'s.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from cellmorph.cv.rundir import (
     CURVES_PNG,
     FROZEN_FEATURES,
     FROZEN_FEATURES_MARKER,
+    METRICS_FILE,
     FoldOutput,
     RunDir,
     compute_fields,
@@ -41,6 +43,7 @@ from cellmorph.cv.rundir import (
     predictions_frame,
 )
 from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
+from cellmorph.distributed import current as current_data_parallel
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import ACCURACY_KEYS, aggregate, classification_text, compute_metrics, confusion
 from cellmorph.models import InitRecord, InputSpec
@@ -159,25 +162,49 @@ def run_cv(
     executor ran them. ``executor`` says where folds run (:mod:`cellmorph.cv.executors`:
     local, dask or slurm; default local); every executor writes the same run directory.
     """
+    from cellmorph import distributed
     from cellmorph.cv.executors import executor_scope
 
     started = time.perf_counter()
-    rundir = RunDir(require_output_dir(out, "run directory"))
+    # Under torchrun, rank 0 alone checks and writes the run directory; every rank trains each fold.
+    launched = distributed.launched_world_size() > 1
+    rundir = RunDir(Path(out) if launched else require_output_dir(out, "run directory"))
     plan = plan_run(data, config)
+    dp = distributed.init_from_env(plan.config.device)
+    if dp.active:
+        _check_data_parallel(plan, executor)
+        dp.main_only(lambda: require_output_dir(out, "run directory"))
+        plan = replace(plan, device=dp.device)
     created = created_root(rundir.root)
     with executor_scope(executor) as engine, torch_threads(plan.config.num_threads) as threads, \
-            deterministic(plan.config.deterministic), Progress(progress) as bar:
-        rundir.begin(plan.header(data, threads) | {"executor": engine.describe()}, plan.fingerprint, resume,
-                     RUNTIME_FIELDS)
+            deterministic(plan.config.deterministic), Progress(progress and dp.is_main) as bar:
+        header = plan.header(data, threads) | {"executor": engine.describe(), "data_parallel": dp.record()}
+        dp.main_only(lambda: rundir.begin(header, plan.fingerprint, resume, RUNTIME_FIELDS))
         try:
             outputs = run_folds(plan, rundir, resume, bar, engine, data)
         except CellmorphError:
-            if created is not None and not rundir.finished_folds():
+            if dp.is_main and created is not None and not rundir.finished_folds():
                 shutil.rmtree(created, ignore_errors=True)  # nothing worth resuming: leave nothing behind
             raise
-    # Every fold is done: the frozen-stage features were only kept for resuming.
-    rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
-    return summarise(plan, rundir, outputs, time.perf_counter() - started)
+
+    def finish() -> dict:
+        # Every fold is done: the frozen-stage features were only kept for resuming.
+        rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
+        return summarise(plan, rundir, outputs, time.perf_counter() - started)
+
+    metrics = dp.main_only(finish)
+    return metrics if dp.is_main else json.loads(rundir.path(METRICS_FILE).read_text())
+
+
+def _check_data_parallel(plan: RunPlan, executor) -> None:
+    from cellmorph.cv.executors import Executor, executor_config
+
+    kind = executor.config.kind if isinstance(executor, Executor) else executor_config(executor).kind
+    if kind != "local":
+        raise CellmorphError(f"cv under torchrun trains each fold data-parallel in these processes: use the local "
+                             f"executor, not {kind} (or run folds on {kind} without torchrun)")
+    if plan.config.mode == "linear-probe":
+        raise CellmorphError("cv --mode linear-probe trains no network to share out: run it without torchrun")
 
 
 def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, executor: "Executor",
@@ -203,7 +230,7 @@ def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, execut
 
     def on_done(index: int, info: dict) -> None:
         ran.append(index)
-        if cfg.keep_checkpoints == "last":  # only the last fold's weights stay, whatever order folds finish in
+        if cfg.keep_checkpoints == "last" and current_data_parallel().is_main:  # only the last fold's weights stay, whatever order folds finish in
             for k in ran:
                 if k != last:
                     rundir.drop_fold_state(k)
@@ -223,7 +250,11 @@ def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, execut
             executor.run([task(None)], lambda t, info: None)
         executor.run([task(f.index) for f in todo], lambda t, info: on_done(t.fold, info))
     elif todo:
-        shared = shared_features(plan, rundir, resume, bar)
+        dp = current_data_parallel()
+        # Under torchrun rank 0 computes the shared features; the others read what it wrote.
+        shared = dp.main_only(lambda: shared_features(plan, rundir, resume, bar))
+        if not dp.is_main:
+            shared = shared_features(plan, rundir, resume, bar, compute=False)
         tasks = fold_bars(bar, cfg)
         for fold in todo:
             folds_bar.update(f"fold {fold.index}: {fold.name}")
@@ -291,7 +322,9 @@ def execute_fold(plan: RunPlan, rundir: RunDir, fold: Fold, shared, tasks: dict)
     record = {"model": trained.state, "model_name": cfg.model, "classes": list(plan.classes),
               "fold": fold.describe(), "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(),
               "history": trained.history}
-    info["written"] = rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints)
+    # Under torchrun every rank trained the same model; rank 0 writes it.
+    info["written"] = current_data_parallel().main_only(
+        lambda: rundir.write_fold(fold.index, output, record, marker, cfg.keep_checkpoints))
     return info
 
 
