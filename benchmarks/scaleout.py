@@ -138,18 +138,22 @@ def main() -> None:
             "dask-2w": (1, ExecutorConfig(kind="dask", workers=2, threads=1))}
     for mode in args.modes.split(","):
         times: dict[str, list[float]] = {w: [] for w in ways}
+        fold_sums: dict[str, list[float]] = {w: [] for w in ways}
         for r in range(args.repeats):
             for way, (threads, executor) in ways.items():
-                seconds = timed_run(cache, args.work / f"{mode}-{way}", dict(CONFIGS[mode], num_threads=threads),
-                                    executor)
+                out = args.work / f"{mode}-{way}"
+                seconds = timed_run(cache, out, dict(CONFIGS[mode], num_threads=threads), executor)
                 times[way].append(seconds)
-                log(f"{mode} {way} repeat {r}: {seconds:.1f} s")
+                # the folds' own time (training and scoring), as each fold's marker records it
+                fold_sums[way].append(sum(json.loads(m.read_text())["seconds"] for m in out.glob("folds/*/fold.json")))
+                log(f"{mode} {way} repeat {r}: {seconds:.1f} s wall, folds {fold_sums[way][-1]:.1f} s")
         a = (args.work / f"{mode}-serial-1t" / "predictions.parquet").read_bytes()
         b = (args.work / f"{mode}-dask-2w" / "predictions.parquet").read_bytes()
         medians = {w: statistics.median(t) for w, t in times.items()}
         metrics = json.loads((args.work / f"{mode}-dask-2w" / "metrics.json").read_text())
         result["runs"][mode] = {
             "median_s": medians, "all_s": times, "folds": metrics["n_folds"],
+            "median_fold_seconds_sum": {w: statistics.median(t) for w, t in fold_sums.items()},
             "treatment_accuracy": metrics["treatment_accuracy"],
             "dask_equals_serial_1t_bytes": a == b,
             "speedup_dask_vs_serial_2t": medians["serial-2t"] / medians["dask-2w"],

@@ -33,7 +33,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,9 +117,6 @@ class FoldTask:
 
     def name(self) -> str:
         return "shared features" if self.fold is None else f"fold {self.fold}"
-
-    def record(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- executors

@@ -333,6 +333,12 @@ def run_fold_task(task: "FoldTask") -> dict:
     a Dask worker, a Slurm array task. The run is planned again from the paths and config in
     ``task`` and must come out with the driver's fingerprint. A fold already finished (a
     duplicate of a retried task) is not run again."""
+    from cellmorph.runtime import keep_freed_memory
+
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ low, so that glibc hands freed memory
+    # back at once; for training that means faulting fresh pages in for every batch: 2.9× slower
+    # folds on a LocalCluster worker than in the driver, measured (benchmarks/RESULTS.md).
+    keep_freed_memory()
     plan = plan_run(Path(task.data), task.config)
     if plan.fingerprint != task.fingerprint:
         raise CellmorphError(f"{task.name()}: the cache {task.data} or cellmorph itself differs on this worker "
