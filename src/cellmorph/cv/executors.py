@@ -189,7 +189,7 @@ class DaskExecutor(Executor):
         else:
             # One Dask thread per worker: a worker trains one fold at a time, on its own torch threads.
             self.cluster = LocalCluster(n_workers=self._workers(), threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
+                                        dashboard_address=None, silence_logs=logging.CRITICAL)
             self.client = Client(self.cluster)
         return self
 
