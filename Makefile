@@ -28,8 +28,10 @@ system-deps:
 			|| echo "warning: could not install slurm-wlm and munge; the Slurm tests will be skipped"; \
 	fi
 
+# Two test processes on two cores (pytest-xdist; a file's tests stay in one process, so its
+# fixtures are built once), each test with one thread so that they do not oversubscribe the cores.
 test: install system-deps
-	$(BIN)/python -m pytest -q
+	CELLMORPH_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -296,25 +296,33 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
 }
 
 
-def cv_options(func):
-    """Give command ``func`` the options of :data:`CV_OPTIONS`; it receives their values as ``options``.
+def shared_options(options: dict, parameter: str, collect=lambda values: values):
+    """A decorator giving a command the typer ``options`` (name → (type, Option)); the command
+    receives ``collect(their values)`` as its parameter ``parameter``.
 
-    typer reads a command's options off its signature, so the wrapper's signature is ``func``'s own
-    parameters followed by the shared ones.
+    typer reads a command's options off its signature, so the wrapper's signature is the command's
+    own parameters followed by the shared ones.
     """
-    signature = introspect.signature(func, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "options"]
-    shared = [introspect.Parameter(name, introspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (kind, option) in CV_OPTIONS.items()]
+    def decorate(func):
+        signature = introspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != parameter]
+        shared = [introspect.Parameter(name, introspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                  for name, (kind, option) in options.items()]
 
-    @functools.wraps(func)
-    def wrapper(**kwargs):
-        options = {name: kwargs.pop(name) for name in CV_OPTIONS}
-        return func(options=options, **kwargs)
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in options}
+            return func(**{parameter: collect(values)}, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
-    return wrapper
+        wrapper.__signature__ = signature.replace(parameters=own + shared)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return wrapper
+
+    return decorate
+
+
+# The options of :data:`CV_OPTIONS`, received as a dict ``options``.
+cv_options = shared_options(CV_OPTIONS, "options")
 
 
 def _cv_config(config: Optional[Path], options: dict, **more):
@@ -349,31 +357,21 @@ EXECUTOR_OPTIONS = {
 }
 
 
-def executor_options(func):
-    """Give command ``func`` the options of :data:`EXECUTOR_OPTIONS`, handed over as an ExecutorConfig ``executor``."""
-    signature = introspect.signature(func, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "executor"]
-    shared = [introspect.Parameter(name, introspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (kind, option) in EXECUTOR_OPTIONS.items()]
+def _executor_config(given: dict):
+    """The ExecutorConfig of ``--executor-config`` (optional) with the executor options on top."""
+    from cellmorph.cv.executors import ExecutorConfig, executor_config
 
-    @functools.wraps(func)
-    def wrapper(**kwargs):
-        from cellmorph.cv.executors import ExecutorConfig, executor_config
+    path = given.pop("executor_config")
+    given["kind"] = given.pop("executor").value if given["executor"] else None
+    if given["kind"] is None and (given["scheduler"] or given["workers"]):
+        given["kind"] = "dask"
+    if path is not None:
+        return ExecutorConfig.from_yaml(path, **given)
+    return executor_config({k: v for k, v in given.items() if v is not None})
 
-        given = {name: kwargs.pop(name) for name in EXECUTOR_OPTIONS}
-        path = given.pop("executor_config")
-        given["kind"] = given.pop("executor").value if given["executor"] else None
-        if given["kind"] is None and (given["scheduler"] or given["workers"]):
-            given["kind"] = "dask"
-        if path is not None:
-            cfg = ExecutorConfig.from_yaml(path, **given)
-        else:
-            cfg = executor_config({k: v for k, v in given.items() if v is not None})
-        return func(executor=cfg, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
-    return wrapper
+# The options of :data:`EXECUTOR_OPTIONS`, received as an ExecutorConfig ``executor``.
+executor_options = shared_options(EXECUTOR_OPTIONS, "executor", _executor_config)
 
 
 @command()
@@ -682,6 +680,8 @@ def score_treatments_cmd(
     from cellmorph.stored import score_stored_predictions
 
     print(json.dumps(score_stored_predictions(predictions, moa)))
+
+
 
 
 def _mount_optional() -> None:

@@ -27,7 +27,7 @@ from tests.conftest import one_line_error, run_cli
 
 QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:3",
              max_tiles_per_fold=40, num_threads=1)
-LONGER = dict(QUICK, epochs=4, max_tiles_per_fold=None)  # folds of a few seconds, to be killed midway
+LONGER = dict(QUICK, epochs=3, max_tiles_per_fold=None)  # folds of a few seconds, to be killed midway
 QUICK_ARGS = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "1", "--cv",
               "group-kfold:3", "--max-tiles-per-fold", "40", "--threads", "1", "--no-progress")
 RESULT_FILES = ("predictions.parquet", "wells.csv", "treatments.csv", "confusion_matrix.csv")
@@ -131,7 +131,7 @@ def test_shared_features_replicates_and_frozen_pool_on_a_dask_cluster(cluster, t
     same_results(tmp_path / "probe-local", tmp_path / "probe-dask")
 
     frozen = dict(QUICK, model="tf_efficientnet_lite0", init="imagenet", image_size=64, freeze_stages=4,
-                  frozen_feature_cache=True, epochs=2)
+                  frozen_feature_cache=True)
     run_cv(tiny_cache, tmp_path / "frozen-local", frozen, progress=False)
     run_cv(tiny_cache, tmp_path / "frozen-dask", frozen, progress=False, executor=executor)
     same_results(tmp_path / "frozen-local", tmp_path / "frozen-dask")
@@ -183,7 +183,7 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
     dask = DaskCluster(tmp_path, workers=1)
     out = tmp_path / "run"
     args = ("cv", "--data", tiny_cache, "--out", out, "--model", "test_resnet", "--init", "xavier", "--image-size",
-            "32", "--epochs", "4", "--cv", "group-kfold:3", "--threads", "1", "--no-progress")
+            "32", "--epochs", "3", "--cv", "group-kfold:3", "--threads", "1", "--no-progress")
     quick_timeout = _yaml(tmp_path / "dask.yaml", {"connect_timeout_s": 3})
     driver = subprocess.Popen([sys.executable, "-m", "cellmorph.cli", *map(str, args), "--executor", "dask",
                                "--scheduler", dask.address, "--executor-config", quick_timeout],
@@ -207,11 +207,12 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
     same_results(reference["longer"], out)
 
 
-def test_unreachable_scheduler_is_one_line_and_leaves_nothing(tiny_cache, tmp_path):
-    proc = run_cli("cv", "--data", tiny_cache, "--out", tmp_path / "run", *QUICK_ARGS, "--executor", "dask",
-                   "--scheduler", "tcp://127.0.0.1:9",
-                   "--executor-config", _yaml(tmp_path / "dask.yaml", {"connect_timeout_s": 2}))
-    one_line_error(proc, "cannot reach the Dask scheduler", "tcp://127.0.0.1:9")
+def test_unreachable_scheduler_is_one_error_and_leaves_nothing(tiny_cache, tmp_path):
+    from cellmorph.errors import CellmorphError
+
+    with pytest.raises(CellmorphError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        run_cv(tiny_cache, tmp_path / "run", QUICK, progress=False,
+               executor=ExecutorConfig(kind="dask", scheduler="tcp://127.0.0.1:9", connect_timeout_s=1))
     assert not (tmp_path / "run").exists()
 
 
