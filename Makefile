@@ -19,13 +19,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cellmorph demo --out runs/demo
 
-# Debian packages that tests use where they can (a one-node Slurm for the job-array tests); where
-# apt-get or root is missing, those tests are skipped and say why.
+# Debian packages that tests use where they can: a one-node Slurm for the job-array tests, and
+# Chromium for the report's browser test. Where apt-get or root is missing, those tests are
+# skipped and say why.
+SYSTEM_PACKAGES := slurmctld:slurm-wlm munged:munge chromium:chromium
 system-deps:
-	@if ! command -v slurmctld >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "installing slurm-wlm and munge (Debian) for the Slurm tests"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
-			|| echo "warning: could not install slurm-wlm and munge; the Slurm tests will be skipped"; \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing$$missing (Debian) for the Slurm and browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "warning: could not install$$missing; the tests that need them will be skipped"; \
 	fi
 
 # Two test processes on two cores (pytest-xdist; a file's tests stay in one process, so its

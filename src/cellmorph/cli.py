@@ -245,6 +245,17 @@ class KeepCheckpoints(str, Enum):
     none = "none"
 
 
+def _write_report(out: Path) -> None:
+    """``OUT/report.html`` after a command's results are written; its path on the console. The
+    results stand without it, so a report that cannot be made is a warning, not a failure."""
+    from cellmorph.report import write_report
+
+    try:
+        console.print(f"report: {write_report(out)}", highlight=False, soft_wrap=True)
+    except CellmorphError as error:
+        console.print(f"warning: no report: {error}", highlight=False)
+
+
 def _print_metrics(metrics: dict, out: Path) -> None:
     grid = Table(title=f"{metrics.get('model')} ({metrics.get('init')}), cv {metrics.get('cv')}, {metrics['n_folds']} folds")
     grid.add_column("level")
@@ -397,6 +408,8 @@ def cv(
     else:
         metrics = run_cv(data, out, cfg, resume=resume, progress=progress, executor=executor)
     _print_metrics(metrics, out)
+    for run in sorted(Path(out).glob("replicate-*")) if replicates > 1 else [Path(out)]:
+        _write_report(run)
 
 
 @command()
@@ -499,6 +512,7 @@ def predict(
                      f"{part['coverage']:.3f}" if "coverage" in part else "–")
     console.print(grid)
     console.print(f"predictions: {out / 'treatments.csv'}")
+    _write_report(out)
     print(json.dumps(summary))
 
 
@@ -552,7 +566,18 @@ def compare_inits_command(
         grid.add_row(init, *[f"{values[str(e)]['mean']:.3f} ± {values[str(e)]['std']:.3f}" for e in result["epochs"]])
     console.print(grid)
     console.print(f"figure: {out / (INIT_COMPARISON + '.png')}")
+    _write_report(out)
     print(json.dumps(result["by_init"]))
+
+
+@command()
+def report(
+    run: Path = typer.Argument(..., help="a cv run directory, a predict output or a compare-inits output"),
+) -> None:
+    """Write RUN/report.html: what was run, called, how sure, and why, in one self-contained page that works offline."""
+    from cellmorph.report import write_report
+
+    console.print(f"report: {write_report(run)}", highlight=False, soft_wrap=True)
 
 
 def _demo_option(name: str, *flags: str):
@@ -585,6 +610,7 @@ def demo(
                                            threads=threads), "demo options")
     metrics = run_demo(out, settings, progress=progress, say=lambda m: console.print(m, highlight=False))
     _print_metrics(metrics, out)
+    _write_report(out)
 
 
 # ----------------------------------------------------------------------------- embed / profiles
@@ -682,6 +708,41 @@ def score_treatments_cmd(
     print(json.dumps(score_stored_predictions(predictions, moa)))
 
 
+# ----------------------------------------------------------------------------- visualize
+visualize_app = typer.Typer(help="What the network looks at: filter images of the ImageNet and the fine-tuned "
+                            "network (the paper's Fig. 5).", no_args_is_help=True, pretty_exceptions_enable=False,
+                            add_completion=False)
+
+
+def _visualize_help(name: str) -> str:
+    from cellmorph.visualize import FilterConfig
+
+    return FilterConfig.model_fields[name].description or ""
+
+
+@visualize_app.command("filters")
+@user_errors
+def visualize_filters_command(
+    out: Path = typer.Option(..., help="folder for the PNGs (one per layer) and filters.json"),
+    run: Optional[Path] = typer.Option(None, help="a cv run directory with fold weights (cv --keep-checkpoints last)"),
+    model: Optional[Path] = typer.Option(None, help="a model bundle (cellmorph train)"),
+    layers: str = typer.Option("stage1,stage2,stage3", help=_visualize_help("layers")),
+    filters: int = typer.Option(6, help=_visualize_help("filters")),
+    steps: int = typer.Option(128, help=_visualize_help("steps")),
+    size: int = typer.Option(128, help=_visualize_help("size")),
+    seed: int = typer.Option(0, help=_visualize_help("seed")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+) -> None:
+    """Images that maximise chosen filters of the ImageNet network and of the fine-tuned one, side by side."""
+    from cellmorph.errors import validated
+    from cellmorph.visualize import FilterConfig, visualize_filters
+
+    config = validated(FilterConfig, dict(layers=layers, filters=filters, steps=steps, size=size, seed=seed,
+                                          threads=threads), "visualize options")
+    print(json.dumps(visualize_filters(out, config, run=run, model=model)))
+
+
+app.add_typer(visualize_app, name="visualize")
 
 
 def _mount_optional() -> None:

@@ -25,6 +25,11 @@ def _pyplot():
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str = "Treatment-level confusion") -> None:
+    """:func:`confusion_figure` saved as a PNG."""
+    _save(confusion_figure(matrix, classes, title), path)
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "Treatment-level confusion"):
     """Classes × classes; rows are the true MoA, columns the predicted MoA.
 
     Cells show counts of treatments, coloured by the row fraction.
@@ -51,7 +56,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_title(f"{title}: {correct}/{total} correct" if total else title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
 def _save(fig, path: Path) -> None:

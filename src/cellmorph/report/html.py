@@ -1,0 +1,607 @@
+"""One self-contained HTML report per output folder: ``cellmorph report RUN`` → ``RUN/report.html``.
+
+A screening biologist opens a run to see what was called, how sure each call is, and why.
+The report is one file: figures are PNGs (matplotlib) inlined as data URIs, the one script
+(sorting the treatment table) and the style sheet are inline, so it opens offline on an
+air-gapped machine and can be mailed or archived as it is. The page is rendered from a
+jinja2 template (``templates/report.html.j2``); this module only gathers what goes in it.
+
+Three kinds of folder are recognised by what they hold:
+
+* a cross-validation run (``cellmorph cv``: ``config.yaml`` + ``metrics.json``);
+* a prediction (``cellmorph predict``: ``summary.json`` + ``treatments.parquet``);
+* a comparison of initialisations (``cellmorph compare-inits``: ``init_comparison.json``).
+
+Accuracies carry 95% bootstrap intervals over treatments (treatments resampled with
+replacement; a well or tile accuracy resamples the wells and tiles of the drawn treatments),
+2,000 draws from a fixed seed, so the same run gives the same report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cellmorph.errors import CellmorphError
+from cellmorph.runinfo import write_text
+from cellmorph.schema import CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
+
+REPORT_FILE = "report.html"
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+EXAMPLES_PER_KIND = 3  # tiles per MoA: best correct calls, and the worst mistakes
+SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "examples",
+               "network")
+
+
+@dataclass
+class Section:
+    """One titled part of the report: paragraphs, figures (data URIs), tables, preformatted text."""
+
+    id: str
+    title: str
+    notes: list[str] = field(default_factory=list)
+    figures: list[dict] = field(default_factory=list)  # {"src": data URI, "caption": str, "alt": str}
+    tables: list[dict] = field(default_factory=list)  # {"columns": [...], "rows": [[...]], "sortable": bool}
+    pre: str | None = None
+
+
+# --------------------------------------------------------------------------- entry point
+def write_report(run: Path, visualise: bool = True) -> Path:
+    """Write ``run/report.html`` (atomically) and return its path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CellmorphError(f"{run}: not a folder (give a cv, predict or compare-inits output)")
+    if (run / "summary.json").is_file() and (run / "treatments.parquet").is_file():
+        context = _predict_context(run, visualise)
+    elif (run / "config.yaml").is_file() and (run / "metrics.json").is_file():
+        context = _cv_context(run, visualise)
+    elif (run / "init_comparison.json").is_file():
+        context = _compare_context(run)
+    elif (run / "config.yaml").is_file():
+        raise CellmorphError(f"{run}: the run has not finished (no metrics.json): resume it, then report")
+    else:
+        raise CellmorphError(f"{run}: not a cellmorph output folder (no config.yaml + metrics.json, summary.json "
+                             "or init_comparison.json)")
+    page = _template().render(**context)
+    path = run / REPORT_FILE
+    write_text(path, page)
+    _readable_by_all(path)  # a report is made to be shared (atomic writes start as owner-only files)
+    return path
+
+
+def _readable_by_all(path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _template():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("cellmorph.report", "templates"), autoescape=select_autoescape(["html"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["code"] = _code_spans
+    return env.get_template("report.html.j2")
+
+
+def _code_spans(text: str):
+    """Escaped ``text`` with its `backquoted` parts as <code> (commands in the notes)."""
+    import re
+
+    from markupsafe import Markup, escape
+
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
+# --------------------------------------------------------------------------- kinds of folder
+def _cv_context(run: Path, visualise: bool) -> dict:
+    from cellmorph.cv.rundir import RunDir
+
+    rundir = RunDir(run)
+    header = rundir.read_config()
+    metrics = json.loads((run / "metrics.json").read_text())
+    classes = list(header.get("classes") or metrics.get("classes") or [])
+    levels = rundir.read_levels()
+    treatments, wells, tiles = levels["treatments"], levels["wells"], levels["tiles"]
+    cfg = header.get("config", {})
+    title = f"{cfg.get('model', '?')} ({cfg.get('init', '?')}), {cfg.get('cv', '?')} cross-validation"
+    sections = [
+        _run_section(header, extra={"folds": metrics.get("n_folds"), "seconds": metrics.get("seconds")}),
+        _accuracy_section(treatments, wells, tiles, classes, "held-out"),
+        _confusion_section(run / "confusion_matrix.png"),
+        _classes_section(treatments, classes),
+        _treatments_section(treatments, classes),
+        _curves_section(run / "learning_curves.png"),
+        Section("reliability", "Reliability", notes=[
+            "Cross-validation probabilities are the held-out softmax, not calibrated: `cellmorph train "
+            "--calibration loco` calibrates them, and a predict report shows their reliability diagram."]),
+        _map_section(wells, classes),
+    ]
+    cache = _cache_or_none(header.get("data"))
+    sections.append(_examples_section(tiles, classes, cache))
+    sections.append(_network_section(run, visualise, lambda: _cv_network(run, header), tiles, classes, cache))
+    return _context(title, "cv", run, sections)
+
+
+def _predict_context(run: Path, visualise: bool) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    treatments = pd.read_parquet(run / "treatments.parquet")
+    wells = pd.read_parquet(run / "wells.parquet")
+    tiles = pd.read_parquet(run / "tiles.parquet")
+    classes = [c[len(prob_column("")):] for c in treatments.columns if c.startswith(prob_column(""))]
+    labelled = TRUE_COLUMN in treatments.columns and treatments[TRUE_COLUMN].astype(str).isin(classes).any()
+    header = {"data": summary.get("data"), "model": summary.get("model"), "config": summary.get("config", {}),
+              "provenance": summary.get("provenance", {}), "classes": classes}
+    sections = [_run_section(header, extra={"alpha": summary.get("alpha"),
+                                            "mean prediction-set size": summary.get("mean_set_size"),
+                                            "empty sets": summary.get("n_empty_sets")})]
+    if labelled:
+        known = lambda frame: frame[frame[TRUE_COLUMN].astype(str).isin(classes)]  # noqa: E731
+        sections += [_accuracy_section(known(treatments), known(wells), known(tiles), classes, "labelled"),
+                     _confusion_section_from(known(treatments), classes),
+                     _classes_section(known(treatments), classes)]
+    else:
+        sections.append(Section("accuracy", "Accuracy", notes=[
+            "The screen carries no known MoAs, so there is nothing to score: the calls, their calibrated "
+            "confidence and prediction sets are below."]))
+    sections.append(_treatments_section(treatments, classes))
+    sections.append(Section("curves", "Learning curves", notes=[
+        "A prediction trains nothing; the model's own training history is in its bundle "
+        f"({summary.get('model')})."]))
+    sections.append(_reliability_section(treatments, classes) if labelled else
+                    Section("reliability", "Reliability", notes=["No known MoAs: no reliability diagram."]))
+    sections.append(_map_section(wells, classes))
+    cache = _cache_or_none(summary.get("cache"))
+    sections.append(_examples_section(tiles, classes, cache))
+    sections.append(_network_section(run, visualise, lambda: _bundle_network(summary.get("model")), tiles, classes,
+                                     cache))
+    title = f"Predictions of {Path(str(summary.get('model'))).name} on {Path(str(summary.get('data'))).name}"
+    return _context(title, "predict", run, sections)
+
+
+def _compare_context(run: Path) -> dict:
+    result = json.loads((run / "init_comparison.json").read_text())
+    table = pd.read_csv(run / "init_comparison.csv") if (run / "init_comparison.csv").is_file() else None
+    section = Section("accuracy", f"{result['metric']} by initialisation",
+                      figures=[_png_file(run / "init_comparison.png", "The paper's Fig. 4: accuracy after each "
+                                         "number of epochs, per initialisation, over replicates")])
+    rows = [[init, *[f"{v[str(e)]['mean']:.3f} ± {v[str(e)]['std']:.3f}" for e in result["epochs"]]]
+            for init, v in result["by_init"].items()]
+    section.tables.append({"columns": ["init", *[f"{e} epochs" for e in result["epochs"]]], "rows": rows,
+                           "sortable": False})
+    if table is not None:
+        section.tables.append(_frame_table(table.round(4), sortable=True))
+    runs = sorted(p.parent for p in run.glob("*/replicate-*/config.yaml"))
+    header = yaml.safe_load((runs[0] / "config.yaml").read_text()) if runs else {}
+    sections = [_run_section(header, extra={"replicates": result["replicates"], "runs": len(runs)}), section]
+    return _context(f"Pretrained against random initialisation ({result['replicates']} replicates)", "compare-inits",
+                    run, sections)
+
+
+def _context(title: str, kind: str, run: Path, sections: list[Section]) -> dict:
+    from cellmorph.runinfo import run_info
+
+    made = run_info()
+    return {"title": title, "kind": kind, "run": str(run.resolve()), "sections": sections,
+            "made_with": f"cellmorph {made.get('packages', {}).get('cellmorph', '?')}"}
+
+
+# --------------------------------------------------------------------------- sections
+def _run_section(header: dict, extra: dict) -> Section:
+    provenance = header.get("provenance", {})
+    packages = provenance.get("packages", {})
+    cfg = header.get("config", {})
+    rows = [["data", header.get("data")], ["model bundle", header.get("model")],
+            ["data fingerprint", header.get("data_fingerprint")], ["run fingerprint", header.get("fingerprint")],
+            ["seed", (header.get("seeds") or {}).get("seed", cfg.get("seed"))],
+            ["device", header.get("device")], ["threads", header.get("threads")],
+            ["executor", _short((header.get("executor") or {}).get("kind"))],
+            ["git commit", provenance.get("git_commit")], ["python", provenance.get("python")],
+            *[[k, v] for k, v in extra.items()],
+            *[[f"{name}", version] for name, version in sorted(packages.items())]]
+    rows = [[k, _short(v)] for k, v in rows if v is not None]
+    section = Section("run", "What was run", tables=[{"columns": ["", ""], "rows": rows, "sortable": False}])
+    section.pre = yaml.safe_dump({"config": cfg}, sort_keys=False, allow_unicode=True) if cfg else None
+    return section
+
+
+def _accuracy_section(treatments, wells, tiles, classes, what: str) -> Section:
+    rows = []
+    tile_correct = _tile_correct(tiles, classes)
+    for level, frame, correct in (("treatment", treatments, _correct(treatments)), ("well", wells, _correct(wells)),
+                                  ("tile", tiles, tile_correct)):
+        if frame is None or not len(frame):
+            continue
+        low, high = bootstrap_interval(frame, correct)
+        rows.append([level, f"{correct.mean():.3f}", f"{low:.3f} – {high:.3f}", str(len(frame))])
+    return Section("accuracy", "Accuracy", notes=[
+        f"Accuracy of the {what} calls (median aggregation tile → well → treatment, as in the paper), with 95% "
+        f"bootstrap intervals over treatments ({BOOTSTRAP_DRAWS} draws)."],
+        tables=[{"columns": ["level", "accuracy", "95% interval", "n"], "rows": rows, "sortable": False}])
+
+
+def _confusion_section(png: Path) -> Section:
+    return Section("confusion", "Confusion matrix",
+                   figures=[_png_file(png, "Treatments: rows are the true MoA, columns the call")])
+
+
+def _confusion_section_from(treatments, classes) -> Section:
+    from cellmorph.metrics import confusion
+    from cellmorph.report.figures import confusion_figure
+
+    matrix = confusion(treatments, classes)
+    return Section("confusion", "Confusion matrix", figures=[
+        _figure(confusion_figure(matrix, classes), "Treatments: rows are the true MoA, columns the call")])
+
+
+def _classes_section(treatments, classes) -> Section:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    truth = treatments[TRUE_COLUMN].astype(str).to_numpy()
+    called = treatments[PREDICTED_COLUMN].astype(str).to_numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(truth, called, labels=classes, zero_division=0)
+    rows = [[c, int(n), f"{r:.3f}", f"{p:.3f}", f"{f:.3f}"]
+            for c, n, r, p, f in zip(classes, support, recall, precision, f1) if n or (called == c).any()]
+    return Section("classes", "Per MoA", notes=["Treatment level: recall is the share of the MoA's treatments "
+                                                "called right; precision the share of its calls that were right."],
+                   tables=[{"columns": ["MoA", "treatments", "recall", "precision", "F1"], "rows": rows,
+                            "sortable": True}])
+
+
+def _treatments_section(treatments, classes) -> Section:
+    from cellmorph.predict import CONFIDENCE_COLUMN, SET_COLUMN
+
+    probs = treatments[[prob_column(c) for c in classes]].to_numpy(float)
+    frame = pd.DataFrame({
+        "compound": treatments.get("Metadata_Compound"),
+        "concentration": treatments.get("Metadata_Concentration"),
+        "MoA": treatments.get(TRUE_COLUMN, pd.Series([""] * len(treatments))),
+        "call": treatments[PREDICTED_COLUMN],
+    })
+    if CORRECT_COLUMN in treatments.columns:
+        frame["correct"] = treatments[CORRECT_COLUMN].map({True: "yes", False: "no"}).fillna("")
+    frame["probability of the call"] = probs.max(axis=1).round(3)
+    if CONFIDENCE_COLUMN in treatments.columns:
+        frame["confidence (calibrated)"] = treatments[CONFIDENCE_COLUMN].astype(float).round(3)
+    if SET_COLUMN in treatments.columns:
+        frame["prediction set"] = treatments[SET_COLUMN].astype(str)
+    return Section("treatments", "Treatments", notes=["Click a column heading to sort."],
+                   tables=[_frame_table(frame, sortable=True, table_id="treatment-table")])
+
+
+def _curves_section(png: Path) -> Section:
+    if not png.is_file():
+        return Section("curves", "Learning curves", notes=["A linear probe trains no network: no epochs to plot."])
+    return Section("curves", "Learning curves", figures=[_png_file(
+        png, "Per fold: training loss, and training and held-out tile accuracy, by epoch")])
+
+
+def _reliability_section(treatments, classes) -> Section:
+    from cellmorph.predict import CONFIDENCE_COLUMN
+
+    known = treatments[treatments[TRUE_COLUMN].astype(str).isin(classes)]
+    confidence = known[CONFIDENCE_COLUMN].astype(float).to_numpy()
+    correct = (known[PREDICTED_COLUMN].astype(str) == known[TRUE_COLUMN].astype(str)).to_numpy()
+    fig, ece = reliability_figure(confidence, correct)
+    return Section("reliability", "Reliability", notes=[
+        f"Calibrated confidence of each treatment's call against how often such calls were right "
+        f"(expected calibration error {ece:.3f}, {len(known)} labelled treatments)."],
+        figures=[_figure(fig, "Reliability diagram: the diagonal is perfect calibration")])
+
+
+def _map_section(wells, classes) -> Section:
+    probs = wells[[prob_column(c) for c in classes]].to_numpy(float)
+    if len(wells) < 3:
+        return Section("map", "Map of well profiles", notes=["Fewer than 3 wells: no map."])
+    points, method = project_2d(np.log(np.clip(probs, 1e-6, 1.0)))
+    labels = wells.get(TRUE_COLUMN, wells[PREDICTED_COLUMN]).astype(str).to_numpy()
+    fig = map_figure(points, labels, method)
+    return Section("map", "Map of well profiles", notes=[
+        f"Each well's log class probabilities, projected to 2-D by {method}, coloured by its MoA."],
+        figures=[_figure(fig, f"Wells ({len(wells)}), {method}")])
+
+
+def _examples_section(tiles, classes, cache) -> Section:
+    if cache is None:
+        return Section("examples", "Example tiles", notes=["The tile cache is no longer at its recorded path: "
+                                                           "no example tiles."])
+    picks = example_tiles(tiles, classes)
+    if not picks:
+        return Section("examples", "Example tiles", notes=["No labelled tiles to show."])
+    fig = examples_figure(cache, picks)
+    return Section("examples", "Example tiles", notes=[
+        f"Per MoA: the {EXAMPLES_PER_KIND} tiles called right with the highest probability, and the "
+        f"{EXAMPLES_PER_KIND} worst mistakes (wrong calls made with the highest probability)."],
+        figures=[_figure(fig, "Example tiles per MoA (channels as red, green, blue)")])
+
+
+def _network_section(run: Path, visualise: bool, network, tiles, classes, cache) -> Section:
+    """Filter images written by ``cellmorph visualize filters`` into RUN/filters, and Grad-CAM."""
+    section = Section("network", "What the network looks at")
+    filters = sorted((run / "filters").glob("*.png")) if (run / "filters").is_dir() else []
+    for png in filters:
+        section.figures.append(_png_file(png, f"Filter images ({png.stem}): ImageNet network against the "
+                                              "fine-tuned one"))
+    if not filters:
+        section.notes.append(f"`cellmorph visualize filters --run {run} --out {run / 'filters'}` adds images that "
+                             "maximise filters of the ImageNet and the fine-tuned network (the paper's Fig. 5).")
+    if not visualise or cache is None:
+        return section
+    try:
+        model, spec, source = network()
+    except CellmorphError as error:
+        section.notes.append(f"No Grad-CAM: {error}")
+        return section
+    picks = example_tiles(tiles, classes, fold=source.get("fold"))
+    if not picks:
+        return section
+    try:
+        from cellmorph.visualize import gradcam_overlays
+    except ImportError:
+        section.notes.append("No Grad-CAM: cellmorph.visualize is not available.")
+        return section
+    fig = gradcam_figure(model, spec, cache, picks, classes, gradcam_overlays)
+    section.figures.append(_figure(fig, f"Grad-CAM of the call on the example tiles ({source['what']})"))
+    return section
+
+
+# --------------------------------------------------------------------------- numbers
+def bootstrap_interval(frame: pd.DataFrame, correct: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of the accuracy when the treatments are resampled with replacement."""
+    keys = _treatment_keys(frame)
+    codes, uniques = pd.factorize(keys)
+    right = np.bincount(codes, weights=correct.astype(float), minlength=len(uniques))
+    total = np.bincount(codes, minlength=len(uniques)).astype(float)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(uniques), size=(draws, len(uniques)))
+    accuracy = right[drawn].sum(axis=1) / total[drawn].sum(axis=1)
+    low, high = np.percentile(accuracy, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _treatment_keys(frame: pd.DataFrame) -> pd.Series:
+    compound = frame.get("Metadata_Compound", pd.Series(range(len(frame)), index=frame.index)).astype(str)
+    dose = frame.get("Metadata_Concentration", pd.Series("", index=frame.index)).astype(str)
+    return (compound + "@" + dose).reset_index(drop=True)
+
+
+def _correct(frame: pd.DataFrame) -> np.ndarray:
+    if CORRECT_COLUMN in frame.columns:
+        return frame[CORRECT_COLUMN].astype(bool).to_numpy()
+    return (frame[PREDICTED_COLUMN].astype(str) == frame[TRUE_COLUMN].astype(str)).to_numpy()
+
+
+def _tile_correct(tiles: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    calls = np.array(classes)[tiles[[prob_column(c) for c in classes]].to_numpy(float).argmax(axis=1)]
+    return calls == tiles[TRUE_COLUMN].astype(str).to_numpy()
+
+
+def project_2d(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """UMAP (umap-learn, seeded) where installed and there are enough points, else PCA."""
+    x = x - x.mean(axis=0)
+    if len(x) >= 15:
+        try:
+            import umap  # optional: pip install 'cellmorph[report]'
+
+            points = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+            return np.asarray(points), "UMAP"
+        except ImportError:
+            pass
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=0).fit_transform(x), "PCA"
+
+
+def example_tiles(tiles: pd.DataFrame, classes: list[str], fold: int | None = None) -> list[dict]:
+    """Per true class: the best correct and the worst wrong tiles (cache row, call, probability)."""
+    from cellmorph.schema import CACHE_ROW_COLUMN, FOLD_COLUMN
+
+    if TRUE_COLUMN not in tiles.columns or CACHE_ROW_COLUMN not in tiles.columns:
+        return []
+    frame = tiles[tiles[TRUE_COLUMN].astype(str).isin(classes)]
+    if fold is not None and FOLD_COLUMN in frame.columns:
+        frame = frame[frame[FOLD_COLUMN] == fold]
+    probs = frame[[prob_column(c) for c in classes]].to_numpy(float)
+    calls = probs.argmax(axis=1)
+    best = probs.max(axis=1)
+    truth = frame[TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
+    rows = frame[CACHE_ROW_COLUMN].to_numpy()
+    picks = []
+    for k, name in enumerate(classes):
+        mine = np.flatnonzero(truth == k)
+        if not len(mine):
+            continue
+        right = mine[calls[mine] == k]
+        wrong = mine[calls[mine] != k]
+        for kind, chosen in (("correct", right), ("mistake", wrong)):
+            for i in chosen[np.argsort(-best[chosen], kind="stable")][:EXAMPLES_PER_KIND]:
+                picks.append({"moa": name, "kind": kind, "row": int(rows[i]), "call": classes[int(calls[i])],
+                              "probability": float(best[i]), "target": int(calls[i])})
+    return picks
+
+
+# --------------------------------------------------------------------------- figures
+def reliability_figure(confidence: np.ndarray, correct: np.ndarray, bins: int = 10):
+    from cellmorph.report.figures import _pyplot
+
+    plt = _pyplot()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            accuracy, mean_conf = correct[members].mean(), confidence[members].mean()
+            ece += members.mean() * abs(accuracy - mean_conf)
+            ax.bar(edges[b], accuracy, width=1.0 / bins, align="edge", color="#4c72b0", edgecolor="white")
+            ax.text(edges[b] + 0.5 / bins, min(accuracy + 0.02, 0.97), str(int(members.sum())), ha="center",
+                    fontsize=7)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("calibrated confidence of the call")
+    ax.set_ylabel("fraction of calls that were right")
+    ax.set_title(f"ECE {ece:.3f}", fontsize=10)
+    fig.tight_layout()
+    return fig, float(ece)
+
+
+def map_figure(points: np.ndarray, labels: np.ndarray, method: str):
+    from cellmorph.report.figures import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    names = sorted(set(labels))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for k, name in enumerate(names):
+        members = labels == name
+        ax.scatter(points[members, 0], points[members, 1], s=14, color=colours(k % colours.N), label=name, alpha=0.85)
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def tile_rgb(tile: np.ndarray) -> np.ndarray:
+    """A uint8 (C, h, w) tile as (h, w, 3): the first three channels as red, green and blue."""
+    channels = tile.shape[0]
+    if channels >= 3:
+        rgb = tile[:3]
+    elif channels == 2:
+        rgb = np.stack([tile[0], tile[1], np.zeros_like(tile[0])])
+    else:
+        rgb = np.repeat(tile[:1], 3, axis=0)
+    return np.transpose(rgb, (1, 2, 0))
+
+
+def examples_figure(cache, picks: list[dict]):
+    from cellmorph.report.figures import _pyplot
+
+    plt = _pyplot()
+    classes = list(dict.fromkeys(p["moa"] for p in picks))
+    columns = 2 * EXAMPLES_PER_KIND
+    fig, axes = plt.subplots(len(classes), columns, figsize=(1.6 * columns, 1.75 * len(classes)), squeeze=False)
+    tiles = cache.tiles(np.array([p["row"] for p in picks]))
+    for ax in axes.ravel():
+        ax.axis("off")
+    slots = {c: {"correct": 0, "mistake": EXAMPLES_PER_KIND} for c in classes}
+    for pick, tile in zip(picks, tiles):
+        r = classes.index(pick["moa"])
+        c = slots[pick["moa"]][pick["kind"]]
+        slots[pick["moa"]][pick["kind"]] += 1
+        ax = axes[r, c]
+        ax.imshow(tile_rgb(tile))
+        colour = "#1a7f37" if pick["kind"] == "correct" else "#b42318"
+        ax.set_title(f"{pick['call'][:18]}\n{pick['probability']:.2f}", fontsize=6, color=colour)
+        if c == 0:
+            ax.text(-0.1, 0.5, pick["moa"][:22], transform=ax.transAxes, ha="right", va="center", fontsize=7)
+    fig.suptitle("left: called right (highest probability) · right: worst mistakes", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def gradcam_figure(model, spec, cache, picks: list[dict], classes: list[str], gradcam_overlays):
+    from cellmorph.report.figures import _pyplot
+
+    plt = _pyplot()
+    chosen = [p for p in picks if p["kind"] == "correct"][: 2 * len(classes)]
+    chosen = list({p["moa"]: p for p in reversed(chosen)}.values())[::-1] or picks[:6]
+    tiles = cache.tiles(np.array([p["row"] for p in chosen]))
+    overlays = gradcam_overlays(model, tiles, spec, [p["target"] for p in chosen])
+    columns = min(6, len(chosen))
+    rows = -(-len(chosen) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (pick, overlay) in enumerate(zip(chosen, overlays)):
+        ax = axes[k // columns, k % columns]
+        ax.imshow(overlay)
+        ax.set_title(f"{pick['moa'][:20]}\n→ {pick['call'][:20]}", fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- networks for Grad-CAM
+def _cv_network(run: Path, header: dict):
+    """The last fold's saved weights (``keep_checkpoints``), rebuilt; its input spec; which fold."""
+    from cellmorph.cv.rundir import FOLD_STATE, RunDir
+    from cellmorph.models import create_model
+    from cellmorph.models.spec import InputSpec
+
+    states = sorted((run / "folds").glob(f"*/{FOLD_STATE}"), key=lambda p: int(p.parent.name))
+    if not states:
+        raise CellmorphError("the run kept no fold weights (cv --keep-checkpoints last keeps one fold's)")
+    fold = int(states[-1].parent.name)
+    record = RunDir(run).fold_state(fold)
+    spec = InputSpec.from_record(record["input"])
+    # The architecture only (init xavier draws no weights from anywhere); the fold's weights replace it.
+    model = create_model(record["model_name"], len(record["classes"]), init="xavier", in_chans=len(spec.mean))
+    model.load_state_dict(record["model"])
+    return model.eval(), spec, {"fold": fold, "what": f"fold {fold}'s model"}
+
+
+def _bundle_network(path):
+    from cellmorph.bundle import load_bundle
+
+    if not path or not Path(path).exists():
+        raise CellmorphError(f"the model bundle {path} is no longer there")
+    bundle = load_bundle(Path(path))
+    return bundle.network().eval(), bundle.input, {"fold": None, "what": "the bundle's model"}
+
+
+# --------------------------------------------------------------------------- helpers
+def _cache_or_none(path):
+    from cellmorph.cache import TileCache
+
+    try:
+        return TileCache(Path(path)) if path else None
+    except (CellmorphError, OSError, ValueError):
+        return None
+
+
+def _figure(fig, caption: str) -> dict:
+    from cellmorph.report.figures import _pyplot
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=110, format="png", bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    return {"src": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "caption": caption,
+            "alt": caption}
+
+
+def _png_file(path: Path, caption: str) -> dict:
+    if not Path(path).is_file():
+        return {"src": "", "caption": f"{caption} (not written: {Path(path).name} is missing)", "alt": caption}
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return {"src": "data:image/png;base64," + data, "caption": caption, "alt": caption}
+
+
+def _frame_table(frame: pd.DataFrame, sortable: bool, table_id: str | None = None) -> dict:
+    rows = [[_short(v) for v in row] for row in frame.itertuples(index=False)]
+    return {"columns": [str(c) for c in frame.columns], "rows": rows, "sortable": sortable, "id": table_id}
+
+
+def _short(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(map(str, value))
+    return html.unescape(str(value))

@@ -1,0 +1,158 @@
+"""The HTML report: one self-contained file per cv, predict or compare-inits output, in a real browser too."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmorph.cv import run_cv
+from cellmorph.errors import CellmorphError
+from cellmorph.report import write_report
+from cellmorph.report.html import SECTION_IDS, bootstrap_interval
+from tests.conftest import one_line_error, run_cli
+
+QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=2, cv="group-kfold:3",
+             max_tiles_per_fold=60, num_threads=1, keep_checkpoints="last")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(scope="module")
+def cv_run(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    run_cv(tiny_cache, out, QUICK, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def predict_run(tiny_bundle, tiny_cache, tmp_path_factory):
+    from cellmorph.predict import PredictConfig, predict
+
+    out = tmp_path_factory.mktemp("report") / "pred"
+    predict(tiny_bundle, tiny_cache, out, PredictConfig(threads=1), progress=False)
+    return out
+
+
+def sections_of(page: str) -> list[str]:
+    return re.findall(r'<section id="([a-z-]+)"', page)
+
+
+def self_contained(page: str) -> None:
+    """Nothing to fetch: no external script, style sheet, image or font, and no network URL at all."""
+    assert not re.search(r'<(script|link|img|iframe)[^>]+(src|href)="(?!data:|#)', page), "a resource to fetch"
+    assert "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+
+
+def test_cv_report_has_every_section_inline(cv_run):
+    path = write_report(cv_run)
+    assert path == cv_run / "report.html" and path.stat().st_mode & 0o044 == 0o044  # shareable
+    page = path.read_text()
+    assert sections_of(page) == list(SECTION_IDS)
+    self_contained(page)
+    treatments = pd.read_csv(cv_run / "treatments.csv")
+    table = page[page.index('id="treatment-table"'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == len(treatments) + 1  # heading + one row per treatment
+    figures = re.findall(r'<img src="data:image/png;base64,', page)
+    assert len(figures) >= 5  # confusion, curves, map, examples, Grad-CAM
+    assert "Grad-CAM" in page  # the run kept the last fold's weights
+    # The same run gives the same report (seeded bootstrap, map and figures).
+    first = page
+    assert write_report(cv_run).read_text() == first
+
+
+def test_predict_report_shows_sets_confidence_and_reliability(predict_run):
+    page = write_report(predict_run).read_text()
+    assert sections_of(page) == list(SECTION_IDS)
+    self_contained(page)
+    assert "prediction set" in page and "confidence (calibrated)" in page
+    assert "ECE" in page or "expected calibration error" in page
+    assert "Grad-CAM of the call" in page  # from the bundle's network
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_accuracy():
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"Metadata_Compound": [f"c{i}" for i in range(60)], "Metadata_Concentration": 1.0})
+    correct = rng.random(60) < 0.7
+    low, high = bootstrap_interval(frame, correct)
+    assert (low, high) == bootstrap_interval(frame, correct)
+    assert low < correct.mean() < high and 0.1 < high - low < 0.35  # about ±1.96·sqrt(.21/60) = ±0.12
+    # Wells of one treatment move together: resampling treatments, not wells.
+    wells = pd.concat([frame] * 4, ignore_index=True)
+    low4, high4 = bootstrap_interval(wells, np.tile(correct, 4))
+    assert high4 - low4 == pytest.approx(high - low, abs=0.05)
+
+
+def test_report_cli_contract_and_bad_folders(cv_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(cv_run, run)
+    (run / "report.html").unlink(missing_ok=True)
+    proc = run_cli("report", run)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "report.html").is_file() and "report.html" in proc.stderr
+    one_line_error(run_cli("report", tmp_path / "nowhere"), "not a folder")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("report", tmp_path / "empty"), "not a cellmorph output folder")
+    (run / "metrics.json").unlink()
+    one_line_error(run_cli("report", run), "has not finished")
+    with pytest.raises(CellmorphError):
+        write_report(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- in a real browser
+def _browser_or_skip():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (make test installs Debian's chromium where it can)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install 'cellmorph[dev]')")
+    return chromium, sync_playwright
+
+
+@pytest.mark.parametrize("kind", ["cv", "predict"])
+def test_report_opens_in_a_browser_without_errors(kind, cv_run, predict_run, tmp_path):
+    chromium, sync_playwright = _browser_or_skip()
+    run = {"cv": cv_run, "predict": predict_run}[kind]
+    path = write_report(run)
+    errors: list[str] = []
+    shot = tmp_path / f"{kind}.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            # Offline: any request that is not for the file itself fails the test.
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.resolve().as_uri())
+            page.wait_for_selector("html[data-report-ready=yes]")
+            assert [s.get_attribute("id") for s in page.query_selector_all("section")] == list(SECTION_IDS)
+            assert all(page.is_visible(f"#{s} h2") for s in SECTION_IDS)
+            assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+            # The treatment table sorts when its heading is clicked.
+            column = page.query_selector_all("#treatment-table thead th")[3]  # the call
+            column.click()
+            calls = page.eval_on_selector_all("#treatment-table tbody tr td:nth-child(4)", "c => c.map(x => x.textContent)")
+            assert calls == sorted(calls, key=str.lower)
+            column.click()
+            again = page.eval_on_selector_all("#treatment-table tbody tr td:nth-child(4)", "c => c.map(x => x.textContent)")
+            assert again == sorted(calls, key=str.lower, reverse=True)
+            page.screenshot(path=str(shot), full_page=False)
+            assert [r for r in requests if not r.startswith("file://")] == []
+        finally:
+            browser.close()
+    assert errors == []
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
+    if DOCS.is_dir() and __import__("os").environ.get("CELLMORPH_WRITE_DOCS"):
+        shutil.copy(shot, DOCS / f"report-{kind}.png")  # regenerate the README's screenshots
