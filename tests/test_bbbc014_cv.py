@@ -84,6 +84,10 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     summary = json.loads((out / "init_comparison.json").read_text())
     assert set(summary["by_init"]["imagenet"]) == {"1", "2"}
     assert json.loads(proc.stdout.strip().splitlines()[-1]).keys() == {"imagenet", "xavier"}
+    # compare-inits ends with its report: the Fig. 4 plot and the table of means, inline.
+    page = (out / "report.html").read_text()
+    assert "warning: no report" not in proc.stderr
+    assert page.count('<img src="data:image/png;base64,') == 1 and "imagenet" in page and "xavier" in page
 
 
 def test_cv_replicates_flag(b14_cache, tmp_path):

@@ -51,7 +51,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     figures: list[dict] = field(default_factory=list)  # {"src": data URI, "caption": str, "alt": str}
     tables: list[dict] = field(default_factory=list)  # {"columns": [...], "rows": [[...]], "sortable": bool}
-    pre: str | None = None
+    details: dict[str, str] = field(default_factory=dict)  # folded away: summary → preformatted text
 
 
 # --------------------------------------------------------------------------- entry point
@@ -165,7 +165,7 @@ def _predict_context(run: Path, visualise: bool) -> dict:
     cache = _cache_or_none(summary.get("cache"))
     sections.append(_examples_section(tiles, classes, cache))
     sections.append(_network_section(run, visualise, lambda: _bundle_network(summary.get("model")), tiles, classes,
-                                     cache))
+                                     cache, model=summary.get("model")))
     title = f"Predictions of {Path(str(summary.get('model'))).name} on {Path(str(summary.get('data'))).name}"
     return _context(title, "predict", run, sections)
 
@@ -208,11 +208,13 @@ def _run_section(header: dict, extra: dict) -> Section:
             ["device", header.get("device")], ["threads", header.get("threads")],
             ["executor", _short((header.get("executor") or {}).get("kind"))],
             ["git commit", provenance.get("git_commit")], ["python", provenance.get("python")],
-            *[[k, v] for k, v in extra.items()],
-            *[[f"{name}", version] for name, version in sorted(packages.items())]]
+            *[[k, v] for k, v in extra.items()]]
     rows = [[k, _short(v)] for k, v in rows if v is not None]
     section = Section("run", "What was run", tables=[{"columns": ["", ""], "rows": rows, "sortable": False}])
-    section.pre = yaml.safe_dump({"config": cfg}, sort_keys=False, allow_unicode=True) if cfg else None
+    if cfg:
+        section.details["Resolved configuration"] = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+    if packages:
+        section.details["Package versions"] = "\n".join(f"{k} {v}" for k, v in sorted(packages.items()))
     return section
 
 
@@ -275,7 +277,7 @@ def _treatments_section(treatments, classes) -> Section:
     if CONFIDENCE_COLUMN in treatments.columns:
         frame["confidence (calibrated)"] = treatments[CONFIDENCE_COLUMN].astype(float).round(3)
     if SET_COLUMN in treatments.columns:
-        frame["prediction set"] = treatments[SET_COLUMN].astype(str)
+        frame["prediction set"] = treatments[SET_COLUMN].astype(str).str.replace("|", ", ", regex=False)
     return Section("treatments", "Treatments", notes=["Click a column heading to sort."],
                    tables=[_frame_table(frame, sortable=True, table_id="treatment-table")])
 
@@ -326,7 +328,7 @@ def _examples_section(tiles, classes, cache) -> Section:
         figures=[_figure(fig, "Example tiles per MoA (channels as red, green, blue)")])
 
 
-def _network_section(run: Path, visualise: bool, network, tiles, classes, cache) -> Section:
+def _network_section(run: Path, visualise: bool, network, tiles, classes, cache, model: str | None = None) -> Section:
     """Filter images written by ``cellmorph visualize filters`` into RUN/filters, and Grad-CAM."""
     section = Section("network", "What the network looks at")
     filters = sorted((run / "filters").glob("*.png")) if (run / "filters").is_dir() else []
@@ -334,7 +336,8 @@ def _network_section(run: Path, visualise: bool, network, tiles, classes, cache)
         section.figures.append(_png_file(png, f"Filter images ({png.stem}): ImageNet network against the "
                                               "fine-tuned one"))
     if not filters:
-        section.notes.append(f"`cellmorph visualize filters --run {run} --out {run / 'filters'}` adds images that "
+        source = f"--model {model}" if model else f"--run {run}"
+        section.notes.append(f"`cellmorph visualize filters {source} --out {run / 'filters'}` adds images that "
                              "maximise filters of the ImageNet and the fine-tuned network (the paper's Fig. 5).")
     if not visualise or cache is None:
         return section
