@@ -38,6 +38,7 @@ REPORT_FILE = "report.html"
 BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_SEED = 0
 EXAMPLES_PER_KIND = 3  # tiles per MoA: best correct calls, and the worst mistakes
+GRADCAM_TILES = 8
 SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "examples",
                "network")
 
@@ -498,7 +499,7 @@ def examples_figure(cache, picks: list[dict]):
     classes = list(dict.fromkeys(p["moa"] for p in picks))
     columns = 2 * EXAMPLES_PER_KIND
     fig, axes = plt.subplots(len(classes), columns, figsize=(1.6 * columns, 1.75 * len(classes)), squeeze=False)
-    tiles = cache.tiles(np.array([p["row"] for p in picks]))
+    tiles = [_thumbnail(tile_rgb(t)) for t in cache.tiles(np.array([p["row"] for p in picks]))]
     for ax in axes.ravel():
         ax.axis("off")
     slots = {c: {"correct": 0, "mistake": EXAMPLES_PER_KIND} for c in classes}
@@ -507,7 +508,7 @@ def examples_figure(cache, picks: list[dict]):
         c = slots[pick["moa"]][pick["kind"]]
         slots[pick["moa"]][pick["kind"]] += 1
         ax = axes[r, c]
-        ax.imshow(tile_rgb(tile))
+        ax.imshow(tile)
         colour = "#1a7f37" if pick["kind"] == "correct" else "#b42318"
         ax.set_title(f"{pick['call'][:18]}\n{pick['probability']:.2f}", fontsize=6, color=colour)
         if c == 0:
@@ -517,12 +518,25 @@ def examples_figure(cache, picks: list[dict]):
     return fig
 
 
+def _thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
+    """An (h, w, 3) uint8 image no larger than ``size`` px a side: figures stay small and quick to
+    encode (a 224-px tile is drawn about 1.5 cm wide anyway)."""
+    from PIL import Image
+
+    if max(image.shape[:2]) <= size:
+        return image
+    thumb = Image.fromarray(np.ascontiguousarray(image))
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(thumb)
+
+
 def gradcam_figure(model, spec, cache, picks: list[dict], classes: list[str], gradcam_overlays):
     from cellmorph.report.figures import _pyplot
 
     plt = _pyplot()
-    chosen = [p for p in picks if p["kind"] == "correct"][: 2 * len(classes)]
-    chosen = list({p["moa"]: p for p in reversed(chosen)}.values())[::-1] or picks[:6]
+    # One right call per MoA, at most GRADCAM_TILES: a backward pass each, at the network's input size.
+    chosen = [p for p in picks if p["kind"] == "correct"]
+    chosen = (list({p["moa"]: p for p in reversed(chosen)}.values())[::-1] or picks)[:GRADCAM_TILES]
     tiles = cache.tiles(np.array([p["row"] for p in chosen]))
     overlays = gradcam_overlays(model, tiles, spec, [p["target"] for p in chosen])
     columns = min(6, len(chosen))
@@ -532,7 +546,7 @@ def gradcam_figure(model, spec, cache, picks: list[dict], classes: list[str], gr
         ax.axis("off")
     for k, (pick, overlay) in enumerate(zip(chosen, overlays)):
         ax = axes[k // columns, k % columns]
-        ax.imshow(overlay)
+        ax.imshow(_thumbnail(overlay, 160))
         ax.set_title(f"{pick['moa'][:20]}\n→ {pick['call'][:20]}", fontsize=6)
     fig.tight_layout()
     return fig
