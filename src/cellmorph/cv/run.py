@@ -226,14 +226,11 @@ def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, execut
         else:
             todo.append(fold)
     last = max((f.index for f in todo), default=None)
-    ran: list[int] = []
 
     def on_done(index: int, info: dict) -> None:
-        ran.append(index)
-        if cfg.keep_checkpoints == "last" and current_data_parallel().is_main:  # only the last fold's weights stay, whatever order folds finish in
-            for k in ran:
-                if k != last:
-                    rundir.drop_fold_state(k)
+        # keep_checkpoints last: only the last fold's weights stay, whatever order folds finish in.
+        if cfg.keep_checkpoints == "last" and index != last and current_data_parallel().is_main:
+            rundir.drop_fold_state(index)
         where = f" on {info['host']}" if executor.remote and info.get("host") else ""
         folds_bar.advance(info=f"({names[index]}) held-out tile accuracy {info['accuracy']:.3f} "
                                f"in {info['seconds']:.0f} s{where}")
