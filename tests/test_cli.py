@@ -80,6 +80,7 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     assert emb.returncode == 0, emb.stderr
     wells = pd.read_parquet(tmp_path / "emb" / "wells.parquet")
     assert len(wells) == 14 and wells["Metadata_NTiles"].sum() == 1120
+    assert json.loads((tmp_path / "emb" / "embed.json").read_text())["tta"] == "dihedral"  # the crops default
     run = tmp_path / "run"
     proc = run_cli("cv", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--mode", "linear-probe",
                    "--cv", "well:3", "--include-controls", "--image-size", "64", "--out", str(run))
@@ -89,16 +90,18 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     # Real cells: frozen ImageNet features separate cycloheximide from DMSO well above chance (0.57).
     assert metrics["tile_accuracy"] > 0.75, metrics
     assert metrics["well_accuracy"] > 0.8, metrics
+    assert json.loads((run / "embeddings.json").read_text())["tta"] == "dihedral"  # the crops default
     # The same probe on an intermediate stage: recorded in the run, in its embeddings, and as good.
     staged = tmp_path / "staged"
     proc = run_cli("cv", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--mode", "linear-probe",
                    "--cv", "well:3", "--include-controls", "--image-size", "64", "--features", "stage3/mean+max",
-                   "--out", str(staged))
+                   "--tta", "none", "--out", str(staged))
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load((staged / "config.yaml").read_text())["config"]["features"] == {
         "layers": [3], "pool": ["mean", "max"]}
     marker = json.loads((staged / "embeddings.json").read_text())
     assert marker["features"]["name"] == "stage3/mean+max" and marker["dim"] == 2 * 96  # mobilenetv2 stage 3: 96 channels
+    assert "tta" not in marker
     assert json.loads((staged / "metrics.json").read_text())["tile_accuracy"] > 0.75
     emb = run_cli("embed", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--image-size", "64",
                   "--features", "stage9", "--out", str(tmp_path / "bad"))

@@ -130,3 +130,25 @@ def test_embed_writes_dmso_normalised_well_profiles_and_aggregates_by_mean_or_me
     per_plate = dmso.groupby("Metadata_Plate")[varying]
     np.testing.assert_allclose(per_plate.mean().to_numpy(), 0.0, atol=1e-6)
     np.testing.assert_allclose(per_plate.std(ddof=0).to_numpy(), 1.0, atol=1e-4)
+
+
+def test_dihedral_embeddings_are_the_mean_of_the_eight_views(tiny_cache):
+    """tta dihedral: a tile's embedding is the mean of the embeddings of its 8 rotations/mirrors."""
+    import torch
+
+    from cellmorph.augment import dihedral
+    from cellmorph.datasets import InputPipeline, iterate_batches
+    from cellmorph.embed import embed_tiles, feature_extractor
+
+    cache, rows = TileCache(tiny_cache), np.arange(5)
+    plain = embed_tiles(cache, rows=rows, image_size=32, progress=False)
+    averaged = embed_tiles(cache, rows=rows, image_size=32, progress=False, tta="dihedral")
+    model, spec = feature_extractor("tf_efficientnet_lite0")
+    pipeline = InputPipeline.from_spec(spec.with_size(32)).eval()
+    tiles, _ = next(iter(iterate_batches(cache, rows, len(rows))))
+    with torch.inference_mode():
+        x = pipeline(tiles)
+        views = np.stack([model(dihedral(x, k)).numpy() for k in range(8)])
+    np.testing.assert_allclose(averaged, views.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(plain, views[0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(averaged, plain, atol=1e-3)  # the features are not rotation invariant by themselves

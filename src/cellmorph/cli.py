@@ -651,6 +651,7 @@ def embed(
     online: bool = typer.Option(False, "--online", help=_embed_help("allow_network")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     features: str = typer.Option("stage3", help=FEATURES_HELP),
+    tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
     aggregate: Aggregate = typer.Option(Aggregate.median, help=_embed_help("aggregate")),
     standardize: Standardize = typer.Option(Standardize.plate, help=_embed_help("standardize")),
     whiten: Whiten = typer.Option(Whiten.none, help=_embed_help("whiten")),
@@ -666,7 +667,7 @@ def embed(
 
     config = validated(EmbedConfig, dict(
         model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
-        image_size=image_size, features=FeatureSpec.parse(features), batch_size=batch_size, device=device,
+        image_size=image_size, features=FeatureSpec.parse(features), tta=tta, batch_size=batch_size, device=device,
         threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
         strength=strength), "embed options")
     target = out or Path(data) / "embeddings" / model

@@ -336,7 +336,7 @@ class _Step:
         return {"loss": total_loss / max(seen, 1), "train_accuracy": total_correct / max(seen, 1), "n_tiles": seen}
 
 
-def _tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     if tta == "none":
         return [x]
     # Cell images have no preferred orientation, so every dihedral view is an equally valid look.
@@ -390,7 +390,7 @@ def predict_tiles(
     for tiles, positions in batches:
         x = pipeline(tiles)
         probs = 0.0
-        views = _tta_views(x, settings.tta)
+        views = tta_views(x, settings.tta)
         passes = 0
         for view in views:
             if channels_last:

@@ -11,7 +11,7 @@ from cellmorph.errors import CellmorphError
 
 @pytest.mark.parametrize("yaml_text, message", [
     ("init: xavier\nfreeze_stages: 2\n", "random: use freeze_stages 0 with xavier"),
-    ("mode: linear-probe\ntta: dihedral\n", "linear-probe embeds each tile once"),
+    ("mode: linear-probe\ntta: rotate\n", "tta"),
     ("frozen_feature_cache: true\n", "frozen_feature_cache needs mode finetune with freeze_stages > 0"),
     ("epochs: 3\neval_epochs: [1, 5]\n", r"eval_epochs \[5\] exceed epochs=3"),
     ("eval_epochs: [11]\n", r"eval_epochs \[11\] exceed epochs=10"),  # the default 10 epochs
@@ -38,7 +38,7 @@ def test_options_are_checked_by_the_same_rules_and_override_the_file(tmp_path):
     with pytest.raises(CellmorphError, match="freeze_stages 0 with xavier"):
         load_cv_config(path, init="xavier")
     with pytest.raises(CellmorphError, match="^cv options: "):
-        load_cv_config(None, mode="linear-probe", tta="dihedral")
+        load_cv_config(None, mode="linear-probe", head_init="probe")
     # model_copy skips pydantic's validators; validate_config checks a CVConfig again.
     from cellmorph.cv import validate_config
 

@@ -162,7 +162,7 @@ def test_bad_configs_fail_early_with_one_line(crop_cache, tmp_path):
         (dict(SMALL, learning_rate=0.1), "learning_rate"),
         (dict(SMALL, init="/nonexistent/ckpt.pt"), "init"),
         (dict(SMALL, init="xavier", freeze_stages=1), "random: use freeze_stages 0 with xavier"),
-        (dict(SMALL, mode="linear-probe", tta="dihedral"), "linear-probe embeds each tile once"),
+        (dict(SMALL, mode="linear-probe", head_init="probe"), "linear-probe is the probe itself"),
         (dict(SMALL, tta="rotate"), "tta"),
     ]
     for config, message in cases:
@@ -299,7 +299,7 @@ def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run,
 def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache):
     """Crop tables (the cache's source says so) default to 128 px, and a pretrained fine-tune to the
     recipe that led on real crops (4 frozen stages computed once, dihedral TTA); the linear probe to
-    mean-pooled stage 3. Whatever a config gives is kept."""
+    mean-pooled stage 3 averaged over the dihedral views. Whatever a config gives is kept."""
     from cellmorph.cv.run import plan_run
 
     common = dict(model="tf_efficientnet_lite0", init="imagenet", epochs=1, cv="well:3",
@@ -312,7 +312,9 @@ def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache)
     assert (unfrozen.freeze_stages, unfrozen.frozen_feature_cache, unfrozen.tta) == (0, False, "dihedral")
     probe = plan_run(crop_cache, dict(common, mode="linear-probe")).config
     assert (probe.image_size, probe.features.describe(), probe.tta, probe.freeze_stages) == (128, "stage3/mean",
-                                                                                             "none", 0)
+                                                                                             "dihedral", 0)
+    plain_probe = plan_run(crop_cache, dict(common, mode="linear-probe", tta="none")).config
+    assert plain_probe.tta == "none"
     scratch = plan_run(crop_cache, dict(common, init="xavier")).config  # frozen random filters do not learn
     assert (scratch.image_size, scratch.freeze_stages, scratch.tta) == (128, 0, "none")
 

@@ -39,6 +39,8 @@ def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFe
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
     key = {"fingerprint": plan.fingerprint, "rows": int(len(rows)), "features": plan.config.features.record()}
+    if plan.config.tta != "none":  # (runs without tta keep the key their embeddings were stored under)
+        key["tta"] = plan.config.tta
     saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
     if saved is not None:
         return ProbeFeatures(saved, rows)
@@ -46,13 +48,15 @@ def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFe
         raise CellmorphError(f"{rundir.path(EMBEDDINGS)}: the run's shared embeddings are missing or belong to "
                              "another run")
     cfg = plan.config
-    bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features)")
+    views = "" if cfg.tta == "none" else f", each the mean of its {cfg.tta} views"
+    bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features{views})")
     weights = Path(cfg.weights) if cfg.weights else None
     # A network that is not pretrained (init xavier) embeds with random filters: drawn from the run's
     # seed, so that the embeddings are the same whichever process (a Dask worker, a Slurm task) makes them.
     torch.manual_seed(int(np.random.SeedSequence([int(cfg.seed), 0xE3]).generate_state(1)[0]))
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
-                        str(plan.device), cfg.allow_network, progress=False, features=cfg.features)
+                        str(plan.device), cfg.allow_network, progress=False, features=cfg.features,
+                        tta=cfg.tta)
     rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
                               key | {"dim": int(feats.shape[1])},
                               lambda tmp: np.save(tmp, feats))
