@@ -80,7 +80,8 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     assert emb.returncode == 0, emb.stderr
     wells = pd.read_parquet(tmp_path / "emb" / "wells.parquet")
     assert len(wells) == 14 and wells["Metadata_NTiles"].sum() == 1120
-    assert json.loads((tmp_path / "emb" / "embed.json").read_text())["tta"] == "dihedral"  # the crops default
+    recorded = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert (recorded["tta"], recorded["features"]["name"]) == ("dihedral", "stage3+stage4/mean")  # crops defaults
     run = tmp_path / "run"
     proc = run_cli("cv", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--mode", "linear-probe",
                    "--cv", "well:3", "--include-controls", "--image-size", "64", "--out", str(run))
@@ -90,7 +91,8 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     # Real cells: frozen ImageNet features separate cycloheximide from DMSO well above chance (0.57).
     assert metrics["tile_accuracy"] > 0.75, metrics
     assert metrics["well_accuracy"] > 0.8, metrics
-    assert json.loads((run / "embeddings.json").read_text())["tta"] == "dihedral"  # the crops default
+    marker = json.loads((run / "embeddings.json").read_text())
+    assert (marker["tta"], marker["features"]["name"], marker["dim"]) == ("dihedral", "stage3+stage4/mean", 96 + 320)
     # The same probe on an intermediate stage: recorded in the run, in its embeddings, and as good.
     staged = tmp_path / "staged"
     proc = run_cli("cv", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--mode", "linear-probe",

@@ -271,7 +271,8 @@ def _print_metrics(metrics: dict, out: Path) -> None:
 
 
 FEATURES_HELP = ("head (the backbone's pooled output), or timm feature stages counted from 0 with their "
-                 "spatial pools: stage3 (mean-pooled), stage3+stage4/mean+max, stage3/gem")
+                 "spatial pools: stage3 (mean-pooled), stage3+stage4/mean+max, stage3/gem (default stage3; "
+                 "stage3+stage4 for crop tables)")
 
 
 # The cv settings that `cv` and `train` share: one definition each, help from the config's fields.
@@ -650,7 +651,7 @@ def embed(
     device: str = typer.Option("cpu", help=_embed_help("device")),
     online: bool = typer.Option(False, "--online", help=_embed_help("allow_network")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    features: str = typer.Option("stage3", help=FEATURES_HELP),
+    features: Optional[str] = typer.Option(None, help=FEATURES_HELP),
     tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
     aggregate: Aggregate = typer.Option(Aggregate.median, help=_embed_help("aggregate")),
     standardize: Standardize = typer.Option(Standardize.plate, help=_embed_help("standardize")),
@@ -667,7 +668,7 @@ def embed(
 
     config = validated(EmbedConfig, dict(
         model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
-        image_size=image_size, features=FeatureSpec.parse(features), tta=tta, batch_size=batch_size, device=device,
+        image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta, batch_size=batch_size, device=device,
         threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
         strength=strength), "embed options")
     target = out or Path(data) / "embeddings" / model

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.cache import TileCache
 from cellmorph.datasets import InputPipeline, iterate_batches
-from cellmorph.models.features import DEFAULT_FEATURES, FeatureExtractor, FeatureSpec
+from cellmorph.models.features import CROP_FEATURES, DEFAULT_FEATURES, FeatureExtractor, FeatureSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 from cellmorph.schema import WELL_KEYS, WELL_METADATA
 
@@ -106,8 +106,8 @@ class EmbedConfig(BaseModel):
     weights: str | None = Field(None, description="explicit ImageNet weights file")
     allow_network: bool = Field(False, description="allow fetching weights from the hub")
     image_size: int | None = Field(None, ge=16, description="input size (default: 128 px for crops, else the model's)")
-    features: FeatureSpec = Field(DEFAULT_FEATURES, description="which activations, pooled how (default stage3: "
-                                  "mean-pooled stage 3)")
+    features: FeatureSpec | None = Field(None, description="which activations, pooled how (default: mean-pooled "
+                                         "stage3; stage3+stage4 for crops)")
     tta: Literal["none", "dihedral"] | None = Field(
         None, description="dihedral: each tile's embedding is the mean over its 8 rotations/mirrors (default for "
         "crops, where it raised cross-plate accuracy on real cells; none for fields: 5-7x the embedding time)")
@@ -134,8 +134,12 @@ def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bo
     config = config or EmbedConfig()
     out = require_output_dir(Path(out), "embedding folder")
     cache = TileCache(data)
-    if config.tta is None:  # the layout's default, recorded in embed.json as resolved
-        config = config.model_copy(update={"tta": "dihedral" if cache.manifest.get("source") == "crops" else "none"})
+    crops = cache.manifest.get("source") == "crops"
+    # The layout's defaults (cellmorph.cv.config.CROP_PROBE_DEFAULTS says why), recorded in embed.json as resolved.
+    if config.tta is None:
+        config = config.model_copy(update={"tta": "dihedral" if crops else "none"})
+    if config.features is None:
+        config = config.model_copy(update={"features": CROP_FEATURES if crops else DEFAULT_FEATURES})
     with torch_threads(config.threads):
         feats = embed_tiles(cache, config.model, None, config.init, Path(config.weights) if config.weights else None,
                             config.image_size, config.batch_size, config.device, config.allow_network, progress,

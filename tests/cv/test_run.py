@@ -299,7 +299,7 @@ def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run,
 def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache):
     """Crop tables (the cache's source says so) default to 128 px, and a pretrained fine-tune to the
     recipe that led on real crops (4 frozen stages computed once, dihedral TTA); the linear probe to
-    mean-pooled stage 3 averaged over the dihedral views. Whatever a config gives is kept."""
+    mean-pooled stages 3 and 4 averaged over the dihedral views. Whatever a config gives is kept."""
     from cellmorph.cv.run import plan_run
 
     common = dict(model="tf_efficientnet_lite0", init="imagenet", epochs=1, cv="well:3",
@@ -311,10 +311,10 @@ def test_crop_caches_default_to_the_crop_recipe_and_given_values_win(crop_cache)
     unfrozen = plan_run(crop_cache, dict(common, freeze_stages=0)).config  # nothing frozen: nothing to cache
     assert (unfrozen.freeze_stages, unfrozen.frozen_feature_cache, unfrozen.tta) == (0, False, "dihedral")
     probe = plan_run(crop_cache, dict(common, mode="linear-probe")).config
-    assert (probe.image_size, probe.features.describe(), probe.tta, probe.freeze_stages) == (128, "stage3/mean",
-                                                                                             "dihedral", 0)
-    plain_probe = plan_run(crop_cache, dict(common, mode="linear-probe", tta="none")).config
-    assert plain_probe.tta == "none"
+    assert (probe.image_size, probe.features.describe(), probe.tta, probe.freeze_stages) == (
+        128, "stage3+stage4/mean", "dihedral", 0)
+    plain_probe = plan_run(crop_cache, dict(common, mode="linear-probe", tta="none", features="stage3")).config
+    assert (plain_probe.tta, plain_probe.features.describe()) == ("none", "stage3/mean")
     scratch = plan_run(crop_cache, dict(common, init="xavier")).config  # frozen random filters do not learn
     assert (scratch.image_size, scratch.freeze_stages, scratch.tta) == (128, 0, "none")
 
