@@ -79,8 +79,8 @@ def test_embed_records_and_writes_stage_features(tiny_cache, tmp_path):
     assert np.isfinite(values).all() and values.std(axis=0).mean() > 0
 
 
-def test_embed_defaults_to_mean_pooled_stage3_and_crops_to_128_px(real_crops, tmp_path):
-    """The evidence-backed defaults (issue 19): stage 3, mean-pooled; 128 px for crop tables."""
+def test_embed_defaults_crops_to_stage3_and_4_dihedral_and_128_px(real_crops, tmp_path):
+    """The evidence-backed crop defaults (issue 19): stages 3+4 mean-pooled, dihedral TTA, 128 px."""
     import json
 
     from cellmorph.data.crops import load_crop_table
@@ -106,6 +106,8 @@ def test_embed_defaults_to_mean_pooled_stage3_and_crops_to_128_px(real_crops, tm
         summary = embed(tmp_path / "cache", tmp_path / "e", progress=False)
     finally:
         module.FeatureExtractor.forward = original
-    assert summary["features"]["name"] == "stage3/mean" and summary["dim"] == 112
+    # Crops: stages 3 and 4 (112 + 320 channels for Lite0), averaged over the dihedral views.
+    assert summary["features"]["name"] == "stage3+stage4/mean" and summary["dim"] == 112 + 320
+    assert summary["tta"] == "dihedral"
     assert seen["size"] == (128, 128)
-    assert json.loads((tmp_path / "e" / "embed.json").read_text())["features"]["layers"] == [3]
+    assert json.loads((tmp_path / "e" / "embed.json").read_text())["features"]["layers"] == [3, 4]
