@@ -57,6 +57,16 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(y, k % 4, dims=(-2, -1)) if k % 4 else y
 
 
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The test-time views of a batch: itself (``none``), or its 8 dihedral transforms (4 rotations
+    if the images are not square)."""
+    if tta == "none":
+        return [x]
+    # Cell images have no preferred orientation, so every dihedral view is an equally valid look.
+    ks = range(8) if x.shape[-1] == x.shape[-2] else (0, 2, 4, 6)
+    return [dihedral(x, k) for k in ks]
+
+
 def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Apply an independently drawn dihedral transform to each image of the batch.
 

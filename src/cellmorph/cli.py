@@ -668,8 +668,8 @@ def embed(
 
     config = validated(EmbedConfig, dict(
         model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
-        image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta, batch_size=batch_size, device=device,
-        threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
+        image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
+        batch_size=batch_size, device=device, threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
         strength=strength), "embed options")
     target = out or Path(data) / "embeddings" / model
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)

@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.cache import TileCache
+from cellmorph.data.layouts import layout_embedding
 from cellmorph.datasets import InputPipeline, iterate_batches
-from cellmorph.models.features import CROP_FEATURES, DEFAULT_FEATURES, FeatureExtractor, FeatureSpec
+from cellmorph.models.features import DEFAULT_FEATURES, FeatureExtractor, FeatureSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 from cellmorph.schema import WELL_KEYS, WELL_METADATA
 
@@ -55,7 +56,7 @@ def embed_tiles(
     by default). ``image_size`` None: the layout's input size for crops (128 px), else the model's.
     ``tta="dihedral"``: each tile's embedding is the mean over its 8 dihedral views (4 rotations
     for non-square inputs), which makes it invariant to the orientation of the cells."""
-    from cellmorph.train import tta_views
+    from cellmorph.augment import tta_views
     from cellmorph.models import input_size_errors
     from cellmorph.progress import Progress
 
@@ -72,7 +73,7 @@ def embed_tiles(
     with Progress(progress) as bar, torch.inference_mode():
         task = bar.task(f"embedding tiles ({model_name})", len(rows), every=30.0)
         for tiles, positions in iterate_batches(cache, rows, batch_size, pin_memory=dev.type == "cuda"):
-            x = pipeline(tiles).contiguous(memory_format=torch.channels_last)
+            x = pipeline(tiles)
             # The first batch doubles as the input-size check (an extra probe pass cost ~8 % here).
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=dev.type == "cuda"), \
                     input_size_errors(spec, model_name) if out is None else nullcontext():
@@ -134,12 +135,13 @@ def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bo
     config = config or EmbedConfig()
     out = require_output_dir(Path(out), "embedding folder")
     cache = TileCache(data)
-    crops = cache.manifest.get("source") == "crops"
-    # The layout's defaults (cellmorph.cv.config.CROP_PROBE_DEFAULTS says why), recorded in embed.json as resolved.
+    # Unset fields take the layout's defaults (cellmorph.data.layouts says why), recorded in embed.json.
+    layout = layout_embedding(cache.manifest.get("source"))
     if config.tta is None:
-        config = config.model_copy(update={"tta": "dihedral" if crops else "none"})
+        config = config.model_copy(update={"tta": layout.get("tta", "none")})
     if config.features is None:
-        config = config.model_copy(update={"features": CROP_FEATURES if crops else DEFAULT_FEATURES})
+        spec = FeatureSpec.parse(layout["features"]) if "features" in layout else DEFAULT_FEATURES
+        config = config.model_copy(update={"features": spec})
     with torch_threads(config.threads):
         feats = embed_tiles(cache, config.model, None, config.init, Path(config.weights) if config.weights else None,
                             config.image_size, config.batch_size, config.device, config.allow_network, progress,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellmorph.augment import TTA_MODES, dihedral
+from cellmorph.augment import TTA_MODES, tta_views
 from cellmorph.datasets import InputPipeline, batch_order, iterate_batches
 from cellmorph.distributed import DataParallel, current, rank_seed
 from cellmorph.errors import CellmorphError
@@ -334,14 +334,6 @@ class _Step:
             if on_batch:
                 on_batch()
         return {"loss": total_loss / max(seen, 1), "train_accuracy": total_correct / max(seen, 1), "n_tiles": seen}
-
-
-def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    if tta == "none":
-        return [x]
-    # Cell images have no preferred orientation, so every dihedral view is an equally valid look.
-    ks = range(8) if x.shape[-1] == x.shape[-2] else (0, 2, 4, 6)
-    return [dihedral(x, k) for k in ks]
 
 
 def enable_dropout(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cellmorph.augment import AugmentConfig, TTAMode
 from cellmorph.cv.splits import CV_CHOICES, parse_cv
 from cellmorph.errors import CellmorphError, validated
-from cellmorph.models.features import CROP_FEATURES, DEFAULT_FEATURES, FeatureSpec
+from cellmorph.models.features import DEFAULT_FEATURES, FeatureSpec
 from cellmorph.runinfo import read_yaml_mapping
 
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
@@ -198,20 +198,12 @@ class CVConfig(BaseModel):
 # cores): 128 px, the first 4 stages frozen and computed once per run, dihedral test-time
 # augmentation. They apply to pretrained fine-tuning only (frozen random filters do not learn).
 CROP_FINETUNE_DEFAULTS = {"freeze_stages": 4, "frozen_feature_cache": True, "tta": "dihedral"}
-# Crops, linear probe: embeddings averaged over the 8 dihedral views, of stages 3 and 4 together.
-# On the real crops-week4 cells (DMSO against cycloheximide, leave one plate out) the averaging
-# raised the per-crop accuracy of every feature choice (stage 3: 0.933 -> 0.947) and cut its
-# log-loss by 17-45 %; stage3+stage4 with it scored 0.964, the best row, and led the 4-class dose
-# task without it (benchmarks/RESULTS.md). On the held-out 12-MoA crops stage 3 (0.689) and
-# stage 4 (0.660) were close; the concatenation keeps both. 5-7x the embedding time: 1,120 crops
-# at 128 px took 48-60 s on 2 cores instead of 8-13 s.
-CROP_PROBE_DEFAULTS = {"tta": "dihedral", "features": CROP_FEATURES}
 
 
 def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
     """``config`` with the defaults of the cache's layout ``source`` for the fields it leaves unset
     (pydantic's ``model_fields_set``: what a YAML file or an option gave)."""
-    from cellmorph.data.layouts import layout_input_size
+    from cellmorph.data.layouts import layout_embedding, layout_input_size
 
     unset = set(CVConfig.model_fields) - config.model_fields_set
     update: dict[str, Any] = {}
@@ -222,8 +214,8 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
         update.update({k: v for k, v in CROP_FINETUNE_DEFAULTS.items() if k in unset})
         if not update.get("freeze_stages", config.freeze_stages):
             update.pop("frozen_feature_cache", None)  # asked for no frozen stages: nothing to cache
-    if source == "crops" and config.mode == "linear-probe":
-        update.update({k: v for k, v in CROP_PROBE_DEFAULTS.items() if k in unset})
+    if config.mode == "linear-probe":  # its embeddings: the layout's, as embed makes them
+        update.update({k: v for k, v in layout_embedding(source).items() if k in unset})
     return validate_config(config.model_copy(update=update)) if update else config
 
 

@@ -31,6 +31,23 @@ def layout_input_size(source: str | None) -> int | None:
     return LAYOUT_INPUT_SIZE.get(str(source))
 
 
+# How `embed` and the linear probe turn a layout's tiles into profiles when a config does not say
+# (otherwise mean-pooled stage 3, no TTA). Crops: embeddings averaged over the 8 dihedral views,
+# of stages 3 and 4 together. On the real crops-week4 cells (DMSO against cycloheximide, leave one
+# plate out) the averaging raised the per-crop accuracy of every feature choice (stage 3: 0.933 ->
+# 0.947) and cut its log-loss by 17-45 %; stage3+stage4 with it scored 0.964, the best row, and led
+# the 4-class dose task without it (benchmarks/RESULTS.md). On the held-out 12-MoA crops stage 3
+# (0.689) and stage 4 (0.660) were close; the concatenation keeps both. 5-7x the embedding time:
+# 1,120 crops at 128 px took 48-60 s on 2 cores instead of 8-13 s. Fields keep stage 3 without
+# TTA (the 5-minute LOCO target on `full`; nothing real measures fields here).
+LAYOUT_EMBEDDING: dict[str, dict[str, str]] = {"crops": {"tta": "dihedral", "features": "stage3+stage4"}}
+
+
+def layout_embedding(source: str | None) -> dict[str, str]:
+    """The embedding defaults (``tta``, ``features`` as a spec string) of the layout ``source``; {} if none."""
+    return dict(LAYOUT_EMBEDDING.get(str(source), {}))
+
+
 def paper_recipe(layout: str) -> dict:
     """The paper's preprocessing for ``layout`` (``prepare --paper``): per-plate DMSO z-score and the
     8-bit map stretched per field (BBBC021: 2×2 tiles; BBBC014 its own recipe; crops one tile)."""

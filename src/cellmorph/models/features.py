@@ -105,8 +105,6 @@ class FeatureSpec(BaseModel):
 # 0.466–0.505 for the head features (1,280-d) used before, and 0.64–0.65 against 0.49 for NSC
 # matching of embed's profiles. No real full-field data here can confirm it for BBBC021 fields.
 DEFAULT_FEATURES = FeatureSpec(layers=(3,))
-# Crop tables' default (embed, linear probe): stages 3 and 4, mean-pooled (see cellmorph.cv.config).
-CROP_FEATURES = FeatureSpec(layers=(3, 4))
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
