@@ -45,3 +45,32 @@ def test_keep_freed_memory_applies_on_glibc_linux():
     import platform
 
     assert out == ("True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "99999999999999999999", "2.5"])
+def test_a_bad_cellmorph_threads_is_an_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("CELLMORPH_THREADS", value)
+    with pytest.raises(CellmorphError, match=r"\$CELLMORPH_THREADS"):
+        default_threads()
+
+
+def test_other_tools_thread_variables_that_are_not_one_count_are_passed_over(monkeypatch):
+    monkeypatch.delenv("CELLMORPH_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested form
+    assert default_threads() >= 1
+
+
+@pytest.mark.parametrize("threads", [0, -1, 99999999999999999999])
+def test_threads_out_of_range_are_refused_before_torch_sees_them(threads):
+    with pytest.raises(CellmorphError, match="--threads"):
+        resolve_threads(threads)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "meta", "", "cpu:0:1"])
+def test_a_device_cellmorph_cannot_run_on_is_one_error(device):
+    from cellmorph.runtime import resolve_device
+
+    with pytest.raises(CellmorphError, match="--device"):
+        resolve_device(device)
+    assert resolve_device("cpu").type == "cpu"

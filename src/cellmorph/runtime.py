@@ -23,11 +23,35 @@ THREAD_VARIABLES = ("CELLMORPH_THREADS", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
+# A bound far above any machine's cores: torch keeps the count in a C int, so a larger one
+# overflows instead of failing with a message.
+MAX_THREADS = 4096
+
+
+def _thread_count(value, source: str) -> int:
+    """``value`` as a thread count in 1..MAX_THREADS, else one error line naming ``source``."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise CellmorphError(f"{source} must be a whole number of threads, got {value!r}") from None
+    if not 1 <= count <= MAX_THREADS:
+        raise CellmorphError(f"{source} must be between 1 and {MAX_THREADS}, got {value}")
+    return count
+
+
 def default_threads() -> int:
-    """The thread count of the policy above when ``--threads`` is not given."""
-    for name in THREAD_VARIABLES:
+    """The thread count of the policy above when ``--threads`` is not given.
+
+    ``$CELLMORPH_THREADS`` is cellmorph's own and is checked like ``--threads``; the scheduler's
+    variables belong to other tools (``OMP_NUM_THREADS`` may hold a nested list such as ``4,2``),
+    so a value that is not one positive count is passed over.
+    """
+    own = os.environ.get(THREAD_VARIABLES[0], "").strip()
+    if own:
+        return _thread_count(own, f"${THREAD_VARIABLES[0]}")
+    for name in THREAD_VARIABLES[1:]:
         value = os.environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
+        if value.isdigit() and 0 < int(value) <= MAX_THREADS:
             return int(value)
     try:
         allowed = len(os.sched_getaffinity(0))
@@ -37,9 +61,7 @@ def default_threads() -> int:
 
 
 def resolve_threads(threads: int | None) -> int:
-    if threads is not None and threads < 1:
-        raise CellmorphError(f"--threads must be at least 1, got {threads}")
-    return int(threads) if threads else default_threads()
+    return _thread_count(threads, "--threads") if threads is not None else default_threads()
 
 
 @contextmanager
@@ -79,11 +101,29 @@ def derive_seeds(seed: int, fold: int) -> dict[str, int]:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else CPU), or a torch device name that this machine has."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CellmorphError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    resolved = check_device_name(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CellmorphError(f"--device {device!r} requested but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise CellmorphError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise CellmorphError(f"--device {device!r} requested but MPS is not available")
+    return resolved
+
+
+def check_device_name(device: str) -> torch.device:
+    """``device`` parsed as a device cellmorph can run on (cpu, cuda[:N], mps), else one error line."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise CellmorphError(f"--device {device!r}: not a device cellmorph runs on; use auto, cpu, cuda, cuda:N or mps")
+    return resolved
 
 
 def keep_freed_memory() -> bool:

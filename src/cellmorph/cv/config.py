@@ -17,6 +17,7 @@ from cellmorph.cv.splits import CV_CHOICES, parse_cv
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.models.features import DEFAULT_FEATURES, FeatureSpec
 from cellmorph.runinfo import read_yaml_mapping
+from cellmorph.runtime import MAX_THREADS, check_device_name
 
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
 DEFAULT_EPOCHS = 10
@@ -106,14 +107,24 @@ class CVConfig(BaseModel):
     deterministic: bool = True
     num_workers: int = Field(0, ge=0, description="tile-reading worker processes")
     num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads (default: $CELLMORPH_THREADS, $SLURM_CPUS_PER_TASK, "
+        None, ge=1, le=MAX_THREADS, description="torch CPU threads (default: $CELLMORPH_THREADS, $SLURM_CPUS_PER_TASK, "
         "$OMP_NUM_THREADS, else the physical cores this process may use); use 1 beside other jobs",
     )
     eval_batch_size: int | None = Field(None, ge=1, description="default 2 × batch_size")
+    # "last" by default: `visualize filters --run` and the report's Grad-CAM need one fold's network.
     keep_checkpoints: KeepCheckpoints = Field(
-        "none", description="fold weights to keep as folds/<k>/state.pt: all, last (only the latest fold's) or "
-        "none; resuming never needs them (a LOCO run keeping all holds 38 models)",
+        "last", description="fold weights to keep as folds/<k>/state.pt: all, last (only the latest fold's, "
+        "which visualize filters and the report's Grad-CAM use) or none; resuming never needs them (a LOCO run "
+        "keeping all holds 38 models)",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        # The name is checked here, at the boundary; whether this machine has it, when a run starts.
+        if value != "auto":
+            check_device_name(value)
+        return value
 
     @field_validator("cv")
     @classmethod
