@@ -36,6 +36,45 @@ def predict_run(tiny_bundle, tiny_cache, tmp_path_factory):
     return out
 
 
+# Names as a user's CSVs and options could spell them: each would run script if it reached the page
+# as markup, and "&amp;" must print as itself (not as "&"). "$^$" is not valid mathtext.
+HOSTILE_COMPOUND = "syn-ACT-1 <script>window.__pwned = 'compound'</script> \"dq\" 'sq' & &amp;"
+HOSTILE_MOA = "Actin <img src=x onerror=\"window.__pwned = 'moa'\"> $^$ 'sq' &"
+HOSTILE_PLATE = "Week1_23482<svg onload=alert('plate')>\"'&"  # a file name in the cache: no "/"
+HOSTILE_OUT = "run <img src=x onerror=alert('out')> \"&'"
+RAW_MARKUP = ("<script>window", "<img src=x", "<svg", "<b>", "'compound'</script>")
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tiny_screen, tmp_path_factory):
+    """A cv run (default keep_checkpoints) on the tiny screen with a compound, its MoA and a plate
+    renamed in the screen's CSVs, and --out and the cache named with markup too."""
+    from cellmorph.data.bbbc021 import IMAGE_CSV, MOA_CSV, load_bbbc021
+    from cellmorph.preprocess import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("hostile")
+    screen = root / "screen"
+    shutil.copytree(tiny_screen, screen)
+    images = pd.read_csv(screen / IMAGE_CSV, dtype=str, keep_default_na=False)
+    images["Image_Metadata_Compound"] = images["Image_Metadata_Compound"].replace({"syn-ACT-1": HOSTILE_COMPOUND})
+    images["Image_Metadata_Plate_DAPI"] = images["Image_Metadata_Plate_DAPI"].replace({"Week1_23482": HOSTILE_PLATE})
+    images.to_csv(screen / IMAGE_CSV, index=False)
+    moa = pd.read_csv(screen / MOA_CSV, dtype=str, keep_default_na=False)
+    moa["compound"] = moa["compound"].replace({"syn-ACT-1": HOSTILE_COMPOUND})
+    moa["moa"] = moa["moa"].replace({"Actin disruptors": HOSTILE_MOA})
+    moa.to_csv(screen / MOA_CSV, index=False)
+    cache = root / "cache <b>&amp;"
+    prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=32), progress=False)
+    out = root / HOSTILE_OUT
+    quick = {k: v for k, v in QUICK.items() if k != "keep_checkpoints"} | dict(epochs=1, cv="group-kfold:2",
+                                                                              max_tiles_per_fold=40)
+    run_cv(cache, out, quick, progress=False)
+    treatments = pd.read_csv(out / "treatments.csv")
+    assert HOSTILE_COMPOUND in set(treatments["Metadata_Compound"]) and HOSTILE_MOA in set(treatments["Metadata_MoA"])
+    write_report(out)  # once, for the tests below
+    return out
+
+
 def sections_of(page: str) -> list[str]:
     return re.findall(r'<section id="([a-z-]+)"', page)
 
@@ -72,6 +111,21 @@ def test_predict_report_shows_sets_confidence_and_reliability(predict_run):
     assert "prediction set" in page and "confidence (calibrated)" in page
     assert "ECE" in page or "expected calibration error" in page
     assert "Grad-CAM of the call" in page  # from the bundle's network
+
+
+def test_names_from_the_screen_are_escaped_in_the_report(hostile_run):
+    from markupsafe import escape
+
+    page = (hostile_run / "report.html").read_text()
+    assert sections_of(page) == list(SECTION_IDS)
+    for raw in RAW_MARKUP:
+        assert raw not in page, raw
+    assert page.count("<script") == 1 and page.count("<svg") == 0  # the report's own sorting script only
+    assert re.findall(r"<img (?!src=\"data:image/png;base64,)", page) == []
+    # Each name is there, escaped, as the CSV spells it (the compound's "&amp;" too).
+    for name in (HOSTILE_COMPOUND, HOSTILE_MOA, str(hostile_run.resolve())):
+        assert str(escape(name)) in page, name
+    assert "Grad-CAM of the call" in page  # a cv run with the defaults kept the last fold's weights
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_accuracy():
@@ -153,3 +207,37 @@ def test_report_opens_in_a_browser_without_errors(kind, cv_run, predict_run, tmp
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
+
+
+def test_hostile_names_show_as_text_and_run_nothing_in_a_browser(hostile_run):
+    chromium, sync_playwright = _browser_or_skip()
+    path = hostile_run / "report.html"
+    dialogs: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.resolve().as_uri())
+            page.wait_for_selector("html[data-report-ready=yes]")
+            # Sorting moves the rows about (by their text): still nothing runs.
+            page.query_selector_all("#treatment-table thead th")[0].click()
+            page.query_selector_all("#treatment-table thead th")[2].click()
+            assert page.evaluate("typeof window.__pwned") == "undefined"
+            assert page.evaluate("document.scripts.length") == 1
+            assert page.evaluate("document.querySelectorAll('svg, img:not([src^=\"data:\"])').length") == 0
+            text = page.evaluate("document.body.textContent")
+            compounds = page.eval_on_selector_all("#treatment-table tbody td:nth-child(1)",
+                                                  "c => c.map(x => x.textContent)")
+            moas = page.eval_on_selector_all("#classes tbody td:nth-child(1)", "c => c.map(x => x.textContent)")
+            assert [r for r in requests if r != path.resolve().as_uri()] == []  # no src=x fetched
+        finally:
+            browser.close()
+    assert dialogs == [] and errors == []
+    assert HOSTILE_COMPOUND in compounds and HOSTILE_MOA in moas
+    assert str(hostile_run.resolve()) in text and HOSTILE_MOA in text
+    assert "cache <b>&amp;" in text  # the data folder's name, in the run table

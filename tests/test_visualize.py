@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cellmorph.errors import CellmorphError
 from cellmorph.visualize import (
@@ -106,22 +107,25 @@ def test_gradcam_overlays_have_the_tile_shape_are_deterministic_and_follow_the_c
 # --------------------------------------------------------------------------- the CLI contract
 @pytest.fixture(scope="module")
 def kept_run(tiny_cache, tmp_path_factory):
-    """A CV run of ImageNet Lite0 fine-tuned for one epoch at 64 px, keeping the last fold's weights."""
+    """A CV run of ImageNet Lite0 fine-tuned for one epoch at 64 px, with cv's default
+    --keep-checkpoints (last: the last fold's weights stay)."""
     run = tmp_path_factory.mktemp("visualize") / "run"
     proc = run_cli("cv", "--data", tiny_cache, "--model", "tf_efficientnet_lite0", "--init", "imagenet",
                    "--image-size", "64", "--epochs", "1", "--max-tiles-per-fold", "40", "--threads", "1",
-                   "--cv", "group-kfold:2", "--keep-checkpoints", "last", "--out", run)
+                   "--cv", "group-kfold:2", "--out", run)
     assert proc.returncode == 0, proc.stderr
     return run
 
 
-def test_visualize_filters_of_a_run_writes_one_png_per_layer(kept_run, tmp_path):
+def test_visualize_filters_of_a_default_cv_run_writes_one_png_per_layer(kept_run, tmp_path):
+    """The contract command, `visualize filters --run RUN --out DIR`, on a run made with cv's defaults."""
     from PIL import Image
 
     out = tmp_path / "filters"
     proc = run_cli("visualize", "filters", "--run", kept_run, "--out", out, "--layers", "stage1,stage3",
                    "--filters", "3", "--steps", "8", "--size", "48", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((kept_run / "config.yaml").read_text())["config"]["keep_checkpoints"] == "last"
     assert sorted(p.name for p in out.glob("*.png")) == ["stage1.png", "stage3.png"]
     for png in out.glob("*.png"):
         with Image.open(png) as image:

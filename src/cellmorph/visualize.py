@@ -545,7 +545,7 @@ def run_networks(run: Path) -> Comparison:
     kept = sorted(k for k in rundir.finished_folds() if (rundir.fold_dir(k) / FOLD_STATE).is_file())
     if not kept:
         raise CellmorphError(f"{run}: the run saved no fold weights; rerun cv with --keep-checkpoints last "
-                             "(keeps the last fold's model) to visualise its fine-tuned network")
+                             "(the default: keeps the last fold's model) to visualise its fine-tuned network")
     fold = kept[-1]
     state = rundir.fold_state(fold)
     try:

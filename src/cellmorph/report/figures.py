@@ -19,6 +19,9 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # Labels are compound and MoA names as the user's CSVs spell them: a "$" in one must print as
+    # itself, not start mathtext (which fails outright on e.g. "$^$"). No figure here uses mathtext.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

@@ -20,7 +20,6 @@ replacement; a well or tile accuracy resamples the wells and tiles of the drawn 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from dataclasses import dataclass, field
@@ -88,9 +87,11 @@ def _readable_by_all(path: Path) -> None:
 
 
 def _template():
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
-    env = Environment(loader=PackageLoader("cellmorph.report", "templates"), autoescape=select_autoescape(["html"]),
+    # Every value is escaped: compound, plate and MoA names and paths come from the user's CSVs and
+    # options, and the one template's name (.html.j2) is not one select_autoescape(["html"]) matches.
+    env = Environment(loader=PackageLoader("cellmorph.report", "templates"), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["code"] = _code_spans
     return env.get_template("report.html.j2")
@@ -621,4 +622,4 @@ def _short(value) -> str:
         return f"{value:.4g}"
     if isinstance(value, (list, tuple, np.ndarray)):
         return ", ".join(map(str, value))
-    return html.unescape(str(value))
+    return str(value)  # as written in the data: the template escapes it
