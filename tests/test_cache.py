@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellmorph import cache as C
@@ -50,7 +52,10 @@ def test_the_on_disk_layout_is_unchanged(tiny_cache):
         for suffix in (".npy", ".parquet", ".json"):
             assert (root / "plates" / f"{plate}{suffix}").is_file()
         sidecar = json.loads((root / "plates" / f"{plate}.json").read_text())
-        assert set(sidecar) == {"plate", "fingerprint", "n_tiles", "tile_shape"}
+        # "inputs" (path: [size, mtime_ns] of every file read) is new; "skipped" appears with --skip-bad
+        assert set(sidecar) == {"plate", "fingerprint", "n_tiles", "tile_shape", "inputs"}
+        assert sidecar["inputs"] and all(
+            [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] == stat for p, stat in sidecar["inputs"].items())
 
 
 def test_a_cache_from_before_excluded_compounds_still_opens(cache_copy):
@@ -112,3 +117,55 @@ def test_rerunning_prepare_rebuilds_a_damaged_plate(tiny_screen, tmp_path):
     prepare(table, out, PrepareConfig(tile_size=32), progress=False)
     np.testing.assert_array_equal(TileCache(out).tiles(np.arange(len(reference))), reference)
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched  # only the damaged plate was redone
+
+
+# --------------------------------------------------------------------------- plate names as file names (issue 28)
+def test_plate_stems_are_flat_reversible_and_keep_ordinary_names():
+    from urllib.parse import unquote
+
+    for ordinary in ("Week1_22123", "Week10_40111", "BBBC014", "P-1.2", "a.b"):
+        assert C.plate_stem(ordinary) == ordinary  # the file names of earlier releases
+    hostile = ["../../../pwned", "a/b", "..", ".", ".hidden", "50%", "x y", "é", "a\\b", "nul\0byte", "A" * 300,
+               "A" * 299 + "B", "%2E", "~", "é" * 200]
+    stems = [C.plate_stem(name) for name in hostile]
+    assert len(set(stems)) == len(hostile)  # every name its own file
+    for name, stem in zip(hostile, stems):
+        assert re.fullmatch(r"[A-Za-z0-9._%~-]+", stem) and not stem.startswith(".") and len(stem) <= C.MAX_STEM, stem
+        assert stem not in (".", "..")
+        if "~" not in stem:
+            assert unquote(stem) == name
+    with pytest.raises(CellmorphError, match="plate name is empty"):
+        C.plate_stem("")
+    assert C.case_collisions(["Week1_1", "week1_1"]) == ("Week1_1", "week1_1")
+    assert C.case_collisions(["Week1_1", "Week1_2"]) is None
+
+
+def test_a_cache_that_named_plate_files_by_the_raw_plate_still_opens(tiny_screen, tmp_path):
+    """Before plate_stem a plate "My plate" was stored as plates/My plate.npy: such a cache still
+    opens, and a rerun of prepare rebuilds it under the safe names, removing the old files."""
+    from dataclasses import replace
+
+    table = load_bbbc021(tiny_screen, tiny_screen)
+    frame = table.frame.copy()
+    first = sorted(frame["Metadata_Plate"].unique())[0]
+    frame.loc[frame["Metadata_Plate"] == first, "Metadata_Plate"] = "My plate"
+    table = replace(table, frame=frame)
+    out = tmp_path / "cache"
+    prepare(table, out, PrepareConfig(tile_size=16), progress=False)
+    reference = TileCache(out).tiles(np.arange(len(TileCache(out))))
+    for suffix in (".npy", ".parquet", ".json"):
+        (out / "plates" / f"My%20plate{suffix}").rename(out / "plates" / f"My plate{suffix}")
+    np.testing.assert_array_equal(TileCache(out).tiles(np.arange(len(reference))), reference)
+    prepare(table, out, PrepareConfig(tile_size=16), progress=False)
+    names = {p.name for p in (out / "plates").iterdir()}
+    assert {"My%20plate.npy", "My%20plate.json", "My%20plate.parquet"} <= names and not any(" " in n for n in names)
+    np.testing.assert_array_equal(TileCache(out).tiles(np.arange(len(reference))), reference)
+
+
+def test_statistics_that_are_not_finite_are_never_reused(cache_copy):
+    fingerprint = json.loads((cache_copy / C.STATS_SIDECAR).read_text())["fingerprint"]
+    assert C.read_norm_stats(cache_copy, fingerprint) is not None
+    stats = pd.read_parquet(cache_copy / C.STATS_FILE)
+    stats.loc[2, "std"] = np.inf
+    stats.to_parquet(cache_copy / C.STATS_FILE, index=False)
+    assert C.read_norm_stats(cache_copy, fingerprint) is None

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import yaml
 
 from cellmorph.cache import TileCache
 from cellmorph.data.bbbc021 import load_bbbc021
@@ -531,3 +532,287 @@ def test_an_odd_sized_field_is_the_one_skipped_whatever_the_thread_count(tiny_co
         assert skipped["Metadata_ImageID"].tolist() == [odd["Metadata_ImageID"]], skipped
     for plate_file in sorted((caches[1] / "plates").glob("*.npy")):
         assert plate_file.read_bytes() == (caches[2] / "plates" / plate_file.name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- hostile and broken input (issue 28)
+def _cli(*args) -> subprocess.CompletedProcess:
+    """``cellmorph ARGS`` in this process (the same contract as run_cli, seconds faster); an exception
+    that escaped the CLI is appended to stderr as the traceback a user would see."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cellmorph.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
+def _prepare_here(root: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    return _cli("prepare", "--layout", "bbbc021", "--root", root, "--out", out, *extra)
+
+
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("hostile", ["../../../pwned", "a/b", "..", ".hidden", "50%/x y", "P" * 300])
+def test_a_plate_name_never_writes_outside_the_cache(hostile, tiny_copy, tmp_path):
+    """Plate names become file names: whatever the name, the plate's files stay in CACHE/plates,
+    one flat file each, and the cache reads them back (case 2)."""
+    from cellmorph.cache import plate_stem
+
+    images = _image_csv(tiny_copy)
+    victim = sorted(images["Image_Metadata_Plate_DAPI"].unique())[0]
+    images.loc[images["Image_Metadata_Plate_DAPI"] == victim, "Image_Metadata_Plate_DAPI"] = hostile
+    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
+    out = tmp_path / "x" / "y" / "cache"  # ../../../ from plates/ would land in tmp_path/x
+    before = _files_under(tmp_path)
+    proc = _prepare_here(tiny_copy, out, "--tile-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    written = _files_under(tmp_path) - before
+    assert written and all(out in p.parents for p in written), sorted(written)
+    plates = out / "plates"
+    assert all(p.parent in (out, plates) for p in written)
+    stem = plate_stem(hostile)
+    assert {p.name for p in plates.iterdir() if p.name.startswith(stem)} == {stem + s for s in
+                                                                            (".npy", ".json", ".parquet")}
+    cache = TileCache(out)
+    assert hostile in cache.manifest["plates"]
+    rows = np.flatnonzero(cache.index["Metadata_Plate"].to_numpy() == hostile)
+    assert len(rows) and cache.tiles(rows).std() > 0
+    # The ordinary plates keep the file names of earlier releases.
+    ordinary = set(images["Image_Metadata_Plate_DAPI"].unique()) - {hostile}
+    assert {p.name for p in plates.glob("Week*.npy")} == {f"{p}.npy" for p in ordinary}
+
+
+def test_plates_that_differ_only_in_case_are_refused(tiny_copy, tmp_path):
+    images = _image_csv(tiny_copy)
+    first, second = sorted(images["Image_Metadata_Plate_DAPI"].unique())[:2]
+    images.loc[images["Image_Metadata_Plate_DAPI"] == second, "Image_Metadata_Plate_DAPI"] = first.upper()
+    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
+    proc = _prepare_here(tiny_copy, tmp_path / "cache")
+    one_line_error(proc, "BBBC021_v1_image.csv", repr(first), repr(first.upper()), "differ only in letter case")
+    assert not (tmp_path / "cache").exists()
+
+
+def _spoil(path: Path, defect: str) -> str:
+    """Rewrite one single-channel TIFF with ``defect``; returns what the error says about it."""
+    good = tifffile.imread(path)
+    if defect == "complex":
+        tifffile.imwrite(path, good.astype(np.complex64))
+        return "complex pixel type"
+    if defect == "negative int16":
+        bad = good.astype(np.int16)
+        bad[3, 4] = -2
+        tifffile.imwrite(path, bad)
+        return "1 negative pixel value(s) (lowest -2), the first at row 3, column 4"
+    bad = good.astype(np.float32)
+    bad[3, 4] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "negative float": -0.5}[defect]
+    tifffile.imwrite(path, bad)
+    if defect == "negative float":
+        return "negative pixel value(s) (lowest -0.5), the first at row 3, column 4"
+    return f"1 {'NaN' if defect == 'nan' else 'infinite'} pixel value(s), the first at row 3, column 4"
+
+
+def _field_file(root: Path, control: bool, channel: str = "Tubulin") -> Path:
+    """A channel file of the first DMSO (or treated) field of the first plate, the first of its kind read."""
+    images = _image_csv(root)
+    plate = sorted(images["Image_Metadata_Plate_DAPI"].unique())[0]
+    is_control = images["Image_Metadata_Compound"] == "DMSO"
+    row = images[(images["Image_Metadata_Plate_DAPI"] == plate) & (is_control == control)].iloc[0]
+    return root / row[f"Image_PathName_{channel}"] / row[f"Image_FileName_{channel}"]
+
+
+@pytest.mark.parametrize("defect, control", [("nan", True), ("inf", True), ("negative float", True), ("complex", True),
+                                             ("nan", False), ("-inf", False), ("negative int16", False),
+                                             ("complex", False)])
+def test_nan_inf_negative_or_complex_pixels_are_refused_naming_the_file(defect, control, tiny_copy, tmp_path):
+    """One NaN in one DMSO field once made the plate's statistics NaN and every tile blank (case 3):
+    the DMSO fields are read by the statistics, the treated ones by the tiling, both refuse it."""
+    path = _field_file(tiny_copy, control)
+    says = _spoil(path, defect)
+    proc = _prepare_here(tiny_copy, tmp_path / "cache")
+    one_line_error(proc, str(path), says)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_skip_bad_lists_bad_pixels_and_keeps_the_plate(tiny_copy, tmp_path):
+    """With --skip-bad a field with bad pixels is left out, listed in skipped.csv, counted in the
+    manifest and noted on stderr; the plate's statistics and tiles stay real. A rerun that reuses
+    the cache lists the same fields again (it does not read them again)."""
+    dmso, treated = _field_file(tiny_copy, True), _field_file(tiny_copy, False, "DAPI")
+    _spoil(dmso, "nan")
+    _spoil(treated, "negative float")
+    out = tmp_path / "cache"
+    runs = [_prepare_here(tiny_copy, out, "--skip-bad", "--tile-size", "16") for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+        notes = [line for line in proc.stderr.splitlines() if line.startswith("skipped ")]
+        assert len(notes) == 2 and any(str(dmso) in n and "NaN" in n for n in notes) \
+            and any(str(treated) in n and "negative" in n for n in notes), proc.stderr
+        assert json.loads(proc.stdout)["n_skipped"] == 2
+        skipped = pd.read_csv(out / "skipped.csv")
+        assert len(skipped) == 2 and skipped["reason"].str.contains(str(dmso), regex=False).any()
+    cache = TileCache(out)
+    assert cache.manifest["n_skipped"] == 2
+    assert np.isfinite(cache.norm_stats[["mean", "std"]].to_numpy()).all()
+    plate = sorted(cache.manifest["plates"])[0]
+    rows = np.flatnonzero(cache.index["Metadata_Plate"].to_numpy() == plate)
+    assert cache.tiles(rows).std() > 10
+
+
+def _crop_table(tmp_path: Path, real_crops: Path, column: str, value: str, row: int = 3) -> Path:
+    index = pd.read_csv(real_crops).head(8)
+    index[column] = index[column].astype(object)
+    index.loc[row, column] = value
+    csv = tmp_path / "index.csv"
+    index.to_csv(csv, index=False)
+    return csv
+
+
+def _generic_layout(tmp_path: Path, real_crops: Path, value: str) -> Path:
+    index = pd.read_csv(real_crops).head(8).rename(columns={"Metadata_Concentration": "Dose_uM"})
+    index["Dose_uM"] = index["Dose_uM"].astype(object)
+    index.loc[5, "Dose_uM"] = value
+    index.to_csv(tmp_path / "images.csv", index=False)
+    layout = {"csv": str(tmp_path / "images.csv"), "root": str(real_crops.parent), "stack_column": "FileName",
+              "channel_names": ["DAPI", "Tubulin", "Actin"], "concentration_column": "Dose_uM"}
+    (tmp_path / "layout.yaml").write_text(yaml.safe_dump(layout))
+    return tmp_path / "images.csv"
+
+
+@pytest.mark.parametrize("case", ["crop concentration", "crop site", "crop fractional site", "generic concentration",
+                                  "bbbc021 concentration", "bbbc021 moa concentration"])
+def test_metadata_that_is_not_a_number_names_the_file_and_row(case, real_crops, tiny_copy, tmp_path):
+    """``abc`` as a concentration once became a NaN treatment, as a site 0, and in the BBBC021 layout
+    dropped its image unseen (case 9): each is one line naming the CSV and its row as a
+    spreadsheet shows it (the header is row 1)."""
+    if case.startswith("crop"):
+        column, value = ("Metadata_Site", "xyz") if case == "crop site" else \
+            ("Metadata_Site", "1.5") if case == "crop fractional site" else ("Metadata_Concentration", "abc")
+        csv = _crop_table(tmp_path, real_crops, column, value)
+        shown = value if case == "crop fractional site" else repr(value)  # read as a number: shown as one
+        args, needles = ["--layout", "crops", "--index", csv], [str(csv), "row 5", f"{column} {shown}"]
+    elif case == "generic concentration":
+        csv = _generic_layout(tmp_path, real_crops, "abc")
+        args, needles = ["--layout", "generic", "--layout-config", tmp_path / "layout.yaml"], [str(csv), "row 7",
+                                                                                             "Dose_uM 'abc'"]
+    else:
+        name, column = ("BBBC021_v1_image.csv", "Image_Metadata_Concentration") if case == "bbbc021 concentration" \
+            else ("BBBC021_v1_moa.csv", "concentration")
+        frame = pd.read_csv(tiny_copy / name)
+        frame[column] = frame[column].astype(object)
+        frame.loc[9, column] = "abc"
+        frame.to_csv(tiny_copy / name, index=False)
+        args = ["--layout", "bbbc021", "--root", tiny_copy]
+        needles = [str(tiny_copy / name), "row 11", f"{column} 'abc'"]
+    proc = _cli("prepare", *args, "--out", tmp_path / "cache")
+    one_line_error(proc, *needles, "is not a")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--tile-size", "0", "greater than or equal to 1"),
+    ("--empty-tile-fraction", "nan", "finite number"),
+    ("--empty-tile-fraction", "2", "less than 1"),
+    ("--tiles", "500x500", "is a 192×240 field, too small to cut into 500×500 tiles"),
+])
+def test_prepare_options_that_cannot_work_name_the_option(option, value, says, tiny_screen, tiny_cache, tmp_path):
+    """--tile-size 0 once meant no resize, --empty-tile-fraction nan went into the manifest, and
+    --tiles 500x500 wrote 0×0 tiles (case 10). Into a new folder nothing is left; into an existing
+    cache (--tiles is only found out at the first field) that cache stays as it was."""
+    import shutil
+
+    line = one_line_error(_prepare_here(tiny_screen, tmp_path / "new", option, value), f"{option} {value}", says)
+    assert line.startswith(f"error: {option} ")
+    assert not (tmp_path / "new").exists()
+    if option == "--tiles":
+        cache = Path(shutil.copytree(tiny_cache, tmp_path / "cache"))
+        before = {p: p.stat().st_mtime_ns for p in _files_under(cache)}
+        one_line_error(_prepare_here(tiny_screen, cache, option, value), f"{option} {value}", says)
+        assert {p: p.stat().st_mtime_ns for p in _files_under(cache)} == before
+        assert len(TileCache(cache)) == len(TileCache(tiny_cache))
+
+
+def test_a_rerun_rebuilds_the_plates_whose_files_changed(tiny_copy, tmp_path):
+    """A rerun into an existing cache once reused a plate whose TIFF had been replaced (case 11):
+    each plate records its files' sizes and mtimes, and a changed one rebuilds that plate only,
+    with a note naming it; the rebuilt plate is what a fresh cache holds."""
+    out = tmp_path / "cache"
+    assert _prepare_here(tiny_copy, out, "--tile-size", "16").returncode == 0
+    changed = _field_file(tiny_copy, False, "Actin")
+    plate = changed.parent.name
+    pixels = tifffile.imread(changed)
+    tifffile.imwrite(changed, pixels[::-1].copy())  # same size, other pixels
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "plates").glob("*.npy")}
+    proc = _prepare_here(tiny_copy, out, "--tile-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: rebuilt plate {plate}: input file {changed.resolve()} changed since it was cached"]
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "plates").glob("*.npy")}
+    assert [name for name in now if now[name] != stamps[name]] == [f"{plate}.npy"]
+    fresh = tmp_path / "fresh"
+    assert _prepare_here(tiny_copy, fresh, "--tile-size", "16").returncode == 0
+    assert (out / "plates" / f"{plate}.npy").read_bytes() == (fresh / "plates" / f"{plate}.npy").read_bytes()
+    # A third run has nothing to rebuild.
+    again = _prepare_here(tiny_copy, out, "--tile-size", "16")
+    assert not [line for line in again.stderr.splitlines() if line.startswith("note:")], again.stderr
+
+
+def test_a_cache_of_an_earlier_release_is_rebuilt_once(tiny_screen, tiny_cache, tmp_path):
+    """Plate records without input files (and statistics with NaN, as the previous release could
+    write) cannot vouch for their inputs: the rerun rebuilds those plates, saying so in one note."""
+    import shutil
+
+    cache = Path(shutil.copytree(tiny_cache, tmp_path / "cache"))
+    for sidecar in (cache / "plates").glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        del record["inputs"]
+        sidecar.write_text(json.dumps(record))
+    stats = pd.read_parquet(cache / "norm_stats.parquet")
+    expected = stats.copy()
+    stats.loc[0, "mean"] = np.nan
+    stats.to_parquet(cache / "norm_stats.parquet", index=False)
+    notes: list[str] = []
+    prepare(load_bbbc021(tiny_screen, tiny_screen), cache, PrepareConfig(), progress=False, log=notes.append)
+    plates = sorted(TileCache(cache).manifest["plates"])
+    assert notes == [f"note: rebuilt {len(plates)} plate(s) cached without a record of their input files (an earlier "
+                     f"cellmorph), so possibly stale: {', '.join(plates)}"]
+    pd.testing.assert_frame_equal(pd.read_parquet(cache / "norm_stats.parquet"), expected)
+    for plate in plates:
+        assert (cache / "plates" / f"{plate}.npy").read_bytes() == (tiny_cache / "plates" / f"{plate}.npy").read_bytes()
+
+
+def test_a_rerun_removes_the_temporaries_a_killed_run_left(tiny_screen, tiny_cache, tmp_path):
+    """kill -9 during prepare left plates/.*.tmp files forever (case 15): a rerun removes the
+    temporaries of the cache's own writes that are older than it, and nothing else."""
+    import os
+    import shutil
+
+    cache = Path(shutil.copytree(tiny_cache, tmp_path / "cache"))
+    plate = sorted((cache / "plates").glob("*.npy"))[0].stem
+    stale = [cache / "plates" / f".{plate}.npy.k9x2abcd.npy", cache / "plates" / f".{plate}.json.k9x2abce.tmp",
+             cache / "plates" / f".{plate}.parquet.k9x2abcf.tmp", cache / ".manifest.json.k9x2abcg.tmp",
+             cache / ".index.parquet.k9x2abch.tmp"]
+    kept = [cache / "plates" / "notes.txt", cache / ".my-own.npy", cache / "sub" / f".{plate}.npy.k9x2abci.npy",
+            cache / ".manifest.json.k9x2abcj.bak"]
+    newer = cache / "plates" / f".{plate}.npy.k9x2abck.npy"  # as if a write had begun after the rerun started
+    for path in stale + kept + [newer]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in stale + kept:
+        os.utime(path, ns=(0, 0))
+    os.utime(newer, ns=(2**62, 2**62))
+    proc = _prepare_here(tiny_screen, cache)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: removed {len(stale)} temporary file(s) an interrupted earlier run left in {cache}" in proc.stderr
+    assert not [p for p in stale if p.exists()]
+    assert all(p.exists() for p in kept + [newer])
+    assert len(TileCache(cache)) == len(TileCache(tiny_cache))
+    # A failed run cleans its own temporaries only: what is not a cache temporary stays.
+    one_line_error(_prepare_here(tiny_screen, cache, "--tiles", "500x500"), "--tiles 500x500")
+    assert all(p.exists() for p in kept)

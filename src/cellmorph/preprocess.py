@@ -18,21 +18,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cellmorph.cache import (
     CACHE_FORMAT,
+    MANIFEST_FILE,
+    UNTRACKED,
+    case_collisions,
     finished_plate,
+    input_record,
     read_norm_stats,
     remove_temporary_files,
     write_index_and_manifest,
@@ -46,6 +52,15 @@ from cellmorph.progress import Progress
 from cellmorph.runinfo import created_root, require_output_dir, run_info
 
 
+# The `cellmorph prepare` option that sets each PrepareConfig field (named in its errors).
+PREPARE_OPTIONS: dict[str, str] = {
+    "normalize": "--normalize", "tile_grid": "--tiles", "tile_size": "--tile-size", "scaling": "--scaling",
+    "empty_tile_fraction": "--empty-tile-fraction", "include_controls": "--controls/--no-controls",
+    "skip_bad": "--skip-bad",
+}
+TileCount = Annotated[int, Field(ge=1)]
+
+
 class PrepareConfig(BaseModel):
     """How ``cellmorph prepare`` turns fields into cached 8-bit tiles."""
 
@@ -55,8 +70,10 @@ class PrepareConfig(BaseModel):
         "plate", description="z-score against the DMSO fields of the same plate, of the plate's batch "
         "(Metadata_Batch, the week prefix: for plates without DMSO), or none",
     )
-    tile_grid: tuple[int, int] = Field((2, 2), description="tiles per field as (rows, cols); 2×2 gives 640×512 on BBBC021")
-    tile_size: int | None = Field(None, description="resize every tile to this square size (e.g. the model's 224)")
+    tile_grid: tuple[TileCount, TileCount] = Field(
+        (2, 2), description="tiles per field as (rows, cols); 2×2 gives 640×512 on BBBC021")
+    tile_size: int | None = Field(
+        None, ge=1, description="resize every tile to this square size (e.g. the model's 224)")
     scaling: Literal["image", "tile", "fixed"] = Field(
         "image",
         description="8-bit map: 'image' min-max per field over all channels (the paper, BBBC021); "
@@ -64,14 +81,23 @@ class PrepareConfig(BaseModel):
     )
     fixed_range: tuple[float, float] = (-2.0, 10.0)
     empty_tile_fraction: float | None = Field(
-        None, description="drop a tile when at most this fraction of its pixels exceed empty_tile_level (paper: 0.002)"
+        None, ge=0.0, lt=1.0, allow_inf_nan=False,
+        description="drop a tile when at most this fraction of its pixels exceed empty_tile_level (paper: 0.002)"
     )
-    empty_tile_level: int = 50
+    # A tile keeps pixels above this level; at 255 none could, and every tile would be dropped.
+    empty_tile_level: int = Field(50, ge=0, le=254)
     include_controls: bool = Field(True, description="also cache the DMSO tiles (needed to make DMSO a class)")
     pad_channels: int | None = Field(
-        None, description="append all-zero channels up to this count (BBBC014: DAPI, FITC + a zero third channel)"
+        None, ge=1, description="append all-zero channels up to this count (BBBC014: DAPI, FITC + a zero third channel)"
     )
     skip_bad: bool = Field(False, description="log and exclude bad images (CACHE/skipped.csv) instead of stopping")
+
+    @field_validator("fixed_range")
+    @classmethod
+    def _check_fixed_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not (math.isfinite(value[0]) and math.isfinite(value[1])) or value[0] >= value[1]:
+            raise ValueError(f"expected (low, high) with low < high, got {tuple(value)}")
+        return value
 
 
 # --------------------------------------------------------------------------- transforms
@@ -160,6 +186,18 @@ def to_uint8(x: np.ndarray, scaling: str = "image", fixed_range: tuple[float, fl
     return np.clip(np.rint((x - lo) * scale), 0, 255).astype(np.uint8)
 
 
+def check_tile_grid(path, shape, grid: tuple[int, int]) -> None:
+    """Raise naming the option and ``path`` when a field of (H, W) ``shape`` cannot be cut into
+    ``grid`` tiles of at least one pixel. A CellmorphError, not a BadInputError: the options are
+    wrong, not the image, so ``--skip-bad`` must not skip field after field for it."""
+    rows, cols = grid
+    if shape[0] < rows or shape[1] < cols:
+        raise CellmorphError(
+            f"--tiles {rows}x{cols}: {path} is a {shape[0]}×{shape[1]} field, too small to cut into "
+            f"{rows}×{cols} tiles (tile_grid)"
+        )
+
+
 def split_tiles(field8: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Split a C×H×W field into grid tiles → (n, C, h, w) and their (row, col); remainders are cropped."""
     rows, cols = grid
@@ -206,12 +244,32 @@ class _Bad:
     rows: list[dict] = field(default_factory=list)
 
     def add(self, row: pd.Series, reason: str) -> None:
-        self.rows.append({"Metadata_ImageID": row["Metadata_ImageID"], "reason": reason})
+        # str: the rows are also kept in JSON records (a plate's, the statistics'), and read back
+        self.rows.append({"Metadata_ImageID": str(row["Metadata_ImageID"]), "reason": reason})
+
+
+class _CacheWrites:
+    """Marks the cache incomplete (removes its manifest) before this run first changes a file of it:
+    an earlier manifest describes the earlier plates, so a run that fails after rewriting some must
+    not leave it to vouch for a mixture. Until then a failed rerun leaves the earlier cache as it was."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.started = out, False
+
+    def __call__(self) -> None:
+        if not self.started:
+            (self.out / MANIFEST_FILE).unlink(missing_ok=True)
+            self.started = True
 
 
 def _config_hash(table: ImageTable, config: PrepareConfig) -> str:
     payload = {"config": config.model_dump(mode="json"), "channels": table.channels, "format": CACHE_FORMAT}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _inputs_of(table: ImageTable, rows: pd.DataFrame) -> dict[str, list[int]]:
+    """The :func:`~cellmorph.cache.input_record` of every file ``rows`` read."""
+    return input_record(p for col in path_columns(table) for p in rows[col].astype(str))
 
 
 def _plate_fingerprint(config_hash: str, rows: pd.DataFrame, stats: np.ndarray | None) -> str:
@@ -243,11 +301,15 @@ def prepare(
 
     config = config or PrepareConfig()
     out = Path(out)
+    started_ns = time.time_ns()
     created = created_root(out)
     require_output_dir(out, "cache folder")
+    # Temporaries of writes a killed run (kill -9, power loss) never finished; only those older
+    # than this run, so nothing this run writes is touched (one prepare per cache at a time).
+    leftovers = remove_temporary_files(out, older_than_ns=started_ns)
     try:
         with torch_threads(threads):
-            return _prepare(table, out, config, progress, log)
+            return _prepare(table, out, config, progress, log, leftovers)
     except BaseException as exc:
         remove_temporary_files(out)
         # Bad input: remove what this call created. An interrupt keeps finished
@@ -257,13 +319,16 @@ def prepare(
         raise
 
 
-def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log) -> dict:
+def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log, leftovers: int = 0) -> dict:
     bad = _Bad()
+    _check_plate_names(table)
     table = _usable_images(table, config, bad)
     config_hash = _config_hash(table, config)
-    reader = _FieldReader(table)
+    reader = _FieldReader(table, config.tile_grid)
+    writes = _CacheWrites(out)
+    rebuilt: dict[str, str] = {}
     with Progress(progress) as bar:
-        stats = _dmso_statistics(table, config, out, config_hash, reader, bad, bar)
+        stats = _dmso_statistics(table, config, out, config_hash, reader, bad, bar, writes)
         keep = table.frame if config.include_controls else table.frame[~table.frame["Metadata_IsControl"]]
         keep = keep[~keep["Metadata_ImageID"].isin({r["Metadata_ImageID"] for r in bad.rows})]
         plates = list(keep.groupby("Metadata_Plate", sort=True))
@@ -273,10 +338,20 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
             group = {"plate": plate, "batch": rows["Metadata_Batch"].iloc[0]}.get(config.normalize)
             plate_stats = stats.get(group) if group is not None else None
             fingerprint = _plate_fingerprint(config_hash, rows, plate_stats)
-            summary = finished_plate(out, plate, fingerprint)
-            if summary is None:
-                tiles = _plate_tiles(table, rows, plate_stats, config, reader, bad)
-                summary = write_plate(out, plate, *tiles, fingerprint) if tiles else None
+            # Recorded before the files are read, so a file replaced while it is read shows next time.
+            inputs = _inputs_of(table, rows)
+            summary, why = finished_plate(out, plate, fingerprint, inputs)
+            if summary is not None:
+                bad.rows.extend(summary.get("skipped", []))  # listed again though not read again
+            else:
+                if why is not None:
+                    rebuilt[str(plate)] = why
+                plate_bad = _Bad()
+                tiles = _plate_tiles(table, rows, plate_stats, config, reader, plate_bad)
+                bad.rows.extend(plate_bad.rows)
+                if tiles:
+                    writes()
+                    summary = write_plate(out, plate, *tiles, fingerprint, inputs, plate_bad.rows)
             if summary is not None:
                 plate_summaries.append(summary)
             task.advance(info=f"({plate}): {summary['n_tiles'] if summary else 0} tiles")
@@ -288,6 +363,7 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
     if len(shapes) != 1:
         raise BadInputError(f"plates produced different tile shapes {sorted(shapes)}; fields must share one size")
     skipped = pd.DataFrame(bad.rows, columns=["Metadata_ImageID", "reason"])
+    writes()
     manifest = write_index_and_manifest(
         out,
         plate_summaries,
@@ -302,12 +378,45 @@ def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool
     # Notes come after success, so a failure ends in its one error line alone.
     if table.excluded:
         log(table.excluded_note())
+    if leftovers:
+        log(f"note: removed {leftovers} temporary file(s) an interrupted earlier run left in {out}")
+    for line in _rebuild_notes(rebuilt):
+        log(line)
     for r in bad.rows:
         log(f"skipped {r['Metadata_ImageID']}: {r['reason']}")
     return {k: manifest[k] for k in ("n_tiles", "n_images", "n_treated_tiles", "n_control_tiles", "n_skipped", "tile_shape")} | {
         "n_plates": len(manifest["plates"]),
         "cache": str(out),
     }
+
+
+def _rebuild_notes(rebuilt: dict[str, str], shown: int = 10) -> list[str]:
+    """One note per plate built again because its inputs changed or its files were damaged, and one
+    for all plates an earlier release cached without recording their inputs."""
+    untracked = sorted(p for p, why in rebuilt.items() if why == UNTRACKED)
+    notes = [f"note: rebuilt plate {plate}: {why}" for plate, why in sorted(rebuilt.items()) if why != UNTRACKED]
+    if untracked:
+        more = f" and {len(untracked) - shown} more" if len(untracked) > shown else ""
+        notes.append(f"note: rebuilt {len(untracked)} plate(s) cached without a record of their input files "
+                     f"(an earlier cellmorph), so possibly stale: {', '.join(untracked[:shown])}{more}")
+    return notes
+
+
+def _check_plate_names(table: ImageTable) -> None:
+    """Every plate name must give its own file name (:func:`~cellmorph.cache.plate_stem`): not empty,
+    and not the name of another plate but for letter case."""
+    where = table.origin or f"{table.source} table"
+    plates = table.frame["Metadata_Plate"].astype(str)
+    empty = plates.str.strip() == ""
+    if empty.any():
+        image = table.frame["Metadata_ImageID"].iloc[int(np.argmax(empty.to_numpy()))]
+        raise BadInputError(f"{where}: image {image!r} has an empty plate name")
+    clash = case_collisions(plates.unique())
+    if clash:
+        raise BadInputError(
+            f"{where}: plates {clash[0]!r} and {clash[1]!r} differ only in letter case; their cache files would "
+            "overwrite each other on a case-insensitive file system (macOS, Windows): rename one"
+        )
 
 
 def _usable_images(table: ImageTable, config: PrepareConfig, bad: _Bad) -> ImageTable:
@@ -344,8 +453,8 @@ class _FieldReader:
     table order, holds every field to the size of the first one, so the outcome never depends on
     which thread finished first."""
 
-    def __init__(self, table: ImageTable) -> None:
-        self.table = table
+    def __init__(self, table: ImageTable, grid: tuple[int, int] = (1, 1)) -> None:
+        self.table, self.grid = table, grid
         self.shape: tuple[int, int] | None = None
 
     def __call__(self, row) -> np.ndarray:
@@ -355,30 +464,36 @@ class _FieldReader:
     def check(self, row, shape) -> None:
         """``shape``: the field's (H, W)."""
         if self.shape is None:
+            check_tile_grid(row_paths(self.table, row)[0], shape, self.grid)
             self.shape = tuple(shape)
         else:
             check_field_shape(row_paths(self.table, row)[0], shape, self.shape)
 
 
 def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, read: _FieldReader, bad: _Bad,
-                     bar: Progress) -> dict[str, np.ndarray]:
+                     bar: Progress, writes=lambda: None) -> dict[str, np.ndarray]:
     """{plate or batch: (2, channels) mean and std} of the Anscombe-transformed DMSO fields only.
 
-    Read back from the cache when its controls and config are unchanged.
+    Read back from the cache when its controls (their ids and files' sizes and mtimes) and config
+    are unchanged. ``writes`` is called before the statistics file is (re)written.
     """
     if config.normalize == "none":
         return {}
     controls = table.frame[table.frame["Metadata_IsControl"]]
     stats_fingerprint = hashlib.sha256(
-        (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))).encode()
+        (config_hash + "\n".join(controls["Metadata_ImageID"].astype(str))
+         + json.dumps(_inputs_of(table, controls), sort_keys=True)).encode()
     ).hexdigest()[:16]
     stats: dict[str, np.ndarray] = {}
     saved = read_norm_stats(out, stats_fingerprint)
     if saved is not None:
-        for key, rows in saved.groupby("group", sort=True):
+        saved_stats, skipped = saved
+        bad.rows.extend(skipped)
+        for key, rows in saved_stats.groupby("group", sort=True):
             rows = rows.set_index("channel").loc[list(table.channels)]
             stats[key] = np.stack([rows["mean"].to_numpy(), rows["std"].to_numpy()])
         return stats
+    stats_bad = _Bad()
     groups = list(controls.groupby(_group_key(controls, config.normalize), sort=True))
     task = bar.task(f"DMSO statistics per {config.normalize}", len(groups))
     stat_rows = []
@@ -405,17 +520,24 @@ def _dmso_statistics(table, config: PrepareConfig, out: Path, config_hash: str, 
             except BadInputError as exc:
                 if not config.skip_bad:
                     raise
-                bad.add(row, str(exc))
+                stats_bad.add(row, str(exc))
                 continue
             moments.add(sums)
         if moments.n_images == 0:
             raise BadInputError(f"{config.normalize} {key}: no readable DMSO control fields")
         stats[key] = np.stack([moments.mean, moments.std])
+        if not np.isfinite(stats[key]).all():
+            # read_planes refuses NaN, ±inf and negative pixels, so this is a guard, not a path:
+            # non-finite statistics would turn every tile of the group into zeros.
+            raise BadInputError(f"{config.normalize} {key}: the DMSO statistics are not finite numbers "
+                                f"(mean {moments.mean.tolist()}, std {moments.std.tolist()})")
         for i, ch in enumerate(table.channels):
             stat_rows.append({"group": key, "level": config.normalize, "channel": ch, "mean": moments.mean[i],
                               "std": moments.std[i], "n_images": moments.n_images, "n_pixels": moments.count})
         task.advance(info=f"({key}): {moments.n_images} DMSO fields")
-    write_norm_stats(out, pd.DataFrame(stat_rows), stats_fingerprint)
+    bad.rows.extend(stats_bad.rows)
+    writes()
+    write_norm_stats(out, pd.DataFrame(stat_rows), stats_fingerprint, stats_bad.rows)
     return stats
 
 
@@ -511,11 +633,14 @@ def _in_order(work, items, ahead: int = 4):
 
 def _field_tiles(row, field_map: FieldMap, config: PrepareConfig, read: _FieldReader):
     """(uint8 tiles (k, C, h, w) kept, their tile numbers, the field's (H, W)) of one field, or the
-    BadInputError reading it."""
+    BadInputError reading it. A field too small for the tile grid is not cut (no tiles, no tile
+    numbers): the consumer's ``read.check`` refuses it in table order."""
     try:
         planes = read(row)
     except BadInputError as exc:
         return exc
+    if planes.shape[1] < config.tile_grid[0] or planes.shape[2] < config.tile_grid[1]:
+        return None, None, planes.shape[1:]
     field = field_map(planes)
     tiles, _ = split_tiles(field, config.tile_grid)
     if config.scaling == "tile":

@@ -60,8 +60,12 @@ def test_prepare_config_errors_name_their_source(tmp_path):
     path.write_text("normalise: plate\n")
     with pytest.raises(CellmorphError, match=f"{path}: normalise: Extra inputs are not permitted"):
         prepare_config("bbbc021", path)
-    with pytest.raises(CellmorphError, match="prepare options: tile_size: "):
+    # A value given as an option is named as the option; one from the YAML file by file and field.
+    with pytest.raises(CellmorphError, match="^--tile-size big: Input should be a valid integer"):
         prepare_config("bbbc021", tile_size="big")
+    path.write_text("tile_size: 0\n")
+    with pytest.raises(CellmorphError, match=f"^{path}: tile_size: Input should be greater than or equal to 1"):
+        prepare_config("bbbc021", path)
     with pytest.raises(CellmorphError, match="is a directory, expected a YAML file"):
         prepare_config("bbbc021", tmp_path)
 

@@ -21,6 +21,7 @@ from cellmorph.data.table import (
     batch_of_plate,
     channel_column,
     check_no_blanks,
+    numeric_column,
     read_table_csv,
 )
 from cellmorph.errors import BadInputError
@@ -65,11 +66,16 @@ def read_image_csv(metadata_dir: Path) -> pd.DataFrame:
         *[f"Image_{kind}_{ch}" for ch in CHANNELS for kind in ("FileName", "PathName")],
     ]
     check_no_blanks(frame, key_cols, Path(metadata_dir) / IMAGE_CSV)
+    # A concentration that is not a number would match no MoA row and drop its image unseen.
+    column = "Image_Metadata_Concentration"
+    numeric_column(frame[column], Path(metadata_dir) / IMAGE_CSV, column)
     return frame
 
 
 def read_moa_csv(metadata_dir: Path) -> pd.DataFrame:
-    return read_table_csv(Path(metadata_dir) / MOA_CSV, MOA_COLUMNS)
+    frame = read_table_csv(Path(metadata_dir) / MOA_CSV, MOA_COLUMNS)
+    numeric_column(frame["concentration"], Path(metadata_dir) / MOA_CSV, "concentration")
+    return frame
 
 
 def _conc_key(values: pd.Series) -> pd.Series:

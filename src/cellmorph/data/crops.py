@@ -17,6 +17,7 @@ from cellmorph.data.table import (
     STACK_COLUMN,
     ImageTable,
     batch_of_plate,
+    numeric_column,
     read_table_csv,
 )
 from cellmorph.errors import BadInputError
@@ -66,14 +67,21 @@ def unlabelled_moa(frame: pd.DataFrame, control_compound: str) -> pd.Series:
     return given.astype(object).where(~blank, fallback).astype(str)
 
 
-def complete_metadata(frame: pd.DataFrame, control_compound: str) -> pd.DataFrame:
-    """Cast the Metadata_* columns to the table contract's types; derive Batch (if absent) and IsControl."""
+def complete_metadata(frame: pd.DataFrame, control_compound: str, source: Path | str = "table",
+                      concentration_column: str = "Metadata_Concentration",
+                      site_column: str | None = "Metadata_Site") -> pd.DataFrame:
+    """Cast the Metadata_* columns to the table contract's types; derive Batch (if absent) and IsControl.
+
+    ``frame`` holds the CSV ``source``'s rows in file order; a concentration that is not a finite
+    number, or a site that is not a whole number, is an error naming the row and the CSV's column
+    (``concentration_column``, ``site_column``; None: the CSV has no site column, every site is 0).
+    """
     frame["Metadata_Plate"] = frame["Metadata_Plate"].astype(str)
     frame["Metadata_Well"] = frame["Metadata_Well"].astype(str)
     frame["Metadata_Compound"] = frame["Metadata_Compound"].astype(str)
     frame["Metadata_MoA"] = frame["Metadata_MoA"].astype(str)
-    frame["Metadata_Concentration"] = pd.to_numeric(frame["Metadata_Concentration"], errors="coerce").astype(float)
-    frame["Metadata_Site"] = pd.to_numeric(frame["Metadata_Site"], errors="coerce").fillna(0).astype(int)
+    frame["Metadata_Concentration"] = numeric_column(frame["Metadata_Concentration"], source, concentration_column)
+    frame["Metadata_Site"] = numeric_column(frame["Metadata_Site"], source, site_column or "Metadata_Site", whole=True)
     if "Metadata_Batch" not in frame.columns:
         frame["Metadata_Batch"] = frame["Metadata_Plate"].map(batch_of_plate)
     frame["Metadata_Batch"] = frame["Metadata_Batch"].astype(str)
@@ -108,7 +116,7 @@ def load_crop_table(
     base = index_csv.parent.resolve()
     frame[STACK_COLUMN] = [str(base / name) for name in frame["FileName"].astype(str)]
     frame["Metadata_ImageID"] = frame["FileName"].astype(str)
-    frame = complete_metadata(frame.drop(columns=["FileName"]), control_compound)
+    frame = complete_metadata(frame.drop(columns=["FileName"]), control_compound, index_csv)
     return ImageTable(
         frame.reset_index(drop=True), channels, source="crops", control_compound=control_compound, origin=str(index_csv)
     )

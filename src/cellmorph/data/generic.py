@@ -102,7 +102,8 @@ def load_generic(layout: GenericLayout, require_labels: bool = True) -> ImageTab
             frame[channel_column(name)] = resolve(folders, raw[spec.file_column])
         ids = frame[channel_column(channels[0])]
     frame["Metadata_ImageID"] = ids.astype(str).to_numpy()
-    frame = complete_metadata(frame, layout.control_compound)
+    frame = complete_metadata(frame, layout.control_compound, layout.csv, layout.concentration_column,
+                              layout.site_column if layout.site_column in raw.columns else None)
     return ImageTable(
         frame.reset_index(drop=True),
         channels,

@@ -67,6 +67,38 @@ def _read_plane(path: str) -> np.ndarray:
     return pixels
 
 
+def check_pixel_values(path, pixels: np.ndarray) -> None:
+    """Raise naming ``path`` unless ``pixels`` are finite, non-negative real numbers.
+
+    prepare takes 2·sqrt(x + 3/8) of every pixel and z-scores a plate against the mean of its DMSO
+    pixels: one NaN, ±inf or negative value would make a whole plate's statistics NaN and every tile
+    of the plate blank, so such a file is refused here, where its name is known.
+    """
+    kind = pixels.dtype.kind
+    if kind == "c":
+        raise BadInputError(f"{path}: complex pixel type {pixels.dtype}; expected real intensities")
+    if kind not in "uif":
+        raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
+    if kind == "f":
+        bad = ~np.isfinite(pixels)
+        if bad.any():
+            n_nan = int(np.isnan(pixels).sum())
+            what = "NaN" if n_nan == int(bad.sum()) else ("infinite" if n_nan == 0 else "NaN or infinite")
+            raise BadInputError(f"{path}: {int(bad.sum())} {what} pixel value(s), the first at {_where(bad)}")
+    if kind in "if" and pixels.size and pixels.min() < 0:
+        negative = pixels < 0
+        raise BadInputError(
+            f"{path}: {int(negative.sum())} negative pixel value(s) (lowest {pixels.min().item():g}), the first at "
+            f"{_where(negative)}; intensities must be ≥ 0 for the Anscombe transform"
+        )
+
+
+def _where(mask: np.ndarray) -> str:
+    """The first True element of ``mask`` as a user finds it in an image viewer or numpy."""
+    first = [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)]
+    return f"row {first[0]}, column {first[1]}" if len(first) == 2 else f"index {first}"
+
+
 def check_field_shape(path, shape, expected_shape) -> None:
     """Raise naming ``path`` when a field's (H, W) differs from the dataset's."""
     if tuple(shape) != tuple(expected_shape):
@@ -85,12 +117,14 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
     H×W×C comes back as a channel-first view of it.
 
     Raises :class:`BadInputError` naming the file for a missing, corrupt or
-    wrongly shaped image. ``expected_shape`` (H, W) enforces one field size.
+    wrongly shaped image, or one whose pixels are not finite non-negative real numbers
+    (:func:`check_pixel_values`). ``expected_shape`` (H, W) enforces one field size.
     """
     n_channels = len(table.channels)
     if table.is_stacked:
         path = row[STACK_COLUMN]
         pixels = _read_plane(path)
+        check_pixel_values(path, pixels)
         if pixels.ndim == 3 and pixels.shape[-1] != n_channels and pixels.shape[0] == n_channels:
             pixels = np.moveaxis(pixels, 0, -1)  # TIFF stacks are often stored C×H×W
         if pixels.ndim != 3 or pixels.shape[-1] != n_channels:
@@ -103,6 +137,7 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
         for ch in table.channels:
             path = row[channel_column(ch)]
             plane = _read_plane(path)
+            check_pixel_values(path, plane)
             if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
                 plane = plane.squeeze()
             if plane.ndim != 2:
@@ -116,8 +151,6 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
         path = row[channel_column(table.channels[0])]
     if expected_shape is not None:
         check_field_shape(path, pixels.shape[1:], expected_shape)
-    if not np.issubdtype(pixels.dtype, np.number):
-        raise BadInputError(f"{path}: pixel type {pixels.dtype} is not numeric")
     return pixels
 
 

@@ -142,5 +142,27 @@ def prepare_config(layout: str, config_file: Path | None = None, paper: bool = F
         settings = {"tile_grid": (1, 1), "scaling": "fixed"}
     if config_file is not None:
         settings.update(read_yaml_mapping(config_file))
-    settings.update({k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    settings.update(given)
+    _name_the_option(PrepareConfig, settings, given)
     return validated(PrepareConfig, settings, str(config_file or "prepare options"))
+
+
+def _name_the_option(model_cls, settings: dict, given: dict) -> None:
+    """A value from the command line that the config refuses is one error line naming the option
+    as the user typed it (``--tile-size 0: ...``); values from a config file are left to
+    :func:`validated`, which names the file and field."""
+    from pydantic import ValidationError
+
+    from cellmorph.preprocess import PREPARE_OPTIONS
+
+    try:
+        model_cls(**settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        if name in given and name in PREPARE_OPTIONS:
+            value = given[name]
+            shown = "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            message = str(first["msg"]).removeprefix("Value error, ")
+            raise CellmorphError(f"{PREPARE_OPTIONS[name]} {shown}: {message}") from None

@@ -188,3 +188,23 @@ def check_no_blanks(frame: pd.DataFrame, columns, path: Path) -> None:
         if blank.any():
             row = int(np.flatnonzero(blank.to_numpy())[0])
             raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {col}")
+
+
+def numeric_column(values: pd.Series, path, column: str, whole: bool = False) -> pd.Series:
+    """``values`` (a CSV column, rows in file order) as floats, or with ``whole`` as ints; a cell
+    that is not a finite number (a whole one) raises naming the CSV row as a spreadsheet shows it
+    (1-based, counting the header), so ``abc`` is never a NaN treatment or a site 0."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    bad = ~np.isfinite(numbers.to_numpy())
+    if whole:
+        bad |= np.isfinite(numbers.to_numpy()) & (numbers.to_numpy() != np.round(numbers.to_numpy()))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        given = values.iloc[row]
+        if pd.isna(given) or str(given).strip() == "":
+            raise BadInputError(f"{path}: row {row + 2}: blank or NaN value in column {column}")
+        kind = "a whole number" if whole else "a finite number"
+        shown = repr(given) if isinstance(given, str) else str(given)  # text quoted, numbers as written
+        raise BadInputError(f"{path}: row {row + 2}: {column} {shown} is not {kind}")
+    return numbers.astype(int) if whole else numbers
+
