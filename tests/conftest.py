@@ -150,3 +150,34 @@ def tiny_bundle(tiny_cache, tmp_path_factory) -> Path:
     proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+class SmallDisk:
+    """A tmpfs of a chosen size at ``path``: a real full disk (ENOSPC) for the write paths."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.mounted = False
+
+    def mount(self, size: str) -> Path:
+        options = f"size={size}" if not self.mounted else f"remount,size={size}"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); "
+                        "the write layer's ENOSPC handling is tested by injection in tests/test_runinfo.py")
+        self.mounted = True
+        return self.path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a small tmpfs (needs root, as in CI); the test is skipped with the reason where it cannot."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); the write layer's ENOSPC handling is tested by "
+                    "injection in tests/test_runinfo.py")
+    disk = SmallDisk(tmp_path / "disk")
+    disk.path.mkdir()
+    yield disk
+    if disk.mounted:
+        subprocess.run(["umount", "-l", str(disk.path)], capture_output=True)

@@ -187,3 +187,129 @@ def test_cv_takes_the_fine_tuning_levers(tiny_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())["config"]
     assert (config["backbone_lr_scale"], config["unfreeze_every"], config["head_init"]) == (0.1, 1, "probe")
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 28)
+@pytest.mark.parametrize("options, env, needles", [
+    (("--device", "bogus"), {}, ("--device 'bogus'",)),
+    (("--threads", "99999999999999999999"), {}, ("num_threads",)),
+    ((), {"CELLMORPH_THREADS": "99999999999999999999"}, ("$CELLMORPH_THREADS",)),
+    ((), {"CELLMORPH_THREADS": "abc"}, ("$CELLMORPH_THREADS", "'abc'")),
+    ((), {"CELLMORPH_THREADS": "0"}, ("$CELLMORPH_THREADS",)),
+])
+def test_bad_runtime_options_are_one_line_and_leave_nothing(tiny_cache, tmp_path, options, env, needles):
+    run = tmp_path / "new" / "run"
+    quick = [a for a in QUICK_CV if a not in ("--threads", "1")]
+    one_line_error(run_cli("cv", "--data", tiny_cache, *quick, *options, "--out", run, env=env), *needles)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_binary_config_and_a_bad_yaml_config_are_one_line(tiny_cache, tmp_path):
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    one_line_error(run_cli("cv", "--data", tiny_cache, "--config", binary, "--out", tmp_path / "r"),
+                   str(binary), "not a UTF-8 text file")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: test_resnet\nepochs: [1, 2\n")
+    one_line_error(run_cli("cv", "--data", tiny_cache, "--config", broken, "--out", tmp_path / "r"),
+                   str(broken), "invalid YAML: line 3")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_any_work(tiny_cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = os.fsencode(tmp_path) + b"/run-\xff"
+    proc = subprocess.run([sys.executable, "-m", "cellmorph.cli", "cv", "--data", str(tiny_cache), *QUICK_CV,
+                           "--out", out], capture_output=True, text=True)
+    one_line_error(proc, "--out", "not valid UTF-8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_into_a_folder_that_is_no_run_is_refused(tiny_cache, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "elsewhere", "--resume"),
+                   "--resume", "not a cellmorph run")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "absent", "--resume"),
+                   "not a cellmorph run")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_cv_into_its_own_cache_folder_is_refused(tiny_cache):
+    before = sorted(p.name for p in tiny_cache.iterdir())
+    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tiny_cache), "--out", "--data")
+    assert sorted(p.name for p in tiny_cache.iterdir()) == before
+
+
+def test_a_second_cv_into_a_folder_being_written_is_refused(tiny_cache, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    hold = textwrap.dedent(f"""
+        import time
+        from cellmorph.runinfo import output_lock
+        with output_lock({str(run)!r}, "cv"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run), str(run),
+                       "another cellmorph run", f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)  # the holder died: its lock is stale
+    assert proc.returncode == 0, proc.stderr
+    assert not (run / ".cellmorph.lock").exists()
+
+
+def test_cv_on_a_full_disk_is_one_line_leaves_nothing_and_then_runs(tiny_cache, small_disk):
+    disk = small_disk.mount("16k")
+    run = disk / "run"
+    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run), "no space left on device writing")
+    assert list(disk.iterdir()) == []
+    small_disk.mount("64m")
+    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "metrics.json").is_file()
+
+
+def test_prepare_on_a_full_disk_is_one_line_leaves_nothing_and_then_prepares(tiny_screen, tiny_cache, small_disk):
+    disk = small_disk.mount("8m")  # room for two of the tiny screen's four 3.4 MB plates
+    cache = disk / "cache"
+    one_line_error(run_cli("prepare", "--root", tiny_screen, "--out", cache, "--no-progress"),
+                   "no space left on device writing", str(cache))
+    assert list(disk.iterdir()) == []
+    small_disk.mount("64m")
+    proc = run_cli("prepare", "--root", tiny_screen, "--out", cache, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_parquet(cache / "index.parquet").equals(pd.read_parquet(tiny_cache / "index.parquet"))
+    for plate in (tiny_cache / "plates").glob("*.npy"):
+        assert (cache / "plates" / plate.name).read_bytes() == plate.read_bytes()
+
+
+def test_predict_on_a_full_disk_is_one_line_leaves_nothing_and_then_predicts(tiny_bundle, tiny_cache, small_disk):
+    disk = small_disk.mount("48k")
+    out = disk / "pred"
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", out, "--no-progress"),
+                   "no space left on device writing")
+    assert list(disk.iterdir()) == []
+    small_disk.mount("64m")
+    proc = run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "treatments.parquet").is_file() and (out / "summary.json").is_file()
+
+
+def test_predict_into_its_model_or_cache_folder_is_refused(tiny_bundle, tiny_cache):
+    for folder, option in ((tiny_bundle, "--model"), (tiny_cache, "--data")):
+        before = sorted(p.name for p in folder.iterdir())
+        one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", folder),
+                       "--out", option)
+        assert sorted(p.name for p in folder.iterdir()) == before

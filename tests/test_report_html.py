@@ -12,8 +12,9 @@ import pytest
 
 from cellmorph.cv import run_cv
 from cellmorph.errors import CellmorphError
+from cellmorph.metrics import bootstrap_interval
 from cellmorph.report import write_report
-from cellmorph.report.html import SECTION_IDS, bootstrap_interval
+from cellmorph.report.html import SECTION_IDS
 from tests.conftest import one_line_error, run_cli
 
 QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=2, cv="group-kfold:3",

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cellmorph.cv.config import field_help  # option help is the config's field descriptions
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, DiskFullError, is_disk_full
 
 app = typer.Typer(
     name="cellmorph",
@@ -40,15 +40,40 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            _check_path_options(kwargs)
             return func(*args, **kwargs)
         except CellmorphError as exc:
             sys.stderr.write(f"error: {exc}\n")
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # A full disk can strike any write, including one outside the atomic-write helpers
+            # (which already name their file); it is the user's to fix, so it is one line too.
+            if not is_disk_full(exc):
+                raise
+            sys.stderr.write(f"error: {DiskFullError.from_os_error(exc)}\n")
+            raise typer.Exit(DiskFullError.exit_code) from None
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _check_path_options(options: dict) -> None:
+    """Every path option must be text that files, logs and reports can hold.
+
+    Linux accepts any bytes in a file name, and Python hands undecodable ones over as lone
+    surrogates; they fail only much later, when the path is written into ``config.yaml`` or a
+    report, after an output folder was made. So they are refused before any work.
+    """
+    for name, value in options.items():
+        if isinstance(value, Path):
+            try:
+                str(value).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = str(value).encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+                raise CellmorphError(f"--{name.replace('_', '-')} {shown}: the path is not valid UTF-8; "
+                                     "rename it or choose another") from None
 
 
 def command(*args, **kwargs):
@@ -261,10 +286,17 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     grid.add_column("level")
     grid.add_column("accuracy", justify="right")
     grid.add_column("n", justify="right")
-    grid.add_row("treatment", f"{metrics['treatment_accuracy']:.3f}", str(metrics["n_treatments"]))
-    grid.add_row("well", f"{metrics['well_accuracy']:.3f}", str(metrics.get("n_wells", "")))
-    grid.add_row("tile", f"{metrics['tile_accuracy']:.3f}", str(metrics.get("n_tiles", "")))
+    interval = metrics.get("treatment_accuracy_ci95")
+    grid.add_column("95% interval", justify="right")
+    grid.add_row("treatment", f"{metrics['treatment_accuracy']:.3f}", str(metrics["n_treatments"]),
+                 f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "")
+    grid.add_row("well", f"{metrics['well_accuracy']:.3f}", str(metrics.get("n_wells", "")), "")
+    grid.add_row("tile", f"{metrics['tile_accuracy']:.3f}", str(metrics.get("n_tiles", "")), "")
     console.print(grid)
+    if interval:
+        console.print("95% interval: the treatments resampled. The figures repeat bit for bit only on the same "
+                      "CPU type and thread count; elsewhere float rounding moves them, within the interval "
+                      "(README, 'Reproducibility').", highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}")
     print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
                                                 "n_treatments", "n_folds")}))
@@ -726,7 +758,7 @@ def _visualize_help(name: str) -> str:
 @user_errors
 def visualize_filters_command(
     out: Path = typer.Option(..., help="folder for the PNGs (one per layer) and filters.json"),
-    run: Optional[Path] = typer.Option(None, help="a cv run directory with fold weights (cv --keep-checkpoints last)"),
+    run: Optional[Path] = typer.Option(None, help="a cv run directory with fold weights (kept by cv's default, --keep-checkpoints last)"),
     model: Optional[Path] = typer.Option(None, help="a model bundle (cellmorph train)"),
     layers: str = typer.Option("stage1,stage2,stage3", help=_visualize_help("layers")),
     filters: int = typer.Option(6, help=_visualize_help("filters")),

@@ -9,9 +9,44 @@ from __future__ import annotations
 
 
 class CellmorphError(Exception):
-    """An error caused by the user's input, reported as one clear line."""
+    """An error caused by the user's input, reported as one clear line.
+
+    The line is guaranteed: a message that quotes another library's multi-line text (a YAML
+    parser's context, a CSV tokenizer's) is folded onto one line, so the CLI never prints more.
+    """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
+
+
+class DiskFullError(CellmorphError):
+    """The file system ran out of space (or quota) while writing an output."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, writing=None) -> "DiskFullError":
+        where = writing if writing is not None else exc.filename
+        return cls(f"no space left on device writing {where}" if where else "no space left on device")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk or the user's quota is full.
+
+    By errno (ENOSPC, EDQUOT), or by text where a library drops the errno: numpy's ``tofile``
+    and ``save`` report a short write as "N requested and M written", pyarrow as its own
+    OSError with the C library's message.
+    """
+    import errno
+    import re
+
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return ("No space left on device" in text or "Disk quota exceeded" in text
+            or re.search(r"\d+ requested and \d+ written", text) is not None)
 
 
 class BadInputError(CellmorphError):
@@ -30,3 +65,23 @@ def validated(model_cls, data: dict, where: str):
         # A model validator's ValueError has no field and pydantic prefixes its text.
         message = str(first["msg"]).removeprefix("Value error, ")
         raise CellmorphError(f"{where}: {loc}: {message}" if loc else f"{where}: {message}") from None
+
+
+class _DiskFullAsError:
+    """``with disk_full_as_error():`` a full disk inside the block raises :class:`DiskFullError`.
+
+    Used around a command's writes so that its clean-up of partial output, which handles
+    CellmorphError, also runs when the disk fills outside the atomic-write helpers.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and not isinstance(exc, CellmorphError) and is_disk_full(exc):
+            raise DiskFullError.from_os_error(exc) from None
+        return False
+
+
+def disk_full_as_error() -> _DiskFullAsError:
+    return _DiskFullAsError()

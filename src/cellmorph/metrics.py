@@ -174,3 +174,28 @@ def classification_text(frame: pd.DataFrame, classes: list[str], prefix: str = P
         zero_division=0,
         digits=3,
     )
+
+
+# Resampling of treatments for the accuracy's 95% interval: seeded, so a run's figures repeat.
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_interval(frame: pd.DataFrame, correct: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of the accuracy when the treatments are resampled with replacement."""
+    keys = _treatment_keys(frame)
+    codes, uniques = pd.factorize(keys)
+    right = np.bincount(codes, weights=correct.astype(float), minlength=len(uniques))
+    total = np.bincount(codes, minlength=len(uniques)).astype(float)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(uniques), size=(draws, len(uniques)))
+    accuracy = right[drawn].sum(axis=1) / total[drawn].sum(axis=1)
+    low, high = np.percentile(accuracy, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _treatment_keys(frame: pd.DataFrame) -> pd.Series:
+    compound = frame.get("Metadata_Compound", pd.Series(range(len(frame)), index=frame.index)).astype(str)
+    dose = frame.get("Metadata_Concentration", pd.Series("", index=frame.index)).astype(str)
+    return (compound + "@" + dose).reset_index(drop=True)

@@ -47,9 +47,9 @@ from cellmorph.cache import (
 )
 from cellmorph.data.images import check_field_shape, missing_files, path_columns, read_planes, row_paths
 from cellmorph.data.table import ImageTable
-from cellmorph.errors import BadInputError, CellmorphError
+from cellmorph.errors import BadInputError, CellmorphError, disk_full_as_error
 from cellmorph.progress import Progress
-from cellmorph.runinfo import created_root, require_output_dir, run_info
+from cellmorph.runinfo import created_root, output_lock, require_output_dir, run_info
 
 
 # The `cellmorph prepare` option that sets each PrepareConfig field (named in its errors).
@@ -304,19 +304,20 @@ def prepare(
     started_ns = time.time_ns()
     created = created_root(out)
     require_output_dir(out, "cache folder")
-    # Temporaries of writes a killed run (kill -9, power loss) never finished; only those older
-    # than this run, so nothing this run writes is touched (one prepare per cache at a time).
-    leftovers = remove_temporary_files(out, older_than_ns=started_ns)
-    try:
-        with torch_threads(threads):
-            return _prepare(table, out, config, progress, log, leftovers)
-    except BaseException as exc:
-        remove_temporary_files(out)
-        # Bad input: remove what this call created. An interrupt keeps finished
-        # plates (each is complete on its own), so a rerun resumes.
-        if created is not None and isinstance(exc, CellmorphError) and created.exists():
-            shutil.rmtree(created)
-        raise
+    with output_lock(out, "prepare"):  # one prepare per cache: a second fails here, touching nothing
+        # Temporaries of writes a killed run (kill -9, power loss) never finished; only those older
+        # than this run, so nothing this run writes is touched.
+        leftovers = remove_temporary_files(out, older_than_ns=started_ns)
+        try:
+            with torch_threads(threads), disk_full_as_error():
+                return _prepare(table, out, config, progress, log, leftovers)
+        except BaseException as exc:
+            remove_temporary_files(out)
+            # Bad input or a full disk: remove what this call created. An interrupt keeps finished
+            # plates (each is complete on its own), so a rerun resumes.
+            if created is not None and isinstance(exc, CellmorphError) and created.exists():
+                shutil.rmtree(created)
+            raise
 
 
 def _prepare(table: ImageTable, out: Path, config: PrepareConfig, progress: bool, log, leftovers: int = 0) -> dict:

@@ -56,6 +56,23 @@ def read_profiles(path: Path) -> pd.DataFrame:
         raise BadInputError(f"{path}: cannot read profiles ({exc})") from None
 
 
+def check_finite_features(frame: pd.DataFrame, features: list[str], source) -> None:
+    """Refuse missing or infinite feature values, naming the first one (its CSV row counts the header).
+
+    Dropping or imputing them silently would change the answer without a word (one NaN removes
+    its feature from every treatment's profile); which repair fits is the user's call: drop the
+    feature, drop the well, or impute before scoring.
+    """
+    values = frame[features].to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        columns = int(bad.any(axis=0).sum())
+        raise BadInputError(
+            f"{source}: row {row + 2}: column {features[col]} is {values[row, col]} ({int(bad.sum())} missing or "
+            f"infinite value(s) in {columns} feature(s)); drop or impute them before profile-eval")
+
+
 def attach_bbbc021_metadata(profiles: pd.DataFrame, metadata_dir: Path) -> pd.DataFrame:
     """Join per-well profiles (``Image_Metadata_Plate``/``Image_Metadata_Well``) to the MoA subset.
 
@@ -369,6 +386,7 @@ def profile_eval(
 
     out = require_output_dir(Path(out))
     frame = read_profiles(profiles)
+    check_finite_features(frame, feature_columns(frame), profiles)
     if "Metadata_MoA" not in frame.columns:
         if metadata_dir is None:
             raise BadInputError(f"{profiles}: no Metadata_MoA column; pass --metadata DIR (BBBC021 metadata folder)")

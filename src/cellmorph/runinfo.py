@@ -80,8 +80,15 @@ def atomic_path(final: Path, suffix: str | None = None):
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, final)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, final)
+        except OSError as exc:
+            from cellmorph.errors import DiskFullError, is_disk_full
+
+            if is_disk_full(exc):
+                raise DiskFullError.from_os_error(exc, final) from None
+            raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -133,6 +140,21 @@ def require_output_dir(path: Path, what: str = "output folder") -> Path:
     return path
 
 
+def require_not_input(out: Path, **inputs) -> None:
+    """Refuse an output folder that is one of the command's input folders.
+
+    ``inputs`` maps option names (``data``, ``model``) to paths; an output written into its own
+    tile cache or model bundle would mix into, and may overwrite, what it reads.
+    """
+    from cellmorph.errors import CellmorphError
+
+    target = Path(out).resolve()
+    for option, path in inputs.items():
+        if path is not None and Path(path).resolve() == target:
+            raise CellmorphError(f"--out {out} is the --{option.replace('_', '-')} folder itself; "
+                                 "choose another --out so the input stays as it was")
+
+
 def require_file(path: Path, what: str, error=None) -> Path:
     """``path`` if it is a file; a folder or a missing path is one error line naming it.
 
@@ -158,17 +180,53 @@ def read_yaml_mapping(path: Path) -> dict:
 
     path = require_file(path, "a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CellmorphError(f"{path}: not a UTF-8 text file (byte {exc.start}): expected YAML") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise CellmorphError(f"{path}: invalid YAML ({exc})") from None
+        raise CellmorphError(f"{path}: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise CellmorphError(f"{path}: expected a mapping at the top level")
     return data
 
 
+def _yaml_problem(exc) -> str:
+    """A YAML parser's error as "line N: problem" (PyYAML's own text spans four lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"invalid YAML: {where}{problem}"
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinity replaced by None, so it can be written as strict JSON.
+
+    Python's ``json`` writes bare ``NaN``/``Infinity``, which JSON does not have: a browser's
+    ``JSON.parse`` or ``jq`` rejects the whole file. ``null`` is what they read as "no number".
+    """
+    import math
+
+    if isinstance(value, float):  # numpy's float64 included
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars and 0-d arrays
+        return json_safe(value.item()) if getattr(value, "ndim", 0) == 0 else json_safe(value.tolist())
+    return value
+
+
+def json_text(payload, indent: int | None = 2) -> str:
+    """``payload`` as strict JSON: non-finite numbers become ``null``, unknown objects their ``str``."""
+    return json.dumps(json_safe(payload), indent=indent, sort_keys=False, default=str, allow_nan=False)
+
+
 def write_json(path: Path, payload) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(json_text(payload) + "\n")
 
 
 def write_csv(path: Path, frame) -> None:
@@ -180,3 +238,78 @@ def write_csv(path: Path, frame) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+LOCK_FILE = ".cellmorph.lock"
+
+
+@contextmanager
+def output_lock(folder: Path, command: str, beside: bool = False):
+    """Hold ``folder`` for one writer: a second ``prepare``/``cv``/``train``/``predict`` into the
+    same folder fails at once, naming the holder, instead of both reporting success over a mix of
+    their outputs.
+
+    The lock is an advisory ``flock`` on ``FOLDER/.cellmorph.lock``, which also records the
+    holder's pid, host and command for the error line. The kernel drops a ``flock`` when its
+    process dies (kill -9 included), so a lock file left behind by a dead run is stale by
+    construction and the next run takes it over; the file is removed on exit.
+
+    ``beside``: the lock file is ``.NAME.cellmorph.lock`` next to the folder, for an output that
+    is replaced whole when complete (a model bundle), which would take a lock inside with it.
+    """
+    from cellmorph.errors import CellmorphError
+
+    folder = Path(folder)
+    path = folder.parent / f".{folder.name}{LOCK_FILE}" if beside else folder / LOCK_FILE
+    created = created_root(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise CellmorphError(f"{path}: cannot create the lock file: {exc.strerror or exc}") from None
+    try:
+        _hold_lock(handle, folder, command)
+        try:
+            yield path
+        finally:
+            try:
+                path.unlink()
+            except FileNotFoundError:  # the command removed its own output folder on failure
+                pass
+    finally:
+        handle.close()
+        # A folder made only to hold the lock of a run that then wrote nothing is not left behind.
+        if created is not None:
+            for empty in [path.parent, *path.parent.parents]:
+                if empty == created.parent:
+                    break
+                try:
+                    empty.rmdir()
+                except OSError:  # not empty (the run's output) or already gone
+                    break
+
+
+def _hold_lock(handle, folder: Path, command: str) -> None:
+    """Take the ``flock`` of the open lock file ``handle`` and record this process in it."""
+    import fcntl
+    import socket
+
+    from cellmorph.errors import CellmorphError
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read() or "{}")
+        except ValueError:
+            holder = {}
+        who = ", ".join(f"{k} {holder[k]}" for k in ("command", "pid", "host") if holder.get(k))
+        raise CellmorphError(
+            f"{folder}: another cellmorph run is writing into this folder ({who or 'holder unknown'}); "
+            "wait for it to finish or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+    handle.flush()

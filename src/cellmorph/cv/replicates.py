@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.cv.config import CVConfig, validate_config
-from cellmorph.cv.rundir import INIT_COMPARISON, METRICS_FILE, REPLICATE_DIR, REPLICATES_CSV, RunDir
+from cellmorph.cv.rundir import CONFIG_FILE, INIT_COMPARISON, METRICS_FILE, REPLICATE_DIR, REPLICATES_CSV, RunDir
 from cellmorph.cv.executors import executor_scope
 from cellmorph.cv.run import run_cv
 from cellmorph.errors import CellmorphError
@@ -49,8 +49,11 @@ def run_replicates(
             raise CellmorphError(f"{run_dir} already holds a run (finished): continue it with --resume, or choose another --out")
     with executor_scope(executor) as engine:  # one cluster for every replicate
         for r in range(replicates):
-            runs.append(run_cv(data, out / REPLICATE_DIR.format(r), base.model_copy(update={"seed": base.seed + r}),
-                               resume=resume, progress=progress, executor=engine))
+            run_dir = out / REPLICATE_DIR.format(r)
+            # A replicate that a killed run never reached has nothing to resume: it starts.
+            started = (run_dir / CONFIG_FILE).is_file()
+            runs.append(run_cv(data, run_dir, base.model_copy(update={"seed": base.seed + r}),
+                               resume=resume and started, progress=progress, executor=engine))
     for r, metrics in enumerate(runs):
         seed = base.seed + r
         scored = metrics.get("by_epoch") or {str(metrics["epochs"]): {k: metrics[k] for k in ACCURACY_KEYS}}

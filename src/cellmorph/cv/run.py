@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,13 +45,20 @@ from cellmorph.cv.rundir import (
 )
 from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
 from cellmorph.distributed import current as current_data_parallel
-from cellmorph.errors import CellmorphError
-from cellmorph.metrics import ACCURACY_KEYS, aggregate, classification_text, compute_metrics, confusion
+from cellmorph.errors import CellmorphError, disk_full_as_error
+from cellmorph.metrics import (
+    ACCURACY_KEYS,
+    aggregate,
+    bootstrap_interval,
+    classification_text,
+    compute_metrics,
+    confusion,
+)
 from cellmorph.models import InitRecord, InputSpec
 from cellmorph.progress import Progress
-from cellmorph.runinfo import created_root, require_output_dir, run_info
+from cellmorph.runinfo import created_root, output_lock, require_not_input, require_output_dir, run_info
 from cellmorph.runtime import derive_seeds, deterministic, resolve_device, torch_threads
-from cellmorph.schema import HELDOUT_ACCURACY, TRUE_COLUMN
+from cellmorph.schema import HELDOUT_ACCURACY, PREDICTED_COLUMN, TRUE_COLUMN
 
 if TYPE_CHECKING:
     from cellmorph.cache import TileCache
@@ -168,6 +176,7 @@ def run_cv(
     started = time.perf_counter()
     # Under torchrun, rank 0 alone checks and writes the run directory; every rank trains each fold.
     launched = distributed.launched_world_size() > 1
+    require_not_input(out, data=data)
     rundir = RunDir(Path(out) if launched else require_output_dir(out, "run directory"))
     plan = plan_run(data, config)
     dp = distributed.init_from_env(plan.config.device)
@@ -176,23 +185,25 @@ def run_cv(
         dp.main_only(lambda: require_output_dir(out, "run directory"))
         plan = replace(plan, device=dp.device)
     created = created_root(rundir.root)
-    with executor_scope(executor) as engine, torch_threads(plan.config.num_threads) as threads, \
+    lock = output_lock(rundir.root, "cv") if dp.is_main else nullcontext()
+    with lock, executor_scope(executor) as engine, torch_threads(plan.config.num_threads) as threads, \
             deterministic(plan.config.deterministic), Progress(progress and dp.is_main) as bar:
         header = plan.header(data, threads) | {"executor": engine.describe(), "data_parallel": dp.record()}
         dp.main_only(lambda: rundir.begin(header, plan.fingerprint, resume, RUNTIME_FIELDS))
         try:
-            outputs = run_folds(plan, rundir, resume, bar, engine, data)
+            with disk_full_as_error():
+                outputs = run_folds(plan, rundir, resume, bar, engine, data)
         except CellmorphError:
             if dp.is_main and created is not None and not rundir.finished_folds():
                 shutil.rmtree(created, ignore_errors=True)  # nothing worth resuming: leave nothing behind
             raise
 
-    def finish() -> dict:
-        # Every fold is done: the frozen-stage features were only kept for resuming.
-        rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
-        return summarise(plan, rundir, outputs, time.perf_counter() - started)
+        def finish() -> dict:
+            # Every fold is done: the frozen-stage features were only kept for resuming.
+            rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
+            return summarise(plan, rundir, outputs, time.perf_counter() - started)
 
-    metrics = dp.main_only(finish)
+        metrics = dp.main_only(finish)
     return metrics if dp.is_main else json.loads(rundir.path(METRICS_FILE).read_text())
 
 
@@ -412,6 +423,10 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
     predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)
     tiles, wells, treatments = aggregate(predictions, how=cfg.aggregate)
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
+    # How far the treatment accuracy could move with other treatments of the same kind: on a few
+    # dozen treatments, further than the run-to-run changes that float rounding alone causes.
+    correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
+    metrics["treatment_accuracy_ci95"] = list(bootstrap_interval(treatments, correct))
     if cfg.eval_epochs:
         by_epoch = {}
         for e in cfg.eval_epochs:

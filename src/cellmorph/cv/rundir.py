@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from cellmorph.errors import CellmorphError
-from cellmorph.runinfo import atomic_path, write_csv, write_json, write_text
+from cellmorph.runinfo import LOCK_FILE, atomic_path, write_csv, write_json, write_text
 from cellmorph.schema import CACHE_ROW_COLUMN, FOLD_COLUMN, TRUE_COLUMN, prob_column
 
 CONFIG_FILE = "config.yaml"
@@ -157,6 +157,11 @@ class RunDir:
         """
         config_path = self.path(CONFIG_FILE)
         finished = self.finished_folds()
+        if resume and not config_path.is_file():
+            # --resume promises to continue a run; starting a fresh one in its place would hide a
+            # mistyped --out until the run (hours later) turns out to be new.
+            raise CellmorphError(f"{self.root}: --resume: not a cellmorph run (no {CONFIG_FILE}); "
+                                 "check --out, or drop --resume to start a run there")
         if config_path.is_file() and finished:
             if not resume:
                 raise CellmorphError(
@@ -182,7 +187,7 @@ class RunDir:
         for folder in [self.root, folds, *sorted(folds.glob("[!.]*"))]:
             if folder.is_dir():
                 for tmp in folder.glob(".*"):
-                    if tmp.is_file():
+                    if tmp.is_file() and tmp.name != LOCK_FILE:  # the lock is held by this very run
                         tmp.unlink(missing_ok=True)
                     elif tmp.is_dir() and folder == folds:
                         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,12 +30,11 @@ import pandas as pd
 import yaml
 
 from cellmorph.errors import CellmorphError
+from cellmorph.metrics import BOOTSTRAP_DRAWS, bootstrap_interval
 from cellmorph.runinfo import write_text
 from cellmorph.schema import CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
 REPORT_FILE = "report.html"
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_SEED = 0
 EXAMPLES_PER_KIND = 3  # tiles per MoA: best correct calls, and the worst mistakes
 GRADCAM_TILES = 8
 SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "examples",
@@ -362,26 +361,6 @@ def _network_section(run: Path, visualise: bool, network, tiles, classes, cache,
 
 
 # --------------------------------------------------------------------------- numbers
-def bootstrap_interval(frame: pd.DataFrame, correct: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% percentile interval of the accuracy when the treatments are resampled with replacement."""
-    keys = _treatment_keys(frame)
-    codes, uniques = pd.factorize(keys)
-    right = np.bincount(codes, weights=correct.astype(float), minlength=len(uniques))
-    total = np.bincount(codes, minlength=len(uniques)).astype(float)
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, len(uniques), size=(draws, len(uniques)))
-    accuracy = right[drawn].sum(axis=1) / total[drawn].sum(axis=1)
-    low, high = np.percentile(accuracy, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def _treatment_keys(frame: pd.DataFrame) -> pd.Series:
-    compound = frame.get("Metadata_Compound", pd.Series(range(len(frame)), index=frame.index)).astype(str)
-    dose = frame.get("Metadata_Concentration", pd.Series("", index=frame.index)).astype(str)
-    return (compound + "@" + dose).reset_index(drop=True)
-
-
 def _correct(frame: pd.DataFrame) -> np.ndarray:
     if CORRECT_COLUMN in frame.columns:
         return frame[CORRECT_COLUMN].astype(bool).to_numpy()
@@ -396,6 +375,8 @@ def _tile_correct(tiles: pd.DataFrame, classes: list[str]) -> np.ndarray:
 def project_2d(x: np.ndarray) -> tuple[np.ndarray, str]:
     """UMAP (umap-learn, seeded) where installed and there are enough points, else PCA."""
     x = x - x.mean(axis=0)
+    if len(x) < 2 or not np.any(np.ptp(x, axis=0) > 1e-9):  # every profile alike (e.g. one call for all)
+        return np.zeros((len(x), 2)), "PCA"
     if len(x) >= 15:
         try:
             import umap  # optional: pip install 'cellmorph[report]'
@@ -406,7 +387,10 @@ def project_2d(x: np.ndarray) -> tuple[np.ndarray, str]:
             pass
     from sklearn.decomposition import PCA
 
-    return PCA(n_components=2, random_state=0).fit_transform(x), "PCA"
+    # A rank-1 spread leaves the second component's share of the variance 0/0 inside sklearn: a
+    # warning about a ratio this map never uses.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return PCA(n_components=2, random_state=0).fit_transform(x), "PCA"
 
 
 def example_tiles(tiles: pd.DataFrame, classes: list[str], fold: int | None = None) -> list[dict]:
