@@ -483,3 +483,16 @@ def test_real_metadata_plate_choice():
     assert dl._join(dl.DEFAULT_BASE_URL, dl.ARCHIVE_TEMPLATE.format(plate="Week1_22123")) == (
         "https://data.broadinstitute.org/bbbc/BBBC021/BBBC021_v1_images_Week1_22123.zip"
     )
+
+
+def test_an_image_csv_whose_plate_folder_leaves_the_root_is_refused_before_unpacking(server, tmp_path):
+    """The image CSV comes from the mirror: a `..` in Image_PathName would unpack outside --root."""
+    csv = pd.read_csv(io.BytesIO(server.files["BBBC021_v1_image.csv"]))
+    csv.loc[3, "Image_PathName_DAPI"] = "../../escaped/Week1_11111"
+    server.files["BBBC021_v1_image.csv"] = csv.to_csv(index=False).encode()
+    root = tmp_path / "deep" / "root"
+    with pytest.raises(CellmorphError, match=r"row 5: Image_PathName_DAPI '../../escaped/Week1_11111' is not a "
+                                             r"folder inside the download root"):
+        _download(root, server, all_plates=True)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
+    assert not any(g[1].endswith(".zip") for g in server.gets())

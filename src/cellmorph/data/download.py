@@ -278,6 +278,20 @@ def _join(base_url: str, name: str) -> str:
     return base_url + urllib.parse.quote(name)
 
 
+def _check_plate_folders(images, where: Path) -> None:
+    """Every ``Image_PathName_*`` must be a folder inside ``--root``: the plates are unpacked there.
+
+    The image CSV comes from a mirror the user names; a ``..`` part (or a Windows drive) in a
+    folder would unpack a plate, and its temporary folder, outside the download root.
+    """
+    for ch in CHANNELS:
+        for row, folder in enumerate(images[f"Image_PathName_{ch}"].astype(str)):
+            parts = folder.replace("\\", "/").split("/")
+            if ".." in parts or re.match(r"^[A-Za-z]:", folder) or not folder.strip("/ "):
+                raise CellmorphError(f"{where}: row {row + 2}: Image_PathName_{ch} {folder!r} is not a folder "
+                                     "inside the download root")
+
+
 def _plate_files(images) -> dict[str, set[str]]:
     """``Image_PathName`` folder → the file names the image CSV lists in it (all channels)."""
     files: dict[str, set[str]] = {}
@@ -476,6 +490,7 @@ def download_bbbc021(
             return summary
 
         images = read_image_csv(root)
+        _check_plate_folders(images, root / IMAGE_CSV)
         if plates is not None:
             folders = _resolve_plates(list(plates), images)
         elif all_plates:

@@ -67,6 +67,12 @@ def _read_plane(path: str) -> np.ndarray:
     return pixels
 
 
+# prepare computes in float32, whose largest value is about 3.4e38; squares of the DMSO statistics
+# overflow long before that. No detector records more than 2**32 levels, so 1e12 leaves room for
+# any rescaled or summed image while refusing values that would turn a plate's statistics to inf.
+_LARGEST_PIXEL = 1e12
+
+
 def check_pixel_values(path, pixels: np.ndarray) -> None:
     """Raise naming ``path`` unless ``pixels`` are finite, non-negative real numbers.
 
@@ -85,6 +91,10 @@ def check_pixel_values(path, pixels: np.ndarray) -> None:
             n_nan = int(np.isnan(pixels).sum())
             what = "NaN" if n_nan == int(bad.sum()) else ("infinite" if n_nan == 0 else "NaN or infinite")
             raise BadInputError(f"{path}: {int(bad.sum())} {what} pixel value(s), the first at {_where(bad)}")
+    if kind in "if" and pixels.size and np.abs(pixels).max() > _LARGEST_PIXEL:
+        huge = np.abs(pixels) > _LARGEST_PIXEL
+        raise BadInputError(f"{path}: {int(huge.sum())} pixel value(s) beyond {_LARGEST_PIXEL:.0e} (largest "
+                            f"{pixels.max().item():g}), the first at {_where(huge)}; not an intensity a camera records")
     if kind in "if" and pixels.size and pixels.min() < 0:
         negative = pixels < 0
         raise BadInputError(

@@ -162,6 +162,23 @@ def validate_frame(frame: pd.DataFrame, channels: tuple[str, ...], source: str) 
     if frame["Metadata_ImageID"].duplicated().any():
         dup = frame.loc[frame["Metadata_ImageID"].duplicated(), "Metadata_ImageID"].iloc[0]
         raise BadInputError(f"{source} table: duplicate image id {dup!r}")
+    check_one_treatment_per_well(frame, source)
+
+
+def check_one_treatment_per_well(frame: pd.DataFrame, source: str) -> None:
+    """A well holds one treatment: tiles are aggregated per well, then per treatment, so a well
+    whose rows disagree on compound or concentration (a typo in one row) has no treatment to score."""
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    if not set(keys + ["Metadata_Compound", "Metadata_Concentration"]) <= set(frame.columns):
+        return
+    treatment = frame["Metadata_Compound"].astype(str) + " at " + frame["Metadata_Concentration"].astype(str)
+    counts = treatment.groupby([frame[k].astype(str) for k in keys]).nunique()
+    if (counts > 1).any():
+        plate, well = counts.index[int(np.flatnonzero(counts.to_numpy() > 1)[0])]
+        inside = (frame["Metadata_Plate"].astype(str) == plate) & (frame["Metadata_Well"].astype(str) == well)
+        found = sorted(set(treatment[inside]))
+        raise BadInputError(f"{source} table: plate {plate} well {well} holds more than one treatment "
+                            f"({', '.join(found[:3])}); every row of a well needs the same compound and concentration")
 
 
 def read_table_csv(path: Path, required: tuple[str, ...], dtype: dict | None = None) -> pd.DataFrame:
@@ -198,6 +215,7 @@ def numeric_column(values: pd.Series, path, column: str, whole: bool = False) ->
     bad = ~np.isfinite(numbers.to_numpy())
     if whole:
         bad |= np.isfinite(numbers.to_numpy()) & (numbers.to_numpy() != np.round(numbers.to_numpy()))
+        bad |= np.abs(numbers.to_numpy()) >= 2**31  # an int column: 1e308 would wrap to a negative site
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         given = values.iloc[row]
