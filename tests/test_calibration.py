@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from cellmorph.calibration import (
+    SET_SEPARATOR,
     TemperatureScaling,
+    class_names_problem,
     conformal_sets,
     expected_calibration_error,
     held_out_calibration_error,
@@ -127,3 +129,10 @@ def test_too_few_or_one_class_scores_leave_the_confidence_unscaled():
     assert TemperatureScaling.fit(probs, np.array([0, 0, 0])).temperature == 1.0
     many = np.tile(probs, (10, 1))
     assert TemperatureScaling.fit(many, np.zeros(len(many), dtype=int)).temperature == 1.0
+
+
+def test_class_names_that_cannot_name_prediction_sets_are_said_why():
+    assert class_names_problem(["Actin disruptors", "DNA damage"]) is None
+    for classes, why in ((["DNA damage"], "at least 2 classes"), (["a", " "], "empty"),
+                         (["a", f"b{SET_SEPARATOR}c"], "'b|c' contains '|'"), (["a", "b", "a"], "'a' is listed more")):
+        assert why in class_names_problem(classes), classes

@@ -11,6 +11,7 @@ import pytest
 
 from cellmorph.bundle import load_bundle
 from cellmorph.calibration import TemperatureScaling
+from tests.bundle_helpers import edited_bundle, seal_bundle
 from tests.conftest import one_line_error, run_cli
 
 
@@ -275,11 +276,64 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
 
 def test_a_bundle_whose_recipe_this_version_cannot_read_is_one_line(tiny_bundle, new_screen, tmp_path):
     """A bundle from another cellmorph version (here: a recipe field this one does not know)."""
-    other = tmp_path / "model"
-    shutil.copytree(tiny_bundle, other)
-    manifest = json.loads((other / "bundle.json").read_text())
-    manifest["preprocessing"]["config"]["resize_arithmetic"] = "uint8"
-    (other / "bundle.json").write_text(json.dumps(manifest))
+    other = edited_bundle(tiny_bundle, tmp_path / "model",
+                          lambda m: m["preprocessing"]["config"].update(resize_arithmetic="uint8"), seal=True)
     one_line_error(run_cli("predict", "--model", other, "--layout", "bbbc021", "--root", new_screen,
                            "--out", tmp_path / "p", "--no-progress"), str(other), "recipe", "resize_arithmetic")
     assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------- a screen or model unlike the training's
+@pytest.fixture(scope="module")
+def whole_field_cache(tiny_screen, tmp_path_factory):
+    """The tiny screen prepared with one tile per field (--tiles 1x1), where the model's cache has 2x2."""
+    from cellmorph.data.bbbc021 import load_bbbc021
+    from cellmorph.preprocess import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("whole") / "cache"
+    prepare(load_bbbc021(tiny_screen, tiny_screen), out, PrepareConfig(tile_grid=(1, 1)), progress=False)
+    return out
+
+
+def test_a_cache_tiled_otherwise_than_the_models_is_one_line_naming_the_setting(tiny_bundle, whole_field_cache,
+                                                                                tmp_path):
+    out = tmp_path / "pred"
+    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", whole_field_cache, "--out", out),
+                   str(whole_field_cache), "tile_grid (--tiles) [1, 1] here, [2, 2] for the model")
+    assert not out.exists()
+
+
+def test_predict_with_a_model_that_calls_every_tile_alike_warns_of_nothing(tiny_bundle, tiny_cache, tmp_path):
+    """A model whose classifier ignores the image (every well gets the same probabilities, whose map
+    is degenerate) still predicts without a warning the user cannot act on; and summary.json is strict
+    JSON (no bare NaN)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = edited_bundle(tiny_bundle, tmp_path / "model")
+    weights = load_file(str(model / "weights.safetensors"))
+    weights["fc.weight"] = torch.zeros_like(weights["fc.weight"])
+    weights["fc.bias"] = torch.linspace(0.0, 30.0, len(weights["fc.bias"]))
+    save_file(weights, str(model / "weights.safetensors"))
+    seal_bundle(model)
+    out = tmp_path / "pred"
+    proc = run_cli("predict", "--model", model, "--data", tiny_cache, "--out", out, "--threads", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    treatments = pd.read_parquet(out / "treatments.parquet")
+    assert treatments["Predicted_MoA"].nunique() == 1
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+
+
+def test_a_bundle_without_the_training_recipe_cannot_predict(tiny_bundle, tiny_cache, tmp_path):
+    """A bundle saved without its training cache's recipe (save_bundle with preprocessing {}) loads,
+    but predict says what it lacks instead of failing on a missing key."""
+    model = edited_bundle(tiny_bundle, tmp_path / "model", lambda m: m.update(preprocessing={}), seal=True)
+    out = tmp_path / "pred"
+    one_line_error(run_cli("predict", "--model", model, "--data", tiny_cache, "--out", out),
+                   str(model / "bundle.json"), "preprocessing.channels: missing")
+    assert not out.exists()

@@ -5,42 +5,187 @@
     MODEL/
       bundle.json            format, backbone, classes, input spec, preprocessing recipe (the
                              training cache's manifest: channels, normalisation, 8-bit scaling,
-                             tiles), training config and seeds, data fingerprint, provenance, and
-                             the sha256 of every other file
+                             tiles), training config and seeds, data fingerprint, provenance, the
+                             sha256 of every other file (``files``) and of each of its own entries
+                             (``content_sha256``)
       weights.safetensors    the network's weights (safetensors: tensors only, no pickle)
       calibration_<level>.parquet   optional, for level treatments, wells and tiles: out-of-fold
                              probabilities (Metadata_* + prob_<class>) of compounds the scoring
                              models never saw
 
 A bundle is written into a temporary folder and renamed into place, so a folder named
-``MODEL`` is always complete. Loading checks every file's sha256 before reading it.
+``MODEL`` is always complete. Loading refuses, with one line naming ``bundle.json`` and the
+field, anything but a bundle as ``train`` wrote it: ``bundle.json`` is validated entry by entry
+(:class:`BundleDocument`), each entry must still have the sha256 recorded for it in
+``content_sha256``, every file named in ``files`` must lie in the folder itself (no path, no link
+out of it: checked before anything is opened) and have its recorded sha256, and the weights must
+be those of ``model``'s network with one output per class and one input per channel.
+
+``content_sha256`` holds one digest per entry, not one for the whole document, so that an edit is
+reported by the entry it changed. It is the sha256 of the entry's canonical JSON (sorted keys, no
+spaces, :func:`canonical_json`). Like ``files``, it detects edited or damaged bundles, not forged
+ones: whoever can write the folder can recompute it. Bundles from releases before it have no
+``content_sha256``; they load after the same validation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from cellmorph.errors import CellmorphError
+from cellmorph.augment import TTAMode
+from cellmorph.calibration import class_names_problem
+from cellmorph.errors import CellmorphError, validated
 from cellmorph.models.spec import InputSpec
-from cellmorph.runinfo import require_output_dir, run_info
+from cellmorph.runinfo import json_safe, require_output_dir, run_info
+from cellmorph.schema import TRUE_COLUMN, prob_column
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
+CONTENT_DIGESTS = "content_sha256"  # entry of bundle.json → sha256 of its canonical JSON
 LEVELS = ("treatments", "wells", "tiles")  # the aggregation levels, each with its own calibration scores
+# Network input sizes a bundle may record: cv's own minimum (CVConfig.image_size), and a bound far
+# above any cell tile that keeps an edited size from allocating tiles of gigabytes.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
 
 
 def calibration_file(level: str) -> str:
     return f"calibration_{level}.parquet"
+
+
+# --------------------------------------------------------------------------- the bundle.json document
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Entry(BaseModel):
+    # strict: an edited "32" or true is refused, not coerced; extra: a later release may add fields
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class InputRecord(_Entry):
+    """``input``: :meth:`InputSpec.record`."""
+
+    mean: list[FiniteFloat] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = Field(min_length=1)
+    input_size: int = Field(ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)
+
+    @model_validator(mode="after")
+    def _one_std_per_mean(self):
+        if len(self.std) != len(self.mean):
+            raise ValueError(f"{len(self.mean)} means but {len(self.std)} standard deviations (one of each per channel)")
+        return self
+
+
+class PreprocessingRecord(_Entry):
+    """``preprocessing``: the training cache's recipe; empty in a bundle saved without one (it
+    cannot ``predict``, which says so)."""
+
+    source: str | None = None
+    channels: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    tile_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=3, max_length=3)
+    config: dict | None = None
+    config_hash: str | None = None
+
+
+class TrainingConfigRecord(_Entry):
+    """The fields of ``training.config`` (a ``CVConfig``) that loading and predicting read."""
+
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    tta: TTAMode = "none"
+    aggregate: Literal["median", "mean"] = "median"
+
+
+class CalibrationRecord(_Entry):
+    cv: str
+    compound_disjoint: bool | None = None
+
+    @field_validator("cv")
+    @classmethod
+    def _a_cv_scheme(cls, value: str) -> str:
+        from cellmorph.cv.splits import parse_cv
+
+        try:
+            parse_cv(value)
+        except CellmorphError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class TrainingRecord(_Entry):
+    config: TrainingConfigRecord = Field(default_factory=TrainingConfigRecord)
+    compounds: list[str] | None = None
+    calibration: CalibrationRecord | None = None
+
+
+class BundleDocument(_Entry):
+    """``bundle.json``: each entry's type and range, and the rules between them."""
+
+    format: Literal[1]
+    model: str = Field(min_length=1)
+    classes: list[str]
+    input: InputRecord
+    preprocessing: PreprocessingRecord
+    training: TrainingRecord
+    files: dict[str, Sha256]
+    provenance: dict | None = None
+    content_sha256: dict[str, Sha256] | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _usable_classes(cls, classes: list[str]) -> list[str]:
+        problem = class_names_problem(classes)
+        if problem:
+            raise ValueError(problem)
+        return classes
+
+    @field_validator("files")
+    @classmethod
+    def _files_of_the_folder(cls, files: dict[str, str]) -> dict[str, str]:
+        for name in files:
+            if not _plain_file_name(name):
+                raise ValueError(f"{name!r} is not the name of a file in the bundle folder (paths are refused)")
+        if WEIGHTS not in files:
+            raise ValueError(f"records no {WEIGHTS}")
+        return files
+
+    @model_validator(mode="after")
+    def _one_channel_list(self):
+        channels = self.preprocessing.channels
+        if channels is not None and len(channels) != len(self.input.mean):
+            raise ValueError(f"input: {len(self.input.mean)} channels (mean, std), but preprocessing.channels "
+                             f"names {len(channels)}")
+        return self
+
+
+def _plain_file_name(name: str) -> bool:
+    """Whether ``name`` names a file directly in the bundle folder: no folder part, no absolute
+    path, no ``..``, no NUL (bundle.json is input, so its names are confined before any is opened)."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and not os.path.isabs(name))
+
+
+def canonical_json(value) -> bytes:
+    """The one byte form of a JSON value that its digest is taken of: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def content_digests(manifest: dict) -> dict[str, str]:
+    """The sha256 of every entry of ``manifest`` (a parsed bundle.json) but ``content_sha256``."""
+    return {key: hashlib.sha256(canonical_json(value)).hexdigest()
+            for key, value in manifest.items() if key != CONTENT_DIGESTS}
 
 
 @dataclass
@@ -91,7 +236,7 @@ class Bundle:
         from cellmorph.cv.splits import parse_cv
 
         record = self.manifest["training"].get("calibration") or {}
-        if "compound_disjoint" in record:
+        if record.get("compound_disjoint") is not None:
             return bool(record["compound_disjoint"])
         return parse_cv(record["cv"]).compound_disjoint if record.get("cv") else True
 
@@ -146,7 +291,12 @@ def save_bundle(
             "files": {name: sha256_file(tmp / name) for name in files},
             "provenance": run_info(),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        # The digests are of the document as it is read back: JSON types only, and null where a
+        # value is NaN (a fold without held-out tiles), since bare NaN is not JSON.
+        document = json.loads(json.dumps(json_safe(manifest), default=str, allow_nan=False))
+        validated(BundleDocument, document, str(out / MANIFEST))  # never write a bundle that load refuses
+        document[CONTENT_DIGESTS] = content_digests(document)
+        (tmp / MANIFEST).write_text(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         _share_like_any_file(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -167,7 +317,8 @@ def _share_like_any_file(folder: Path) -> None:
 
 
 def load_bundle(path: Path) -> Bundle:
-    """Read and verify a bundle; a missing or altered file is one clear error naming it."""
+    """Read and verify a bundle; a missing, altered or misplaced file, or an edited or
+    inconsistent bundle.json, is one clear error naming the file and the field."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -177,24 +328,121 @@ def load_bundle(path: Path) -> Bundle:
         raise CellmorphError(f"{root}: not a model folder (train one with `cellmorph train`)")
     if not manifest_path.is_file():
         raise CellmorphError(f"{manifest_path}: missing; {root} is not a complete model bundle")
+    _require_inside(root, manifest_path)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CellmorphError(f"{manifest_path}: not a UTF-8 text file (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise CellmorphError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(manifest, dict):
+        raise CellmorphError(f"{manifest_path}: not a JSON object (a model bundle's record is one)")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise CellmorphError(f"{manifest_path}: bundle format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
-    for name, expected in manifest.get("files", {}).items():
+    document = validated(BundleDocument, manifest, str(manifest_path))
+    for name in document.files:  # every path is confined before any file is opened
+        _require_inside(root, root / name)
+    _check_content_digests(manifest, manifest_path)
+    for name, expected in document.files.items():
         file = root / name
         if not file.is_file():
             raise CellmorphError(f"{file}: missing from the model bundle")
         if sha256_file(file) != expected:
             raise CellmorphError(f"{file}: sha256 differs from the bundle's record (altered or damaged file)")
-    if WEIGHTS not in manifest.get("files", {}):
-        raise CellmorphError(f"{manifest_path}: records no {WEIGHTS}")
     try:
         weights = load_file(str(root / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CellmorphError(f"{root / WEIGHTS}: not a safetensors file ({exc})") from None
-    calibration = {level: pd.read_parquet(root / calibration_file(level))
-                   for level in LEVELS if calibration_file(level) in manifest["files"]}
+    _check_network(document, weights, manifest_path)
+    calibration = {}
+    for level in LEVELS:
+        if calibration_file(level) in document.files:
+            calibration[level] = _read_calibration(root / calibration_file(level), document, manifest_path, level)
     return Bundle(root, manifest, weights, calibration)
+
+
+def _require_inside(root: Path, file: Path) -> None:
+    """``file`` must be in the bundle folder itself, also once links are followed: a bundle is
+    input, and a link in it must not make loading read (and hash) a file elsewhere."""
+    if file.is_symlink() and file.resolve().parent != root.resolve():
+        raise CellmorphError(f"{file}: a link to {file.resolve()}, outside the model bundle; "
+                             "a bundle holds its files itself")
+
+
+def _check_content_digests(manifest: dict, where: Path) -> None:
+    """Each entry of bundle.json must still be as written (bundles that predate the digests have none)."""
+    recorded = manifest.get(CONTENT_DIGESTS)
+    if recorded is None:
+        return
+    actual = content_digests(manifest)
+    for key in sorted(set(recorded) | set(actual)):
+        if key not in actual:
+            raise CellmorphError(f"{where}: {key}: missing, but its sha256 is recorded in {CONTENT_DIGESTS} "
+                                 "(an edited or damaged bundle.json; restore the bundle or train it again)")
+        if key not in recorded:
+            raise CellmorphError(f"{where}: {key}: not in {CONTENT_DIGESTS}, so added after the bundle was "
+                                 "written (an edited bundle.json; restore the bundle or train it again)")
+        if recorded[key] != actual[key]:
+            raise CellmorphError(f"{where}: {key}: differs from the sha256 recorded in {CONTENT_DIGESTS} "
+                                 "(an edited or damaged bundle.json; restore the bundle or train it again)")
+
+
+def _check_network(document: BundleDocument, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """The weights must be those of ``model``'s network with one output per class and one input
+    per channel of ``input``: every tensor by name and shape, else the field that disagrees."""
+    from cellmorph.models.weights import check_model_name, classifier_keys, first_conv_key
+
+    try:
+        check_model_name(document.model)
+    except CellmorphError as exc:
+        raise CellmorphError(f"{where}: model: {exc}") from None
+    n_classes, n_channels = len(document.classes), len(document.input.mean)
+    network = _network_skeleton(document.model, n_classes, n_channels)
+    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in weights.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CellmorphError(f"{where}: model: {WEIGHTS} holds no {document.model} network ({len(missing)} tensors "
+                             f"missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    head, first_conv = set(classifier_keys(network)), first_conv_key(network)
+    for key in expected:
+        if found[key] == expected[key]:
+            continue
+        if key in head:
+            raise CellmorphError(f"{where}: classes: {n_classes} classes, but the classifier in {WEIGHTS} has "
+                                 f"{found[key][0]} outputs ({key} {found[key]})")
+        if key == first_conv and len(found[key]) == 4 and found[key][0] == expected[key][0]:
+            raise CellmorphError(f"{where}: input: {n_channels} channels (mean, std), but the first convolution in "
+                                 f"{WEIGHTS} takes {found[key][1]} ({key} {found[key]})")
+        raise CellmorphError(f"{where}: model: {WEIGHTS} does not fit {document.model}: {key} is {found[key]} "
+                             f"there, {expected[key]} in the network")
+
+
+def _network_skeleton(name: str, n_classes: int, n_channels: int) -> nn.Module:
+    """``name``'s network for its tensor names and shapes only: on the meta device, so no memory is
+    allocated and nothing initialised (a model that cannot be built there is built on the CPU)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, num_classes=n_classes, in_chans=n_channels)
+    except Exception:  # an architecture whose constructor reads tensor values
+        return timm.create_model(name, pretrained=False, num_classes=n_classes, in_chans=n_channels)
+
+
+def _read_calibration(path: Path, document: BundleDocument, where: Path, level: str) -> pd.DataFrame:
+    """One level's calibration scores: ``prob_<class>`` for every class and the true MoA."""
+    try:
+        scores = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise CellmorphError(f"{path}: not a readable parquet file ({' '.join(str(exc).split())})") from None
+    absent = [prob_column(c) for c in document.classes if prob_column(c) not in scores.columns]
+    if absent:
+        raise CellmorphError(f"{where}: classes: the {level} calibration scores ({path.name}) have no {absent[0]} "
+                             f"column: they are of other classes than {len(document.classes)} named")
+    needed = [TRUE_COLUMN] + (["Metadata_Compound"] if level == "treatments" and document.training.compounds is None
+                              else [])
+    for column in needed:
+        if column not in scores.columns:
+            raise CellmorphError(f"{path}: no {column} column, which calibration scores have for every row")
+    return scores

@@ -13,6 +13,9 @@ out-of-fold predictions of a leave-one-compound-out (or group-k-fold) cross-vali
   leaves probabilities that do not sum to one; the scaling renormalises them.
 * :func:`expected_calibration_error`, and the ``held_out_*`` measures, which treat each compound
   as new in turn: calibrate on the other compounds' scores, score this one.
+
+A set is written as its class names joined by :data:`SET_SEPARATOR`, so no class name may hold it
+(:func:`class_name_problem`, checked when a model is trained and when a bundle is loaded).
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ from cellmorph.schema import TRUE_COLUMN, prob_column
 
 COMPOUND = "Metadata_Compound"
 MIN_SCORES = 10  # calibration rows needed to fit a temperature
+SET_SEPARATOR = "|"  # between the class names of a prediction set (Prediction_Set)
+
+
+def class_name_problem(name: str) -> str | None:
+    """What makes ``name`` unusable as a class name: empty, or holding :data:`SET_SEPARATOR`, which
+    would make its prediction sets unreadable ("a|b" reads as two classes, and Set_Size disagrees)."""
+    if not name.strip():
+        return f"a class name is empty ({name!r})"
+    if SET_SEPARATOR in name:
+        return f"class {name!r} contains {SET_SEPARATOR!r}, which separates the classes of a prediction set"
+    return None
+
+
+def class_names_problem(classes: list[str]) -> str | None:
+    """What makes ``classes`` unusable as a model's classes (None when nothing does): fewer than
+    two, a repeated name, or one that :func:`class_name_problem` refuses."""
+    if len(classes) < 2:
+        return f"a classifier needs at least 2 classes, got {list(classes)}"
+    problem = next(filter(None, map(class_name_problem, classes)), None)
+    if problem:
+        return problem
+    repeated = sorted({name for name in classes if list(classes).count(name) > 1})
+    return f"class {repeated[0]!r} is listed more than once" if repeated else None
 
 
 def labelled_scores(scores: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:

@@ -18,6 +18,7 @@ data-parallel too (:func:`cellmorph.cv.run_cv`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +40,21 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
                 executor=None) -> dict:
     """Train on all labelled tiles of ``data``, write the bundle ``out``; returns a summary.
 
-    ``executor`` runs the calibration CV's folds (see :func:`cellmorph.cv.run_cv`)."""
+    ``executor`` runs the calibration CV's folds (see :func:`cellmorph.cv.run_cv`). One ``train``
+    at a time writes ``out`` (a lock beside it; rank 0 alone takes it under torchrun)."""
+    from contextlib import nullcontext
+
+    from cellmorph import distributed
+    from cellmorph.runinfo import output_lock, require_not_input
+
+    require_not_input(out, data=data)
+    main = distributed.launched_world_size() == 1 or os.environ.get("RANK", "0").strip() == "0"
+    with output_lock(Path(out), "train", beside=True) if main else nullcontext():
+        return _train_final(data, out, config, calibration, resume, progress, executor)
+
+
+def _train_final(data: Path, out: Path, config, calibration: str | None, resume: bool, progress: bool,
+                 executor) -> dict:
     from cellmorph import distributed
     from cellmorph.bundle import save_bundle
     from cellmorph.cv.rundir import RunDir
@@ -62,10 +77,12 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     if dp.active:
         dp.main_only(lambda: require_output_dir(out, "model folder"))
     plan = plan_run(data, base, with_folds=False)
+    _check_class_names(plan)  # before the calibration CV: its hours would end in a bundle predict refuses
     scores = None
     if scheme is not None:
         run = calibration_run_dir(out)
-        resuming = resume or (run / "config.yaml").is_file()
+        # A calibration CV that a killed train had started is continued; one never started, begun.
+        resuming = (run / "config.yaml").is_file()
         metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress,
                          executor=executor)
         scores = RunDir(run).read_levels()
@@ -109,6 +126,24 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
                                      preprocessing, training, scores))
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
             "calibration": training["calibration"]}
+
+
+def _check_class_names(plan) -> None:
+    """Every class must be able to name prediction sets (:func:`~cellmorph.calibration.class_name_problem`);
+    the error names the first tile of the offending MoA in the cache index, and its compound."""
+    from cellmorph.cache import INDEX_FILE
+    from cellmorph.calibration import class_name_problem
+    from cellmorph.schema import TRUE_COLUMN
+
+    for name in plan.classes:
+        problem = class_name_problem(name)
+        if problem is None:
+            continue
+        index = plan.cache.index
+        row = int(np.flatnonzero(index[TRUE_COLUMN].astype(str).to_numpy() == name)[0])
+        compound = f" (compound {index['Metadata_Compound'].iloc[row]!r})" if "Metadata_Compound" in index else ""
+        raise CellmorphError(f"{plan.cache.root / INDEX_FILE}, row {row}{compound}: {problem}; rename that MoA in "
+                             "the MoA table and prepare the cache again")
 
 
 # Options that only act on a cross-validation's held-out folds: without a calibration CV, train

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellmorph.calibration import TemperatureScaling, conformal_sets
+from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_sets
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
@@ -42,7 +42,6 @@ MC_PREFIX = "mc_prob_"
 MC_ENTROPY_COLUMN = "MC_Entropy"
 IN_TRAINING_COLUMN = "Metadata_InTraining"  # the compound was among the final model's training compounds
 CACHE_FOLDER = "cache"  # where predict prepares images given as a layout, inside its output folder
-SET_SEPARATOR = "|"
 
 
 class PredictConfig(BaseModel):
@@ -95,18 +94,22 @@ def predict(model: Path, data: "Path | ImageTable", out: Path, config: PredictCo
     images (labels optional), which is first prepared into ``out/cache`` with the bundle's own
     recipe, normalised against each new plate's DMSO. On bad input nothing is left behind.
     """
-    from cellmorph.runinfo import created_root, require_output_dir
+    from cellmorph.errors import disk_full_as_error
+    from cellmorph.runinfo import created_root, output_lock, require_not_input, require_output_dir
 
     config = config or PredictConfig()
     out = Path(out)
+    require_not_input(out, model=model, data=data if isinstance(data, (str, Path)) else None)
     created = created_root(out)
     require_output_dir(out, "prediction folder")
-    try:
-        return _predict(Path(model), data, out, config, progress, log)
-    except CellmorphError:
-        if created is not None and created.exists():
-            shutil.rmtree(created)
-        raise
+    with output_lock(out, "predict"):
+        try:
+            with disk_full_as_error():
+                return _predict(Path(model), data, out, config, progress, log)
+        except CellmorphError:
+            if created is not None and created.exists():
+                shutil.rmtree(created)
+            raise
 
 
 def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool, log) -> dict:
@@ -115,6 +118,7 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     from cellmorph.runinfo import atomic_path, run_info, write_csv, write_json
 
     bundle = load_bundle(model)
+    _require_recipe(bundle)
     if not bundle.calibration:
         raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
     if config.mc_dropout and not bundle.manifest["training"]["config"].get("drop_rate"):
@@ -277,9 +281,20 @@ def _metadata_first(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # Settings a screen may prepare differently from the training cache: which images are kept,
-# and which DMSO fields (the plate's own, or its batch's) give the z-score.
-_FREE_SETTINGS = {"skip_bad", "include_controls"}
-_DMSO_NORMALISATIONS = {"plate", "batch"}
+# and which DMSO fields (the plate's own, or its batch's) give the z-score. A tuple, not a set:
+# settings such as tile_grid are lists, which a set membership test cannot hash.
+_FREE_SETTINGS = ("skip_bad", "include_controls")
+_DMSO_NORMALISATIONS = ("plate", "batch")
+
+
+def _require_recipe(bundle) -> None:
+    """A bundle saved without its training cache's recipe cannot prepare or check a screen."""
+    from cellmorph.bundle import MANIFEST
+
+    absent = [key for key in ("channels", "config") if not isinstance(bundle.recipe.get(key), (list, dict))]
+    if absent:
+        raise CellmorphError(f"{bundle.root / MANIFEST}: preprocessing.{absent[0]}: missing; predict needs "
+                             "the training cache's recipe, which `cellmorph train` records")
 
 
 def _check_channels(where, given: list[str], named, recipe: dict) -> None:
@@ -291,14 +306,19 @@ def _check_channels(where, given: list[str], named, recipe: dict) -> None:
 
 def _check_recipe(bundle, cache) -> None:
     """The screen must be prepared as the training cache was (channels, normalisation, scaling, tiles)."""
+    from cellmorph.preprocess import PREPARE_OPTIONS
+
     recipe = bundle.recipe
     _check_channels(cache.root, list(cache.channels), cache.channels, recipe)
     ours, theirs = cache.manifest.get("config", {}), recipe.get("config", {})
     differ = sorted(k for k in set(ours) | set(theirs) if k not in _FREE_SETTINGS and ours.get(k) != theirs.get(k)
-                    and not {ours.get(k), theirs.get(k)} <= _DMSO_NORMALISATIONS)
+                    and not (ours.get(k) in _DMSO_NORMALISATIONS and theirs.get(k) in _DMSO_NORMALISATIONS))
     if differ:
-        raise CellmorphError(f"{cache.root}: prepared with other settings than the model's training cache "
-                             f"({', '.join(f'{k}={ours.get(k)!r} vs {theirs.get(k)!r}' for k in differ)})")
+        named = [f"{k}{f' ({PREPARE_OPTIONS[k]})' if k in PREPARE_OPTIONS else ''} {ours.get(k)!r} here, "
+                 f"{theirs.get(k)!r} for the model" for k in differ]
+        raise CellmorphError(f"{cache.root}: prepared with other settings than the model's training cache: "
+                             f"{'; '.join(named)}; prepare the screen with the model's settings, or give its "
+                             "images (--layout) and predict prepares them so")
 
 
 def _summary(treatments, wells, tiles, classes, members, alpha) -> dict:

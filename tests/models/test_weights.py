@@ -463,7 +463,7 @@ def test_import_safetensors_and_training_checkpoint(home, tmp_path, no_network):
     pytest.importorskip("safetensors")
     from safetensors.torch import save_file
 
-    sd = timm.create_model("resnet18", pretrained=False, num_classes=5).state_dict()  # other head: allowed
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
     f = tmp_path / "r18.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
     assert import_weights(f, "resnet18").suffix == ".safetensors"
@@ -491,6 +491,23 @@ def test_import_rejects_state_dict_of_another_model(home, tmp_path, no_network):
     assert not (home / "weights" / "resnet34").exists()
 
 
+def test_import_refuses_a_fine_tuned_state_dict_as_imagenet_weights(home, tmp_path, no_network):
+    """A 12-class fine-tuned resnet18 fits the backbone key for key, but its head is not ImageNet's:
+    refused at import (one line naming the file and both shapes), not later by `weights verify`."""
+    fine_tuned = tmp_path / "resnet18-moa.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=12).state_dict(), fine_tuned)
+    line = one_line_error(run_cli("weights", "import", fine_tuned, "--model", "resnet18",
+                                  env={"CELLMORPH_HOME": str(home)}),
+                          str(fine_tuned), "classifier fc.weight is (12, 512)", "ImageNet head is (1000, 512)")
+    assert "not ImageNet weights" in line
+    headless = {k: v for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
+                if not k.startswith("fc.")}
+    torch.save(headless, tmp_path / "headless.pth")
+    with pytest.raises(CellmorphError, match=r"headless.pth: no ImageNet classifier \(fc.weight \(1000, 512\)"):
+        import_weights(tmp_path / "headless.pth", "resnet18")
+    assert not (home / "weights" / "resnet18").exists()
+
+
 def test_online_download_lands_in_cache(home, monkeypatch):
     """The hub branch (network faked): timm's pretrained weights are stored with a manifest, then reused offline."""
     real_create = timm.create_model
@@ -511,3 +528,15 @@ def test_online_download_lands_in_cache(home, monkeypatch):
     monkeypatch.setattr(timm, "create_model", real_create)
     again = resolve_weights("resnet18")  # offline now
     assert (again.source, again.path) == ("cache", r.path)
+
+
+def test_a_cellmorph_home_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "home"
+    a_file.write_text("not a folder")
+    one_line_error(run_cli("weights", "list", env={"CELLMORPH_HOME": str(a_file)}),
+                   "$CELLMORPH_HOME", str(a_file), "is a file")
+    weights = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+    monkeypatch.setenv("CELLMORPH_HOME", "/proc/cellmorph-home")  # not writable, even by root
+    with pytest.raises(CellmorphError, match=r"/proc/cellmorph-home/weights/resnet18: cannot write the weights cache"):
+        import_weights(weights, "resnet18")

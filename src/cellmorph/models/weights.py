@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from cellmorph.errors import CellmorphError
+from cellmorph.runinfo import require_output_dir
 
 # ----------------------------------------------------------------------------- data tables
 
@@ -52,6 +53,7 @@ TF_INCEPTION_STD = (0.5, 0.5, 0.5)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 MANIFEST = "manifest.json"
+IMAGENET_CLASSES = 1000  # the classifier outputs of every ImageNet-1k checkpoint
 SOURCES = ("path", "cache", "package", "hub")
 
 
@@ -229,7 +231,11 @@ def cellmorph_home() -> Path:
     """``$CELLMORPH_HOME`` if set, else the platform's user cache dir for cellmorph."""
     env = os.environ.get("CELLMORPH_HOME")
     if env:
-        return Path(env).expanduser()
+        home = Path(env).expanduser()
+        if home.exists() and not home.is_dir():
+            raise CellmorphError(f"$CELLMORPH_HOME {home}: is a file, not a folder; point it at a folder "
+                                 "(the weights cache goes into its weights/ subfolder)")
+        return home
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("cellmorph"))
@@ -384,7 +390,7 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     return keys
 
 
-def _first_conv_key(model: torch.nn.Module) -> str | None:
+def first_conv_key(model: torch.nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     first = cfg.get("first_conv")
     if isinstance(first, (list, tuple)):
@@ -434,7 +440,7 @@ def to_timm_state_dict(
     """
     target = model.state_dict()
     head = classifier_keys(model)
-    first_conv = _first_conv_key(model)
+    first_conv = first_conv_key(model)
     body_t = [k for k in target if not _is_counter(k) and k not in head]
 
     if layout == "timm":
@@ -739,8 +745,9 @@ def import_weights(
     """Copy a state dict obtained elsewhere into the cache (``<home>/weights/<model>/``) + manifest.
 
     The file is read with ``weights_only=True`` (pickles carrying code are refused) and must fit
-    ``timm.create_model(model, pretrained=False)`` key for key and shape for shape (only the
-    classifier may differ). Returns the cached file's path.
+    ``timm.create_model(model, pretrained=False, num_classes=1000)`` key for key and shape for
+    shape, its ImageNet classifier included: a fine-tuned model's state dict (another head) is not
+    ImageNet weights, and ``weights verify`` would refuse it later. Returns the cached file's path.
     """
     path = Path(path).expanduser()
     check_model_name(model)
@@ -752,12 +759,15 @@ def import_weights(
         import timm
 
         sd = extract_state_dict(load_state_dict_file(path), str(path))
-        net = timm.create_model(model, pretrained=False)
+        net = timm.create_model(model, pretrained=False, num_classes=IMAGENET_CLASSES)
         layout = detect_layout(sd, net, _allowed_layouts(model))
-        mapped = to_timm_state_dict(sd, net, layout, False, str(path), model)
-        _load_mapped(net, mapped, False, str(path))
+        to_timm_state_dict(sd, net, layout, False, str(path), model)  # the backbone first: its errors say more
+        _check_imagenet_head(sd, net, layout, str(path), model)
+        mapped = to_timm_state_dict(sd, net, layout, True, str(path), model)
+        _load_mapped(net, mapped, True, str(path))
     digest = sha256_file(path)
     dest_dir = weights_dir(model)
+    require_output_dir(dest_dir, "weights cache ($CELLMORPH_HOME/weights)")
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{model}-{digest[:12]}{path.suffix}"
     if not (dest.is_file() and sha256_file(dest) == digest):
@@ -783,6 +793,24 @@ def import_weights(
     manifest["default"] = dest.name
     _write_json_atomic(dest_dir / MANIFEST, manifest)
     return dest
+
+
+def _check_imagenet_head(sd: dict, model: torch.nn.Module, layout: str, origin: str, model_name: str) -> None:
+    """``sd`` must hold ``model``'s ImageNet classifier (built with 1000 classes), shape for shape."""
+    head = classifier_keys(model)
+    source = head if layout == "timm" else list(LAYOUTS[layout].classifier)
+    target = model.state_dict()
+    expected = ", ".join(f"{k} {tuple(target[k].shape)}" for k in head)
+    present = [k for k in source if k in sd]
+    if len(present) != len(head):
+        raise CellmorphError(f"{origin}: no ImageNet classifier ({expected}) for {model_name}: ImageNet "
+                             "weights keep their 1000-class head, which `weights verify` checks")
+    for key, own in zip(source, head):
+        if tuple(sd[key].shape) != tuple(target[own].shape):
+            raise CellmorphError(
+                f"{origin}: classifier {key} is {tuple(sd[key].shape)}, but {model_name}'s ImageNet head is "
+                f"{tuple(target[own].shape)}: not ImageNet weights (a fine-tuned model's state dict?); "
+                "import the 1000-class ImageNet checkpoint")
 
 
 # ----------------------------------------------------------------------------- verification
@@ -830,7 +858,7 @@ def verify_weights(name: str, weights: Path | None = None, allow_network: bool =
     from timm.data import ImageNetInfo
 
     resolved = resolve_weights(name, weights, allow_network)
-    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    model = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES)
     load_pretrained(model, resolved, include_classifier=True)
     model.eval()
     info = ImageNetInfo()
