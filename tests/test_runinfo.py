@@ -122,3 +122,24 @@ def test_a_lock_that_made_its_folder_removes_it_when_nothing_was_written(tmp_pat
     with output_lock(tmp_path / "c", "predict"):
         (tmp_path / "c" / "result.csv").write_text("x\n")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["result.csv"]
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])  # cv: tests/test_cli.py; predict takes the same lock
+def test_every_writing_command_refuses_a_folder_another_run_holds(command, tiny_screen, tiny_cache, tmp_path):
+    from tests.conftest import QUICK_TRAIN, one_line_error, run_cli
+
+    out = tmp_path / "out"
+    # train replaces its bundle folder whole, so its lock lies beside the folder
+    folder, beside = (out, True) if command == "train" else (out, False)
+    hold = HOLD.replace('output_lock(sys.argv[1], "prepare")', f'output_lock(sys.argv[1], "cv", beside={beside})')
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
+    args = {"prepare": ("prepare", "--root", tiny_screen, "--out", out),
+            "train": ("train", "--data", tiny_cache, *QUICK_TRAIN, "--out", out)}[command]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        one_line_error(run_cli(*args), "another cellmorph run", f"pid {holder.pid}")
+        assert [p.name for p in tmp_path.rglob("*") if p.name != LOCK_FILE and not p.name.endswith(LOCK_FILE)] \
+            == ([] if command == "train" else ["out"])  # nothing but the holder's lock (and its folder)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -544,6 +544,9 @@ def _cv_network(run: Path, header: dict):
     from cellmorph.models import create_model
     from cellmorph.models.spec import InputSpec
 
+    if (header.get("config") or {}).get("mode") == "linear-probe":
+        # Its folds keep a logistic-regression head on ImageNet features, not a network to explain.
+        raise CellmorphError("a linear-probe run keeps the ImageNet backbone unchanged and trains no network")
     states = sorted((run / "folds").glob(f"*/{FOLD_STATE}"), key=lambda p: int(p.parent.name))
     if not states:
         raise CellmorphError("the run kept no fold weights (cv --keep-checkpoints last keeps one fold's)")
