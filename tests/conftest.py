@@ -23,6 +23,22 @@ def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> su
                           env=None if env is None else {**os.environ, **env}, input=input)
 
 
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """``cellmorph ARGS`` in this process (the same contract as run_cli, seconds faster: no torch import);
+    an exception that escaped the CLI is appended to stderr as the traceback a user would see."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cellmorph.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
 # Progress lines in a batch log ("[HH:MM:SS] folds 3/38 ...") may come before a failure.
 PROGRESS_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli, run_cli_here
 
 # A CV run of seconds: a tiny network from scratch on 32-px tiles of the tiny screen.
 QUICK_CV = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "2",
@@ -197,21 +197,23 @@ def test_cv_takes_the_fine_tuning_levers(tiny_cache, tmp_path):
     ((), {"CELLMORPH_THREADS": "abc"}, ("$CELLMORPH_THREADS", "'abc'")),
     ((), {"CELLMORPH_THREADS": "0"}, ("$CELLMORPH_THREADS",)),
 ])
-def test_bad_runtime_options_are_one_line_and_leave_nothing(tiny_cache, tmp_path, options, env, needles):
+def test_bad_runtime_options_are_one_line_and_leave_nothing(tiny_cache, tmp_path, monkeypatch, options, env, needles):
     run = tmp_path / "new" / "run"
     quick = [a for a in QUICK_CV if a not in ("--threads", "1")]
-    one_line_error(run_cli("cv", "--data", tiny_cache, *quick, *options, "--out", run, env=env), *needles)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, *options, "--out", run), *needles)
     assert not (tmp_path / "new").exists()
 
 
 def test_a_binary_config_and_a_bad_yaml_config_are_one_line(tiny_cache, tmp_path):
     binary = tmp_path / "config.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
-    one_line_error(run_cli("cv", "--data", tiny_cache, "--config", binary, "--out", tmp_path / "r"),
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, "--config", binary, "--out", tmp_path / "r"),
                    str(binary), "not a UTF-8 text file")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: test_resnet\nepochs: [1, 2\n")
-    one_line_error(run_cli("cv", "--data", tiny_cache, "--config", broken, "--out", tmp_path / "r"),
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, "--config", broken, "--out", tmp_path / "r"),
                    str(broken), "invalid YAML: line 3")
     assert not (tmp_path / "r").exists()
 
@@ -230,17 +232,17 @@ def test_an_output_path_that_is_not_utf8_is_refused_before_any_work(tiny_cache, 
 
 def test_resume_into_a_folder_that_is_no_run_is_refused(tiny_cache, tmp_path):
     (tmp_path / "elsewhere").mkdir()
-    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "elsewhere", "--resume"),
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "elsewhere", "--resume"),
                    "--resume", "not a cellmorph run")
     assert list((tmp_path / "elsewhere").iterdir()) == []
-    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "absent", "--resume"),
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_CV, "--out", tmp_path / "absent", "--resume"),
                    "not a cellmorph run")
     assert not (tmp_path / "absent").exists()
 
 
 def test_cv_into_its_own_cache_folder_is_refused(tiny_cache):
     before = sorted(p.name for p in tiny_cache.iterdir())
-    one_line_error(run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", tiny_cache), "--out", "--data")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_CV, "--out", tiny_cache), "--out", "--data")
     assert sorted(p.name for p in tiny_cache.iterdir()) == before
 
 
@@ -265,9 +267,7 @@ def test_a_second_cv_into_a_folder_being_written_is_refused(tiny_cache, tmp_path
     finally:
         holder.kill()
         holder.wait()
-    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)  # the holder died: its lock is stale
-    assert proc.returncode == 0, proc.stderr
-    assert not (run / ".cellmorph.lock").exists()
+    # That a dead holder's lock is stale and taken over: tests/test_runinfo.py.
 
 
 def test_cv_on_a_full_disk_is_one_line_leaves_nothing_and_then_runs(tiny_cache, small_disk):
@@ -310,6 +310,6 @@ def test_predict_on_a_full_disk_is_one_line_leaves_nothing_and_then_predicts(tin
 def test_predict_into_its_model_or_cache_folder_is_refused(tiny_bundle, tiny_cache):
     for folder, option in ((tiny_bundle, "--model"), (tiny_cache, "--data")):
         before = sorted(p.name for p in folder.iterdir())
-        one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", folder),
+        one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", folder),
                        "--out", option)
         assert sorted(p.name for p in folder.iterdir()) == before

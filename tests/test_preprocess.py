@@ -25,7 +25,7 @@ from cellmorph.preprocess import (
     split_tiles,
     to_uint8,
 )
-from tests.conftest import PROGRESS_LINE, one_line_error, run_cli
+from tests.conftest import PROGRESS_LINE, one_line_error, run_cli, run_cli_here
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -536,19 +536,7 @@ def test_an_odd_sized_field_is_the_one_skipped_whatever_the_thread_count(tiny_co
 
 # ----------------------------------------------------------------------------- hostile and broken input (issue 28)
 def _cli(*args) -> subprocess.CompletedProcess:
-    """``cellmorph ARGS`` in this process (the same contract as run_cli, seconds faster); an exception
-    that escaped the CLI is appended to stderr as the traceback a user would see."""
-    import traceback
-
-    from typer.testing import CliRunner
-
-    from cellmorph.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+    return run_cli_here(*args)
 
 
 def _prepare_here(root: Path, out: Path, *extra) -> subprocess.CompletedProcess:
