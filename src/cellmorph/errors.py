@@ -7,6 +7,8 @@ it into that line on stderr and a non-zero exit, with no traceback.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class CellmorphError(Exception):
     """An error caused by the user's input, reported as one clear line.
@@ -67,21 +69,14 @@ def validated(model_cls, data: dict, where: str):
         raise CellmorphError(f"{where}: {loc}: {message}" if loc else f"{where}: {message}") from None
 
 
-class _DiskFullAsError:
-    """``with disk_full_as_error():`` a full disk inside the block raises :class:`DiskFullError`.
-
-    Used around a command's writes so that its clean-up of partial output, which handles
-    CellmorphError, also runs when the disk fills outside the atomic-write helpers.
-    """
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is not None and not isinstance(exc, CellmorphError) and is_disk_full(exc):
-            raise DiskFullError.from_os_error(exc) from None
-        return False
-
-
-def disk_full_as_error() -> _DiskFullAsError:
-    return _DiskFullAsError()
+@contextmanager
+def disk_full_as_error(writing=None):
+    """A full disk inside the block raises :class:`DiskFullError` (naming ``writing``, else the
+    OS error's file), so that a command's clean-up of partial output, which handles
+    CellmorphError, also runs when the disk fills outside the atomic-write helpers."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError.from_os_error(exc, writing) from None
+        raise

@@ -79,16 +79,12 @@ def atomic_path(final: Path, suffix: str | None = None):
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    from cellmorph.errors import disk_full_as_error
+
     try:
-        try:
+        with disk_full_as_error(writing=final):
             yield tmp_path
             os.replace(tmp_path, final)
-        except OSError as exc:
-            from cellmorph.errors import DiskFullError, is_disk_full
-
-            if is_disk_full(exc):
-                raise DiskFullError.from_os_error(exc, final) from None
-            raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
