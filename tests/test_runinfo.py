@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cellmorph.errors import CellmorphError, DiskFullError
-from cellmorph.runinfo import LOCK_FILE, atomic_path, json_text, output_lock, read_yaml_mapping, write_json
+from cellmorph.runinfo import LOCK_FILE, atomic_path, json_text, process_umask, output_lock, read_yaml_mapping, write_json
 
 
 def test_json_is_strict_with_null_for_non_finite_numbers(tmp_path):
@@ -143,3 +143,21 @@ def test_every_writing_command_refuses_a_folder_another_run_holds(command, tiny_
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """Colleagues on a shared cluster read a run as they read any file the user makes: the
+    permissions come from the umask, not from mkstemp's owner-only 0600."""
+    import os
+
+    before = os.umask(umask)
+    try:
+        assert process_umask() == umask
+        write_json(tmp_path / "x.json", {"a": 1})
+        with atomic_path(tmp_path / "y.bin") as tmp:
+            tmp.write_bytes(b"1")
+    finally:
+        os.umask(before)
+    for name in ("x.json", "y.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

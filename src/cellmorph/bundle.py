@@ -309,11 +309,10 @@ def save_bundle(
 
 def _share_like_any_file(folder: Path) -> None:
     """mkdtemp makes a private 0700 folder; a bundle gets the permissions of any new folder/file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
+    from cellmorph.runinfo import share_like_new
+
+    for path in [folder, *folder.iterdir()]:
+        share_like_new(path)
 
 
 def load_bundle(path: Path) -> Bundle:

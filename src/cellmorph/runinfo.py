@@ -71,6 +71,26 @@ def run_info() -> dict:
     }
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def share_like_new(path: Path) -> None:
+    """Give a file or folder made private by ``mkstemp``/``mkdtemp`` (0600/0700) the permissions any new
+    file or folder gets under the umask, so colleagues on a shared cluster can read a run."""
+    path = Path(path)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~process_umask())
+
+
 @contextmanager
 def atomic_path(final: Path, suffix: str | None = None):
     """Yield a temporary path beside ``final``; rename it onto ``final`` only on success."""
@@ -79,6 +99,7 @@ def atomic_path(final: Path, suffix: str | None = None):
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    share_like_new(tmp_path)  # mkstemp's 0600 would otherwise survive the rename
     from cellmorph.errors import disk_full_as_error
 
     try:

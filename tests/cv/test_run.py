@@ -62,6 +62,13 @@ def test_run_cv_writes_every_output(first_run, crop_cache):
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.rglob(".*.tmp")), "temporary files left behind"
+    # Shared as any new file under the umask (atomic writes and fold staging start owner-only).
+    from cellmorph.runinfo import process_umask
+
+    umask = process_umask()
+    for path in [out, *out.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
     for key, name in (("treatment_accuracy", "treatments.csv"), ("well_accuracy", "wells.csv")):
         called = pd.read_csv(out / name)  # the accuracy is that of the written calls
         assert metrics[key] == (called["Predicted_MoA"] == called["Metadata_MoA"]).mean(), key

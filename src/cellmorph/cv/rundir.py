@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from cellmorph.errors import CellmorphError
-from cellmorph.runinfo import LOCK_FILE, atomic_path, write_csv, write_json, write_text
+from cellmorph.runinfo import LOCK_FILE, atomic_path, share_like_new, write_csv, write_json, write_text
 from cellmorph.schema import CACHE_ROW_COLUMN, FOLD_COLUMN, TRUE_COLUMN, prob_column
 
 CONFIG_FILE = "config.yaml"
@@ -228,6 +228,7 @@ class RunDir:
         folds = self.root / FOLDS_DIR
         folds.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".fold-{int(fold)}.", dir=folds))
+        share_like_new(staging)  # mkdtemp's 0700 would survive the rename into folds/<k>
         try:
             for epoch, frame in output.interim.items():
                 _write_parquet(staging / fold_predictions_name(epoch), frame)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from cellmorph.errors import CellmorphError
-from cellmorph.runinfo import require_output_dir
+from cellmorph.runinfo import require_output_dir, share_like_new
 
 # ----------------------------------------------------------------------------- data tables
 
@@ -520,6 +520,7 @@ def _read_manifest(mdir: Path) -> dict | None:
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=path.parent)
+    share_like_new(Path(tmp))
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -773,6 +774,7 @@ def import_weights(
     if not (dest.is_file() and sha256_file(dest) == digest):
         fd, tmp = tempfile.mkstemp(prefix=".import-", dir=dest_dir)
         os.close(fd)
+        share_like_new(Path(tmp))
         try:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)

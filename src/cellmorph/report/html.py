@@ -72,17 +72,8 @@ def write_report(run: Path, visualise: bool = True) -> Path:
                              "or init_comparison.json)")
     page = _template().render(**context)
     path = run / REPORT_FILE
-    write_text(path, page)
-    _readable_by_all(path)  # a report is made to be shared (atomic writes start as owner-only files)
+    write_text(path, page)  # with the umask's permissions, as every atomic write (runinfo.share_like_new)
     return path
-
-
-def _readable_by_all(path: Path) -> None:
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _template():
@@ -119,7 +110,10 @@ def _cv_context(run: Path, visualise: bool) -> dict:
     title = f"{cfg.get('model', '?')} ({cfg.get('init', '?')}), {cfg.get('cv', '?')} cross-validation"
     sections = [
         _run_section(header, extra={"folds": metrics.get("n_folds"), "seconds": metrics.get("seconds")}),
-        _accuracy_section(treatments, wells, tiles, classes, "held-out"),
+        _with_notes(_accuracy_section(treatments, wells, tiles, classes, "held-out"),
+                    [f"Not scored: {entry.get('name')}: {entry.get('reason')}" for entry in metrics.get("skipped_folds")
+                     or []] + ([f"The linear probe's C per fold: {_counts(metrics['probe_c'])}."]
+                               if metrics.get("probe_c") else [])),
         _confusion_section(run / "confusion_matrix.png"),
         _classes_section(treatments, classes),
         _treatments_section(treatments, classes),
@@ -217,6 +211,20 @@ def _run_section(header: dict, extra: dict) -> Section:
     if packages:
         section.details["Package versions"] = "\n".join(f"{k} {v}" for k, v in sorted(packages.items()))
     return section
+
+
+def _with_notes(section: Section, notes: list[str]) -> Section:
+    section.notes.extend(notes)
+    return section
+
+
+def _counts(values: dict) -> str:
+    """``{fold: C}`` as "0.01 (12 folds), 0.003 (10 folds)"."""
+    tally: dict = {}
+    for value in values.values():
+        tally[value] = tally.get(value, 0) + 1
+    text = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    return ", ".join(f"{text(v)} ({n} fold{'s' if n > 1 else ''})" for v, n in sorted(tally.items(), key=lambda i: -i[1]))
 
 
 def _accuracy_section(treatments, wells, tiles, classes, what: str) -> Section:
