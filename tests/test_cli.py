@@ -313,3 +313,30 @@ def test_predict_into_its_model_or_cache_folder_is_refused(tiny_bundle, tiny_cac
         one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", tiny_cache, "--out", folder),
                        "--out", option)
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_moa_with_one_compound_still_trains_is_not_scored_and_strict_refuses(tiny_copy, tmp_path):
+    """Issue 29, item 5: a MoA with a single compound (as Eg5 inhibitors in the real development set)
+    stays in training in every fold, is listed as not scored, and no other compound is dropped with
+    it; --strict keeps the old error. train's calibration CV takes its scores from held-out compounds only."""
+    moa = tiny_copy / "BBBC021_v1_moa.csv"
+    table = pd.read_csv(moa)
+    table.loc[table["compound"] == "syn-ACT-1", "moa"] = "Lonely"
+    table.to_csv(moa, index=False)
+    cache = tmp_path / "cache"
+    assert run_cli_here("prepare", "--layout", "bbbc021", "--root", tiny_copy, "--out", cache,
+                        "--no-progress").returncode == 0
+    run = tmp_path / "run"
+    proc = run_cli_here("cv", "--data", cache, "--out", run, *QUICK_CV, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: not scored: 'syn-ACT-1' is the only compound of MoA 'Lonely'" in " ".join(proc.stderr.split())
+    metrics = json.loads((run / "metrics.json").read_text())
+    # syn-ACT-2 is left the only compound of Actin disruptors: listed too
+    assert [s["name"] for s in metrics["skipped_folds"]] == ["syn-ACT-1", "syn-ACT-2"]
+    scored = pd.read_csv(run / "treatments.csv")
+    lonely = int(table["compound"].isin(["syn-ACT-1", "syn-ACT-2"]).sum())  # their concentrations: treatments
+    assert not {"syn-ACT-1", "syn-ACT-2"} & set(scored["Metadata_Compound"]) and len(scored) == 44 - lonely
+    assert "Lonely" in metrics["classes"]  # still learnt
+    one_line_error(run_cli_here("cv", "--data", cache, "--out", tmp_path / "strict", *QUICK_CV, "--strict",
+                                "--no-progress"), "has no other compound in training")
+    assert not (tmp_path / "strict").exists()

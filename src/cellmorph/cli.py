@@ -297,6 +297,8 @@ def _print_metrics(metrics: dict, out: Path) -> None:
         console.print("95% interval: the treatments resampled. The figures repeat bit for bit only on the same "
                       "CPU type and thread count; elsewhere float rounding moves them, within the interval "
                       "(README, 'Reproducibility').", highlight=False, soft_wrap=True)
+    for entry in metrics.get("skipped_folds") or []:
+        console.print(f"note: {entry['reason']}", highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}")
     print(json.dumps({k: metrics[k] for k in ("treatment_accuracy", "well_accuracy", "tile_accuracy",
                                                 "n_treatments", "n_folds")}))
@@ -322,6 +324,7 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "include_controls": (Optional[bool], typer.Option(None, "--include-controls/--no-include-controls",
                                                       help=field_help("include_controls_as_class"))),
     "max_tiles_per_fold": (Optional[int], typer.Option(None, help=field_help("max_tiles_per_fold"))),
+    "strict": (Optional[bool], typer.Option(None, "--strict/--no-strict", help=field_help("strict"))),
     "freeze_stages": (Optional[int], typer.Option(None, help=field_help("freeze_stages"))),
     "frozen_feature_cache": (Optional[bool], typer.Option(
         None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache"))),
@@ -331,6 +334,7 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "unfreeze_every": (Optional[int], typer.Option(None, help=field_help("unfreeze_every"))),
     "head_init": (Optional[str], typer.Option(None, help=field_help("head_init"))),
     "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
+    "probe_c": (Optional[str], typer.Option(None, help=field_help("probe_c"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
     "device": (Optional[str], typer.Option(None, help=field_help("device"))),
     "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),
@@ -369,6 +373,16 @@ def shared_options(options: dict, parameter: str, collect=lambda values: values)
 cv_options = shared_options(CV_OPTIONS, "options")
 
 
+def _probe_c(text: str | None):
+    """``--probe-c``: ``nested`` or a number (the config refuses numbers that are not positive)."""
+    if text is None or text.strip().lower() == "nested":
+        return None if text is None else "nested"
+    try:
+        return float(text)
+    except ValueError:
+        raise CellmorphError(f"--probe-c {text!r}: expected nested or a positive number") from None
+
+
 def _cv_config(config: Optional[Path], options: dict, **more):
     """The CVConfig of a YAML file (optional) with the command's options on top."""
     from cellmorph.cv import load_cv_config
@@ -378,6 +392,7 @@ def _cv_config(config: Optional[Path], options: dict, **more):
     for option, field in renamed.items():
         given[field] = given.pop(option)
     given["eval_epochs"] = _int_list(given["eval_epochs"], "--eval-epochs")
+    given["probe_c"] = _probe_c(given["probe_c"])
     given["weights"] = str(given["weights"]) if given["weights"] else None
     for option in ("mode", "keep_checkpoints"):
         given[option] = given[option].value if given[option] else None

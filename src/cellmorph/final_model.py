@@ -149,7 +149,7 @@ def _check_class_names(plan) -> None:
 # Options that only act on a cross-validation's held-out folds: without a calibration CV, train
 # would ignore them, so they are refused instead.
 _CV_ONLY = {"eval_epochs": "--eval-epochs", "keep_checkpoints": "--keep-checkpoints",
-            "skip_untrainable_folds": "skip_untrainable_folds"}
+            "skip_untrainable_folds": "skip_untrainable_folds", "strict": "--strict"}
 
 
 def _check_no_cv_only_options(config: CVConfig) -> None:

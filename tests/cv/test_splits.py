@@ -99,8 +99,8 @@ def test_empty_fold_and_missing_class_raise_clear_errors():
         make_folds(index, "group-kfold:9")
     lonely = dict(SPEC, d1=("D", ["Week1_1"]))
     with pytest.raises(CellmorphError, match=r"d1.*MoA 'D' has no other compound in training"):
-        make_folds(_index(lonely), "loco")
-    folds, skipped = make_folds(_index(lonely), "loco", skip_untrainable=True)
+        make_folds(_index(lonely), "loco", strict=True)
+    folds, skipped = make_folds(_index(lonely), "loco", skip_untrainable=True, strict=True)
     assert [s["name"] for s in skipped] == ["d1"] and len(folds) == 8
     # nscb: C's compounds are in Week2 and Week3; holding out c2 (Week3) leaves c1 — fine;
     # a MoA confined to one batch fails with the batch named.
@@ -132,3 +132,24 @@ def test_subsample_rows_is_proportional_seeded_and_keeps_every_class():
     rare = np.array([0] * 99 + [1])
     assert 99 in subsample_rows(rows, rare, 10, seed=0)  # a class is never subsampled away
     np.testing.assert_array_equal(subsample_rows(rows, labels, None, seed=0), rows)
+
+
+@pytest.mark.parametrize("cv", ["loco", "group-kfold:3", "nscb"])
+def test_a_moas_only_compound_trains_in_every_fold_and_is_never_scored(cv):
+    """Not strict (the default): the MoA is still learnt, its compound is listed as unscored, and no
+    other compound is dropped with it (skip_untrainable would drop a whole group fold)."""
+    index = _index(dict(SPEC, d1=("D", ["Week1_1"]), e1=("E", ["Week2_1"])))
+    folds, skipped = make_folds(index, cv)
+    unscored = [s for s in skipped if s["fold"] is None]
+    assert [s["name"] for s in unscored] == ["d1", "e1"]
+    assert "only compound of MoA 'D'" in unscored[0]["reason"] and "--strict" in unscored[0]["reason"]
+    tested = set()
+    for fold in folds:
+        train, test = index.iloc[fold.train], index.iloc[fold.test]
+        assert not {"d1", "e1"} & set(test["Metadata_Compound"])
+        if cv != "nscb":  # nscb drops the test compound's batches, sole compounds' tiles included
+            assert {"d1", "e1"} <= set(train["Metadata_Compound"])
+        assert not set(test["Metadata_Compound"]) & set(train["Metadata_Compound"])
+        tested |= set(test["Metadata_Compound"])
+    assert tested == set(SPEC)  # every other compound is still scored
+    assert len(folds) == (3 if cv.startswith("group") else 8)

@@ -63,6 +63,9 @@ class CVConfig(BaseModel):
     cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out)")
     include_controls_as_class: bool = Field(False, description="make DMSO a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
+    strict: bool = Field(
+        False, description="refuse a MoA with a single compound (compound-held-out schemes) instead of keeping that "
+        "compound in training in every fold, unscored, and saying so")
     max_tiles_per_fold: int | None = Field(None, ge=2, description="subsample each fold's training tiles (CPU runs)")
     freeze_stages: int = Field(
         0, ge=0, description="fine-tune only: freeze the stem and following stages, N coarse timm stages in all "
@@ -98,6 +101,10 @@ class CVConfig(BaseModel):
         None, description="linear-probe: the embedding, head (the backbone's pooled output) or timm feature "
         "stages counted from 0 with their spatial pools, e.g. stage3, stage3+stage4/mean+max, stage3/gem "
         "(default stage3: mean-pooled stage 3; stage3+stage4 for crop tables)")
+    probe_c: float | Literal["nested"] | None = Field(
+        None, description="linear-probe: the logistic regression's inverse regularisation C, or nested: chosen in "
+        "each fold from a grid by an inner group-kfold over that fold's training compounds only (default nested; "
+        "benchmarks/RESULTS.md, 'Probe regularisation')")
     aggregate: Literal["median", "mean"] = Field(
         "median", description="tile → well → treatment probabilities: the median at each step (the paper) or the mean")
     seed: int = Field(0, ge=0, description="random seed; each fold's seeds derive from it and the fold number")
@@ -126,6 +133,13 @@ class CVConfig(BaseModel):
             check_device_name(value)
         return value
 
+    @field_validator("probe_c")
+    @classmethod
+    def _check_probe_c(cls, value):
+        if isinstance(value, float) and not (value > 0 and value < float("inf")):
+            raise ValueError("probe_c must be a positive finite number or 'nested'")
+        return value
+
     @field_validator("cv")
     @classmethod
     def _check_cv(cls, value: str) -> str:
@@ -146,6 +160,8 @@ class CVConfig(BaseModel):
                              "train the network's own head")
         if self.mode != "finetune" and (self.backbone_lr_scale != 1.0 or self.unfreeze_every):
             raise ValueError("backbone_lr_scale and unfreeze_every act on the backbone: mode finetune only")
+        if self.probe_c is not None and self.mode != "linear-probe":
+            raise ValueError("probe_c is the linear probe's regularisation: mode linear-probe only")
         if self.head_init == "probe" and self.mode == "linear-probe":
             raise ValueError("head_init probe starts a trained head; linear-probe is the probe itself")
         if self.freeze_stages and self.mode == "finetune" and self.init == "xavier":
@@ -191,9 +207,12 @@ class CVConfig(BaseModel):
         features = self.features
         if self.mode == "linear-probe" and features is None:
             features = DEFAULT_FEATURES
+        # Nested by default: C = 1 (scikit-learn's) cost 10-15 points of treatment accuracy on real cells.
+        probe_c = self.probe_c if self.probe_c is not None or self.mode != "linear-probe" else "nested"
         return self.model_copy(
             update={
                 "features": features,
+                "probe_c": probe_c,
                 "eval_epochs": [e for e in self.eval_epochs if e < epochs],
                 "epochs": epochs,
                 "batch_size": batch,
@@ -227,7 +246,9 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
             update.pop("frozen_feature_cache", None)  # asked for no frozen stages: nothing to cache
     if config.mode == "linear-probe":  # its embeddings: the layout's, as embed makes them
         update.update({k: v for k, v in layout_embedding(source).items() if k in unset})
-    return validate_config(config.model_copy(update=update)) if update else config
+    # Validated from a mapping: a model_copy(update=...) would hold the raw values (a features string)
+    # until validated, and pydantic warns when it serialises them.
+    return validate_config(config.model_dump(exclude_unset=True) | update) if update else config
 
 
 def field_help(name: str) -> str:

@@ -32,13 +32,32 @@ class ProbeFeatures:
         return self.array[[self.position[int(r)] for r in rows]]
 
 
+# Fields that act only on the heads fitted to the embeddings, or on which tiles the folds use (the
+# key records the rows themselves): runs differing only in these embed alike, so a run directory
+# seeded with another such run's embeddings reuses them (benchmarks/real_crops.py sweeps the probe's
+# C that way).
+HEAD_ONLY_FIELDS = ("probe_c", "class_weighting", "max_tiles_per_fold", "aggregate", "cv", "strict",
+                    "skip_untrainable_folds", "include_controls_as_class")
+
+
+def embedding_fingerprint(plan) -> str:
+    """What the probe's embeddings depend on: the config less :data:`HEAD_ONLY_FIELDS`, the data, the
+    classes' tiles (through the rows), the network's input and its weights."""
+    from cellmorph.cv.config import RUNTIME_FIELDS
+    from cellmorph.cv.rundir import compute_fields
+
+    fields = {k: v for k, v in compute_fields(plan.config, RUNTIME_FIELDS).items() if k not in HEAD_ONLY_FIELDS}
+    return digest(fields, plan.data_fingerprint, plan.input.record(), plan.init.sha256)
+
+
 def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFeatures:
     """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once
     (``compute=False``: only read; a fold task on a worker finds them made before it started)."""
     from cellmorph.embed import embed_tiles
 
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
-    key = {"fingerprint": plan.fingerprint, "rows": int(len(rows)), "features": plan.config.features.record()}
+    key = {"fingerprint": embedding_fingerprint(plan), "rows": int(len(rows)), "rows_digest": digest(rows),
+           "features": plan.config.features.record()}
     if plan.config.tta != "none":  # (runs without tta keep the key their embeddings were stored under)
         key["tta"] = plan.config.tta
     saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
@@ -55,7 +74,7 @@ def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFe
     # seed, so that the embeddings are the same whichever process (a Dask worker, a Slurm task) makes them.
     torch.manual_seed(int(np.random.SeedSequence([int(cfg.seed), 0xE3]).generate_state(1)[0]))
     feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
-                        str(plan.device), cfg.allow_network, progress=False, features=cfg.features,
+                        str(plan.device), cfg.allow_network, progress=bar, features=cfg.features,
                         tta=cfg.tta)
     rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
                               key | {"dim": int(feats.shape[1])},

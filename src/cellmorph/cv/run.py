@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +74,7 @@ class TrainedFold:
     history: list[dict]  # per epoch; empty for the linear probe
     state: dict  # weights (plain tensors)
     interim: dict[int, np.ndarray]  # held-out probabilities after the eval_epochs
+    choices: dict = field(default_factory=dict)  # what the fold chose for itself (the probe's C), recorded
 
 
 @dataclass
@@ -130,7 +131,7 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     folds, skipped = [], []
     if with_folds:
         folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.seed,
-                                    base.skip_untrainable_folds)
+                                    base.skip_untrainable_folds, base.strict)
         if not folds:
             raise CellmorphError(f"cv {base.cv}: every fold was skipped; nothing to train")
     elif len(classes) < 2:
@@ -326,7 +327,7 @@ def execute_fold(plan: RunPlan, rundir: RunDir, fold: Fold, shared, tasks: dict)
             "threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
     marker = fold.describe() | {"fingerprint": plan.fold_fingerprints[fold.index], "seeds": plan.seeds[fold.index],
                                 "n_train_used": int(len(trained.train_rows)), "seconds": seconds,
-                                "threads": info["threads"], "host": info["host"]}
+                                "threads": info["threads"], "host": info["host"]} | trained.choices
     record = {"model": trained.state, "model_name": cfg.model, "classes": list(plan.classes),
               "fold": fold.describe(), "seeds": dict(plan.seeds[fold.index]), "input": plan.input.record(),
               "history": trained.history}
@@ -436,6 +437,9 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
         by_epoch[str(cfg.epochs)] = {k: metrics[k] for k in ACCURACY_KEYS}
         metrics["by_epoch"] = by_epoch
     names = {f.index: f.name for f in plan.folds}
+    if cfg.mode == "linear-probe":  # the C each fold chose (or was given), from its marker
+        markers = {f.index: rundir.finished_fold(f.index, plan.fold_fingerprints[f.index]) or {} for f in plan.folds}
+        metrics["probe_c"] = {names[k]: m.get("probe_c", cfg.probe_c) for k, m in markers.items()}
     histories = {names[k]: o.history for k, o in outputs.items()}
     epoch_seconds = [h["seconds"] for history in histories.values() for h in history]
     metrics.update({

@@ -11,6 +11,10 @@
 ``batch``         leave one ``Metadata_Batch`` out (``cell-line`` is its alias: BBBC014
                   stores the cell line there).
 
+A compound that is the only one of its MoA cannot be held out by a compound scheme and still be
+learnt: by default it stays in training in every fold, is never scored, and is listed in the
+skipped entries with the reason (``strict`` refuses such data instead, as releases before did).
+
 Controls (DMSO) are left out unless ``include_controls_as_class``; then their wells
 are dealt across folds (for ``nscb`` only to folds whose held-out batches contain
 the well's batch, so no training tile ever shares a batch with a test tile).
@@ -164,12 +168,15 @@ def make_folds(
     include_controls_as_class: bool = False,
     seed: int = 0,
     skip_untrainable: bool = False,
+    strict: bool = False,
 ) -> tuple[list[Fold], list[dict]]:
-    """Folds over ``index`` (positions are row numbers of ``index``) plus folds skipped.
+    """Folds over ``index`` (positions are row numbers of ``index``) plus what was not scored.
 
     Raises :class:`CellmorphError` for an empty fold, fewer than two classes, or a
     fold whose test class has no training tiles (unless ``skip_untrainable``, in
-    which case such folds are returned in the second list with the reason).
+    which case such folds are returned in the second list with the reason). Compound schemes
+    keep a MoA's only compound in training and list it as unscored (``"fold": None``), unless
+    ``strict``.
     """
     scheme = parse_cv(cv) if isinstance(cv, str) else cv
     tiles = _Tiles.of(index, include_controls_as_class)
@@ -183,10 +190,28 @@ def make_folds(
     elif scheme.name == "well":
         tests = _well_test_sets(tiles, scheme, rng)
     else:
-        tests = _compound_test_sets(tiles, scheme, rng)
+        sole = {} if strict else sole_compounds(tiles.labels[tiles.treated], tiles.compounds[tiles.treated])
+        tests = _compound_test_sets(tiles, scheme, rng, exclude=set(sole))
         if include_controls_as_class:
             _deal_control_wells(tiles, tests, scheme, rng)
+        folds, skipped = _folds(tiles, tests, scheme, skip_untrainable)
+        return folds, [unscored_entry(c, m) for c, m in sorted(sole.items())] + skipped
     return _folds(tiles, tests, scheme, skip_untrainable)
+
+
+def sole_compounds(labels: np.ndarray, compounds: np.ndarray) -> dict[str, str]:
+    """compound → MoA for each MoA that has a single compound (among the rows given)."""
+    by_moa: dict[str, set] = {}
+    for moa, compound in set(zip(labels.tolist(), compounds.tolist())):
+        by_moa.setdefault(moa, set()).add(compound)
+    return {next(iter(c)): moa for moa, c in by_moa.items() if len(c) == 1}
+
+
+def unscored_entry(compound: str, moa: str) -> dict:
+    """The skipped-list entry of a MoA's only compound: trained on in every fold, never scored."""
+    return {"fold": None, "name": compound, "compounds": [compound],
+            "reason": f"not scored: {compound!r} is the only compound of MoA {moa!r}, so holding it out would leave "
+                      "that MoA nothing to learn from; it stays in training in every fold (--strict refuses instead)"}
 
 
 def _batch_test_sets(tiles: _Tiles) -> list[_TestSet]:
@@ -211,11 +236,13 @@ def _well_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generator) -
             for k in range(scheme.k)]
 
 
-def _compound_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generator) -> list[_TestSet]:
+def _compound_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generator,
+                        exclude: set[str] = frozenset()) -> list[_TestSet]:
     treated = tiles.treated
-    compound_list = sorted(set(tiles.compounds[treated]))
+    compound_list = sorted(set(tiles.compounds[treated]) - set(exclude))
     if not compound_list:
-        raise CellmorphError("no treated (non-control) tiles to cross-validate")
+        what = " other than a MoA's only compound" if exclude else ""
+        raise CellmorphError(f"no treated (non-control) compounds{what} to cross-validate")
     if scheme.name in ("loco", "nscb"):
         groups_of = [[c] for c in compound_list]
     else:  # group-kfold

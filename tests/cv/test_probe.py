@@ -1,0 +1,99 @@
+"""The linear probe's regularisation, chosen inside each fold from its training compounds only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmorph.cv import probe as probe_module
+from cellmorph.cv.probe import PROBE_C_GRID, choose_probe_c, treatment_balanced_log_loss
+from cellmorph.errors import CellmorphError
+
+
+def _cells(signal: float, seed: int = 0, moas: int = 3, compounds_per_moa: int = 3, cells: int = 12, dims: int = 40):
+    """Cells of compounds of MoAs: the MoA shifts the first dimension by ``signal``; the rest is noise."""
+    rng = np.random.default_rng(seed)
+    rows, x = [], []
+    for m in range(moas):
+        for c in range(compounds_per_moa):
+            for k in range(cells):
+                rows.append({"Metadata_Compound": f"m{m}c{c}", "Metadata_Concentration": 1.0,
+                             "Metadata_MoA": f"moa{m}", "Metadata_Batch": "Week1", "Metadata_Plate": "Week1_1",
+                             "Metadata_Well": f"W{m}{c}", "Metadata_IsControl": False})
+                vector = rng.normal(size=dims)
+                vector[m] += signal
+                x.append(vector)
+    index = pd.DataFrame(rows)
+    y = index["Metadata_MoA"].str[3:].astype(int).to_numpy()
+    return np.asarray(x, dtype=np.float32), y, index
+
+
+def test_noise_chooses_the_strongest_regularisation_and_signal_a_weak_one():
+    x, y, index = _cells(signal=0.0)
+    c, record = choose_probe_c(x, y, index, class_weighting=True, seed=0)
+    assert c == min(PROBE_C_GRID)  # no signal: the flattest probabilities lose least
+    assert set(record["scores"]) == {str(v) for v in PROBE_C_GRID} and record["inner_folds"] >= 2
+    assert record["scores"][str(c)] == min(record["scores"].values())
+    x, y, index = _cells(signal=6.0)
+    strong, _ = choose_probe_c(x, y, index, class_weighting=True, seed=0)
+    assert strong >= 0.1  # well separated: heavy regularisation only flattens right calls
+    again, _ = choose_probe_c(x, y, index, class_weighting=True, seed=0)
+    assert again == strong  # seeded: the same choice every time
+
+
+def test_too_few_compounds_fall_back_to_the_grid_start_and_say_why():
+    x, y, index = _cells(signal=1.0, compounds_per_moa=1)  # every compound is its MoA's only one
+    c, record = choose_probe_c(x, y, index, class_weighting=True, seed=0)
+    assert c == PROBE_C_GRID[0] and "too few compounds" in record["reason"]
+
+
+def test_treatment_balanced_log_loss_weighs_treatments_not_cells():
+    probs = np.array([[0.9, 0.1]] * 9 + [[0.1, 0.9]])
+    targets = np.zeros(10, dtype=int)
+    treatments = np.array(["big"] * 9 + ["small"])
+    expected = (-np.log(0.9) - np.log(0.1)) / 2
+    assert treatment_balanced_log_loss(probs, targets, treatments) == pytest.approx(expected)
+
+
+def test_cv_chooses_c_per_fold_from_its_training_compounds_only(tiny_cache, tmp_path, monkeypatch):
+    """The inner selection sees the fold's training rows and nothing of its held-out compounds;
+    each fold records what it chose, and metrics.json lists the choices."""
+    from cellmorph.cache import TileCache
+    from cellmorph.cv import run_cv
+
+    seen = []
+    real = probe_module.choose_probe_c
+
+    def spy(x, y, index, *args, **kwargs):
+        seen.append(set(index["Metadata_Compound"]))
+        return real(x, y, index, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "choose_probe_c", spy)
+    run = tmp_path / "run"
+    metrics = run_cv(tiny_cache, run, dict(model="tf_efficientnet_lite0", init="imagenet", mode="linear-probe",
+                                           cv="group-kfold:3", image_size=64, num_threads=1), progress=False)
+    folds = [json.loads(p.read_text()) for p in sorted((run / "folds").glob("*/fold.json"))]
+    assert len(seen) == len(folds) == 3
+    compounds = set(TileCache(tiny_cache).index.query("not Metadata_IsControl")["Metadata_Compound"])
+    for fold in folds:
+        training = next(s for s in seen if not s & set(fold["test_compounds"]))
+        assert training == compounds - set(fold["test_compounds"])
+        assert fold["probe_c"] in PROBE_C_GRID and fold["probe_c_choice"]["C"] == fold["probe_c"]
+    assert sorted(metrics["probe_c"].values()) == sorted(f["probe_c"] for f in folds)
+    given = run_cv(tiny_cache, tmp_path / "given", dict(model="tf_efficientnet_lite0", init="imagenet",
+                                                        mode="linear-probe", cv="group-kfold:3", image_size=64,
+                                                        num_threads=1, probe_c=0.05), progress=False)
+    assert set(given["probe_c"].values()) == {0.05} and len(seen) == 3  # a given C is not searched
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "auto"])
+def test_bad_probe_c_is_refused(bad):
+    from cellmorph.cv import load_cv_config
+
+    with pytest.raises(CellmorphError, match="probe_c"):
+        load_cv_config(None, mode="linear-probe", probe_c=bad)
+    with pytest.raises(CellmorphError, match="probe_c"):
+        load_cv_config(None, mode="finetune", probe_c=0.1)
