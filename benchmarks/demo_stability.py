@@ -2,8 +2,10 @@
 
     python benchmarks/demo_stability.py [--seeds 0,1,2] [--threads 1,2] [--out runs/demo-stability]
 
-The demo's CV (``cellmorph demo``'s own settings, on its own tiny screen prepared once) is run
-for every seed × thread count. The thread count changes only the order of float reductions in
+The demo's fine-tune CV (``cellmorph demo``'s own settings, on its own tiny screen prepared once)
+is run for every seed × thread count; ``--set mode=linear-probe`` runs its probe instead, and any
+``--set FIELD=VALUE`` changes one CVConfig field (``--set lr_schedule=constant``: the demo before
+issue 28). ``--compare`` counts the treatment calls that differ between thread counts. The thread count changes only the order of float reductions in
 the CPU kernels, which is what a CPU with another instruction set changes too: two runs with the
 same seed and different thread counts show how much rounding alone moves the result. The seeds
 show the spread that the recipe itself has. Prints one JSON line per run and a Markdown table.
@@ -58,9 +60,9 @@ def main() -> None:
             settings = {"model": DEMO_MODEL, "init": "imagenet", "epochs": demo.epochs, "cv": demo.cv,
                         "image_size": demo.image_size, "seed": seed, "freeze_stages": demo.freeze_stages,
                         "tta": demo.tta, "num_threads": threads, "frozen_feature_cache": True,
-                        "lr": args.lr, **overrides}
+                        "lr_schedule": demo.lr_schedule, "lr": args.lr, **overrides}
             if settings.get("mode") == "linear-probe":
-                for name in ("freeze_stages", "frozen_feature_cache", "epochs"):
+                for name in ("freeze_stages", "frozen_feature_cache", "epochs", "lr_schedule"):
                     settings.pop(name)
             cfg = load_cv_config(None, **settings)
             label = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "demo"

@@ -30,6 +30,9 @@ def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
     assert metrics["treatment_accuracy"] == (called["Predicted_MoA"] == called["Metadata_MoA"]).mean()
     # Embeddings were computed once for the whole run, not per fold.
     assert json.loads((run / "embeddings.json").read_text())["rows"] == 352
+    # ... with a line of progress in a batch log (stderr is not a terminal here), not minutes of silence
+    assert re.search(r"embedding tiles \(tf_efficientnet_lite0\) 352/352; elapsed", proc.stderr), proc.stderr
+    assert "PydanticSerializationUnexpectedValue" not in proc.stderr
     predictions = pd.read_parquet(run / "predictions.parquet")
     probs = [c for c in predictions.columns if c.startswith("prob_")]
     assert len(probs) == 12
@@ -126,6 +129,14 @@ def test_demo_writes_the_run_directory(tmp_path):
     assert config["frozen_feature_cache"] is True
     assert not list(run.glob("frozen_features*"))  # the run finished, so its feature pool is gone
     assert (tmp_path / "demo-data" / "screen" / "BBBC021_v1_image.csv").is_file()
+    # The linear probe ran first on the same folds, beside it, with its own report; both figures are summed up.
+    probe = json.loads((tmp_path / "demo-probe" / "metrics.json").read_text())
+    assert probe["n_folds"] == 2 and probe["n_treatments"] == 44 and (tmp_path / "demo-probe" / "report.html").is_file()
+    assert yaml.safe_load((tmp_path / "demo-probe" / "config.yaml").read_text())["config"]["mode"] == "linear-probe"
+    assert config["lr_schedule"] == "cosine"
+    summary_line = " ".join(proc.stderr.split())
+    assert f"linear probe {probe['treatment_accuracy']:.3f}" in summary_line
+    assert f"fine-tune {metrics['treatment_accuracy']:.3f}" in summary_line
 
 
 def test_cv_in_a_batch_log_prints_one_line_per_fold_and_epoch_and_refuses_a_rerun(tiny_cache, tmp_path):
