@@ -335,7 +335,7 @@ def test_a_moa_with_one_compound_still_trains_is_not_scored_and_strict_refuses(t
     table.loc[table["compound"] == "syn-ACT-1", "moa"] = "Lonely"
     table.to_csv(moa, index=False)
     cache = tmp_path / "cache"
-    assert run_cli_here("prepare", "--layout", "bbbc021", "--root", tiny_copy, "--out", cache,
+    assert run_cli_here("prepare", "--layout", "bbbc021", "--root", tiny_copy, "--out", cache, "--tile-size", "32",
                         "--no-progress").returncode == 0
     run = tmp_path / "run"
     proc = run_cli_here("cv", "--data", cache, "--out", run, *QUICK_CV, "--no-progress")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -74,7 +75,7 @@ def test_cv_chooses_c_per_fold_from_its_training_compounds_only(tiny_cache, tmp_
     monkeypatch.setattr(probe_module, "choose_probe_c", spy)
     run = tmp_path / "run"
     metrics = run_cv(tiny_cache, run, dict(model="tf_efficientnet_lite0", init="imagenet", mode="linear-probe",
-                                           cv="group-kfold:3", image_size=64, num_threads=1), progress=False)
+                                           cv="group-kfold:3", image_size=32, num_threads=1), progress=False)
     folds = [json.loads(p.read_text()) for p in sorted((run / "folds").glob("*/fold.json"))]
     assert len(seen) == len(folds) == 3
     compounds = set(TileCache(tiny_cache).index.query("not Metadata_IsControl")["Metadata_Compound"])
@@ -83,10 +84,21 @@ def test_cv_chooses_c_per_fold_from_its_training_compounds_only(tiny_cache, tmp_
         assert training == compounds - set(fold["test_compounds"])
         assert fold["probe_c"] in PROBE_C_GRID and fold["probe_c_choice"]["C"] == fold["probe_c"]
     assert sorted(metrics["probe_c"].values()) == sorted(f["probe_c"] for f in folds)
+    # A run that differs only in the head's settings embeds alike: seeded with the first run's
+    # embeddings, it takes them (the marker matches) instead of embedding again.
+    (tmp_path / "given").mkdir()
+    for name in ("embeddings.npy", "embeddings.json"):
+        shutil.copy2(run / name, tmp_path / "given" / name)
+    monkeypatch.setattr("cellmorph.embed.embed_tiles", _must_not_embed)
     given = run_cv(tiny_cache, tmp_path / "given", dict(model="tf_efficientnet_lite0", init="imagenet",
-                                                        mode="linear-probe", cv="group-kfold:3", image_size=64,
+                                                        mode="linear-probe", cv="loco", image_size=32,
                                                         num_threads=1, probe_c=0.05), progress=False)
     assert set(given["probe_c"].values()) == {0.05} and len(seen) == 3  # a given C is not searched
+    assert given["n_folds"] == 24
+
+
+def _must_not_embed(*args, **kwargs):
+    raise AssertionError("embedded again although the run directory held matching embeddings")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "auto"])
