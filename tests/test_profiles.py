@@ -184,9 +184,9 @@ def test_whitening_makes_the_dmso_covariance_identity_and_coral_aligns_batches()
 def test_profiles_with_missing_or_infinite_features_are_refused_naming_row_and_column(real_metadata, tmp_path):
     """A NaN used to drop its feature from every profile without a word (NSC 0.136 -> 0.114 on a
     small table); now it is one line naming the first bad cell, and nothing is written."""
-    from tests.conftest import one_line_error, run_cli
+    from tests.conftest import one_line_error, require, run_cli
 
-    frame = pd.read_csv(PROFILES, nrows=40)
+    frame = pd.read_csv(require(PROFILES), nrows=40)
     column = frame.columns[10]
     frame.loc[6, column] = np.nan
     frame.loc[9, frame.columns[12]] = np.inf

@@ -31,8 +31,9 @@ from cellmorph.data.bbbc021 import CHANNELS, IMAGE_COLUMNS, load_bbbc021, moa_su
 from cellmorph.data.download import download_bbbc021, download_command, fetch
 from cellmorph.errors import CellmorphError
 
+from tests.conftest import REAL_METADATA, require
+
 PREFIX = "/bbbc/BBBC021/"
-REAL_METADATA = Path("/work/shared/data/bbbc021/metadata")
 
 # plate folder -> [(well, compound, concentration)]; two sites per well.
 PLATE_MAP: dict[str, list[tuple[str, str, float]]] = {
@@ -474,6 +475,7 @@ def test_download_command(server, tmp_path, capsys):
 
 
 def test_real_metadata_plate_choice():
+    require(REAL_METADATA)
     images = read_image_csv(REAL_METADATA)
     plates = moa_subset_plates(REAL_METADATA)
     assert len(plates) == 49
