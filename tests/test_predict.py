@@ -177,6 +177,49 @@ def test_a_plate_without_dmso_is_one_line_with_the_batch_hint(tiny_bundle, new_s
     assert json.loads((out / "cache" / "manifest.json").read_text())["config"]["normalize"] == "batch"
 
 
+def test_images_naming_the_models_channels_in_another_order_are_read_in_the_models_order(tiny_bundle, tiny_screen,
+                                                                                        tmp_path):
+    """Issue 29, item 7: the same screen, its channels listed Actin before Tubulin, is read by name in
+    the model's order (one note says so) and gives the same probabilities as in the model's order."""
+    from dataclasses import replace
+
+    from cellmorph.data.layouts import load_table
+    from cellmorph.predict import PredictConfig, predict
+
+    table = load_table("bbbc021", tiny_screen, require_labels=False)
+    shuffled = replace(table, channels=("DAPI", "Actin", "Tubulin"))
+    notes = []
+    config = PredictConfig(threads=1)
+    predict(tiny_bundle, shuffled, tmp_path / "shuffled", config, progress=False, log=notes.append)
+    predict(tiny_bundle, table, tmp_path / "ordered", config, progress=False)
+    assert any("channels DAPI, Actin, Tubulin read as DAPI, Tubulin, Actin" in n for n in notes), notes
+    shuffled_tiles = pd.read_parquet(tmp_path / "shuffled" / "tiles.parquet")
+    ordered_tiles = pd.read_parquet(tmp_path / "ordered" / "tiles.parquet")
+    probs = [c for c in ordered_tiles.columns if c.startswith("prob_")]
+    np.testing.assert_array_equal(shuffled_tiles[probs].to_numpy(), ordered_tiles[probs].to_numpy())
+
+
+def test_a_stacked_table_reads_its_channels_in_any_named_order(tmp_path):
+    from cellmorph.data.crops import load_crop_table
+    from cellmorph.data.images import read_planes
+    from cellmorph.errors import BadInputError
+
+    crop = np.stack([np.full((4, 4), v, np.uint16) for v in (10, 20, 30)], axis=-1)  # H×W×C, as stored
+    np.save(tmp_path / "a.npy", crop)
+    pd.DataFrame({"FileName": ["a.npy"], "Metadata_Plate": ["P1"], "Metadata_Well": ["B02"], "Metadata_Site": [1],
+                  "Metadata_Compound": ["x"], "Metadata_Concentration": [1.0],
+                  "Metadata_MoA": ["M"]}).to_csv(tmp_path / "index.csv", index=False)
+    table = load_crop_table(tmp_path / "index.csv", channels=("DNA", "Actin", "Tubulin"))
+    row = table.frame.iloc[0]
+    assert read_planes(table, row)[:, 0, 0].tolist() == [10, 20, 30]
+    again = table.in_channel_order(("Tubulin", "DNA", "Actin"))
+    assert again.channels == ("Tubulin", "DNA", "Actin") and read_planes(again, row)[:, 0, 0].tolist() == [30, 10, 20]
+    twice = again.in_channel_order(("Actin", "Tubulin", "DNA"))  # positions compose
+    assert read_planes(twice, row)[:, 0, 0].tolist() == [20, 30, 10]
+    with pytest.raises(BadInputError, match="the same names are needed"):
+        table.in_channel_order(("DNA", "Actin", "GFP"))
+
+
 def test_images_with_other_channels_or_no_screen_are_one_line(tiny_bundle, real_crops, tmp_path):
     out = tmp_path / "pred"
     one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "crops", "--index", real_crops,

@@ -135,6 +135,7 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
         from cellmorph.preprocess import prepare
 
         data = out / CACHE_FOLDER
+        source = in_model_channel_order(bundle, source, log)
         prepare(source, data, images_recipe(bundle, source, config), progress=progress, log=log,
                 threads=config.threads)
     cache = TileCache(data)
@@ -196,6 +197,20 @@ def _flag_training_compounds(frame: pd.DataFrame, compounds: list[str] | None) -
     if compounds is not None and "Metadata_Compound" in frame.columns:
         frame[IN_TRAINING_COLUMN] = frame["Metadata_Compound"].astype(str).isin(set(compounds))
     return frame
+
+
+def in_model_channel_order(bundle, table: "ImageTable", log=None) -> "ImageTable":
+    """``table`` read with its channels in the order of the model's training tiles, when it names the
+    same channels in another order (fields stored DAPI, Tubulin, Actin for a model trained on crops
+    stored DNA, actin, tubulin); said in one note. Anything else is left for :func:`images_recipe`
+    to refuse by name."""
+    wanted = [c for c in bundle.recipe.get("channels") or [] if not str(c).startswith("zero")]
+    if list(table.channels) == wanted or sorted(table.channels) != sorted(wanted) or len(set(wanted)) != len(wanted):
+        return table
+    if log is not None:
+        log(f"note: {table.origin or table.source}: channels {', '.join(table.channels)} read as "
+            f"{', '.join(wanted)}, the model's order (matched by name)")
+    return table.in_channel_order(wanted)
 
 
 def images_recipe(bundle, table: "ImageTable", config: PredictConfig):

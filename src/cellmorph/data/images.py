@@ -142,6 +142,8 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
                 f"{path}: expected an H×W×{n_channels} image ({', '.join(table.channels)}), got shape {pixels.shape}"
             )
         pixels = np.moveaxis(pixels, -1, 0)
+        if table.stack_positions is not None:
+            pixels = pixels[list(table.stack_positions)]
     else:
         planes = []
         for ch in table.channels:

@@ -85,10 +85,28 @@ class ImageTable:
     notes: dict = field(default_factory=dict)
     origin: str | None = None
     excluded: dict[str, int] = field(default_factory=dict)
+    # Stacked files only: the position in the file of each of ``channels`` (None: in file order).
+    stack_positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)
         validate_frame(self.frame, self.channels, self.source)
+
+    def in_channel_order(self, names) -> "ImageTable":
+        """The same images with their channels read in the order ``names`` (the same names, another
+        order): a model trained on crops stored DNA, actin, tubulin applies to fields named DAPI,
+        Tubulin, Actin once both are named. Raises :class:`BadInputError` unless the names match as sets."""
+        names = tuple(names)
+        if sorted(names) != sorted(self.channels) or len(set(names)) != len(names):
+            raise BadInputError(f"{self.origin or self.source}: channels {list(self.channels)} cannot be read as "
+                                f"{list(names)} (the same names are needed, in any order)")
+        if names == self.channels:
+            return self
+        if not self.is_stacked:  # one file per channel: the order of the names is the order of reading
+            return replace(self, channels=names, notes=dict(self.notes))
+        positions = self.stack_positions or tuple(range(len(self.channels)))
+        return replace(self, channels=names, notes=dict(self.notes),
+                       stack_positions=tuple(positions[self.channels.index(n)] for n in names))
 
     # -- views -----------------------------------------------------------------
     def __len__(self) -> int:
