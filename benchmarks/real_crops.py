@@ -53,6 +53,13 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "probe-lite2": ({"mode": "linear-probe", "model": "tf_efficientnet_lite2"}, "nested C, EfficientNet-Lite2"),
     "finetune": ({"epochs": 5}, "the CLI contract's fine-tune: crop defaults, 5 epochs (about an hour on 2 cores)"),
 }
+# name → member recipes: the members' held-out cell probabilities averaged, then aggregated as a run
+# aggregates (median cell → well → treatment). Members must have run (same folds, same cells).
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "ens-lite0-lite2": ("probe", "probe-lite2"),
+    "ens-lite0-stage3": ("probe", "probe-stage3"),
+    "ens-lite0-lite2-stage3": ("probe", "probe-lite2", "probe-stage3"),
+}
 DEFAULT_RECIPES = "probe,probe-c1,probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean"
 
 
@@ -64,11 +71,35 @@ def prepared_cache(dev_set: Path, out: Path) -> Path:
     return cache
 
 
-def score(run: Path) -> dict:
-    """The figures of a finished run, from its written outputs."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    cells = pd.read_parquet(run / "predictions.parquet")
-    treatments = pd.read_csv(run / "treatments.csv")
+def ensemble_outputs(runs: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """(metrics, cells, treatments) of the members' averaged cell probabilities, scored as ``cv`` scores."""
+    from cellmorph.metrics import aggregate, bootstrap_interval, compute_metrics
+    from cellmorph.schema import CACHE_ROW_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN
+
+    members = [pd.read_parquet(r / "predictions.parquet").sort_values(CACHE_ROW_COLUMN).reset_index(drop=True)
+               for r in runs]
+    probs = [c for c in members[0].columns if c.startswith("prob_")]
+    cells = members[0].copy()
+    cells[probs] = np.mean([m[probs].to_numpy() for m in members], axis=0)
+    first = json.loads((runs[0] / "metrics.json").read_text())
+    tiles, wells, treatments = aggregate(cells.drop(columns=[c for c in cells.columns if c in (PREDICTED_COLUMN,
+                                                                                                "Correct")]))
+    metrics = compute_metrics(tiles, wells, treatments, [c[len("prob_"):] for c in probs], first["n_folds"])
+    correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
+    metrics |= {"treatment_accuracy_ci95": list(bootstrap_interval(treatments, correct)),
+                "skipped_folds": first.get("skipped_folds", []), "n_folds": first["n_folds"],
+                "seconds": sum(json.loads((r / "metrics.json").read_text()).get("seconds") or 0 for r in runs)}
+    return metrics, cells, treatments
+
+
+def score(run: Path | list[Path]) -> dict:
+    """The figures of a finished run (or of an ensemble of runs), from its written outputs."""
+    if isinstance(run, list):
+        metrics, cells, treatments = ensemble_outputs(run)
+    else:
+        metrics = json.loads((run / "metrics.json").read_text())
+        cells = pd.read_parquet(run / "predictions.parquet")
+        treatments = pd.read_csv(run / "treatments.csv")
     probs = [c for c in cells.columns if c.startswith("prob_")]
     classes = [c[len("prob_"):] for c in probs]
 
@@ -98,7 +129,8 @@ def score(run: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, of: {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES,
+                        help=f"comma-separated, of: {', '.join(RECIPES)}; ensembles: {', '.join(ENSEMBLES)}")
     parser.add_argument("--out", type=Path, default=Path("runs/real-crops"))
     parser.add_argument("--dev-set", type=Path, default=DEV_SET)
     parser.add_argument("--threads", type=int, default=None)
@@ -107,16 +139,28 @@ def main() -> None:
     if args.list:
         for name, (config, what) in RECIPES.items():
             print(f"{name}: {what}; {json.dumps(config)}")
+        for name, members in ENSEMBLES.items():
+            print(f"{name}: mean cell probabilities of {', '.join(members)}")
         return
     if not (args.dev_set / "index.csv").is_file():
         raise SystemExit(f"{args.dev_set}: no index.csv (the development set lives in ../shared; see its README)")
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if n not in RECIPES and n not in ENSEMBLES]
     if unknown:
         raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; see --list")
     cache = prepared_cache(args.dev_set, args.out)
     rows, first_probe = [], None  # the first probe recipe with the contract's embedding settings
     for name in names:
+        if name in ENSEMBLES:
+            members = [args.out / m for m in ENSEMBLES[name]]
+            missing = [m.name for m in members if not (m / "metrics.json").is_file()]
+            if missing:
+                raise SystemExit(f"{name}: run its members first ({', '.join(missing)})")
+            row = {"recipe": name, "what": f"mean of {', '.join(ENSEMBLES[name])}", **score(members), "wall": 0.0,
+                   "embeddings_shared": False}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         config, what = RECIPES[name]
         run = args.out / name
         shared = False

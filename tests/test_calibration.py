@@ -6,6 +6,8 @@ The real-data checks use the paper's own leave-one-compound-out softmax outputs 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -136,3 +138,53 @@ def test_class_names_that_cannot_name_prediction_sets_are_said_why():
     for classes, why in ((["DNA damage"], "at least 2 classes"), (["a", " "], "empty"),
                          (["a", f"b{SET_SEPARATOR}c"], "'b|c' contains '|'"), (["a", "b", "a"], "'a' is listed more")):
         assert why in class_names_problem(classes), classes
+
+
+def _scores(seed: int, overconfident: bool, compounds: int = 10, per_compound: int = 6, k: int = 3) -> pd.DataFrame:
+    """Treatment scores of ``compounds`` compounds: calibrated probabilities with the truth drawn from
+    them, or the same calls made overconfident (their probability pushed to 0.97)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(compounds):
+        for t in range(per_compound):
+            p = rng.dirichlet(np.ones(k) * 0.7)
+            truth = rng.choice(k, p=p)
+            if overconfident:
+                p = np.full(k, 0.03 / (k - 1))
+                p[rng.choice(k, p=rng.dirichlet(np.ones(k)))] = 0.97
+            rows.append({"Metadata_Compound": f"c{c}", "Metadata_Concentration": float(t),
+                         "Metadata_MoA": f"m{truth}", **{f"prob_m{j}": p[j] for j in range(k)}})
+    return pd.DataFrame(rows)
+
+
+def test_temperature_is_used_only_where_it_lowers_the_held_out_log_loss():
+    from cellmorph.calibration import held_out_calibration_error, temperature_helps
+
+    classes = ["m0", "m1", "m2"]
+    over = _scores(0, overconfident=True)
+    assert temperature_helps(over, classes)
+    error = held_out_calibration_error(over, classes)
+    assert error["temperature_used"] and error["log_loss_temperature_scaled"] < error["log_loss_renormalised"]
+    assert error["ece_raw_ci95"][0] <= error["ece_raw"] <= error["ece_raw_ci95"][1] and error["n_compounds"] == 10
+    calibrated = _scores(1, overconfident=False, compounds=30)
+    assert not temperature_helps(calibrated, classes)
+    assert not temperature_helps(over[over["Metadata_Compound"] == "c0"], classes)  # one compound: no held-out check
+
+
+def test_held_out_coverage_has_an_interval_over_compounds():
+    from cellmorph.calibration import held_out_coverage
+
+    cover = held_out_coverage(_scores(2, overconfident=False), ["m0", "m1", "m2"], 0.2)
+    low, high = cover["coverage_ci95"]
+    assert low <= cover["coverage"] <= high and high - low > 0.05 and cover["n_compounds"] == 10
+
+
+def test_train_says_what_coverage_and_error_to_expect_and_warns_of_few_treatments(tiny_bundle):
+    from cellmorph.cli import _expected_calibration
+
+    calibration = json.loads((tiny_bundle / "bundle.json").read_text())["training"]["calibration"]
+    lines = _expected_calibration(calibration)
+    assert lines[0].startswith("expected on new compounds: sets at alpha 0.1 cover ") and "95% interval" in lines[0]
+    assert "from 44 calibration treatments of 24 compounds" in lines[0], lines[0]
+    assert lines[2].startswith("expected calibration error of the confidence: ")
+    assert lines[-1].startswith("warning: 44 calibration treatments cannot promise")

@@ -485,8 +485,41 @@ def train(
     summary = train_final(data, out, _cv_config(config, options), calibration=calibration, resume=resume,
                           progress=progress, executor=executor)
     if current().is_main:  # under torchrun: once, not once per process
+        for line in _expected_calibration(summary.get("calibration")):
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(f"model bundle: {out}")
         print(json.dumps(summary))
+
+
+# Below this many calibration treatments a set's coverage on new compounds is uncertain by more
+# than ±0.1 (binomial, at 1 − α = 0.8: 2·√(0.16/n) > 0.1 for n < 64).
+FEW_CALIBRATION_TREATMENTS = 64
+
+
+def _expected_calibration(calibration: dict | None) -> list[str]:
+    """What the calibration CV says the bundle's sets and confidence will do on new compounds."""
+    if not calibration:
+        return []
+    lines = []
+    for cover in calibration.get("held_out_coverage") or []:
+        low, high = cover.get("coverage_ci95") or (float("nan"), float("nan"))
+        lines.append(f"expected on new compounds: sets at alpha {cover['alpha']:g} cover {cover['coverage']:.3f} "
+                     f"(95% interval {low:.3f}–{high:.3f}, compounds resampled; nominal {1 - cover['alpha']:.2f}), "
+                     f"mean size {cover['mean_set_size']:.2f}, from {cover['n_treatments']} calibration treatments "
+                     f"of {cover.get('n_compounds', '?')} compounds")
+    error = calibration.get("held_out_calibration_error") or {}
+    if error:
+        raw, scaled = error.get("ece_raw_ci95"), error.get("ece_temperature_scaled_ci95")
+        span = lambda ci: f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else ""  # noqa: E731
+        used = "used" if error.get("temperature_used") else "not used: it did not lower the held-out log-loss"
+        lines.append(f"expected calibration error of the confidence: {error['ece_raw']:.3f}{span(raw)} raw, "
+                     f"{error['ece_temperature_scaled']:.3f}{span(scaled)} temperature-scaled (T "
+                     f"{error['median_temperature']:.2f}, {used})")
+    n = calibration.get("n_treatments") or 0
+    if n < FEW_CALIBRATION_TREATMENTS:
+        lines.append(f"warning: {n} calibration treatments cannot promise a set's coverage within ±0.1; "
+                     "calibrate with --calibration loco, or on more compounds")
+    return lines
 
 
 def _embed_help(name: str) -> str:

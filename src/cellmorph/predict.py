@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_sets
+from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_sets, temperature_helps
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
@@ -77,11 +77,17 @@ def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> No
 
 def add_confidence(frame: pd.DataFrame, classes: list[str], calibration: pd.DataFrame | None) -> pd.DataFrame:
     """``Raw_Confidence``, the call's median probability, and ``Confidence``, that probability
-    after temperature scaling fitted on the level's out-of-fold scores (the raw one without them)."""
+    after temperature scaling fitted on the level's out-of-fold scores (renormalised only, T = 1, where
+    scaling did not lower the log-loss of held-out compounds; the raw one without scores)."""
     frame = frame.copy()
     probs = frame[[prob_column(c) for c in classes]].to_numpy(float)
     frame[RAW_CONFIDENCE_COLUMN] = probs.max(axis=1)
-    scaling = TemperatureScaling.from_scores(calibration, classes) if calibration is not None else None
+    # A fitted temperature only where it lowered the log-loss of compounds held out from its fit
+    # (temperature_helps); else T = 1, which only renormalises the median probabilities.
+    scaling = None
+    if calibration is not None:
+        scaling = (TemperatureScaling.from_scores(calibration, classes) if temperature_helps(calibration, classes)
+                   else TemperatureScaling(1.0))
     frame[CONFIDENCE_COLUMN] = scaling.transform(probs).max(axis=1) if scaling else frame[RAW_CONFIDENCE_COLUMN]
     return frame
 
