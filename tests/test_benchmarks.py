@@ -73,3 +73,19 @@ def test_rescore_reproduces_a_run_and_scores_it_without_tta(tiny_cache, tmp_path
         assert result["dihedral"][key] == pytest.approx(metrics[key])
         assert result["none"][key] == plain[key]  # re-scoring without TTA = the run made without TTA
     json.dumps(result)
+
+
+def test_real_crops_scores_a_run_and_an_ensemble_of_it_alike(tiny_cache, tmp_path):
+    """benchmarks/real_crops.py's figures come from the run's own outputs; an ensemble of one run with
+    itself is that run (the averaging and re-aggregation are those of cv)."""
+    from cellmorph.cv import run_cv
+    from real_crops import score
+
+    run = tmp_path / "probe"
+    metrics = run_cv(tiny_cache, run, dict(model="tf_efficientnet_lite0", init="imagenet", mode="linear-probe",
+                                           cv="group-kfold:2", image_size=32, num_threads=1), progress=False)
+    alone, twice = score(run), score([run, run])
+    assert alone["treatment"] == metrics["treatment_accuracy"] and alone["cell"] == metrics["tile_accuracy"]
+    for key in ("treatment", "well", "cell", "balanced_cell", "treatment_log_loss"):
+        assert twice[key] == pytest.approx(alone[key]), key
+    assert 0 <= alone["balanced_cell"] <= 1 and alone["probe_c"]
