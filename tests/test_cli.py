@@ -351,3 +351,13 @@ def test_a_moa_with_one_compound_still_trains_is_not_scored_and_strict_refuses(t
     one_line_error(run_cli_here("cv", "--data", cache, "--out", tmp_path / "strict", *QUICK_CV, "--strict",
                                 "--no-progress"), "has no other compound in training")
     assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.parametrize("value, mode, needle", [("abc", "linear-probe", "--probe-c 'abc'"),
+                                                 ("-1", "linear-probe", "probe_c"),
+                                                 ("0.1", "finetune", "mode linear-probe only")])
+def test_a_bad_probe_c_is_one_line(tiny_cache, tmp_path, value, mode, needle):
+    out = tmp_path / "run"
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, "--out", out, "--mode", mode, "--probe-c", value,
+                                "--no-progress"), needle)
+    assert not out.exists()
