@@ -240,9 +240,13 @@ def _compound_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generato
                         exclude: set[str] = frozenset()) -> list[_TestSet]:
     treated = tiles.treated
     compound_list = sorted(set(tiles.compounds[treated]) - set(exclude))
+    if not compound_list and exclude:
+        raise CellmorphError(
+            f"cv {scheme}: every treated compound is the only one of its MoA ({', '.join(sorted(exclude)[:5])}), so "
+            "none can be held out and still be learnt; hold out wells instead (--cv well:K), or give --strict "
+            "to fold them anyway")
     if not compound_list:
-        what = " other than a MoA's only compound" if exclude else ""
-        raise CellmorphError(f"no treated (non-control) compounds{what} to cross-validate")
+        raise CellmorphError("no treated (non-control) tiles to cross-validate")
     if scheme.name in ("loco", "nscb"):
         groups_of = [[c] for c in compound_list]
     else:  # group-kfold
