@@ -84,6 +84,10 @@ def test_cv_chooses_c_per_fold_from_its_training_compounds_only(tiny_cache, tmp_
         assert training == compounds - set(fold["test_compounds"])
         assert fold["probe_c"] in PROBE_C_GRID and fold["probe_c_choice"]["C"] == fold["probe_c"]
     assert sorted(metrics["probe_c"].values()) == sorted(f["probe_c"] for f in folds)
+    from cellmorph.report import write_report
+
+    report = write_report(run, visualise=False).read_text()
+    assert "The linear probe&#39;s C per fold" in report or "The linear probe's C per fold" in report
     # A run that differs only in the head's settings embeds alike: seeded with the first run's
     # embeddings, it takes them (the marker matches) instead of embedding again.
     (tmp_path / "given").mkdir()
