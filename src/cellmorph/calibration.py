@@ -169,6 +169,11 @@ def _log_loss(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(-np.log(np.clip(normalised[np.arange(len(truth)), truth], 1e-12, None)).mean())
 
 
+def _scaling_lowers_log_loss(probs: np.ndarray, scaled: np.ndarray, truth: np.ndarray) -> bool:
+    """The rule for using a temperature: the held-out scaled probabilities lose less than the raw ones."""
+    return _log_loss(scaled, truth) < _log_loss(probs, truth)
+
+
 def held_out_temperatures(probs: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, list[float]]:
     """Each group's probabilities scaled by the temperature fitted on the other groups', and the temperatures."""
     scaled = np.empty_like(probs, dtype=float)
@@ -189,7 +194,7 @@ def temperature_helps(scores: pd.DataFrame, classes: list[str], group: str = COM
     if group not in rows.columns or rows[group].nunique() < 2 or len(truth) < MIN_SCORES:
         return False
     scaled, _ = held_out_temperatures(probs, truth, rows[group].astype(str).to_numpy())
-    return _log_loss(scaled, truth) < _log_loss(probs, truth)
+    return _scaling_lowers_log_loss(probs, scaled, truth)
 
 
 def held_out_calibration_error(scores: pd.DataFrame, classes: list[str], group: str = COMPOUND,
@@ -214,7 +219,7 @@ def held_out_calibration_error(scores: pd.DataFrame, classes: list[str], group: 
                 groups, lambda r: expected_calibration_error(scaled[r], correct[r], bins))),
             "log_loss_renormalised": loss_raw, "log_loss_temperature_scaled": loss_scaled,
             # predict uses a fitted temperature only where it lowered the held-out log-loss
-            "temperature_used": bool(loss_scaled < loss_raw),
+            "temperature_used": _scaling_lowers_log_loss(probs, scaled_probs, truth),
             "median_temperature": float(np.median(temperatures)), "accuracy": float(correct.mean()),
             "mean_raw_confidence": float(raw.mean()),
             "mean_scaled_confidence": float(scaled.mean()), "n": int(len(rows)),

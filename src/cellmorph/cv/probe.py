@@ -86,7 +86,7 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
     train_rows = subsample_rows(fold.train, targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
     x_train, y_train = features.take(train_rows), targets[train_rows]
     choice = {}
-    c = cfg.probe_c if cfg.probe_c is not None else 1.0
+    c = cfg.probe_c  # resolved: a number, or nested (the probe's default)
     if c == "nested":
         c, choice = choose_probe_c(x_train, y_train, plan.cache.index.iloc[train_rows], cfg.class_weighting,
                                    seeds["init"])

@@ -220,11 +220,10 @@ def _with_notes(section: Section, notes: list[str]) -> Section:
 
 def _counts(values: dict) -> str:
     """``{fold: C}`` as "0.01 (12 folds), 0.003 (10 folds)"."""
-    tally: dict = {}
-    for value in values.values():
-        tally[value] = tally.get(value, 0) + 1
+    from collections import Counter
+
     text = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
-    return ", ".join(f"{text(v)} ({n} fold{'s' if n > 1 else ''})" for v, n in sorted(tally.items(), key=lambda i: -i[1]))
+    return ", ".join(f"{text(v)} ({n} fold{'s' if n > 1 else ''})" for v, n in Counter(values.values()).most_common())
 
 
 def _accuracy_section(treatments, wells, tiles, classes, what: str) -> Section:
