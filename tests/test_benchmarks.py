@@ -89,3 +89,39 @@ def test_real_crops_scores_a_run_and_an_ensemble_of_it_alike(tiny_cache, tmp_pat
     for key in ("treatment", "well", "cell", "balanced_cell", "treatment_log_loss"):
         assert twice[key] == pytest.approx(alone[key]), key
     assert 0 <= alone["balanced_cell"] <= 1 and alone["probe_c"]
+
+
+def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tmp_path):
+    """benchmarks/gpu.py is run for real only where a GPU is lent; its smoke mode runs every section
+    on the CPU here, so a change that breaks the script fails the suite (timings are not asserted)."""
+    import json
+
+    from gpu import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny-screen").symlink_to(tiny_screen)  # the session's screen: the script's own synth is not rerun
+    out = tmp_path / "out"
+    main(["--device", "cpu", "--smoke", "--out", str(out), "--work", str(work), "--commit", "test"])
+    results = json.loads((out / "gpu.json").read_text())
+    failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert not failed
+    assert results["environment"]["commit"] == "test" and results["peak"]["tflops"] > 0
+    fold = results["fold"]
+    assert fold["complete"] and len(fold["epoch_seconds"]) == fold["epochs"] == 1 and fold["train_tiles"] == 16
+    assert fold["projected_38_folds_s"] > 0 and 0 <= fold["tile_accuracy"] <= 1
+    rates = {(r["model"], r["precision"], r["channels_last"]) for r in results["throughput"]}
+    assert rates == {(m, p, True) for m in ("resnet50", "inception_v3") for p in ("fp32", "bf16")} | {
+        ("resnet50", "bf16", False), ("inception_v3", "bf16", False)}
+    assert all(r["images_per_s"] > 0 and r["gflops_per_image"] > 0 for r in results["throughput"])
+    (together,) = results["concurrent"]
+    assert together["concurrent"] == 2 and together["tiles_per_s"] > 0  # two folds in two Dask worker processes
+    assert set(results["fold_variants"]) == {"num_workers 2 (tiles read by worker processes)",
+                                             "deterministic off (cuDNN autotuning)"}
+    assert results["input"]["read_tiles_per_s_workers2"] > 0 and results["input"]["augment_tiles_per_s_cpu"] > 0
+    check = results["correctness"]
+    # Deterministic kernels: the same fold twice is bit-identical; on the CPU "device" and CPU are one.
+    assert check["repeat_identical"] and check["cpu_vs_device_max_abs_diff"] == 0.0
+    report = (out / "gpu.md").read_text()
+    for heading in ("One LOCO fold", "Training steps", "Folds at once", "Input side", "Correctness"):
+        assert heading in report

@@ -2,8 +2,11 @@
 
 SGD with momentum and class-weighted cross-entropy (Keras-style: each sample's
 loss is multiplied by its class weight n / (k · n_c) and averaged over the batch,
-as in the authors' ``class_weight``). On CUDA: mixed precision + channels-last;
-on CPU: fp32. Every random draw comes from seeds handed in by the caller, and
+as in the authors' ``class_weight``). On CUDA: mixed precision + channels-last, bf16
+autocast where the GPU has it (Ampere and later: no loss scaling needed), else fp16 with
+a gradient scaler (:func:`training_autocast_dtype`); on CPU: fp32. A step never waits for
+the GPU: loss and accuracy are summed on the device and read once per epoch, so the host
+queues the next batch while the GPU works (benchmarks/gpu.py measures both). Every random draw comes from seeds handed in by the caller, and
 :func:`deterministic` switches PyTorch to deterministic kernels, so a fold's
 result depends only on its seed and data.
 
@@ -47,6 +50,7 @@ class TrainSettings:
     num_workers: int = 0
     eval_batch_size: int | None = None
     amp: bool | None = None
+    amp_dtype: str = "auto"
     channels_last: bool = True
     freeze_stages: int = 0
     backbone_lr_scale: float = 1.0
@@ -84,6 +88,29 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     weights = np.zeros(n_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(weights, dtype=torch.float32)
+
+
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+
+
+def training_autocast_dtype(device: torch.device, amp_dtype: str = "auto") -> torch.dtype:
+    """The autocast type of a mixed-precision training step on ``device``.
+
+    ``auto``: bfloat16 where the GPU computes it natively (its exponent range is float32's, so
+    gradients neither underflow nor need a loss scale), else float16 with a gradient scaler.
+    """
+    if amp_dtype not in AMP_DTYPES:
+        raise CellmorphError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+    if amp_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and _native_bf16() else torch.float16
+    return torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16
+
+
+def _native_bf16() -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 has no emulation to leave out
+        return torch.cuda.is_bf16_supported()
 
 
 def _lr_at(settings: TrainSettings, epoch: int) -> float:
@@ -234,9 +261,11 @@ def fit(
     optimizer = torch.optim.SGD(_param_groups(model, params, settings), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
-    step = _Step(model, optimizer, torch.amp.GradScaler("cuda", enabled=amp), weights,
-                 torch.as_tensor(np.asarray(targets, dtype=np.int64)), device, amp, settings.channels_last,
-                 dp if dp.active else None)
+    dtype = training_autocast_dtype(device, settings.amp_dtype)
+    # Only float16 needs a loss scale: its smallest normal (6e-5) is where small gradients vanish.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    step = _Step(model, optimizer, scaler, weights, torch.as_tensor(np.asarray(targets, dtype=np.int64)), device,
+                 amp, settings.channels_last, dp if dp.active else None, dtype)
     rng = np.random.default_rng(shuffle_seed)
     history = []
     for epoch in range(settings.epochs):
@@ -294,13 +323,18 @@ class _Step:
     """
 
     def __init__(self, model, optimizer, scaler, weights, y_all, device, amp: bool, channels_last: bool,
-                 dp: DataParallel | None = None) -> None:
+                 dp: DataParallel | None = None, dtype: torch.dtype = torch.float16) -> None:
         self.model, self.optimizer, self.scaler, self.weights = model, optimizer, scaler, weights
         self.y_all, self.device, self.amp, self.channels_last = y_all, device, amp, channels_last
-        self.dp = dp
+        self.dp, self.dtype = dp, dtype
 
     def epoch(self, batches, split: FrozenSplit | None, epoch: int, on_batch) -> dict:
-        total_loss, total_correct, seen = 0.0, 0, 0
+        # Sums stay on the device (float64: the same arithmetic as Python floats, so CPU runs record
+        # the numbers they always did); reading them per batch would make the host wait for every step.
+        sums = torch.device("cpu") if self.device.type == "mps" else self.device  # MPS has no float64
+        total_loss = torch.zeros((), dtype=torch.float64, device=sums)
+        total_correct = torch.zeros((), dtype=torch.int64, device=sums)
+        seen = 0
         dp = self.dp
         for x, positions in batches:
             n = len(positions)  # the global batch
@@ -311,7 +345,7 @@ class _Step:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.amp):
                 logits = self.model(x) if split is None else split.tail(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
             if dp is None:
@@ -326,14 +360,16 @@ class _Step:
                 loss, correct = dp.all_reduce_gradients(params, torch.stack([loss.detach(), correct.float()]))
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if not torch.isfinite(loss):
-                raise CellmorphError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower the learning rate")
-            total_loss += float(loss.detach()) * n
-            total_correct += int(correct)
+            total_loss += loss.detach().to(sums).double() * n
+            total_correct += correct.to(sums).long()
             seen += n
             if on_batch:
                 on_batch()
-        return {"loss": total_loss / max(seen, 1), "train_accuracy": total_correct / max(seen, 1), "n_tiles": seen}
+        # A non-finite batch loss makes the sum non-finite: one check per epoch, not a wait per step.
+        summed = float(total_loss)
+        if not math.isfinite(summed):
+            raise CellmorphError(f"training diverged (loss {summed}) at epoch {epoch + 1}; lower the learning rate")
+        return {"loss": summed / max(seen, 1), "train_accuracy": int(total_correct) / max(seen, 1), "n_tiles": seen}
 
 
 def enable_dropout(model: nn.Module) -> None:

@@ -111,6 +111,9 @@ class CVConfig(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     amp: bool | None = Field(None, description="mixed precision; default on for CUDA, always off on CPU")
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto", description="mixed-precision type of training steps: auto is bfloat16 on GPUs that compute it "
+        "natively (no loss scaling), else float16 with a gradient scaler (benchmarks/RESULTS.md, 'GPU')")
     deterministic: bool = True
     num_workers: int = Field(0, ge=0, description="tile-reading worker processes")
     num_threads: int | None = Field(
