@@ -64,6 +64,10 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 LOCO_FOLDS = 38  # BBBC021's MoA subset: one fold per compound
 PAPER_EPOCHS = 10
+# A LOCO fold of the paper trains on 1,208 images × 4 tiles less one compound's (1/38 on average).
+# The synthetic mini screen has one site per well, so its folds hold about a quarter of that;
+# projections scale the measured tiles/s to this size.
+PAPER_TRAIN_TILES = round(1208 * 4 * 37 / 38)
 
 
 def log(text: str) -> None:
@@ -255,10 +259,11 @@ def one_fold(cache: Path, work: Path, config: dict, deadline: float, device: tor
         steady = float(np.median(epochs[1:])) if len(epochs) > 1 else float(epochs[0])
         record["steady_epoch_s"] = steady
         record["tiles_per_s"] = n_train / steady
-        # A fold = first epoch (cuDNN/allocator warm-up) + the rest + scoring; 38 such folds one after another.
-        projected = record["seconds"] if record["complete"] else (
-            float(epochs[0]) + steady * (plan.config.epochs - 1))
-        record["projected_38_folds_s"] = projected * LOCO_FOLDS
+        # A fold = fixed costs (first-epoch warm-up beyond a steady epoch, scoring, writing) + 10 epochs at
+        # the steady rate; the paper's fold has PAPER_TRAIN_TILES training tiles; 38 such folds in a row.
+        fixed = (record["seconds"] - float(epochs.sum()) if record["complete"] else 0.0) + float(epochs[0]) - steady
+        record["fixed_s"] = fixed
+        record["projected_38_folds_s"] = LOCO_FOLDS * (fixed + PAPER_EPOCHS * PAPER_TRAIN_TILES / record["tiles_per_s"])
     return record
 
 
@@ -293,8 +298,8 @@ def concurrent_folds(cache: Path, work: Path, config: dict, counts: list[int], b
         row = {"concurrent": k, "epochs": plan.config.epochs, "threads_per_fold": threads,
                "cluster_start_s": started - t, "wall_s": wall, "fold_s_mean": fold_s, "fold_s_max": span,
                "tiles_per_s": tiles / span}
-        # 38 folds in waves of k; each fold scaled from the measured epochs to the paper's 10.
-        row["projected_38_folds_s"] = math.ceil(LOCO_FOLDS / k) * span * PAPER_EPOCHS / plan.config.epochs
+        # 38 paper-size folds of 10 epochs at the aggregate rate (start-up and scoring left out: a few s per fold).
+        row["projected_38_folds_s"] = LOCO_FOLDS * PAPER_EPOCHS * PAPER_TRAIN_TILES / row["tiles_per_s"]
         rows.append(row)
         log(f"  {k} at once: {tiles / span:.0f} tiles/s, folds {fold_s:.1f} s, "
             f"38 folds ≈ {row['projected_38_folds_s'] / 60:.1f} min")
@@ -330,6 +335,12 @@ def correctness(cache: Path, work: Path, config: dict, device: torch.device) -> 
     record |= {"cpu_vs_device_max_abs_diff": float(np.abs(on_cpu - first.probs).max()),
                "cpu_vs_device_calls_agree": float(np.mean(on_cpu.argmax(1) == first.probs.argmax(1))),
                "cpu_vs_device_fp32_max_abs_diff": float(np.abs(on_cpu - on_device_fp32).max())}
+    if config.get("cuda_graphs") and device.type == "cuda":
+        eager_plan, _ = _plan(cache, config | {"cuda_graphs": False}, work / "correctness-eager")
+        with deterministic(True):
+            eager = run_fold(eager_plan, fold, None, tasks)
+        record |= {"graphed_vs_eager_max_abs_diff": float(np.abs(first.probs - eager.probs).max()),
+                   "graphed_vs_eager_calls_agree": float(np.mean(first.probs.argmax(1) == eager.probs.argmax(1)))}
     return record
 
 
@@ -347,7 +358,7 @@ def flops_per_image(name: str, size: int) -> float:
 
 
 def step_rate(name: str, size: int, batch: int, precision: str, channels_last: bool, compiled: bool,
-              device: torch.device, steps: int) -> dict:
+              device: torch.device, steps: int, graphed: bool = False) -> dict:
     """Images/s of training steps (forward, class-weighted loss, backward, SGD) on one fixed batch."""
     import timm
 
@@ -364,15 +375,29 @@ def step_rate(name: str, size: int, batch: int, precision: str, channels_last: b
         x = x.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else model
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    def eager() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=not graphed):
             loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
+    step = eager
     t = time.perf_counter()
+    if graphed:  # the whole step as one CUDA graph, as cellmorph's cuda_graphs option does (train._GraphedStep)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager()
+        torch.cuda.current_stream(device).wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            eager()
+        step = graph.replay
     for _ in range(3):
         step()
     sync(device)
@@ -385,24 +410,28 @@ def step_rate(name: str, size: int, batch: int, precision: str, channels_last: b
         sync(device)
         rates.append(batch * steps / (time.perf_counter() - t))
     return {"model": name, "size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
-            "compile": compiled, "images_per_s": statistics.median(rates), "warmup_s": warmup}
+            "compile": compiled, "graphed": graphed, "images_per_s": statistics.median(rates), "warmup_s": warmup}
 
 
 def throughput(device: torch.device, shapes: list[tuple[str, int]], batches: list[int], precisions: list[str],
-               steps: int, budget: Budget, peak_flops: float | None, compiled: bool = False) -> list[dict]:
+               steps: int, budget: Budget, peak_flops: float | None, compiled: bool = False,
+               graphed: str = "off", nchw: bool = True) -> list[dict]:
+    """``graphed``: off (eager steps), on (CUDA-graph steps only), both; ``nchw``: also bf16 without
+    channels-last at the largest batch (its share, once)."""
     rows = []
+    graph_modes = {"off": [False], "on": [True], "both": [False, True]}[graphed if device.type == "cuda" else "off"]
     for name, size in shapes:
         flops = flops_per_image(name, size)
         for batch in batches:
-            variants = [(p, True) for p in precisions]
-            if not compiled and "bf16" in precisions and batch == max(batches):
-                variants.append(("bf16", False))  # channels-last's share, once
-            for precision, channels_last in variants:
+            variants = [(p, True, g) for g in graph_modes for p in precisions if not (g and p == "fp16")]
+            if nchw and not compiled and "bf16" in precisions and batch == max(batches) and False in graph_modes:
+                variants.append(("bf16", False, False))
+            for precision, channels_last, graph in variants:
                 if budget.left() < (90 if compiled else 15):
                     rows.append({"model": name, "batch": batch, "precision": precision, "skipped": "budget"})
                     continue
                 try:
-                    row = step_rate(name, size, batch, precision, channels_last, compiled, device, steps)
+                    row = step_rate(name, size, batch, precision, channels_last, compiled, device, steps, graph)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not end the run
                     row = {"model": name, "size": size, "batch": batch, "precision": precision,
                            "channels_last": channels_last, "compile": compiled, "error": f"{type(error).__name__}: {error}"}
@@ -414,7 +443,7 @@ def throughput(device: torch.device, shapes: list[tuple[str, int]], batches: lis
                     row["pct_of_peak"] = 100 * row["images_per_s"] * flops / peak_flops
                 rows.append(row)
                 log(f"  {name} {size}px b{batch} {precision}{'' if channels_last else ' NCHW'}"
-                    f"{' compiled' if compiled else ''}: {row['images_per_s']:.0f} img/s"
+                    f"{' compiled' if compiled else ''}{' graphed' if graph else ''}: {row['images_per_s']:.0f} img/s"
                     + (f" ({row['pct_of_peak']:.1f}% of peak)" if peak_flops else ""))
     return rows
 
@@ -476,6 +505,8 @@ def markdown(results: dict) -> str:
     fold = results.get("fold")
     if isinstance(fold, dict) and "seconds" in fold:
         lines += ["## One LOCO fold, the paper's recipe", "",
+                  f"38 folds projected at {PAPER_TRAIN_TILES} training tiles per fold (the paper's; mini's folds "
+                  "are a quarter of that) from the steady tiles/s, plus each fold's fixed costs.", "",
                   "| fold | training tiles | epochs | batch | amp | seconds | steady epoch s | tiles/s | GPU busy % "
                   "| 38 folds (projected) |", "|---|---|---|---|---|---|---|---|---|---|",
                   f"| {fold['fold']} | {fold['train_tiles']} | {len(fold['epoch_seconds'])}/{fold['epochs']} | "
@@ -495,16 +526,18 @@ def markdown(results: dict) -> str:
     for key, title in (("throughput", "Training steps, batch on the GPU"), ("compile", "torch.compile (bf16)")):
         rows = [r for r in results.get(key) or [] if isinstance(r, dict) and "images_per_s" in r]
         if rows:
-            lines += [f"## {title}", "", "| model | px | batch | precision | layout | compile | images/s | GFLOP/img "
-                      "| % of peak |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"## {title}", "", "| model | px | batch | precision | layout | compile | CUDA graph | images/s "
+                      "| GFLOP/img | % of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['precision']} | "
                              f"{'NHWC' if r['channels_last'] else 'NCHW'} | {'yes' if r['compile'] else 'no'} | "
+                             f"{'yes' if r.get('graphed') else 'no'} | "
                              f"{r['images_per_s']:.0f} | {r['gflops_per_image']:.1f} | {_pct(r.get('pct_of_peak'))} |")
             lines.append("")
     rows = [r for r in results.get("concurrent") or [] if isinstance(r, dict) and "tiles_per_s" in r]
     if rows:
         lines += ["## Folds at once on one GPU (Dask executor)", "",
+                  f"38 folds projected at {PAPER_TRAIN_TILES} training tiles per fold from the aggregate tiles/s.", "",
                   "| folds at once | epochs | mean fold s | tiles/s (all) | 38 folds (projected) |", "|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['concurrent']} | {r['epochs']} | {r['fold_s_mean']:.1f} | {r['tiles_per_s']:.0f} | "
@@ -539,6 +572,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--commit", default=None, help="the commit measured (a copied tree has no git)")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a CVConfig field of every fold this run trains (YAML value), e.g. cuda_graphs=true")
+    parser.add_argument("--concurrent", default=None, help="folds at once, e.g. 1,2,4 (default)")
+    parser.add_argument("--precisions", default=None, help="throughput: e.g. fp32,fp16,bf16 (default on CUDA)")
+    parser.add_argument("--batches", default=None, help="throughput: e.g. 8,128 (default)")
+    parser.add_argument("--graphed", choices=["off", "on", "both"], default="both",
+                        help="throughput: eager steps, CUDA-graph steps, or both")
+    parser.add_argument("--variants", default=None, help="fold_variants to run, by number: 0 float16, 1 loader "
+                        "workers, 2 deterministic off, 3 cuda_graphs, 4 cuda_graphs + fp32, 5 fp32 (default all)")
     args = parser.parse_args(argv)
 
     from cellmorph.runtime import resolve_device
@@ -551,12 +593,18 @@ def main(argv: list[str] | None = None) -> dict:
     smoke = args.smoke
     size = 64 if smoke else 224
     shapes = [("resnet50", 64), ("inception_v3", 75)] if smoke else [("resnet50", 224), ("inception_v3", 299)]
-    batches = [2] if smoke else [8, 128]
-    precisions = ["fp32", "bf16"] if smoke or device.type != "cuda" else ["fp32", "fp16", "bf16"]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [2] if smoke else [8, 128]
+    precisions = (args.precisions.split(",") if args.precisions else
+                  ["fp32", "bf16"] if smoke or device.type != "cuda" else ["fp32", "fp16", "bf16"])
     steps = 1 if smoke else 20
     fold_epochs = 1 if smoke else PAPER_EPOCHS
+    import yaml
+
     extra = {"max_tiles_per_fold": 16, "batch_size": 4} if smoke else {}
-    results: dict = {"budget_s": args.budget, "smoke": smoke, "argv": sys.argv}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        extra[key.strip()] = yaml.safe_load(value)
+    results: dict = {"budget_s": args.budget, "smoke": smoke, "argv": sys.argv, "overrides": extra}
 
     def save() -> None:
         results["seconds"] = budget.used()
@@ -590,7 +638,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cache is not None:
         fold = section("fold", 20, lambda: one_fold(cache, work / "fold", config, time.perf_counter()
                                                     + budget.left() - 150, device))
-    section("throughput", 20, lambda: throughput(device, shapes, batches, precisions, steps, budget, peak_flops))
+    section("throughput", 20, lambda: throughput(device, shapes, batches, precisions, steps, budget, peak_flops,
+                                                 graphed=args.graphed, nchw=args.precisions is None))
     if cache is not None:
         one = fold.get("seconds", 60.0) if fold.get("complete") else 60.0
         # Concurrency: fewer epochs per fold when a whole fold is long (its epochs cost the same).
@@ -598,13 +647,18 @@ def main(argv: list[str] | None = None) -> dict:
         per_fold = one * conc_epochs / fold_epochs if not smoke else one
         section("concurrent", per_fold + 30, lambda: concurrent_folds(
             cache, work / "concurrent", paper_config(str(device), conc_epochs, size, **extra),
-            [2] if smoke else [1, 2, 4], budget, per_fold))
+            [int(k) for k in args.concurrent.split(",")] if args.concurrent else [2] if smoke else [1, 2, 4],
+            budget, per_fold))
         loaders = 2 if smoke else 4
-        variants = {"amp_dtype float16 (the earlier default)": {"amp_dtype": "float16"},
-                    f"num_workers {loaders} (tiles read by worker processes)": {"num_workers": loaders},
-                    "deterministic off (cuDNN autotuning)": {"deterministic": False}}
-        if device.type != "cuda":
-            variants.pop("amp_dtype float16 (the earlier default)")
+        every = [("amp_dtype float16 (the earlier default)", {"amp_dtype": "float16"}),
+                 (f"num_workers {loaders} (tiles read by worker processes)", {"num_workers": loaders}),
+                 ("deterministic off (cuDNN autotuning)", {"deterministic": False}),
+                 ("cuda_graphs", {"cuda_graphs": True}),
+                 ("cuda_graphs, amp off (fp32 steps)", {"cuda_graphs": True, "amp": False}),
+                 ("amp off (fp32 steps), eager", {"amp": False, "cuda_graphs": False})]
+        chosen = ([int(v) for v in args.variants.split(",")] if args.variants else
+                  [1, 2] if device.type != "cuda" else list(range(len(every))))
+        variants = dict(every[i] for i in chosen)
 
         def fold_variants() -> dict:
             out = {}
@@ -619,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
         section("fold_variants", 60, fold_variants)
         section("input", 10, lambda: input_rates(cache, device, 4 if smoke else 128, 2 if smoke else 20,
                                                  [0, 2] if smoke else [0, 4]))
-        short = paper_config(str(device), 1, size, **(extra or {"max_tiles_per_fold": 512}))
+        short = paper_config(str(device), 1, size, **({"max_tiles_per_fold": 512} | extra))
         section("correctness", 30, lambda: correctness(cache, work / "correctness", short, device))
     if device.type == "cuda":
         section("compile", 90, lambda: throughput(device, shapes, batches, ["bf16"], steps, budget, peak_flops,

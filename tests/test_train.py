@@ -230,3 +230,12 @@ def test_the_head_can_start_from_a_linear_probe_of_the_pretrained_features():
     # and the full fit starts from it
     model, before, after = _fit_with(TrainSettings(epochs=1, batch_size=8, lr=0.01, head_init="probe"))
     assert _changed(before, after, "fc", True, model)
+
+
+def test_autocast_type_names_are_checked_and_the_cpu_never_picks_bf16_by_itself():
+    from cellmorph.train import training_autocast_dtype
+
+    assert training_autocast_dtype(CPU) == torch.float16  # amp is off on the CPU anyway: no bf16 guess
+    assert training_autocast_dtype(CPU, "bfloat16") == torch.bfloat16
+    with pytest.raises(CellmorphError, match="amp_dtype must be one of auto, bfloat16, float16"):
+        training_autocast_dtype(CPU, "half")
