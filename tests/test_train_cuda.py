@@ -46,7 +46,7 @@ def test_bf16_is_the_default_where_the_gpu_computes_it():
 def test_cuda_graph_steps_train_the_model_the_eager_steps_train():
     """Graph replay runs the eager step's kernels: per-epoch losses and the final weights agree to
     float rounding (cosine schedule: the graph is captured again each epoch at its new rate)."""
-    eager_history, eager = _fit_on_gpu(SETTINGS)
+    eager_history, eager = _fit_on_gpu(replace(SETTINGS, cuda_graphs=False))
     graphed_history, graphed = _fit_on_gpu(replace(SETTINGS, cuda_graphs=True))
     assert [h["n_tiles"] for h in graphed_history] == [52] * 3
     assert np.allclose([h["loss"] for h in graphed_history], [h["loss"] for h in eager_history], rtol=1e-4)
@@ -55,6 +55,13 @@ def test_cuda_graph_steps_train_the_model_the_eager_steps_train():
     again_history, again = _fit_on_gpu(replace(SETTINGS, cuda_graphs=True))
     assert [h["loss"] for h in again_history] == [h["loss"] for h in graphed_history]
     assert all(torch.equal(again[k], graphed[k]) for k in graphed)
+    auto_history, _ = _fit_on_gpu(SETTINGS)  # the default: graphs wherever they apply, as here
+    assert [h["loss"] for h in auto_history] == [h["loss"] for h in graphed_history]
+
+
+def test_a_float16_step_without_a_request_for_graphs_stays_eager():
+    history, _ = _fit_on_gpu(replace(SETTINGS, amp_dtype="float16"))
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
 
 
 def test_cuda_graphs_refuse_a_loss_scaled_float16_step():

@@ -56,7 +56,7 @@ class TrainSettings:
     backbone_lr_scale: float = 1.0
     unfreeze_every: int = 0
     head_init: str = "random"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: wherever they apply (CUDA, no loss scale, one process)
 
     @classmethod
     def from_config(cls, config) -> "TrainSettings":
@@ -266,11 +266,12 @@ def fit(
     # Only float16 needs a loss scale: its smallest normal (6e-5) is where small gradients vanish.
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     graphs = None
-    if settings.cuda_graphs and cuda:
+    if cuda and settings.cuda_graphs is not False:
         if scaler.is_enabled():
-            raise CellmorphError("cuda_graphs needs a step without a loss scale: amp_dtype bfloat16 (or auto on a GPU "
-                                 "with native bfloat16), or amp off")
-        if not (dp.active or frozen is not None):  # those steps stay eager (collectives, a split network)
+            if settings.cuda_graphs:
+                raise CellmorphError("cuda_graphs needs a step without a loss scale: amp_dtype bfloat16 (or auto on a "
+                                     "GPU with native bfloat16), or amp off")
+        elif not (dp.active or frozen is not None):  # those steps stay eager (collectives, a split network)
             graphs = _GraphedStep(settings.batch_size)
     step = _Step(model, optimizer, scaler, weights, torch.as_tensor(np.asarray(targets, dtype=np.int64)), device,
                  amp, settings.channels_last, dp if dp.active else None, dtype, graphs)

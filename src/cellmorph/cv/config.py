@@ -86,9 +86,11 @@ class CVConfig(BaseModel):
         "become `epochs`; 1.4× faster training steps for lite0 at 320 px on CPU); needs copies × tiles × "
         "feature-map float32 disk in the run directory while the run goes on (mini at 320 px: 1.5 GB)",
     )
-    cuda_graphs: bool = Field(
-        False, description="CUDA: replay each full-size training step as one CUDA graph (removes the per-kernel "
-        "launch cost that bounds small batches such as the paper's 8; needs bfloat16 or fp32 steps, no loss scale)")
+    cuda_graphs: bool | None = Field(
+        None, description="CUDA: replay each full-size training step as one CUDA graph, which removes the "
+        "per-kernel launch cost that bounds small batches (the paper's ResNet50 fold at batch 8: 2.6x faster on an "
+        "H200, benchmarks/RESULTS.md 'GPU'); default: wherever it applies (bfloat16 or fp32 steps, one process, "
+        "no frozen-feature cache); true: refuse a float16 loss-scaled step; false: eager steps")
     channels_last: bool = Field(True, description="NHWC tensors (oneDNN's fast layout on CPU, cuDNN's on CUDA)")
     eval_epochs: list[int] = Field(
         default_factory=list,
