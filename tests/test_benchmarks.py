@@ -120,11 +120,13 @@ def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tm
                                              "deterministic off (cuDNN autotuning)"}
     assert results["input"]["read_tiles_per_s_workers2"] > 0 and results["input"]["augment_tiles_per_s_cpu"] > 0
     check = results["correctness"]
-    # Deterministic kernels: the same fold twice is bit-identical; on the CPU "device" and CPU are one.
-    assert check["repeat_identical"] and check["cpu_vs_device_max_abs_diff"] == 0.0
+    # Deterministic kernels: the same fold twice is bit-identical; on the CPU "device" and CPU are one
+    # (scored at another batch size, so oneDNN may round differently: same calls, differences ≪ 1e-3)
+    assert check["repeat_identical"] and check["cpu_vs_device_max_abs_diff"] < 1e-4
+    assert check["cpu_vs_device_calls_agree"] == 1.0
     bundle = results["bundle"]  # train → bundle → predict (CPU) against the bundle scored on the "device"
     assert bundle["treatments"] == bundle["treatments_in_predict"] > 0
-    assert bundle["max_abs_diff"] < 1e-5 and bundle["calls_agree"] == 1.0
+    assert bundle["max_abs_diff"] < 1e-4 and bundle["calls_agree"] == 1.0
     report = (out / "gpu.md").read_text()
     for heading in ("One LOCO fold", "Training steps", "Folds at once", "Input side", "Correctness",
                     "A bundle trained here"):

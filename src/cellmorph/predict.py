@@ -211,7 +211,7 @@ def in_model_channel_order(bundle, table: "ImageTable", log=None) -> "ImageTable
     stored DNA, actin, tubulin); said in one note. Anything else is left for :func:`images_recipe`
     to refuse by name."""
     wanted = [c for c in bundle.recipe.get("channels") or [] if not str(c).startswith("zero")]
-    if list(table.channels) == wanted or sorted(table.channels) != sorted(wanted) or len(set(wanted)) != len(wanted):
+    if list(table.channels) == wanted or not table.names_same_channels(wanted):
         return table
     if log is not None:
         log(f"note: {table.origin or table.source}: channels {', '.join(table.channels)} read as "

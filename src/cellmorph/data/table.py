@@ -92,12 +92,17 @@ class ImageTable:
         self.channels = tuple(self.channels)
         validate_frame(self.frame, self.channels, self.source)
 
+    def names_same_channels(self, names) -> bool:
+        """``names`` are this table's channel names, each once, in any order."""
+        names = tuple(names)
+        return sorted(names) == sorted(self.channels) and len(set(names)) == len(names)
+
     def in_channel_order(self, names) -> "ImageTable":
         """The same images with their channels read in the order ``names`` (the same names, another
         order): a model trained on crops stored DNA, actin, tubulin applies to fields named DAPI,
         Tubulin, Actin once both are named. Raises :class:`BadInputError` unless the names match as sets."""
         names = tuple(names)
-        if sorted(names) != sorted(self.channels) or len(set(names)) != len(names):
+        if not self.names_same_channels(names):
             raise BadInputError(f"{self.origin or self.source}: channels {list(self.channels)} cannot be read as "
                                 f"{list(names)} (the same names are needed, in any order)")
         if names == self.channels:
