@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -126,20 +125,12 @@ def environment(device: torch.device, commit: str | None) -> dict:
 
 
 def matmul_peak(device: torch.device, n: int) -> dict:
+    """The dense peak of the device: benchmarks/run.py's matmul timing, in bf16 on a GPU."""
+    from run import matmul_gflops
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(3):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        sync(device)
-        rates.append(10 * 2 * n**3 / (time.perf_counter() - t))
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": statistics.median(rates) / 1e12}
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."),
+            "tflops": matmul_gflops(n, repeats=10, device=str(device), dtype=dtype) / 1e3}
 
 
 # --------------------------------------------------------------------------- 3
@@ -506,6 +497,7 @@ def input_rates(cache_dir: Path, device: torch.device, batch: int, n_batches: in
     from cellmorph.augment import Augmenter
     from cellmorph.cache import TileCache
     from cellmorph.datasets import InputPipeline, iterate_batches
+    from cellmorph.models import model_input_spec
 
     cache = TileCache(cache_dir)
     rows = np.arange(len(cache.index))
@@ -521,8 +513,7 @@ def input_rates(cache_dir: Path, device: torch.device, batch: int, n_batches: in
                 break
         sync(device)
         out[f"read_tiles_per_s_workers{w}"] = seen / (time.perf_counter() - t)
-    size = cache.tile_shape[-1]
-    pipeline = InputPipeline([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], size, Augmenter(seed=0)).train()
+    pipeline = InputPipeline.from_spec(model_input_spec("resnet50", cache.tile_shape[-1]), Augmenter(seed=0)).train()
     sample = torch.from_numpy(cache.tiles(rows[:batch]))
     for where in dict.fromkeys([device, torch.device("cpu")]):
         pipeline.to(where)

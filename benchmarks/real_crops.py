@@ -39,19 +39,39 @@ BASE = {"model": "tf_efficientnet_lite0", "init": "imagenet", "cv": "loco"}
 # name → (config on top of BASE, what it is). Fixed-C probes are for reading the curve only: a C chosen
 # by looking at these LOCO figures would have been chosen on the compounds it is scored on.
 RECIPES: dict[str, tuple[dict, str]] = {
-    "probe": ({"mode": "linear-probe"}, "the CLI contract's probe: crop defaults, C chosen inside each fold"),
+    "probe": ({"mode": "linear-probe"}, "the CLI contract's probe: crop defaults (centroid head, logmean)"),
+    "probe-logistic": ({"mode": "linear-probe", "probe_head": "logistic", "aggregate": "median"},
+                       "the logistic head, C chosen inside each fold, median (the default before the centroid head)"),
+    "probe-logistic-logmean": ({"mode": "linear-probe", "probe_head": "logistic", "aggregate": "logmean"},
+                               "the logistic head, C nested, logmean: logistic regression of mean profiles"),
+    "probe-centroid-median": ({"mode": "linear-probe", "probe_head": "centroid", "aggregate": "median"},
+                              "the centroid head with the median of per-cell probabilities"),
+    "probe-centroid-mean": ({"mode": "linear-probe", "probe_head": "centroid", "aggregate": "mean"},
+                            "the centroid head with the mean of per-cell probabilities"),
     "probe-c1": ({"mode": "linear-probe", "probe_c": 1.0}, "C = 1, scikit-learn's default (before issue 29)"),
     "probe-c0.1": ({"mode": "linear-probe", "probe_c": 0.1}, "fixed C, hindsight"),
     "probe-c0.01": ({"mode": "linear-probe", "probe_c": 0.01}, "fixed C, hindsight"),
     "probe-c0.003": ({"mode": "linear-probe", "probe_c": 0.003}, "fixed C, hindsight"),
     "probe-c0.001": ({"mode": "linear-probe", "probe_c": 0.001}, "fixed C, hindsight"),
-    "probe-mean": ({"mode": "linear-probe", "aggregate": "mean"}, "nested C, mean instead of median aggregation"),
+    "probe-mean": ({"mode": "linear-probe", "probe_head": "logistic", "aggregate": "mean"},
+                   "nested C, mean instead of median aggregation"),
     "probe-stage3": ({"mode": "linear-probe", "features": "stage3"}, "nested C, stage 3 alone"),
     "probe-notta": ({"mode": "linear-probe", "tta": "none"}, "nested C, no dihedral averaging of embeddings"),
     "probe-96": ({"mode": "linear-probe", "image_size": 96}, "nested C, 96 px"),
     "probe-160": ({"mode": "linear-probe", "image_size": 160}, "nested C, 160 px"),
     "probe-lite2": ({"mode": "linear-probe", "model": "tf_efficientnet_lite2"}, "nested C, EfficientNet-Lite2"),
     "finetune": ({"epochs": 5}, "the CLI contract's fine-tune: crop defaults, 5 epochs (about an hour on 2 cores)"),
+    # Fine-tune levers, one change each from the contract's fine-tune (item 3 of issue 29).
+    "ft-probe-head": ({"epochs": 5, "head_init": "probe"}, "head started from a logistic regression (LP-FT)"),
+    "ft-cosine": ({"epochs": 5, "lr_schedule": "cosine"}, "cosine learning rate"),
+    "ft-wd": ({"epochs": 5, "weight_decay": 5e-4}, "SGD weight decay 5e-4"),
+    "ft-drop": ({"epochs": 5, "drop_rate": 0.3}, "dropout 0.3 before the classifier"),
+    "ft-lr3e-3": ({"epochs": 5, "lr": 3e-3}, "learning rate 3e-3 instead of 1e-2"),
+    "ft-10ep": ({"epochs": 10}, "10 epochs"),
+    "ft-blr0.1": ({"epochs": 5, "backbone_lr_scale": 0.1}, "backbone at 0.1 of the head's rate"),
+    "ft-freeze3": ({"epochs": 5, "freeze_stages": 3}, "one more trainable stage (3 frozen)"),
+    "ft-96": ({"epochs": 5, "image_size": 96}, "96 px"),
+    "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
 }
 # name → member recipes: the members' held-out cell probabilities averaged, then aggregated as a run
 # aggregates (median cell → well → treatment). Members must have run (same folds, same cells).
@@ -60,7 +80,8 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-lite0-stage3": ("probe", "probe-stage3"),
     "ens-lite0-lite2-stage3": ("probe", "probe-lite2", "probe-stage3"),
 }
-DEFAULT_RECIPES = "probe,probe-c1,probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean"
+DEFAULT_RECIPES = ("probe,probe-logistic,probe-logistic-logmean,probe-centroid-median,probe-centroid-mean,probe-c1,"
+                   "probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean")
 
 
 def prepared_cache(dev_set: Path, out: Path) -> Path:
@@ -123,6 +144,7 @@ def score(run: Path | list[Path]) -> dict:
         "n_folds": metrics["n_folds"],
         "unscored": [s["name"] for s in metrics.get("skipped_folds", [])],
         "probe_c": sorted({float(v) for v in (metrics.get("probe_c") or {}).values()}),
+        "probe_temperature": sorted({float(v) for v in (metrics.get("probe_temperature") or {}).values()}),
         "seconds": metrics.get("seconds"),
     }
 
@@ -134,6 +156,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/real-crops"))
     parser.add_argument("--dev-set", type=Path, default=DEV_SET)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cv", default="loco", help="the scheme (loco, the issue's; group-kfold:4 screens a "
+                        "fine-tune lever in a fifth of the time); runs other than loco go to OUT/<scheme>/")
     parser.add_argument("--list", action="store_true", help="print the recipes and stop")
     args = parser.parse_args()
     if args.list:
@@ -149,10 +173,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; see --list")
     cache = prepared_cache(args.dev_set, args.out)
+    runs = args.out if args.cv == "loco" else args.out / args.cv.replace(":", "-")
     rows, first_probe = [], None  # the first probe recipe with the contract's embedding settings
     for name in names:
         if name in ENSEMBLES:
-            members = [args.out / m for m in ENSEMBLES[name]]
+            members = [runs / m for m in ENSEMBLES[name]]
             missing = [m.name for m in members if not (m / "metrics.json").is_file()]
             if missing:
                 raise SystemExit(f"{name}: run its members first ({', '.join(missing)})")
@@ -162,7 +187,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             continue
         config, what = RECIPES[name]
-        run = args.out / name
+        run = runs / name
         shared = False
         embeds_alike = config.get("mode") == "linear-probe" and set(config) - {"mode"} <= set(HEAD_ONLY_FIELDS)
         if embeds_alike:
@@ -174,18 +199,18 @@ def main() -> None:
                     shutil.copy2(first_probe / file, run / file)
                 shared = True
         started = time.perf_counter()
-        run_cv(cache, run, BASE | config | {"num_threads": args.threads}, resume=(run / "metrics.json").is_file()
+        run_cv(cache, run, BASE | config | {"cv": args.cv, "num_threads": args.threads}, resume=(run / "metrics.json").is_file()
                or (run / "config.yaml").is_file(), progress=False)
         row = {"recipe": name, "what": what, **score(run), "wall": round(time.perf_counter() - started, 1),
                "embeddings_shared": shared}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| recipe | treatment (95% interval) | well | cell | balanced cell | log-loss treatment / cell "
-          "| C per fold | wall |\n|---|---|---|---|---|---|---|---|")
+          "| C (or T) per fold | wall |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         ci = r["treatment_ci95"]
         interval = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
-        cs = ", ".join(f"{c:g}" for c in r["probe_c"]) or "–"
+        cs = ", ".join(f"{c:g}" for c in r["probe_c"]) or ", ".join(f"T {t:g}" for t in r.get("probe_temperature", [])) or "–"
         wall = f"{r['seconds']:.0f} s" + (" (heads only)" if r["embeddings_shared"] else "")
         print(f"| `{r['recipe']}` | {r['treatment']:.3f}{interval} | {r['well']:.3f} | {r['cell']:.3f} "
               f"| {r['balanced_cell']:.3f} | {r['treatment_log_loss']:.2f} / {r['cell_log_loss']:.2f} | {cs} "

@@ -55,11 +55,11 @@ def log(*parts) -> None:
 
 
 # --------------------------------------------------------------------------- machine limit
-def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
-    """Median fp32 GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs) with the current thread count."""
+def matmul_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs) in ``dtype`` with the current thread count."""
     dev = torch.device(device)
-    a = torch.randn(n, n, device=dev)
-    b = torch.randn(n, n, device=dev)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []

@@ -105,7 +105,7 @@ class TrainingConfigRecord(_Entry):
 
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     tta: TTAMode = "none"
-    aggregate: Literal["median", "mean"] = "median"
+    aggregate: Literal["median", "mean", "logmean"] = "median"
 
 
 class CalibrationRecord(_Entry):

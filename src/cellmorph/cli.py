@@ -293,7 +293,11 @@ def _print_metrics(metrics: dict, out: Path) -> None:
     grid.add_row("well", f"{metrics['well_accuracy']:.3f}", str(metrics.get("n_wells", "")), "")
     grid.add_row("tile", f"{metrics['tile_accuracy']:.3f}", str(metrics.get("n_tiles", "")), "")
     console.print(grid)
-    if interval and metrics.get("probe_c"):  # only a linear probe records its C
+    if interval and metrics.get("probe_head") == "centroid":
+        console.print("95% interval: the treatments resampled. The centroid head is a mean and a cosine: float "
+                      "rounding on another CPU moves its calls only at ties (README, 'Reproducibility').",
+                      highlight=False, soft_wrap=True)
+    elif interval and metrics.get("probe_c"):  # only a linear probe records its C
         console.print("95% interval: the treatments resampled. A linear probe's heads are convex fits: float "
                       "rounding on another CPU moves its probabilities, not its calls, but for ties "
                       "(README, 'Reproducibility').", highlight=False, soft_wrap=True)
@@ -339,6 +343,7 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "head_init": (Optional[str], typer.Option(None, help=field_help("head_init"))),
     "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
     "probe_c": (Optional[str], typer.Option(None, help=field_help("probe_c"))),
+    "probe_head": (Optional[str], typer.Option(None, help=field_help("probe_head"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
     "device": (Optional[str], typer.Option(None, help=field_help("device"))),
     "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),

@@ -38,6 +38,15 @@ def prob_columns(frame: pd.DataFrame, prefix: str = PROB_PREFIX) -> list[str]:
     return cols
 
 
+# How tile probabilities become a well's, and wells' a treatment's: the median (the paper), the mean, or
+# logmean, the mean of the log-probabilities renormalised (a geometric mean). For a head whose logits are
+# linear in the tile's features (the linear probe's logistic and centroid heads) logmean is exactly the
+# head applied to the mean feature profile of the well or treatment: the call of profile-based MoA
+# classification, which on real cells beat the median of per-cell calls (benchmarks/RESULTS.md).
+AGGREGATIONS = ("median", "mean", "logmean")
+LOG_FLOOR = 1e-12  # probabilities below it count as it in logmean: one zero would veto a class outright
+
+
 def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: dict[str, str],
                how: str = "median") -> pd.DataFrame:
     probs = prob_columns(frame, prefix)
@@ -45,10 +54,17 @@ def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: 
     missing = [k for k in keys if k not in frame.columns]
     if missing:
         raise CellmorphError(f"cannot aggregate: missing column(s) {', '.join(missing)}")
+    if how not in AGGREGATIONS:
+        raise CellmorphError(f"aggregate {how!r}: expected {', '.join(AGGREGATIONS)}")
+    if how == "logmean":
+        frame = frame.copy()
+        frame[probs] = np.log(np.clip(frame[probs].to_numpy(dtype=float), LOG_FLOOR, None))
     grouped = frame.groupby(keys, sort=True, dropna=False)
-    if how not in ("median", "mean"):
-        raise CellmorphError(f"aggregate {how!r}: expected median or mean")
-    out = grouped[probs].agg(how)
+    out = grouped[probs].agg("mean" if how == "logmean" else how)
+    if how == "logmean":  # back to probabilities that sum to one: a softmax of the mean log-probabilities
+        logs = out.to_numpy()
+        weights = np.exp(logs - logs.max(axis=1, keepdims=True))
+        out = pd.DataFrame(weights / weights.sum(axis=1, keepdims=True), index=out.index, columns=out.columns)
     meta = {}
     for col in frame.columns:
         if col in keys or col in probs or not str(col).startswith("Metadata_"):
@@ -63,7 +79,8 @@ def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: 
 
 
 def aggregate_wells(tiles: pd.DataFrame, prefix: str = PROB_PREFIX, how: str = "median") -> pd.DataFrame:
-    """Median (or mean) per-tile probability of each (plate, well); constant ``Metadata_*`` columns are kept."""
+    """Median (or mean, or logmean) per-tile probability of each (plate, well); constant ``Metadata_*`` columns
+    are kept."""
     frame = tiles.copy()
     frame["_one"] = 1
     wells = _aggregate(frame, WELL_KEYS, prefix, {"n_tiles": "_one"}, how)
@@ -121,7 +138,7 @@ def score_treatments(
 
 def aggregate(tiles: pd.DataFrame, prefix: str = PROB_PREFIX,
               how: str = "median") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Tiles (with calls), wells, treatments: ``how`` is the median (the paper) or the mean at both steps."""
+    """Tiles (with calls), wells, treatments: ``how`` (:data:`AGGREGATIONS`) at both steps."""
     wells = aggregate_wells(tiles, prefix, how)
     return add_calls(tiles, prefix), wells, aggregate_treatments(wells, prefix, how)
 

@@ -6,8 +6,8 @@ as in the authors' ``class_weight``). On CUDA: mixed precision + channels-last, 
 autocast where the GPU has it (Ampere and later: no loss scaling needed), else fp16 with
 a gradient scaler (:func:`training_autocast_dtype`); on CPU: fp32. A step never waits for
 the GPU: loss and accuracy are summed on the device and read once per epoch, so the host
-queues the next batch while the GPU works (benchmarks/gpu.py measures both). Every random draw comes from seeds handed in by the caller, and
-:func:`deterministic` switches PyTorch to deterministic kernels, so a fold's
+queues the next batch while the GPU works (benchmarks/gpu.py measures both). Every random
+draw comes from seeds handed in by the caller, and :func:`deterministic` switches PyTorch to deterministic kernels, so a fold's
 result depends only on its seed and data.
 
 Under ``torchrun`` (:mod:`cellmorph.distributed`) :func:`fit` trains data-parallel: each

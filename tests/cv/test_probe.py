@@ -113,3 +113,112 @@ def test_bad_probe_c_is_refused(bad):
         load_cv_config(None, mode="linear-probe", probe_c=bad)
     with pytest.raises(CellmorphError, match="probe_c"):
         load_cv_config(None, mode="finetune", probe_c=0.1)
+
+
+# --------------------------------------------------------------------------- the centroid head
+def test_centroid_head_weighs_compounds_alike_not_cells():
+    """A MoA's centroid is the mean of its compounds' profiles: a compound with ten times the cells (a
+    plate's positive control) counts once, as taxol must on the development set."""
+    from cellmorph.cv.probe import CentroidHead
+
+    rows, x = [], []
+    for compound, moa, vector, n in (("big", 0, [1.0, 0.0], 30), ("small", 0, [0.0, 1.0], 3),
+                                     ("other", 1, [-1.0, -1.0], 3)):
+        for _ in range(n):
+            rows.append({"Metadata_Compound": compound, "Metadata_Concentration": 1.0})
+            x.append(vector)
+    x, index = np.asarray(x), pd.DataFrame(rows)
+    y = np.array([0] * 33 + [1] * 3)
+    head = CentroidHead.fit(x, y, index)
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    expected = (z[0] + z[30]) / 2  # the two compounds' profiles, not the 33 cells' mean
+    assert list(head.classes_) == [0, 1]
+    np.testing.assert_allclose(head.centroids[0], expected / np.linalg.norm(expected))
+    np.testing.assert_allclose(np.linalg.norm(head.centroids, axis=1), 1.0)
+
+
+def test_centroid_logits_are_linear_so_logmean_calls_the_mean_profile():
+    """The mean of a treatment's cell logits is the logit of its mean profile, so logmean aggregation
+    (mean log-probability, renormalised) gives the nearest centroid, in cosine, of the mean profile."""
+    from cellmorph.cv.probe import CentroidHead
+    from cellmorph.metrics import aggregate_wells
+
+    x, y, index = _cells(signal=1.0, seed=3)
+    head = CentroidHead.fit(x, y, index, temperature=2.0)
+    cells = x[:12]
+    probs = head.predict_proba(cells)
+    np.testing.assert_allclose(head.logits(cells).mean(axis=0), head.logits(cells.mean(axis=0, keepdims=True))[0],
+                               atol=1e-5)
+    frame = pd.DataFrame(probs, columns=[f"prob_moa{k}" for k in range(3)]).assign(
+        Metadata_Plate="P", Metadata_Well="A01")
+    well = aggregate_wells(frame, how="logmean")
+    np.testing.assert_allclose(well[[f"prob_moa{k}" for k in range(3)]].to_numpy()[0],
+                               head.predict_proba(cells.mean(axis=0, keepdims=True))[0], rtol=1e-6)
+    z = (cells.mean(axis=0) - head.mean_) / head.scale_
+    cosine = head.centroids @ (z / np.linalg.norm(z))
+    assert well["Predicted_MoA"].iloc[0] == f"moa{int(np.argmax(cosine))}"
+
+
+def test_centroid_temperature_is_chosen_on_held_out_compounds_and_never_moves_a_call():
+    from cellmorph.cv.probe import CENTROID_TEMPERATURE_GRID, CentroidHead, choose_centroid_temperature
+
+    x, y, index = _cells(signal=0.0)
+    flat, record = choose_centroid_temperature(x, y, index, seed=0)
+    assert flat == max(CENTROID_TEMPERATURE_GRID)  # no signal: the flattest probabilities lose least
+    assert set(record["scores"]) == {str(t) for t in CENTROID_TEMPERATURE_GRID}
+    x, y, index = _cells(signal=6.0)
+    sharp, _ = choose_centroid_temperature(x, y, index, seed=0)
+    assert sharp < flat
+    head = CentroidHead.fit(x, y, index)
+    assert (head.with_temperature(0.1).predict_proba(x).argmax(1) == head.with_temperature(10).predict_proba(x)
+            .argmax(1)).all()
+    _, record = choose_centroid_temperature(*_cells(signal=1.0, compounds_per_moa=1), seed=0)
+    assert "too few compounds" in record["reason"]
+
+
+def test_cv_with_the_centroid_head_records_each_folds_temperature(tiny_cache, tmp_path):
+    from cellmorph.cv import run_cv
+    from cellmorph.cv.probe import CENTROID_TEMPERATURE_GRID
+    from cellmorph.report import write_report
+
+    run = tmp_path / "run"
+    metrics = run_cv(tiny_cache, run, dict(model="tf_efficientnet_lite0", init="imagenet", mode="linear-probe",
+                                           probe_head="centroid", aggregate="logmean", cv="group-kfold:3",
+                                           image_size=32, num_threads=1), progress=False)
+    folds = [json.loads(p.read_text()) for p in sorted((run / "folds").glob("*/fold.json"))]
+    assert metrics["probe_head"] == "centroid" and "probe_c" not in metrics
+    assert sorted(metrics["probe_temperature"].values()) == sorted(f["probe_temperature"] for f in folds)
+    assert all(f["probe_temperature"] in CENTROID_TEMPERATURE_GRID for f in folds)
+    treatments = pd.read_csv(run / "treatments.csv")
+    probs = treatments[[c for c in treatments.columns if c.startswith("prob_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)  # logmean renormalises
+    assert "temperature per fold" in write_report(run, visualise=False).read_text()
+
+
+def test_crop_tables_default_to_the_centroid_head_and_a_given_c_to_the_logistic_one():
+    from cellmorph.cv import load_cv_config
+    from cellmorph.cv.config import with_layout_defaults
+
+    crops = with_layout_defaults(load_cv_config(None, mode="linear-probe"), "crops").resolved()
+    assert (crops.probe_head, crops.aggregate, crops.probe_c) == ("centroid", "logmean", None)
+    given_c = with_layout_defaults(load_cv_config(None, mode="linear-probe", probe_c=0.01), "crops").resolved()
+    assert (given_c.probe_head, given_c.aggregate, given_c.probe_c) == ("logistic", "median", 0.01)
+    chosen = with_layout_defaults(load_cv_config(None, mode="linear-probe", probe_head="logistic"), "crops")
+    assert chosen.resolved().probe_c == "nested"
+    fields = with_layout_defaults(load_cv_config(None, mode="linear-probe"), "bbbc021").resolved()
+    assert (fields.probe_head, fields.aggregate) == ("logistic", "median")
+    finetune = with_layout_defaults(load_cv_config(None, mode="finetune"), "crops").resolved()
+    assert (finetune.probe_head, finetune.aggregate) == (None, "median")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "finetune", "probe_head": "centroid"}, "probe_head"),
+    ({"mode": "linear-probe", "probe_head": "centroid", "probe_c": 0.1}, "centroid head has none"),
+    ({"mode": "linear-probe", "probe_head": "knn"}, "probe_head"),
+    ({"mode": "linear-probe", "aggregate": "max"}, "aggregate"),
+])
+def test_probe_head_options_that_cannot_work_are_refused(options, message):
+    from cellmorph.cv import load_cv_config
+
+    with pytest.raises(CellmorphError, match=message):
+        load_cv_config(None, **options)

@@ -36,7 +36,7 @@ class ProbeFeatures:
 # key records the rows themselves): runs differing only in these embed alike, so a run directory
 # seeded with another such run's embeddings reuses them (benchmarks/real_crops.py sweeps the probe's
 # C that way).
-HEAD_ONLY_FIELDS = ("probe_c", "class_weighting", "max_tiles_per_fold", "aggregate", "cv", "strict",
+HEAD_ONLY_FIELDS = ("probe_c", "probe_head", "class_weighting", "max_tiles_per_fold", "aggregate", "cv", "strict",
                     "skip_untrainable_folds", "include_controls_as_class")
 
 

@@ -1,12 +1,23 @@
-"""The linear probe: a logistic-regression head per fold on frozen-backbone embeddings.
+"""The linear probe: a head per fold on frozen-backbone embeddings, of one of two kinds.
 
-Its regularisation C is chosen inside each fold (``probe_c: nested``, the default): an inner
-group-kfold over the fold's training compounds scores every C of :data:`PROBE_C_GRID`, so no
-held-out compound has a say in its own prediction. scikit-learn's C = 1 fitted the ~1,300
-training cells of the real development set far too closely (benchmarks/RESULTS.md).
+* ``logistic``: a logistic regression on the training cells. Its regularisation C is chosen inside
+  each fold (``probe_c: nested``, the default): an inner group-kfold over the fold's training
+  compounds scores every C of :data:`PROBE_C_GRID`, so no held-out compound has a say in its own
+  prediction. scikit-learn's C = 1 fitted the ~1,300 training cells of the real development set far
+  too closely (benchmarks/RESULTS.md).
+* ``centroid`` (:class:`CentroidHead`): each MoA is the mean profile of its training compounds, each
+  compound the mean of its treatments, each treatment the mean of its standardised cells, and a cell's
+  logit for a MoA is its profile's dot product with that MoA's unit centroid. Aggregated with
+  ``logmean``, a treatment's call is the MoA whose centroid is nearest in cosine to the treatment's
+  mean profile: profile-based MoA classification as the profiling field does it (nearest neighbours of
+  mean profiles, Ljosa et al. 2013), with every compound weighed alike so that a plate's positive
+  control (taxol: over half of the development set's cells) does not become its MoA. Its temperature
+  only scales the probabilities, never moves a call, and is chosen like a nested C.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -51,16 +62,7 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, index: pd.DataFrame, class_weig
     group-kfold over the compounds of ``index`` (the training rows' metadata, one row per row of
     ``x``), and a record of the choice. A MoA's only compound stays in every inner training set,
     unscored; an inner fold whose test MoA has no other compound is skipped."""
-    frame = index.reset_index(drop=True).copy()
-    frame[CONTROL_COLUMN] = False  # the rows given are the probe's classes, controls included if asked
-    n_compounds = frame["Metadata_Compound"].nunique()
-    k = min(inner_folds, n_compounds)
-    folds = []
-    if k >= 2:
-        try:
-            folds, _ = make_folds(frame, f"group-kfold:{k}", seed=seed, skip_untrainable=True)
-        except CellmorphError:  # e.g. every compound is its MoA's only one: nothing to hold out
-            folds = []
+    frame, folds = _inner_folds(index, seed, inner_folds)
     if not folds:
         return float(grid[0]), {"C": float(grid[0]), "reason": "too few compounds for an inner split", "scores": {}}
     treatments = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
@@ -78,13 +80,107 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, index: pd.DataFrame, class_weig
     return best, {"C": best, "inner_folds": len(folds), "scores": {str(c): round(v, 4) for c, v in scores.items()}}
 
 
-def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
-    """A logistic-regression head on the fold's training embeddings; its held-out probabilities."""
-    from cellmorph.cv.run import TrainedFold
+# Temperatures of the centroid head's logits (a standardised profile's dot product with a unit centroid,
+# a few units apart between MoAs), spaced by about √10 as the C grid.
+CENTROID_TEMPERATURE_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 
+
+@dataclass(frozen=True)
+class CentroidHead:
+    """Nearest-centroid head: ``classes_`` (class indices with training cells), their unit-length
+    centroids in the standardised feature space, the standardisation and the logits' temperature."""
+
+    classes_: np.ndarray
+    centroids: np.ndarray
+    mean_: np.ndarray
+    scale_: np.ndarray
+    temperature: float = 1.0
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, index: pd.DataFrame, temperature: float = 1.0) -> "CentroidHead":
+        """Centroids of the training rows ``x`` (labels ``y``, metadata ``index`` row for row): treatment →
+        compound → class means of the cells standardised by the training rows' mean and spread."""
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing: leave it at 0
+        z = (x - mean) / scale
+        frame = index.reset_index(drop=True)
+        treatment = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
+        profiles = pd.DataFrame(z).groupby(treatment, sort=True).mean()
+        owner = pd.DataFrame({"compound": frame["Metadata_Compound"].astype(str).to_numpy(), "y": y},
+                             index=treatment).groupby(level=0, sort=True).first().loc[profiles.index]
+        compounds = profiles.groupby(owner["compound"].to_numpy(), sort=True).mean()
+        compound_class = owner.groupby("compound", sort=True)["y"].first().loc[compounds.index]
+        centroids = compounds.groupby(compound_class.to_numpy(), sort=True).mean()
+        vectors = centroids.to_numpy()
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return cls(centroids.index.to_numpy(dtype=np.int64), vectors / np.where(norms > 0, norms, 1.0),
+                   mean, scale, float(temperature))
+
+    def with_temperature(self, temperature: float) -> "CentroidHead":
+        return replace(self, temperature=float(temperature))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, classes_) dot products of the standardised rows with the unit centroids: linear in the
+        profile, so their mean over a treatment's cells is the logit of its mean profile."""
+        return ((x - self.mean_) / self.scale_) @ self.centroids.T
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        scaled = self.logits(x) / self.temperature
+        weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        return weights / weights.sum(axis=1, keepdims=True)
+
+
+def choose_centroid_temperature(x: np.ndarray, y: np.ndarray, index: pd.DataFrame, seed: int,
+                                grid=CENTROID_TEMPERATURE_GRID,
+                                inner_folds: int = INNER_FOLDS) -> tuple[float, dict]:
+    """The temperature of ``grid`` with the lowest treatment-balanced log-loss on compounds held out by an
+    inner group-kfold over the training compounds (as :func:`choose_probe_c`; the calls never change)."""
+    frame, folds = _inner_folds(index, seed, inner_folds)
+    if not folds:
+        return 1.0, {"temperature": 1.0, "reason": "too few compounds for an inner split", "scores": {}}
+    treatments = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
+    logits = []
+    for fold in folds:  # the centroids do not depend on the temperature: fitted once per inner fold
+        head = CentroidHead.fit(x[fold.train], y[fold.train], frame.iloc[fold.train])
+        logits.append((head, fold))
+    scores = {}
+    for t in grid:
+        losses, weights = [], []
+        for head, fold in logits:
+            probs = np.zeros((len(fold.test), int(y.max()) + 1))
+            probs[:, head.classes_] = head.with_temperature(t).predict_proba(x[fold.test])
+            losses.append(treatment_balanced_log_loss(probs, y[fold.test], treatments[fold.test]))
+            weights.append(len(set(treatments[fold.test])))
+        scores[float(t)] = float(np.average(losses, weights=weights))
+    best = min(scores, key=lambda t: (scores[t], t))  # ties: the sharper
+    return best, {"temperature": best, "inner_folds": len(folds),
+                  "scores": {str(t): round(v, 4) for t, v in scores.items()}}
+
+
+def _inner_folds(index: pd.DataFrame, seed: int, inner_folds: int) -> tuple[pd.DataFrame, list[Fold]]:
+    """The training rows' metadata (controls counted as classes, since they were given as rows) and its
+    inner group-kfold folds; none where the compounds are too few to hold any out."""
+    frame = index.reset_index(drop=True).copy()
+    frame[CONTROL_COLUMN] = False
+    k = min(inner_folds, frame["Metadata_Compound"].nunique())
+    folds: list[Fold] = []
+    if k >= 2:
+        try:
+            folds, _ = make_folds(frame, f"group-kfold:{k}", seed=seed, skip_untrainable=True)
+        except CellmorphError:  # e.g. every compound is its MoA's only one: nothing to hold out
+            folds = []
+    return frame, folds
+
+
+def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
+    """The probe's head on the fold's training embeddings; its held-out probabilities."""
     cfg, seeds, targets = plan.config, plan.seeds[fold.index], plan.targets
     train_rows = subsample_rows(fold.train, targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
     x_train, y_train = features.take(train_rows), targets[train_rows]
+    if cfg.probe_head == "centroid":
+        return _centroid_fold(plan, fold, features, train_rows, x_train, y_train)
+    from cellmorph.cv.run import TrainedFold
+
     choice = {}
     c = cfg.probe_c  # resolved: a number, or nested (the probe's default)
     if c == "nested":
@@ -102,3 +198,22 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
     }
     return TrainedFold(train_rows, probs, [], state, {}, {"probe_c": float(c)} | ({"probe_c_choice": choice}
                                                                                   if choice else {}))
+
+
+def _centroid_fold(plan, fold: Fold, features: ProbeFeatures, train_rows, x_train, y_train):
+    from cellmorph.cv.run import TrainedFold
+
+    index = plan.cache.index.iloc[train_rows]
+    temperature, choice = choose_centroid_temperature(x_train, y_train, index, plan.seeds[fold.index]["init"])
+    head = CentroidHead.fit(x_train, y_train, index, temperature)
+    probs = np.zeros((len(fold.test), len(plan.classes)), dtype=np.float64)
+    probs[:, head.classes_] = head.predict_proba(features.take(fold.test))
+    state = {
+        "centroids": torch.from_numpy(head.centroids.astype(np.float32)),
+        "classes_index": torch.from_numpy(head.classes_.astype(np.int64)),
+        "scaler_mean": torch.from_numpy(head.mean_.astype(np.float32)),
+        "scaler_scale": torch.from_numpy(head.scale_.astype(np.float32)),
+        "temperature": torch.tensor(head.temperature, dtype=torch.float64),
+    }
+    return TrainedFold(train_rows, probs, [], state, {}, {"probe_temperature": temperature,
+                                                          "probe_temperature_choice": choice})

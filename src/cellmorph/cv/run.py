@@ -437,9 +437,13 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
         by_epoch[str(cfg.epochs)] = {k: metrics[k] for k in ACCURACY_KEYS}
         metrics["by_epoch"] = by_epoch
     names = {f.index: f.name for f in plan.folds}
-    if cfg.mode == "linear-probe":  # the C each fold chose (or was given), from its marker
+    if cfg.mode == "linear-probe":  # what each fold chose (or was given), from its marker
         markers = {f.index: rundir.finished_fold(f.index, plan.fold_fingerprints[f.index]) or {} for f in plan.folds}
-        metrics["probe_c"] = {names[k]: m.get("probe_c", cfg.probe_c) for k, m in markers.items()}
+        metrics["probe_head"] = cfg.probe_head
+        if cfg.probe_head == "centroid":
+            metrics["probe_temperature"] = {names[k]: m.get("probe_temperature") for k, m in markers.items()}
+        else:
+            metrics["probe_c"] = {names[k]: m.get("probe_c", cfg.probe_c) for k, m in markers.items()}
     histories = {names[k]: o.history for k, o in outputs.items()}
     epoch_seconds = [h["seconds"] for history in histories.values() for h in history]
     metrics.update({

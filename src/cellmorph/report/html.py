@@ -113,7 +113,9 @@ def _cv_context(run: Path, visualise: bool) -> dict:
         _with_notes(_accuracy_section(treatments, wells, tiles, classes, "held-out"),
                     [f"Not scored: {entry.get('name')}: {entry.get('reason')}" for entry in metrics.get("skipped_folds")
                      or []] + ([f"The linear probe's C per fold: {_counts(metrics['probe_c'])}."]
-                               if metrics.get("probe_c") else [])),
+                               if metrics.get("probe_c") else [])
+                    + ([f"The centroid head's temperature per fold: {_counts(metrics['probe_temperature'])}."]
+                       if metrics.get("probe_temperature") else [])),
         _confusion_section(run / "confusion_matrix.png"),
         _classes_section(treatments, classes),
         _treatments_section(treatments, classes),
