@@ -70,6 +70,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-10ep": ({"epochs": 10}, "10 epochs"),
     "ft-blr0.1": ({"epochs": 5, "backbone_lr_scale": 0.1}, "backbone at 0.1 of the head's rate"),
     "ft-freeze3": ({"epochs": 5, "freeze_stages": 3}, "one more trainable stage (3 frozen)"),
+    "ft-compounds": ({"epochs": 5, "compound_weighting": True}, "every training compound of a class weighs alike"),
+    "ft-seed1": ({"epochs": 5, "seed": 1}, "seed 1 (for a two-seed ensemble with finetune)"),
     "ft-96": ({"epochs": 5, "image_size": 96}, "96 px"),
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
 }
@@ -79,6 +81,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-lite0-lite2": ("probe", "probe-lite2"),
     "ens-lite0-stage3": ("probe", "probe-stage3"),
     "ens-lite0-lite2-stage3": ("probe", "probe-lite2", "probe-stage3"),
+    "ens-ft-seeds": ("finetune", "ft-seed1"),
 }
 DEFAULT_RECIPES = ("probe,probe-logistic,probe-logistic-logmean,probe-centroid-median,probe-centroid-mean,probe-c1,"
                    "probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean")

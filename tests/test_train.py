@@ -12,7 +12,7 @@ from cellmorph.datasets import InputPipeline
 from cellmorph.errors import CellmorphError
 from cellmorph.models import create_model, model_input_spec
 from cellmorph.runtime import derive_seeds, deterministic
-from cellmorph.train import PredictSettings, TrainSettings, class_weights, fit, predict_tiles
+from cellmorph.train import PredictSettings, TrainSettings, class_weights, fit, predict_tiles, tile_weights
 
 CPU = torch.device("cpu")
 
@@ -116,6 +116,35 @@ def test_class_weights_balance_classes():
     assert w.tolist() == pytest.approx([6 / 9, 2.0, 1.0, 0.0])
     counts = np.array([3, 1, 2, 0])
     assert float((w.numpy() * counts).sum()) == pytest.approx(6.0)
+
+
+def test_compound_weighting_makes_every_compound_of_a_class_weigh_alike():
+    labels = np.array([0] * 8 + [0] * 2 + [1] * 2)
+    compounds = np.array(["taxol"] * 8 + ["docetaxel"] * 2 + ["other"] * 2)
+    by_class = tile_weights(labels, 2, True).numpy()
+    np.testing.assert_allclose(by_class, class_weights(labels, 2).numpy()[labels])  # the default: class weights
+    w = tile_weights(labels, 2, True, compounds).numpy()
+    assert w.sum() == pytest.approx(len(labels))  # the same total as class weighting
+    assert w[:8].sum() == pytest.approx(w[8:10].sum())  # taxol's 8 cells weigh as docetaxel's 2
+    assert w[:10].sum() == pytest.approx(w[10:].sum())  # and the classes alike
+    unbalanced = tile_weights(labels, 2, False, compounds).numpy()
+    assert unbalanced[:10].sum() == pytest.approx(10) and unbalanced[:8].sum() == pytest.approx(5)
+
+
+def test_compound_weighting_changes_training_and_the_default_does_not_move():
+    """Per-tile weights taken by the batch's positions: the default (class weights) trains exactly as
+    class weights indexed by label did; compound weighting trains another model."""
+    cache, labels = _toy()
+    cache.index["Metadata_Compound"] = np.where(np.arange(len(labels)) < 40, "a", "b")
+    _, h1, p1 = _train(cache, labels, seed=3)
+    torch.manual_seed(3)
+    model = create_model("test_resnet", 2, init="xavier")
+    spec = model_input_spec("test_resnet", 16)
+    pipe = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=3))
+    settings = TrainSettings(epochs=2, batch_size=8, lr=0.01, compound_weighting=True)
+    with deterministic():
+        h2 = fit(model, pipe, cache, np.arange(len(labels)), labels, 2, settings, 3, CPU)
+    assert [h["loss"] for h in h2] != [h["loss"] for h in h1]
 
 
 def test_fold_seeds_are_distinct_and_stable():

@@ -344,6 +344,8 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
     "probe_c": (Optional[str], typer.Option(None, help=field_help("probe_c"))),
     "probe_head": (Optional[str], typer.Option(None, help=field_help("probe_head"))),
+    "compound_weighting": (Optional[bool], typer.Option(None, "--compound-weighting/--no-compound-weighting",
+                                                        help=field_help("compound_weighting"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
     "device": (Optional[str], typer.Option(None, help=field_help("device"))),
     "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +57,7 @@ class TrainSettings:
     backbone_lr_scale: float = 1.0
     unfreeze_every: int = 0
     head_init: str = "random"
+    compound_weighting: bool = False
     cuda_graphs: bool | None = None  # None: wherever they apply (CUDA, no loss scale, one process)
 
     @classmethod
@@ -89,6 +91,24 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     weights = np.zeros(n_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def tile_weights(labels: np.ndarray, n_classes: int, class_weighting: bool,
+                 compounds: np.ndarray | None = None) -> torch.Tensor:
+    """Each training tile's loss weight. By class (``class_weighting``): n / (k · n_c), every class
+    weighs alike. With ``compounds``: within its class, every compound weighs alike too, a tile of
+    compound g in class c weighing (its class's total) / (m_c · n_g) for the m_c compounds of c, so a
+    plate's positive control (taxol: over half of the development set's cells) counts as one compound
+    of its MoA, not as the MoA. The weights sum to n either way."""
+    labels = np.asarray(labels, dtype=np.int64)
+    per_class = class_weights(labels, n_classes).numpy() if class_weighting else np.ones(n_classes, np.float32)
+    if compounds is None:
+        return torch.from_numpy(per_class[labels])
+    frame = pd.DataFrame({"c": labels, "g": np.asarray(compounds).astype(str)})
+    cells = frame.groupby(["c", "g"])["g"].transform("size").to_numpy(np.float64)
+    members = frame.groupby("c")["g"].transform("nunique").to_numpy(np.float64)
+    class_total = per_class[labels].astype(np.float64) * frame.groupby("c")["c"].transform("size").to_numpy()
+    return torch.tensor(class_total / (members * cells), dtype=torch.float32)
 
 
 AMP_DTYPES = ("auto", "bfloat16", "float16")
@@ -261,7 +281,8 @@ def fit(
                   if settings.unfreeze_every and settings.mode == "finetune" else None)
     optimizer = torch.optim.SGD(_param_groups(model, params, settings), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    weights = (class_weights(targets, n_classes) if settings.class_weighting else torch.ones(n_classes)).to(device)
+    compounds = cache.index["Metadata_Compound"].to_numpy()[rows] if settings.compound_weighting else None
+    weights = tile_weights(targets, n_classes, settings.class_weighting, compounds)  # indexed like the targets
     dtype = training_autocast_dtype(device, settings.amp_dtype)
     # Only float16 needs a loss scale: its smallest normal (6e-5) is where small gradients vanish.
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
@@ -334,20 +355,22 @@ class _Step:
     def __init__(self, model, optimizer, scaler, weights, y_all, device, amp: bool, channels_last: bool,
                  dp: DataParallel | None = None, dtype: torch.dtype = torch.float16,
                  graphs: "_GraphedStep | None" = None) -> None:
+        # weights: one per training tile (tile_weights), taken by the batch's positions as y_all is
         self.model, self.optimizer, self.scaler, self.weights = model, optimizer, scaler, weights
         self.y_all, self.device, self.amp, self.channels_last = y_all, device, amp, channels_last
         self.dp, self.dtype, self.graphs = dp, dtype, graphs
 
-    def forward_backward(self, x, y, n: int, split: FrozenSplit | None, cache_casts: bool = True):
-        """Loss and correct count of one batch, its gradients in ``.grad`` (not yet all-reduced)."""
+    def forward_backward(self, x, y, w, n: int, split: FrozenSplit | None, cache_casts: bool = True):
+        """Loss and correct count of one batch (tile weights ``w``), its gradients in ``.grad`` (not yet
+        all-reduced)."""
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.amp,
                             cache_enabled=cache_casts):
             logits = self.model(x) if split is None else split.tail(x)
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
         if self.dp is None:
-            loss = (per_sample * self.weights[y]).mean()
+            loss = (per_sample * w).mean()
         else:
-            loss = (per_sample * self.weights[y]).sum() / n
+            loss = (per_sample * w).sum() / n
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
@@ -368,13 +391,14 @@ class _Step:
                 part = dp.shard(n)
                 x, positions = x[part], positions[part]
             y = self.y_all[positions].to(self.device, non_blocking=True)
+            w = self.weights[positions].to(self.device, non_blocking=True)
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.graphs is not None and self.graphs.takes(x):
-                loss, correct = self.graphs.step(self, x, y)
+                loss, correct = self.graphs.step(self, x, y, w)
             else:
-                loss, correct = self.forward_backward(x, y, n, split)
+                loss, correct = self.forward_backward(x, y, w, n, split)
                 if dp is not None:
                     params = (p for group in self.optimizer.param_groups for p in group["params"])
                     loss, correct = dp.all_reduce_gradients(params, torch.stack([loss, correct.float()]))
@@ -415,26 +439,29 @@ class _GraphedStep:
     def takes(self, x: torch.Tensor) -> bool:
         return len(x) == self.batch_size
 
-    def step(self, owner: "_Step", x: torch.Tensor, y: torch.Tensor):
+    def step(self, owner: "_Step", x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
         if self.warmup > 0:
             self.warmup -= 1
             side = torch.cuda.Stream(owner.device)
             side.wait_stream(torch.cuda.current_stream(owner.device))
             with torch.cuda.stream(side):
-                loss, correct = owner.forward_backward(x, y, len(x), None, cache_casts=False)
+                loss, correct = owner.forward_backward(x, y, w, len(x), None, cache_casts=False)
                 owner.optimizer.step()
             torch.cuda.current_stream(owner.device).wait_stream(side)
             return loss, correct
         if self.graph is None:
-            self.x, self.y = x.clone(), y.clone()  # the graph's inputs: every replay reads these tensors
+            # the graph's inputs: every replay reads these tensors
+            self.x, self.y, self.w = x.clone(), y.clone(), w.clone()
             owner.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.loss, self.correct = owner.forward_backward(self.x, self.y, len(x), None, cache_casts=False)
+                self.loss, self.correct = owner.forward_backward(self.x, self.y, self.w, len(x), None,
+                                                                 cache_casts=False)
                 owner.optimizer.step()
         else:
             self.x.copy_(x)
             self.y.copy_(y)
+            self.w.copy_(w)
         self.graph.replay()
         return self.loss, self.correct
 

@@ -58,6 +58,9 @@ class CVConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="SGD weight decay")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant | cosine over the epochs")
     class_weighting: bool = Field(True, description="class-weighted cross-entropy n/(k·n_c) as in the paper")
+    compound_weighting: bool = Field(
+        False, description="finetune/linear: within each class, every training compound weighs alike in the loss (a "
+        "plate's positive control counts as one compound of its MoA, not as the MoA)")
     image_size: int | None = Field(None, ge=16, description="network input size in px (default the model's 224/299)")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (timm's drop_rate; "
                              "0 as in the paper); > 0 makes `predict --mc-dropout` possible")
@@ -177,6 +180,9 @@ class CVConfig(BaseModel):
             raise ValueError("backbone_lr_scale and unfreeze_every act on the backbone: mode finetune only")
         if self.probe_c is not None and self.mode != "linear-probe":
             raise ValueError("probe_c is the linear probe's regularisation: mode linear-probe only")
+        if self.compound_weighting and self.mode == "linear-probe":
+            raise ValueError("compound_weighting weighs the training loss of mode finetune or linear; the probe's "
+                             "centroid head already weighs compounds alike")
         if self.probe_head is not None and self.mode != "linear-probe":
             raise ValueError("probe_head is the linear probe's head: mode linear-probe only")
         if self.probe_head == "centroid" and self.probe_c is not None:
