@@ -75,8 +75,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-96": ({"epochs": 5, "image_size": 96}, "96 px"),
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
 }
-# name → member recipes: the members' held-out cell probabilities averaged, then aggregated as a run
-# aggregates (median cell → well → treatment). Members must have run (same folds, same cells).
+# name → member recipes, combined as `cv --ensemble…` combines members: each level's held-out probabilities
+# averaged over them. Members must have run (same folds, same cells).
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-lite0-lite2": ("probe", "probe-lite2"),
     "ens-lite0-stage3": ("probe", "probe-stage3"),
@@ -96,24 +96,19 @@ def prepared_cache(dev_set: Path, out: Path) -> Path:
 
 
 def ensemble_outputs(runs: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """(metrics, cells, treatments) of the members' averaged cell probabilities, scored as ``cv`` scores."""
-    from cellmorph.metrics import aggregate, bootstrap_interval, compute_metrics
-    from cellmorph.schema import CACHE_ROW_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN
+    """(metrics, cells, treatments) of the members' runs combined as `cv` combines an ensemble's members
+    (cellmorph.cv.ensemble: each level's probabilities averaged over the members)."""
+    from cellmorph.cv.ensemble import mean_levels
+    from cellmorph.cv.run import score_levels
 
-    members = [pd.read_parquet(r / "predictions.parquet").sort_values(CACHE_ROW_COLUMN).reset_index(drop=True)
-               for r in runs]
-    probs = [c for c in members[0].columns if c.startswith("prob_")]
-    cells = members[0].copy()
-    cells[probs] = np.mean([m[probs].to_numpy() for m in members], axis=0)
+    levels = mean_levels(runs)
     first = json.loads((runs[0] / "metrics.json").read_text())
-    tiles, wells, treatments = aggregate(cells.drop(columns=[c for c in cells.columns if c in (PREDICTED_COLUMN,
-                                                                                                "Correct")]))
-    metrics = compute_metrics(tiles, wells, treatments, [c[len("prob_"):] for c in probs], first["n_folds"])
-    correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
-    metrics |= {"treatment_accuracy_ci95": list(bootstrap_interval(treatments, correct)),
-                "skipped_folds": first.get("skipped_folds", []), "n_folds": first["n_folds"],
+    metrics = score_levels(levels["tiles"], levels["wells"], levels["treatments"],
+                           [c[len("prob_"):] for c in levels["tiles"].columns if c.startswith("prob_")],
+                           first["n_folds"])
+    metrics |= {"skipped_folds": first.get("skipped_folds", []), "n_folds": first["n_folds"],
                 "seconds": sum(json.loads((r / "metrics.json").read_text()).get("seconds") or 0 for r in runs)}
-    return metrics, cells, treatments
+    return metrics, levels["tiles"], levels["treatments"]
 
 
 def score(run: Path | list[Path]) -> dict:

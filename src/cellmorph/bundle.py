@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -52,6 +52,11 @@ from cellmorph.runinfo import json_safe, require_output_dir, run_info
 from cellmorph.schema import TRUE_COLUMN, prob_column
 
 BUNDLE_FORMAT = 1
+# An ensemble's bundle: the document's own network is the first member, ``members`` lists the others.
+# A format of its own, so that a release that knows no members refuses it instead of predicting with the
+# first member alone.
+ENSEMBLE_FORMAT = 2
+SUPPORTED_FORMATS = (BUNDLE_FORMAT, ENSEMBLE_FORMAT)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 CONTENT_DIGESTS = "content_sha256"  # entry of bundle.json → sha256 of its canonical JSON
@@ -59,6 +64,11 @@ LEVELS = ("treatments", "wells", "tiles")  # the aggregation levels, each with i
 # Network input sizes a bundle may record: cv's own minimum (CVConfig.image_size), and a bound far
 # above any cell tile that keeps an edited size from allocating tiles of gigabytes.
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
+
+
+def member_weights_file(k: int) -> str:
+    """The weights file of an ensemble's member ``k`` (from 2; the first member's is :data:`WEIGHTS`)."""
+    return f"weights-{k}.safetensors"
 
 
 def calibration_file(level: str) -> str:
@@ -124,6 +134,17 @@ class CalibrationRecord(_Entry):
         return value
 
 
+class MemberRecord(_Entry):
+    """One further member of an ensemble (``members``): its network, input, scoring settings and weights file."""
+
+    model: str = Field(min_length=1)
+    input: InputRecord
+    config: TrainingConfigRecord = Field(default_factory=TrainingConfigRecord)
+    weights: str
+    seeds: dict | None = None
+    n_train_tiles: int | None = None
+
+
 class TrainingRecord(_Entry):
     config: TrainingConfigRecord = Field(default_factory=TrainingConfigRecord)
     compounds: list[str] | None = None
@@ -133,7 +154,7 @@ class TrainingRecord(_Entry):
 class BundleDocument(_Entry):
     """``bundle.json``: each entry's type and range, and the rules between them."""
 
-    format: Literal[1]
+    format: Literal[1, 2]
     model: str = Field(min_length=1)
     classes: list[str]
     input: InputRecord
@@ -142,6 +163,7 @@ class BundleDocument(_Entry):
     files: dict[str, Sha256]
     provenance: dict | None = None
     content_sha256: dict[str, Sha256] | None = None
+    members: list[MemberRecord] | None = None
 
     @field_validator("classes")
     @classmethod
@@ -169,6 +191,19 @@ class BundleDocument(_Entry):
                              f"names {len(channels)}")
         return self
 
+    @model_validator(mode="after")
+    def _members_of_an_ensemble(self):
+        if bool(self.members) != (self.format == ENSEMBLE_FORMAT):
+            raise ValueError(f"format {self.format} with {len(self.members or [])} further member(s): format "
+                             f"{ENSEMBLE_FORMAT} is an ensemble's, which lists its further members")
+        for k, member in enumerate(self.members or [], start=2):
+            if member.weights not in self.files or member.weights == WEIGHTS:
+                raise ValueError(f"members: member {k}'s weights {member.weights!r} are not a file of its own in files")
+            if len(member.input.mean) != len(self.input.mean):
+                raise ValueError(f"members: member {k} takes {len(member.input.mean)} channels, the first "
+                                 f"{len(self.input.mean)}: an ensemble's members read the same tiles")
+        return self
+
 
 def _plain_file_name(name: str) -> bool:
     """Whether ``name`` names a file directly in the bundle folder: no folder part, no absolute
@@ -189,6 +224,26 @@ def content_digests(manifest: dict) -> dict[str, str]:
 
 
 @dataclass
+class BundleMember:
+    """One network of a bundle (an ensemble has several): what ``predict`` runs, and how."""
+
+    model_name: str
+    input: InputSpec
+    config: dict  # training.config's scoring fields: tta, drop_rate, aggregate
+    weights: dict[str, torch.Tensor]
+    n_classes: int
+
+    def network(self) -> nn.Module:
+        """The trained network in eval mode (built without any pretrained download)."""
+        from cellmorph.models import create_model
+
+        module = create_model(self.model_name, self.n_classes, init="xavier", in_chans=self.input.channels,
+                              drop_rate=float(self.config.get("drop_rate", 0.0)))
+        module.load_state_dict(self.weights)
+        return module.eval()
+
+
+@dataclass
 class Bundle:
     """A loaded bundle: the network's description and weights, and the calibration scores."""
 
@@ -196,6 +251,16 @@ class Bundle:
     manifest: dict
     weights: dict[str, torch.Tensor]
     calibration: dict[str, pd.DataFrame]  # level → scores; empty without calibration
+    further_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # an ensemble's members 2, 3, …
+
+    @property
+    def members(self) -> list[BundleMember]:
+        """The networks to run, the document's own first (one for a bundle that is no ensemble)."""
+        n = len(self.classes)
+        first = BundleMember(self.model_name, self.input, dict(self.manifest["training"]["config"]), self.weights, n)
+        return [first] + [BundleMember(m["model"], InputSpec.from_record(m["input"]), dict(m.get("config") or {}),
+                                       weights, n)
+                          for m, weights in zip(self.manifest.get("members") or [], self.further_weights)]
 
     @property
     def model_name(self) -> str:
@@ -241,14 +306,8 @@ class Bundle:
         return parse_cv(record["cv"]).compound_disjoint if record.get("cv") else True
 
     def network(self) -> nn.Module:
-        """The trained network in eval mode (built without any pretrained download)."""
-        from cellmorph.models import create_model
-
-        drop_rate = float(self.manifest["training"]["config"].get("drop_rate", 0.0))
-        module = create_model(self.model_name, len(self.classes), init="xavier", in_chans=self.input.channels,
-                              drop_rate=drop_rate)
-        module.load_state_dict(self.weights)
-        return module.eval()
+        """The (first member's) trained network in eval mode (built without any pretrained download)."""
+        return self.members[0].network()
 
 
 def sha256_file(path: Path) -> str:
@@ -266,8 +325,12 @@ def save_bundle(
     preprocessing: dict,
     training: dict,
     calibration: dict[str, pd.DataFrame] | None = None,
+    members: list[dict] | None = None,
 ) -> Path:
-    """Write a bundle to ``out`` (a new folder; an existing one is replaced only when complete)."""
+    """Write a bundle to ``out`` (a new folder; an existing one is replaced only when complete).
+
+    ``members``: an ensemble's further members, each ``state``, ``model``, ``input`` (InputSpec), ``config``
+    (its training config's scoring fields) and optionally ``seeds`` and ``n_train_tiles``."""
     from safetensors.torch import save_file
 
     out = require_output_dir(Path(out), "model folder")
@@ -276,13 +339,20 @@ def save_bundle(
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
         files = [WEIGHTS]
+        records = []
+        for k, member in enumerate(members or [], start=2):
+            name = member_weights_file(k)
+            save_file({key: v.detach().cpu().contiguous() for key, v in member["state"].items()}, str(tmp / name))
+            files.append(name)
+            records.append({"model": member["model"], "input": member["input"].record(), "config": member["config"],
+                            "weights": name, "seeds": member.get("seeds"), "n_train_tiles": member.get("n_train_tiles")})
         for level, scores in (calibration or {}).items():
             if level not in LEVELS:
                 raise ValueError(f"calibration level {level!r} is not one of {LEVELS}")
             scores.to_parquet(tmp / calibration_file(level), index=False)
             files.append(calibration_file(level))
         manifest = {
-            "format": BUNDLE_FORMAT,
+            "format": ENSEMBLE_FORMAT if records else BUNDLE_FORMAT,
             "model": model_name,
             "classes": list(classes),
             "input": input_spec.record(),
@@ -290,7 +360,7 @@ def save_bundle(
             "training": training,
             "files": {name: sha256_file(tmp / name) for name in files},
             "provenance": run_info(),
-        }
+        } | ({"members": records} if records else {})
         # The digests are of the document as it is read back: JSON types only, and null where a
         # value is NaN (a fold without held-out tiles), since bare NaN is not JSON.
         document = json.loads(json.dumps(json_safe(manifest), default=str, allow_nan=False))
@@ -336,8 +406,9 @@ def load_bundle(path: Path) -> Bundle:
         raise CellmorphError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
     if not isinstance(manifest, dict):
         raise CellmorphError(f"{manifest_path}: not a JSON object (a model bundle's record is one)")
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise CellmorphError(f"{manifest_path}: bundle format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+    if manifest.get("format") not in SUPPORTED_FORMATS:
+        raise CellmorphError(f"{manifest_path}: bundle format {manifest.get('format')!r}, expected one of "
+                             f"{', '.join(map(str, SUPPORTED_FORMATS))}")
     document = validated(BundleDocument, manifest, str(manifest_path))
     for name in document.files:  # every path is confined before any file is opened
         _require_inside(root, root / name)
@@ -348,16 +419,25 @@ def load_bundle(path: Path) -> Bundle:
             raise CellmorphError(f"{file}: missing from the model bundle")
         if sha256_file(file) != expected:
             raise CellmorphError(f"{file}: sha256 differs from the bundle's record (altered or damaged file)")
-    try:
-        weights = load_file(str(root / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CellmorphError(f"{root / WEIGHTS}: not a safetensors file ({exc})") from None
-    _check_network(document, weights, manifest_path)
+    def read_weights(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(root / name))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CellmorphError(f"{root / name}: not a safetensors file ({exc})") from None
+
+    weights = read_weights(WEIGHTS)
+    _check_network(document.model, len(document.classes), len(document.input.mean), weights, WEIGHTS,
+                   manifest_path)
+    further = []
+    for k, member in enumerate(document.members or [], start=2):
+        further.append(read_weights(member.weights))
+        _check_network(member.model, len(document.classes), len(member.input.mean), further[-1], member.weights,
+                       manifest_path, f"members: member {k}: ")
     calibration = {}
     for level in LEVELS:
         if calibration_file(level) in document.files:
             calibration[level] = _read_calibration(root / calibration_file(level), document, manifest_path, level)
-    return Bundle(root, manifest, weights, calibration)
+    return Bundle(root, manifest, weights, calibration, further)
 
 
 def _require_inside(root: Path, file: Path) -> None:
@@ -386,34 +466,36 @@ def _check_content_digests(manifest: dict, where: Path) -> None:
                                  "(an edited or damaged bundle.json; restore the bundle or train it again)")
 
 
-def _check_network(document: BundleDocument, weights: dict[str, torch.Tensor], where: Path) -> None:
-    """The weights must be those of ``model``'s network with one output per class and one input
-    per channel of ``input``: every tensor by name and shape, else the field that disagrees."""
+def _check_network(model: str, n_classes: int, n_channels: int, weights: dict[str, torch.Tensor], file: str,
+                   where: Path, member: str = "") -> None:
+    """The weights in ``file`` must be those of ``model``'s network with one output per class and one
+    input per channel: every tensor by name and shape, else the field that disagrees (``member`` says
+    which member of an ensemble)."""
     from cellmorph.models.weights import check_model_name, classifier_keys, first_conv_key
 
+    where = f"{where}: {member}" if member else f"{where}: "
     try:
-        check_model_name(document.model)
+        check_model_name(model)
     except CellmorphError as exc:
-        raise CellmorphError(f"{where}: model: {exc}") from None
-    n_classes, n_channels = len(document.classes), len(document.input.mean)
-    network = _network_skeleton(document.model, n_classes, n_channels)
+        raise CellmorphError(f"{where}model: {exc}") from None
+    network = _network_skeleton(model, n_classes, n_channels)
     expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in weights.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise CellmorphError(f"{where}: model: {WEIGHTS} holds no {document.model} network ({len(missing)} tensors "
+        raise CellmorphError(f"{where}model: {file} holds no {model} network ({len(missing)} tensors "
                              f"missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
     head, first_conv = set(classifier_keys(network)), first_conv_key(network)
     for key in expected:
         if found[key] == expected[key]:
             continue
         if key in head:
-            raise CellmorphError(f"{where}: classes: {n_classes} classes, but the classifier in {WEIGHTS} has "
+            raise CellmorphError(f"{where}classes: {n_classes} classes, but the classifier in {file} has "
                                  f"{found[key][0]} outputs ({key} {found[key]})")
         if key == first_conv and len(found[key]) == 4 and found[key][0] == expected[key][0]:
-            raise CellmorphError(f"{where}: input: {n_channels} channels (mean, std), but the first convolution in "
-                                 f"{WEIGHTS} takes {found[key][1]} ({key} {found[key]})")
-        raise CellmorphError(f"{where}: model: {WEIGHTS} does not fit {document.model}: {key} is {found[key]} "
+            raise CellmorphError(f"{where}input: {n_channels} channels (mean, std), but the first convolution in "
+                                 f"{file} takes {found[key][1]} ({key} {found[key]})")
+        raise CellmorphError(f"{where}model: {file} does not fit {model}: {key} is {found[key]} "
                              f"there, {expected[key]} in the network")
 
 

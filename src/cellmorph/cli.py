@@ -344,6 +344,12 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
     "probe_c": (Optional[str], typer.Option(None, help=field_help("probe_c"))),
     "probe_head": (Optional[str], typer.Option(None, help=field_help("probe_head"))),
+    "ensemble_seeds": (Optional[int], typer.Option(
+        None, min=1, help="an ensemble of N members that differ in their seed (seed, seed+1, …); with "
+        "--ensemble-models, each model gets the N seeds")),
+    "ensemble_models": (Optional[str], typer.Option(
+        None, help="an ensemble whose further members are these backbones (comma-separated; --model is the first), "
+        "e.g. tf_efficientnet_lite2,mobilenetv2_100")),
     "compound_weighting": (Optional[bool], typer.Option(None, "--compound-weighting/--no-compound-weighting",
                                                         help=field_help("compound_weighting"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
@@ -394,6 +400,20 @@ def _probe_c(text: str | None):
         raise CellmorphError(f"--probe-c {text!r}: expected nested or a positive number") from None
 
 
+def _ensemble_members(seeds: int | None, models: str | None, given: dict) -> list[dict] | None:
+    """``--ensemble-seeds`` and ``--ensemble-models`` as the config's ``ensemble`` list (None: neither given)."""
+    if seeds is None and models is None:
+        return None
+    names = [m.strip() for m in (models or "").split(",") if m.strip()]
+    if models is not None and not names:
+        raise CellmorphError("--ensemble-models: expected backbone names separated by commas")
+    seed = given.get("seed") or 0
+    members = [{"seed": seed + k} for k in range(1, seeds or 1)]
+    for name in names:
+        members += [{"model": name} | ({"seed": seed + k} if k else {}) for k in range(seeds or 1)]
+    return members
+
+
 def _cv_config(config: Optional[Path], options: dict, **more):
     """The CVConfig of a YAML file (optional) with the command's options on top."""
     from cellmorph.cv import load_cv_config
@@ -404,6 +424,7 @@ def _cv_config(config: Optional[Path], options: dict, **more):
         given[field] = given.pop(option)
     given["eval_epochs"] = _int_list(given["eval_epochs"], "--eval-epochs")
     given["probe_c"] = _probe_c(given["probe_c"])
+    given["ensemble"] = _ensemble_members(given.pop("ensemble_seeds"), given.pop("ensemble_models"), given)
     given["weights"] = str(given["weights"]) if given["weights"] else None
     for option in ("mode", "keep_checkpoints"):
         given[option] = given[option].value if given[option] else None
@@ -466,8 +487,12 @@ def cv(
         metrics = run_replicates(data, out, cfg, replicates, resume=resume, progress=progress, executor=executor)
     else:
         metrics = run_cv(data, out, cfg, resume=resume, progress=progress, executor=executor)
+    for member in metrics.get("ensemble") or []:
+        console.print(f"{member['run']} ({member['model']}): treatment {member['treatment_accuracy']:.3f}, well "
+                      f"{member['well_accuracy']:.3f}, tile {member['tile_accuracy']:.3f}", highlight=False)
     _print_metrics(metrics, out)
-    for run in sorted(Path(out).glob("replicate-*")) if replicates > 1 else [Path(out)]:
+    runs = sorted(Path(out).glob("replicate-*")) if replicates > 1 else [Path(out)]
+    for run in runs + sorted(p for r in runs for p in r.glob("member-*") if (p / "metrics.json").is_file()):
         _write_report(run)
 
 

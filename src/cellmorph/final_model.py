@@ -68,15 +68,20 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     launched = distributed.launched_world_size() > 1
     out = Path(out) if launched else require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
-    if base.mode == "linear-probe":
+    members = base.members()
+    if any(m.mode == "linear-probe" for m in members):
         raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
     scheme = parse_cv(calibration) if calibration is not None else None
     if scheme is None:
         _check_no_cv_only_options(base)
     dp = distributed.init_from_env(base.device)
     if dp.active:
+        if len(members) > 1:
+            raise CellmorphError("train: an ensemble's members train one after another; run it without torchrun")
         dp.main_only(lambda: require_output_dir(out, "model folder"))
-    plan = plan_run(data, base, with_folds=False)
+    # Every member's plan before any training: a member that cannot be built fails here, not hours in.
+    plans = [plan_run(data, member, with_folds=False) for member in members]
+    plan = plans[0]
     _check_class_names(plan)  # before the calibration CV: its hours would end in a bundle predict refuses
     scores = None
     if scheme is not None:
@@ -90,18 +95,24 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     if len(rows) < 2:
         raise CellmorphError(f"{data}: fewer than 2 labelled tiles to train the final model on")
     fold = Fold(FINAL_FOLD, "final", rows, np.empty(0, dtype=np.int64))
-    final_plan = replace(plan, seeds={FINAL_FOLD: derive_seeds(plan.config.seed, FINAL_FOLD)})
-    if dp.active:
-        final_plan = replace(final_plan, device=dp.device)
-    with torch_threads(plan.config.num_threads), deterministic(plan.config.deterministic), \
-            Progress(progress and dp.is_main) as bar:
-        tasks = {"epochs": bar.task("  epochs (final model)", plan.config.epochs),
-                 "batches": bar.task("  batches", 1, log=False)}
-        trained = run_fold(final_plan, fold, None, tasks)
+    finals = []
+    for k, member_plan in enumerate(plans, start=1):
+        final_plan = replace(member_plan, seeds={FINAL_FOLD: derive_seeds(member_plan.config.seed, FINAL_FOLD)})
+        if dp.active:
+            final_plan = replace(final_plan, device=dp.device)
+        what = "final model" if len(plans) == 1 else f"final model, member {k} of {len(plans)}"
+        with torch_threads(final_plan.config.num_threads), deterministic(final_plan.config.deterministic), \
+                Progress(progress and dp.is_main) as bar:
+            tasks = {"epochs": bar.task(f"  epochs ({what})", final_plan.config.epochs),
+                     "batches": bar.task("  batches", 1, log=False)}
+            finals.append((final_plan, run_fold(final_plan, fold, None, tasks)))
+    final_plan, trained = finals[0]
     cache = plan.cache
     preprocessing = {k: cache.manifest.get(k) for k in ("source", "channels", "tile_shape", "config", "config_hash")}
     training = {
         "config": plan.config.model_dump(mode="json"),
+        # an ensemble: the further members' fields (their networks are the bundle's ``members``)
+        "ensemble": base.ensemble or None,
         "data": str(Path(data).resolve()),
         "data_fingerprint": plan.data_fingerprint,
         "seeds": final_plan.seeds[FINAL_FOLD],
@@ -122,10 +133,12 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
             "held_out_calibration_error": held_out_calibration_error(scores["treatments"], plan.classes)},
     }
     # Rank 0 writes; the other ranks wait for the complete bundle (and fail with it if it fails).
+    further = [{"state": t.state, "model": p.config.model, "input": p.input, "config": p.config.model_dump(mode="json"),
+                "seeds": p.seeds[FINAL_FOLD], "n_train_tiles": int(len(t.train_rows))} for p, t in finals[1:]]
     dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input,
-                                     preprocessing, training, scores))
+                                     preprocessing, training, scores, further))
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
-            "calibration": training["calibration"]}
+            "members": len(finals), "calibration": training["calibration"]}
 
 
 def _check_class_names(plan) -> None:

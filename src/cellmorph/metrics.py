@@ -18,6 +18,7 @@ import pandas as pd
 
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import (
+    CACHE_ROW_COLUMN,
     CORRECT_COLUMN,
     FOLD_COLUMN,
     PREDICTED_COLUMN,
@@ -141,6 +142,31 @@ def aggregate(tiles: pd.DataFrame, prefix: str = PROB_PREFIX,
     """Tiles (with calls), wells, treatments: ``how`` (:data:`AGGREGATIONS`) at both steps."""
     wells = aggregate_wells(tiles, prefix, how)
     return add_calls(tiles, prefix), wells, aggregate_treatments(wells, prefix, how)
+
+
+LEVEL_KEYS = {"tiles": [CACHE_ROW_COLUMN], "wells": WELL_KEYS, "treatments": TREATMENT_KEYS}
+
+
+def mean_of_levels(members: list[dict[str, pd.DataFrame]], names: list[str], prefix: str = PROB_PREFIX,
+                   ) -> dict[str, pd.DataFrame]:
+    """Each level (tiles, wells, treatments) of an ensemble: its members' ``prob_<class>`` averaged row by row
+    (rows matched by the level's keys) and the calls made again. Members must score the same rows with the
+    same classes; ``names`` name them in the error otherwise."""
+    merged = {}
+    for level, keys in LEVEL_KEYS.items():
+        frames = [m[level] for m in members]
+        probs = prob_columns(frames[0], prefix)
+        order = [f.sort_values(keys, kind="stable").reset_index(drop=True) for f in frames]
+        for name, frame in zip(names[1:], order[1:]):
+            if prob_columns(frame, prefix) != probs:
+                raise CellmorphError(f"{name}: its classes differ from {names[0]}'s; an ensemble's members share them")
+            if len(frame) != len(order[0]) or not frame[keys].astype(str).equals(order[0][keys].astype(str)):
+                raise CellmorphError(f"{name}: scores other {level} than {names[0]}; an ensemble's members share "
+                                     "their tiles")
+        mean = order[0].drop(columns=[c for c in (PREDICTED_COLUMN, CORRECT_COLUMN) if c in order[0].columns])
+        mean[probs] = np.mean([f[probs].to_numpy(dtype=float) for f in order], axis=0)
+        merged[level] = add_calls(mean, prefix)
+    return merged
 
 
 # --------------------------------------------------------------------------- metrics

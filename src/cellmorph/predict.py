@@ -127,7 +127,7 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     _require_recipe(bundle)
     if not bundle.calibration:
         raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
-    if config.mc_dropout and not bundle.manifest["training"]["config"].get("drop_rate"):
+    if config.mc_dropout and not all(m.config.get("drop_rate") for m in bundle.members):
         raise CellmorphError(f"{model}: --mc-dropout needs a model trained with dropout (train --drop-rate 0.2)")
     if config.reuse_freed_memory:
         # Before prepare too: its fields and resized tiles are tens of MB apiece, which glibc would
@@ -253,32 +253,38 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
 
     from cellmorph.cv.rundir import predictions_frame
     from cellmorph.datasets import InputPipeline
-    from cellmorph.metrics import aggregate
+    from cellmorph.metrics import aggregate, mean_of_levels
     from cellmorph.progress import Progress
     from cellmorph.runtime import torch_threads
     from cellmorph.train import PredictSettings, predict_tiles
 
     classes = bundle.classes
-    tta = bundle.manifest["training"]["config"].get("tta", "none")
-    pipeline = InputPipeline.from_spec(bundle.input)
-    settings = PredictSettings(batch_size=config.batch_size, tta=tta)
-    network = bundle.network()
+    members = bundle.members
     n_batches = -(-len(rows) // config.batch_size)
     passes = [("deterministic", 0)] + ([("MC dropout", config.mc_dropout)] if config.mc_dropout else [])
-    probs = {}
+    # Each member scores and aggregates its own way (as its calibration CV run did); an ensemble's levels
+    # are the mean of its members' (metrics.mean_of_levels), as `cv` averaged them for the calibration scores.
+    scored = {samples: [] for _, samples in passes}
     with torch_threads(config.threads), Progress(progress) as bar:
-        for name, samples in passes:
-            task = bar.task(f"predict ({name})", n_batches, every=max(1, n_batches // 20))
-            torch.manual_seed(config.seed)
-            probs[samples] = predict_tiles(network, pipeline, cache, rows, replace(settings, mc_dropout=samples),
-                                           torch.device("cpu"), on_batch=task.advance)
-    how = bundle.manifest["training"]["config"].get("aggregate", "median")  # as the calibration scores were made
-    frame = predictions_frame(cache, rows, probs[0], classes, fold=-1).drop(columns=["Metadata_Fold"])
-    levels = {level: add_confidence(f, classes, bundle.calibration.get(level))
-              for level, f in zip(("tiles", "wells", "treatments"), aggregate(frame, how=how))}
+        for k, member in enumerate(members, start=1):
+            pipeline = InputPipeline.from_spec(member.input)
+            settings = PredictSettings(batch_size=config.batch_size, tta=member.config.get("tta", "none"))
+            network = member.network()
+            how = member.config.get("aggregate", "median")
+            which = "" if len(members) == 1 else f", member {k} of {len(members)}"
+            for name, samples in passes:
+                task = bar.task(f"predict ({name}{which})", n_batches, every=max(1, n_batches // 20))
+                torch.manual_seed(config.seed)
+                probs = predict_tiles(network, pipeline, cache, rows, replace(settings, mc_dropout=samples),
+                                      torch.device("cpu"), on_batch=task.advance)
+                frame = predictions_frame(cache, rows, probs, classes, fold=-1).drop(columns=["Metadata_Fold"])
+                scored[samples].append(dict(zip(("tiles", "wells", "treatments"), aggregate(frame, how=how))))
+    names = [f"member {k}" for k in range(1, len(members) + 1)]
+    mean = {samples: (levels[0] if len(levels) == 1 else mean_of_levels(levels, names))
+            for samples, levels in scored.items()}
+    levels = {level: add_confidence(f, classes, bundle.calibration.get(level)) for level, f in mean[0].items()}
     if config.mc_dropout:
-        mc = predictions_frame(cache, rows, probs[config.mc_dropout], classes, fold=-1)
-        for level, stochastic in zip(levels, aggregate(mc.drop(columns=["Metadata_Fold"]), how=how)):
+        for level, stochastic in mean[config.mc_dropout].items():
             add_mc_columns(levels[level], stochastic, classes)
     return levels
 

@@ -22,6 +22,11 @@ from cellmorph.runtime import MAX_THREADS, check_device_name
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
 DEFAULT_EPOCHS = 10
 
+# Fields an ensemble's members share: the folds and classes (so their held-out predictions are of the
+# same tiles), where they run, and the ensemble list itself.
+ENSEMBLE_SHARED_FIELDS = ("ensemble", "cv", "fold_seed", "include_controls_as_class", "strict", "skip_untrainable_folds",
+                          "max_tiles_per_fold", "device", "num_threads", "num_workers", "deterministic")
+
 # Fields that change how a run computes or what it keeps, not what it computes: they may
 # differ on resume and stay out of the run's fingerprint.
 RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size", "keep_checkpoints")
@@ -123,6 +128,14 @@ class CVConfig(BaseModel):
         "mean, or logmean (mean log-probability: for the linear probe, its head applied to the mean profile); "
         "default logmean for a crop table's linear probe")
     seed: int = Field(0, ge=0, description="random seed; each fold's seeds derive from it and the fold number")
+    fold_seed: int | None = Field(
+        None, ge=0, description="the seed of the fold assignment (group-kfold, well); default: seed. An ensemble's "
+        "members that differ in seed keep the first member's folds")
+    ensemble: list[dict[str, Any]] = Field(
+        default_factory=list, description="further ensemble members, each the fields in which it differs from "
+        "this config (e.g. {seed: 1} or {model: tf_efficientnet_lite2}); this config is the first member. Each "
+        "level's held-out (cv) or predicted (predict) probabilities are the mean of the members' (README, "
+        "'Ensembles'); on the command line --ensemble-seeds N and --ensemble-models A,B")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     amp: bool | None = Field(None, description="mixed precision; default on for CUDA, always off on CPU")
@@ -162,6 +175,19 @@ class CVConfig(BaseModel):
     @classmethod
     def _check_cv(cls, value: str) -> str:
         return str(parse_cv(value))
+
+    @field_validator("ensemble")
+    @classmethod
+    def _check_ensemble(cls, members: list[dict]) -> list[dict]:
+        for k, member in enumerate(members, start=1):
+            fixed = sorted(set(member) & set(ENSEMBLE_SHARED_FIELDS))
+            if fixed:
+                raise ValueError(f"member {k}: {', '.join(fixed)} must be the same for every member (set "
+                                 "it on the ensemble's own config)")
+            unknown = sorted(set(member) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"member {k}: unknown field(s) {', '.join(unknown)}")
+        return members
 
     @field_validator("eval_epochs")
     @classmethod
@@ -204,6 +230,27 @@ class CVConfig(BaseModel):
         if late:
             raise ValueError(f"eval_epochs {late} exceed epochs={epochs}")
         return self
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the fold assignment."""
+        return self.seed if self.fold_seed is None else self.fold_seed
+
+    def members(self) -> list["CVConfig"]:
+        """The ensemble's member configs, this config (without the list) first; [self] without an ensemble.
+        Each member is validated as a config of its own, from the fields given (not the defaults filled
+        in), so a member of another model still takes its own per-model and per-layout defaults."""
+        if not self.ensemble:
+            return [self]
+        given = self.model_dump(exclude_unset=True)
+        given.pop("ensemble", None)
+        members = [validate_config(given, "ensemble member 1")]
+        for k, member in enumerate(self.ensemble, 2):
+            config = validate_config(given | member, f"ensemble member {k}")
+            if config.split_seed != self.split_seed:  # the same compounds held out in the same folds
+                config = validate_config(given | member | {"fold_seed": self.split_seed}, f"ensemble member {k}")
+            members.append(config)
+        return members
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "CVConfig":

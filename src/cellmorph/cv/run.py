@@ -130,7 +130,7 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     classes = class_names(cache.index, base.include_controls_as_class)
     folds, skipped = [], []
     if with_folds:
-        folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.seed,
+        folds, skipped = make_folds(cache.index, base.cv, base.include_controls_as_class, base.split_seed,
                                     base.skip_untrainable_folds, base.strict)
         if not folds:
             raise CellmorphError(f"cv {base.cv}: every fold was skipped; nothing to train")
@@ -174,6 +174,14 @@ def run_cv(
     from cellmorph import distributed
     from cellmorph.cv.executors import executor_scope
 
+    ensemble = validate_config(config if config is not None else {}, "config")
+    if ensemble.ensemble:
+        from cellmorph.cv.ensemble import run_ensemble_cv
+
+        if distributed.launched_world_size() > 1:
+            raise CellmorphError("cv: an ensemble's members run one after another; run it without torchrun")
+        require_not_input(out, data=data)
+        return run_ensemble_cv(data, out, ensemble, resume=resume, progress=progress, executor=executor)
     started = time.perf_counter()
     # Under torchrun, rank 0 alone checks and writes the run directory; every rank trains each fold.
     launched = distributed.launched_world_size() > 1
@@ -416,18 +424,43 @@ def _tile_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == targets)) if len(targets) else float("nan")
 
 
-def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float) -> dict:
-    """Aggregate tile → well → treatment, score, and write tables, figures and ``metrics.json`` (last)."""
-    from cellmorph.report import plot_confusion, plot_learning_curves
-
-    cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
-    predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)
-    tiles, wells, treatments = aggregate(predictions, how=cfg.aggregate)
+def score_levels(tiles: pd.DataFrame, wells: pd.DataFrame, treatments: pd.DataFrame, classes: list[str],
+                 n_folds: int) -> dict:
+    """The held-out metrics of a run's three levels, with the treatment accuracy's 95% interval."""
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
     # How far the treatment accuracy could move with other treatments of the same kind: on a few
     # dozen treatments, further than the run-to-run changes that float rounding alone causes.
     correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
     metrics["treatment_accuracy_ci95"] = list(bootstrap_interval(treatments, correct))
+    return metrics
+
+
+def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame, wells: pd.DataFrame,
+                 treatments: pd.DataFrame, classes: list[str], how: str, title: str) -> None:
+    """A run's tables, classification report and confusion matrix (``metrics.json`` is the caller's, last)."""
+    from cellmorph.report import plot_confusion
+
+    matrix = confusion(treatments, classes)
+    report = (
+        f"Treatment level ({len(treatments)} treatments, {how} of wells)\n"
+        + classification_text(treatments, classes)
+        + f"\nWell level ({len(wells)} wells, {how} of tiles)\n"
+        + classification_text(wells, classes)
+        + f"\nTile level ({len(tiles)} tiles)\n"
+        + classification_text(tiles, classes)
+    )
+    rundir.write_tables(predictions, wells, treatments, report, matrix, classes)
+    plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG), title=title)
+
+
+def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float) -> dict:
+    """Aggregate tile → well → treatment, score, and write tables, figures and ``metrics.json`` (last)."""
+    from cellmorph.report import plot_learning_curves
+
+    cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
+    predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)
+    tiles, wells, treatments = aggregate(predictions, how=cfg.aggregate)
+    metrics = score_levels(tiles, wells, treatments, classes, n_folds)
     if cfg.eval_epochs:
         by_epoch = {}
         for e in cfg.eval_epochs:
@@ -460,18 +493,8 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
         "resumed_folds": sorted(k for k, o in outputs.items() if o.resumed),
         "device": str(plan.device),
     })
-    matrix = confusion(treatments, classes)
-    report = (
-        f"Treatment level ({len(treatments)} treatments, median of well medians)\n"
-        + classification_text(treatments, classes)
-        + f"\nWell level ({len(wells)} wells, median of tiles)\n"
-        + classification_text(wells, classes)
-        + f"\nTile level ({len(tiles)} tiles)\n"
-        + classification_text(tiles, classes)
-    )
-    rundir.write_tables(predictions, wells, treatments, report, matrix, classes)
-    plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG),
-                   title=f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
+    write_levels(rundir, predictions, tiles, wells, treatments, classes, cfg.aggregate,
+                 f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
     if any(histories.values()):  # a linear probe has no epochs to plot
         plot_learning_curves(histories, rundir.path(CURVES_PNG))
     rundir.write_metrics(metrics)

@@ -295,6 +295,12 @@ class RunDir:
             raise CellmorphError(f"{self.root}: not a cellmorph run directory (no {CONFIG_FILE})")
         return yaml.safe_load(path.read_text()) or {}
 
+    def read_metrics(self) -> dict:
+        path = self.path(METRICS_FILE)
+        if not path.is_file():
+            raise CellmorphError(f"{self.root}: not a finished run (no {METRICS_FILE})")
+        return json.loads(path.read_text())
+
     def read_treatments(self) -> pd.DataFrame:
         """Per-treatment median probabilities and calls of a finished run."""
         return pd.read_csv(self.path(TREATMENTS_FILE))

@@ -108,6 +108,8 @@ def _cv_context(run: Path, visualise: bool) -> dict:
     treatments, wells, tiles = levels["treatments"], levels["wells"], levels["tiles"]
     cfg = header.get("config", {})
     title = f"{cfg.get('model', '?')} ({cfg.get('init', '?')}), {cfg.get('cv', '?')} cross-validation"
+    if metrics.get("ensemble"):
+        title = f"Ensemble of {len(metrics['ensemble'])}: {title}"
     sections = [
         _run_section(header, extra={"folds": metrics.get("n_folds"), "seconds": metrics.get("seconds")}),
         _with_notes(_accuracy_section(treatments, wells, tiles, classes, "held-out"),
@@ -115,7 +117,8 @@ def _cv_context(run: Path, visualise: bool) -> dict:
                      or []] + ([f"The linear probe's C per fold: {_counts(metrics['probe_c'])}."]
                                if metrics.get("probe_c") else [])
                     + ([f"The centroid head's temperature per fold: {_counts(metrics['probe_temperature'])}."]
-                       if metrics.get("probe_temperature") else [])),
+                       if metrics.get("probe_temperature") else [])
+                    + _ensemble_notes(metrics.get("ensemble"))),
         _confusion_section(run / "confusion_matrix.png"),
         _classes_section(treatments, classes),
         _treatments_section(treatments, classes),
@@ -218,6 +221,16 @@ def _run_section(header: dict, extra: dict) -> Section:
 def _with_notes(section: Section, notes: list[str]) -> Section:
     section.notes.extend(notes)
     return section
+
+
+def _ensemble_notes(members: list[dict] | None) -> list[str]:
+    """One line per member of an ensemble run, after the line saying how they were combined."""
+    if not members:
+        return []
+    return [f"Ensemble of {len(members)} members, each level's probabilities averaged over them "
+            "(each member's own run and report are in its folder):"] + [
+        f"{m.get('run')}: {m.get('model')}, treatment {m.get('treatment_accuracy', float('nan')):.3f}, well "
+        f"{m.get('well_accuracy', float('nan')):.3f}, tile {m.get('tile_accuracy', float('nan')):.3f}" for m in members]
 
 
 def _counts(values: dict) -> str:

@@ -1,0 +1,137 @@
+"""Ensembles: members cross-validated on the same folds, averaged level by level; trained into one bundle
+whose predictions are the mean of its members'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cellmorph.bundle import load_bundle, save_bundle
+from cellmorph.cv import load_cv_config, run_cv
+from cellmorph.cv.ensemble import member_dir
+from cellmorph.errors import CellmorphError
+from tests.bundle_helpers import edited_bundle
+from tests.conftest import QUICK_TRAIN, one_line_error, run_cli
+
+QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:3", max_tiles_per_fold=40,
+             num_threads=1)
+
+
+def _levels(run):
+    return {"tiles": pd.read_parquet(run / "predictions.parquet"), "wells": pd.read_csv(run / "wells.csv"),
+            "treatments": pd.read_csv(run / "treatments.csv")}
+
+
+def test_members_share_the_folds_and_the_run_is_their_level_by_level_mean(tiny_cache, tmp_path):
+    run = tmp_path / "ens"
+    metrics = run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}, {"mode": "linear", "lr": 0.05}]},
+                     progress=False)
+    headers = [yaml.safe_load((member_dir(run, k) / "config.yaml").read_text()) for k in (1, 2, 3)]
+    folds = [[f["test_compounds"] for f in h["cv"]["folds"]] for h in headers]
+    assert folds[0] == folds[1] == folds[2]  # seed 1 trains differently but holds out the same compounds
+    assert [h["config"]["seed"] for h in headers] == [0, 1, 0] and headers[2]["config"]["mode"] == "linear"
+    members = [_levels(member_dir(run, k)) for k in (1, 2, 3)]
+    mean = _levels(run)
+    for level, keys in (("tiles", ["Metadata_CacheRow"]), ("wells", ["Metadata_Plate", "Metadata_Well"]),
+                        ("treatments", ["Metadata_Compound", "Metadata_Concentration"])):
+        probs = [c for c in mean[level].columns if c.startswith("prob_")]
+        frames = [m[level].sort_values(keys).reset_index(drop=True) for m in members]
+        expected = np.mean([f[probs].to_numpy() for f in frames], axis=0)
+        np.testing.assert_allclose(mean[level].sort_values(keys)[probs].to_numpy(), expected, rtol=1e-6, atol=1e-9)
+    calls = mean["treatments"]
+    probs = [c for c in calls.columns if c.startswith("prob_")]
+    assert metrics["treatment_accuracy"] == pytest.approx(
+        float(np.mean(np.array([p[5:] for p in probs])[calls[probs].to_numpy().argmax(1)] == calls["Metadata_MoA"])))
+    assert [m["run"] for m in metrics["ensemble"]] == ["member-1", "member-2", "member-3"]
+    header = yaml.safe_load((run / "config.yaml").read_text())
+    assert len(header["ensemble"]["members"]) == 3 and header["config"]["ensemble"][0] == {"seed": 1}
+    from cellmorph.report import write_report
+
+    assert "Ensemble" in write_report(run, visualise=False).read_text()
+    # Finished: a second call is refused; --resume recomputes the mean from the finished members.
+    with pytest.raises(CellmorphError, match="already holds a run"):
+        run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}]}, progress=False)
+
+
+@pytest.mark.parametrize("member, message", [({"cv": "loco"}, "same for every member"),
+                                             ({"seeed": 1}, "unknown field"),
+                                             ({"epochs": 0}, "ensemble member 2")])
+def test_members_that_cannot_share_a_run_are_refused_before_any_work(member, message):
+    with pytest.raises(CellmorphError, match=message):
+        load_cv_config(None, model="test_resnet", ensemble=[member]).members()
+
+
+def test_cli_ensemble_options_build_the_member_list(tiny_cache, tmp_path):
+    from cellmorph.cli import _ensemble_members
+
+    assert _ensemble_members(3, None, {"seed": 5}) == [{"seed": 6}, {"seed": 7}]
+    assert _ensemble_members(None, "a,b", {}) == [{"model": "a"}, {"model": "b"}]
+    assert _ensemble_members(2, "a", {}) == [{"seed": 1}, {"model": "a"}, {"model": "a", "seed": 1}]
+    one_line_error(run_cli("cv", "--data", tiny_cache, "--model", "test_resnet", "--ensemble-models", " , ",
+                           "--out", tmp_path / "r"), "--ensemble-models")
+
+
+@pytest.fixture(scope="module")
+def ensemble_bundle(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ensemble") / "model"
+    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--ensemble-seeds",
+                   "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_an_ensemble_bundle_predicts_the_mean_of_its_members(ensemble_bundle, tiny_cache, tmp_path):
+    """Each member saved as a bundle of its own and predicted alone: the ensemble's probabilities, at every
+    level, are the mean of theirs (before calibration: prob_ columns)."""
+    bundle = load_bundle(ensemble_bundle)
+    assert bundle.manifest["format"] == 2 and len(bundle.members) == 2
+    assert bundle.manifest["training"]["calibration"]["cv"] == "group-kfold:2"
+    assert (ensemble_bundle.parent / "model.cv" / "member-2" / "metrics.json").is_file()
+    singles = []
+    for k, member in enumerate(bundle.members, start=1):
+        alone = tmp_path / f"member{k}"
+        training = dict(bundle.manifest["training"]) | {"config": member.config}
+        save_bundle(alone, member.weights, member.model_name, bundle.classes, member.input,
+                    bundle.manifest["preprocessing"], training, bundle.calibration)
+        proc = run_cli("predict", "--model", alone, "--data", tiny_cache, "--out", tmp_path / f"pred{k}",
+                       "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+        singles.append(tmp_path / f"pred{k}")
+    proc = run_cli("predict", "--model", ensemble_bundle, "--data", tiny_cache, "--out", tmp_path / "pred",
+                   "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    for level, keys in (("tiles", ["Metadata_CacheRow"]), ("wells", ["Metadata_Plate", "Metadata_Well"]),
+                        ("treatments", ["Metadata_Compound", "Metadata_Concentration"])):
+        mean = pd.read_parquet(tmp_path / "pred" / f"{level}.parquet").sort_values(keys)
+        probs = [c for c in mean.columns if c.startswith("prob_")]
+        parts = [pd.read_parquet(p / f"{level}.parquet").sort_values(keys)[probs].to_numpy() for p in singles]
+        np.testing.assert_allclose(mean[probs].to_numpy(), np.mean(parts, axis=0), rtol=1e-6, atol=1e-9)
+        assert not np.allclose(parts[0], parts[1])  # the members differ: a real ensemble
+
+
+def test_an_edited_ensemble_bundle_is_refused_naming_the_member(ensemble_bundle, tmp_path):
+    def drop_members(manifest):
+        manifest.pop("members")
+
+    with pytest.raises(CellmorphError, match="format 2 with 0 further member"):
+        load_bundle(edited_bundle(ensemble_bundle, tmp_path / "a", drop_members, seal=True))
+
+    def other_model(manifest):
+        manifest["members"][0]["model"] = "resnet18"
+
+    with pytest.raises(CellmorphError, match="member 2: model: weights-2.safetensors holds no resnet18"):
+        load_bundle(edited_bundle(ensemble_bundle, tmp_path / "b", other_model, seal=True))
+    damaged = tmp_path / "c"
+    shutil.copytree(ensemble_bundle, damaged)
+    with open(damaged / "weights-2.safetensors", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\0\0\0\0")
+    with pytest.raises(CellmorphError, match="weights-2.safetensors: sha256 differs"):
+        load_bundle(damaged)
+    manifest = json.loads((ensemble_bundle / "bundle.json").read_text())
+    assert manifest["members"][0]["weights"] == "weights-2.safetensors"
