@@ -54,12 +54,14 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "probe-c0.003": ({"mode": "linear-probe", "probe_c": 0.003}, "fixed C, hindsight"),
     "probe-c0.001": ({"mode": "linear-probe", "probe_c": 0.001}, "fixed C, hindsight"),
     "probe-mean": ({"mode": "linear-probe", "probe_head": "logistic", "aggregate": "mean"},
-                   "nested C, mean instead of median aggregation"),
-    "probe-stage3": ({"mode": "linear-probe", "features": "stage3"}, "nested C, stage 3 alone"),
-    "probe-notta": ({"mode": "linear-probe", "tta": "none"}, "nested C, no dihedral averaging of embeddings"),
-    "probe-96": ({"mode": "linear-probe", "image_size": 96}, "nested C, 96 px"),
-    "probe-160": ({"mode": "linear-probe", "image_size": 160}, "nested C, 160 px"),
-    "probe-lite2": ({"mode": "linear-probe", "model": "tf_efficientnet_lite2"}, "nested C, EfficientNet-Lite2"),
+                   "logistic head, nested C, mean instead of median aggregation"),
+    "probe-stage3": ({"mode": "linear-probe", "features": "stage3"}, "crop defaults, stage 3 alone"),
+    "probe-notta": ({"mode": "linear-probe", "tta": "none"}, "crop defaults, no dihedral averaging of embeddings"),
+    "probe-96": ({"mode": "linear-probe", "image_size": 96}, "crop defaults, 96 px"),
+    "probe-160": ({"mode": "linear-probe", "image_size": 160}, "crop defaults, 160 px"),
+    "probe-lite2": ({"mode": "linear-probe", "model": "tf_efficientnet_lite2"}, "EfficientNet-Lite2"),
+    "probe-lite1": ({"mode": "linear-probe", "model": "tf_efficientnet_lite1"}, "EfficientNet-Lite1"),
+    "probe-mnv2": ({"mode": "linear-probe", "model": "mobilenetv2_100"}, "MobileNetV2"),
     "finetune": ({"epochs": 5}, "the CLI contract's fine-tune: crop defaults, 5 epochs (about an hour on 2 cores)"),
     # Fine-tune levers, one change each from the contract's fine-tune (item 3 of issue 29).
     "ft-probe-head": ({"epochs": 5, "head_init": "probe"}, "head started from a logistic regression (LP-FT)"),
@@ -82,6 +84,10 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-lite0-stage3": ("probe", "probe-stage3"),
     "ens-lite0-lite2-stage3": ("probe", "probe-lite2", "probe-stage3"),
     "ens-ft-seeds": ("finetune", "ft-seed1"),
+    "ens-ft-cosine": ("finetune", "ft-cosine"),
+    "ens-probe-ft": ("probe", "finetune"),
+    "ens-probe-lite0-lite1-lite2": ("probe", "probe-lite1", "probe-lite2"),
+    "ens-probe-lite0-mnv2": ("probe", "probe-mnv2"),
 }
 DEFAULT_RECIPES = ("probe,probe-logistic,probe-logistic-logmean,probe-centroid-median,probe-centroid-mean,probe-c1,"
                    "probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean")
@@ -162,7 +168,7 @@ def main() -> None:
         for name, (config, what) in RECIPES.items():
             print(f"{name}: {what}; {json.dumps(config)}")
         for name, members in ENSEMBLES.items():
-            print(f"{name}: mean cell probabilities of {', '.join(members)}")
+            print(f"{name}: each level averaged over {', '.join(members)}")
         return
     if not (args.dev_set / "index.csv").is_file():
         raise SystemExit(f"{args.dev_set}: no index.csv (the development set lives in ../shared; see its README)")

@@ -15,10 +15,11 @@ from cellmorph.bundle import load_bundle, save_bundle
 from cellmorph.cv import load_cv_config, run_cv
 from cellmorph.cv.ensemble import member_dir
 from cellmorph.errors import CellmorphError
+from cellmorph.predict import PredictConfig, predict
 from tests.bundle_helpers import edited_bundle
 from tests.conftest import QUICK_TRAIN, one_line_error, run_cli
 
-QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:3", max_tiles_per_fold=40,
+QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:2", max_tiles_per_fold=40,
              num_threads=1)
 
 
@@ -29,13 +30,14 @@ def _levels(run):
 
 def test_members_share_the_folds_and_the_run_is_their_level_by_level_mean(tiny_cache, tmp_path):
     run = tmp_path / "ens"
-    metrics = run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}, {"mode": "linear", "lr": 0.05}]},
+    metrics = run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1, "mode": "linear", "lr": 0.05}]},
                      progress=False)
-    headers = [yaml.safe_load((member_dir(run, k) / "config.yaml").read_text()) for k in (1, 2, 3)]
+    headers = [yaml.safe_load((member_dir(run, k) / "config.yaml").read_text()) for k in (1, 2)]
     folds = [[f["test_compounds"] for f in h["cv"]["folds"]] for h in headers]
-    assert folds[0] == folds[1] == folds[2]  # seed 1 trains differently but holds out the same compounds
-    assert [h["config"]["seed"] for h in headers] == [0, 1, 0] and headers[2]["config"]["mode"] == "linear"
-    members = [_levels(member_dir(run, k)) for k in (1, 2, 3)]
+    assert folds[0] == folds[1]  # seed 1 trains differently but holds out the same compounds
+    assert [h["config"]["seed"] for h in headers] == [0, 1] and headers[1]["config"]["mode"] == "linear"
+    assert make_folds_differ_by_seed(tiny_cache)  # which they would not do by chance
+    members = [_levels(member_dir(run, k)) for k in (1, 2)]
     mean = _levels(run)
     for level, keys in (("tiles", ["Metadata_CacheRow"]), ("wells", ["Metadata_Plate", "Metadata_Well"]),
                         ("treatments", ["Metadata_Compound", "Metadata_Concentration"])):
@@ -47,15 +49,25 @@ def test_members_share_the_folds_and_the_run_is_their_level_by_level_mean(tiny_c
     probs = [c for c in calls.columns if c.startswith("prob_")]
     assert metrics["treatment_accuracy"] == pytest.approx(
         float(np.mean(np.array([p[5:] for p in probs])[calls[probs].to_numpy().argmax(1)] == calls["Metadata_MoA"])))
-    assert [m["run"] for m in metrics["ensemble"]] == ["member-1", "member-2", "member-3"]
+    assert [m["run"] for m in metrics["ensemble"]] == ["member-1", "member-2"]
     header = yaml.safe_load((run / "config.yaml").read_text())
-    assert len(header["ensemble"]["members"]) == 3 and header["config"]["ensemble"][0] == {"seed": 1}
+    assert len(header["ensemble"]["members"]) == 2 and header["config"]["ensemble"][0]["seed"] == 1
     from cellmorph.report import write_report
 
     assert "Ensemble" in write_report(run, visualise=False).read_text()
     # Finished: a second call is refused; --resume recomputes the mean from the finished members.
     with pytest.raises(CellmorphError, match="already holds a run"):
         run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}]}, progress=False)
+
+
+def make_folds_differ_by_seed(cache) -> bool:
+    from cellmorph.cache import TileCache
+    from cellmorph.cv import make_folds
+
+    index = TileCache(cache).index
+    tests = [[sorted(set(index["Metadata_Compound"].iloc[f.test])) for f in make_folds(index, "group-kfold:2",
+                                                                                        seed=s)[0]] for s in (0, 1)]
+    return tests[0] != tests[1]
 
 
 @pytest.mark.parametrize("member, message", [({"cv": "loco"}, "same for every member"),
@@ -98,13 +110,9 @@ def test_an_ensemble_bundle_predicts_the_mean_of_its_members(ensemble_bundle, ti
         training = dict(bundle.manifest["training"]) | {"config": member.config}
         save_bundle(alone, member.weights, member.model_name, bundle.classes, member.input,
                     bundle.manifest["preprocessing"], training, bundle.calibration)
-        proc = run_cli("predict", "--model", alone, "--data", tiny_cache, "--out", tmp_path / f"pred{k}",
-                       "--threads", "1")
-        assert proc.returncode == 0, proc.stderr
+        predict(alone, tiny_cache, tmp_path / f"pred{k}", PredictConfig(threads=1), progress=False, log=lambda *a: None)
         singles.append(tmp_path / f"pred{k}")
-    proc = run_cli("predict", "--model", ensemble_bundle, "--data", tiny_cache, "--out", tmp_path / "pred",
-                   "--threads", "1")
-    assert proc.returncode == 0, proc.stderr
+    predict(ensemble_bundle, tiny_cache, tmp_path / "pred", PredictConfig(threads=1), progress=False, log=lambda *a: None)
     for level, keys in (("tiles", ["Metadata_CacheRow"]), ("wells", ["Metadata_Plate", "Metadata_Well"]),
                         ("treatments", ["Metadata_Compound", "Metadata_Concentration"])):
         mean = pd.read_parquet(tmp_path / "pred" / f"{level}.parquet").sort_values(keys)
