@@ -74,6 +74,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-freeze3": ({"epochs": 5, "freeze_stages": 3}, "one more trainable stage (3 frozen)"),
     "ft-compounds": ({"epochs": 5, "compound_weighting": True}, "every training compound of a class weighs alike"),
     "ft-seed1": ({"epochs": 5, "seed": 1}, "seed 1 (for a two-seed ensemble with finetune)"),
+    "ft-seed2": ({"epochs": 5, "seed": 2}, "seed 2 (for a three-seed ensemble)"),
+    "ft-compounds-seed1": ({"epochs": 5, "compound_weighting": True, "seed": 1}, "ft-compounds at seed 1"),
     "ft-96": ({"epochs": 5, "image_size": 96}, "96 px"),
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
 }
@@ -84,6 +86,8 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-lite0-stage3": ("probe", "probe-stage3"),
     "ens-lite0-lite2-stage3": ("probe", "probe-lite2", "probe-stage3"),
     "ens-ft-seeds": ("finetune", "ft-seed1"),
+    "ens-ft-3seeds": ("finetune", "ft-seed1", "ft-seed2"),
+    "ens-ft-compounds-seeds": ("ft-compounds", "ft-compounds-seed1"),
     "ens-ft-cosine": ("finetune", "ft-cosine"),
     "ens-probe-ft": ("probe", "finetune"),
     "ens-probe-lite0-lite1-lite2": ("probe", "probe-lite1", "probe-lite2"),

@@ -537,6 +537,11 @@ def run_networks(run: Path) -> Comparison:
     if not (run / CONFIG_FILE).is_file() and (run / REPLICATE_DIR.format(0)).is_dir():
         first = run / REPLICATE_DIR.format(0)
         raise CellmorphError(f"{run}: holds replicate runs; pass one of them, e.g. --run {first}")
+    from cellmorph.cv.ensemble import is_ensemble_run, member_dir
+
+    if is_ensemble_run(run):
+        raise CellmorphError(f"{run}: an ensemble's run holds no network of its own; pass one of its members, "
+                             f"e.g. --run {member_dir(run, 1)}")
     header = rundir.read_config()
     config = header.get("config") or {}
     if config.get("mode") == "linear-probe":

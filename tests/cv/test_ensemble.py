@@ -55,6 +55,10 @@ def test_members_share_the_folds_and_the_run_is_their_level_by_level_mean(tiny_c
     from cellmorph.report import write_report
 
     assert "Ensemble" in write_report(run, visualise=False).read_text()
+    from cellmorph.visualize import run_networks
+
+    with pytest.raises(CellmorphError, match="pass one of its members"):
+        run_networks(run)
     # Finished: a second call is refused; --resume recomputes the mean from the finished members.
     with pytest.raises(CellmorphError, match="already holds a run"):
         run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}]}, progress=False)
