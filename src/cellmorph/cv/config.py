@@ -179,7 +179,7 @@ class CVConfig(BaseModel):
     @field_validator("ensemble")
     @classmethod
     def _check_ensemble(cls, members: list[dict]) -> list[dict]:
-        for k, member in enumerate(members, start=1):
+        for k, member in enumerate(members, start=2):  # this config is member 1
             fixed = sorted(set(member) & set(ENSEMBLE_SHARED_FIELDS))
             if fixed:
                 raise ValueError(f"member {k}: {', '.join(fixed)} must be the same for every member (set "
