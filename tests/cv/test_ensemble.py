@@ -147,3 +147,21 @@ def test_an_edited_ensemble_bundle_is_refused_naming_the_member(ensemble_bundle,
         load_bundle(damaged)
     manifest = json.loads((ensemble_bundle / "bundle.json").read_text())
     assert manifest["members"][0]["weights"] == "weights-2.safetensors"
+
+
+def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_one_can_be_asked_for():
+    from cellmorph.cli import _ensemble_members
+    from cellmorph.cv.config import with_layout_defaults
+
+    crops = with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0", seed=3), "crops")
+    members = crops.members()
+    assert crops.ensemble == [{"seed": 4}] and [m.seed for m in members] == [3, 4]
+    assert all(m.freeze_stages == 4 and m.image_size == 128 and not m.ensemble for m in members)
+    # a member is no ensemble again when the layout's defaults are applied to it (as each run does)
+    assert not with_layout_defaults(members[1], "crops").ensemble
+    one = load_cv_config(None, model="tf_efficientnet_lite0", ensemble=_ensemble_members(1, None, {}))
+    assert with_layout_defaults(one, "crops").members() == [with_layout_defaults(one, "crops")]
+    for other in (with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0"), "bbbc021"),
+                  with_layout_defaults(load_cv_config(None, model="test_resnet", init="xavier"), "crops"),
+                  with_layout_defaults(load_cv_config(None, mode="linear-probe"), "crops")):
+        assert not other.ensemble

@@ -243,7 +243,7 @@ class CVConfig(BaseModel):
         if not self.ensemble:
             return [self]
         given = self.model_dump(exclude_unset=True)
-        given.pop("ensemble", None)
+        given["ensemble"] = []  # given, so that no layout default makes a member an ensemble again
         members = [validate_config(given, "ensemble member 1")]
         for k, member in enumerate(self.ensemble, 2):
             config = validate_config(given | member, f"ensemble member {k}")
@@ -309,6 +309,11 @@ CROP_FINETUNE_DEFAULTS = {"freeze_stages": 4, "frozen_feature_cache": True, "tta
 # set, LOCO, it called 0.717 of 46 treatments against 0.565 for the nested-C logistic head on the same
 # embeddings (benchmarks/RESULTS.md, 'Probe heads').
 CROP_PROBE_DEFAULTS = {"probe_head": "centroid", "aggregate": "logmean"}
+# Crops, pretrained fine-tune: an ensemble of two seeds. The recipe is unstable (three seeds called 0.435 to
+# 0.652 of the development set's treatments under group-kfold:4); under LOCO, two seeds averaged called
+# 0.696 against 0.630 and 0.587 alone, balanced cell accuracy 0.439 against 0.362 and 0.423, in 34 min
+# on 2 cores (the budget: 60). benchmarks/RESULTS.md, 'Fine-tune levers'. --ensemble-seeds 1 trains one.
+CROP_FINETUNE_SEEDS = 2
 
 
 def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
@@ -325,6 +330,8 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
         update.update({k: v for k, v in CROP_FINETUNE_DEFAULTS.items() if k in unset})
         if not update.get("freeze_stages", config.freeze_stages):
             update.pop("frozen_feature_cache", None)  # asked for no frozen stages: nothing to cache
+        if "ensemble" in unset:
+            update["ensemble"] = [{"seed": config.seed + k} for k in range(1, CROP_FINETUNE_SEEDS)]
     if config.mode == "linear-probe":  # its embeddings: the layout's, as embed makes them
         update.update({k: v for k, v in layout_embedding(source).items() if k in unset})
         if source == "crops" and config.probe_c is None:  # a given C asks for the logistic head
@@ -332,6 +339,17 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
     # Validated from a mapping: a model_copy(update=...) would hold the raw values (a features string)
     # until validated, and pydantic warns when it serialises them.
     return validate_config(config.model_dump(exclude_unset=True) | update) if update else config
+
+
+def data_layout(data: Path) -> str | None:
+    """The layout (``source``) of the tile cache ``data``; None where it cannot be read (the run's own
+    checks then say what is wrong with it)."""
+    from cellmorph.cache import TileCache
+
+    try:
+        return TileCache(Path(data)).manifest.get("source")
+    except (CellmorphError, OSError, ValueError):
+        return None
 
 
 def field_help(name: str) -> str:

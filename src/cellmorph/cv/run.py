@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, validate_config, with_layout_defaults
+from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, data_layout, validate_config, with_layout_defaults
 from cellmorph.cv.rundir import (
     CONFUSION_PNG,
     CURVES_PNG,
@@ -174,7 +174,9 @@ def run_cv(
     from cellmorph import distributed
     from cellmorph.cv.executors import executor_scope
 
-    ensemble = validate_config(config if config is not None else {}, "config")
+    # An ensemble, given or a layout's default (crop fine-tunes), runs its members as runs of their own.
+    ensemble = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
+                                    data_layout(data))
     if ensemble.ensemble:
         from cellmorph.cv.ensemble import run_ensemble_cv
 
