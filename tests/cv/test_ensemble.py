@@ -62,6 +62,9 @@ def test_members_share_the_folds_and_the_run_is_their_level_by_level_mean(tiny_c
     # Finished: a second call is refused; --resume recomputes the mean from the finished members.
     with pytest.raises(CellmorphError, match="already holds a run"):
         run_cv(tiny_cache, run, QUICK | {"ensemble": [{"seed": 1}]}, progress=False)
+    # A run of one network is never turned into an ensemble's run by a resume with an ensemble config.
+    with pytest.raises(CellmorphError, match="holds a run of one network"):
+        run_cv(tiny_cache, member_dir(run, 1), QUICK | {"ensemble": [{"seed": 1}]}, resume=True, progress=False)
 
 
 def make_folds_differ_by_seed(cache) -> bool:

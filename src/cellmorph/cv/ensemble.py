@@ -54,6 +54,10 @@ def run_ensemble_cv(data: Path, out: Path, base: CVConfig, resume: bool = False,
         raise CellmorphError(f"{out} already holds a run (finished): continue it with --resume, or choose another --out")
     if resume and not (out / CONFIG_FILE).is_file() and not member_dir(out, 1).is_dir():
         raise CellmorphError(f"{out}: --resume: not a cellmorph run (no {CONFIG_FILE}); check --out, or drop --resume")
+    if (out / CONFIG_FILE).is_file() and not is_ensemble_run(out):
+        # e.g. a crop fine-tune started before two seeds became its default: resume it as what it is
+        raise CellmorphError(f"{out} holds a run of one network, not an ensemble's: continue it with "
+                             "--ensemble-seeds 1 (one network), or choose another --out")
     created = created_root(out)
     with output_lock(out, "cv"), executor_scope(executor) as engine:
         try:
