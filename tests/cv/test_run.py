@@ -273,7 +273,8 @@ def yaml_seed(run_dir) -> int:
 def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run, crop_cache, tmp_path):
     """Frozen stages computed once per run train the same models as frozen stages run every step."""
     checkpoint = first_run[0] / "folds" / "0" / "state.pt"  # frozen stages need non-random weights
-    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, augment={"enabled": False})
+    # one network (a pretrained crop fine-tune is otherwise two seeds): its fold states are compared
+    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, augment={"enabled": False}, ensemble=[])
     run_cv(crop_cache, tmp_path / "plain", base, progress=False)
     run_cv(crop_cache, tmp_path / "cached", dict(base, frozen_feature_cache=True), progress=False)
     plain = pd.read_parquet(tmp_path / "plain" / "predictions.parquet")
@@ -333,7 +334,8 @@ def test_gradual_unfreezing_works_with_the_frozen_feature_cache(first_run, crop_
     """unfreeze_every on top of frozen stages computed once: the same models as with the stages run every
     step, and stages not yet opened (layer2, layer3 after 2 epochs at 1 stage per epoch) keep their start."""
     checkpoint = first_run[0] / "folds" / "0" / "state.pt"
-    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, unfreeze_every=1, augment={"enabled": False})
+    base = dict(SMALL, init=str(checkpoint), freeze_stages=2, unfreeze_every=1, augment={"enabled": False},
+                ensemble=[])  # one network: its fold states are compared
     run_cv(crop_cache, tmp_path / "plain", base, progress=False)
     run_cv(crop_cache, tmp_path / "cached", dict(base, frozen_feature_cache=True), progress=False)
     start = torch.load(checkpoint, weights_only=True)["model"]
