@@ -169,3 +169,12 @@ def test_statistics_that_are_not_finite_are_never_reused(cache_copy):
     stats.loc[2, "std"] = np.inf
     stats.to_parquet(cache_copy / C.STATS_FILE, index=False)
     assert C.read_norm_stats(cache_copy, fingerprint) is None
+
+
+def test_cache_source_reads_the_layout_from_the_manifest_alone(tiny_cache, tmp_path):
+    from cellmorph.cache import TileCache, cache_source
+
+    assert cache_source(tiny_cache) == TileCache(tiny_cache).manifest["source"] == "bbbc021"
+    assert cache_source(tmp_path / "missing") is None
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert cache_source(tmp_path) is None

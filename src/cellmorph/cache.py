@@ -323,6 +323,16 @@ def remove_temporary_files(root: Path, older_than_ns: int | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- reading
+def cache_source(root: Path) -> str | None:
+    """The layout a cache was prepared from (its manifest's ``source``), read from the manifest alone, without
+    opening the index or the plates; None where the manifest cannot be read (opening the cache says why)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("source") if isinstance(manifest, dict) else None
+
+
 class TileCache:
     """A prepared dataset: ``index`` (a DataFrame, one row per tile) plus pixel access.
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellmorph.cv.config import CVConfig, data_layout, validate_config, with_layout_defaults
+from cellmorph.cache import cache_source
+from cellmorph.cv.config import CVConfig, validate_config, with_layout_defaults
 from cellmorph.cv.splits import Fold, parse_cv
 from cellmorph.errors import CellmorphError
 
@@ -68,7 +69,7 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     launched = distributed.launched_world_size() > 1
     out = Path(out) if launched else require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
-    members = with_layout_defaults(base, data_layout(data)).members()  # a crop fine-tune: two seeds
+    members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds
     if any(m.mode == "linear-probe" for m in members):
         raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
     scheme = parse_cv(calibration) if calibration is not None else None

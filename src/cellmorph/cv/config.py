@@ -341,17 +341,6 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
     return validate_config(config.model_dump(exclude_unset=True) | update) if update else config
 
 
-def data_layout(data: Path) -> str | None:
-    """The layout (``source``) of the tile cache ``data``; None where it cannot be read (the run's own
-    checks then say what is wrong with it)."""
-    from cellmorph.cache import TileCache
-
-    try:
-        return TileCache(Path(data)).manifest.get("source")
-    except (CellmorphError, OSError, ValueError):
-        return None
-
-
 def field_help(name: str) -> str:
     """A CVConfig field's description: the command-line help of its option."""
     return CVConfig.model_fields[name].description or ""

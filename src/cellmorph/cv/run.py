@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, data_layout, validate_config, with_layout_defaults
+from cellmorph.cache import cache_source
+from cellmorph.cv.config import RUNTIME_FIELDS, CVConfig, validate_config, with_layout_defaults
 from cellmorph.cv.rundir import (
     CONFUSION_PNG,
     CURVES_PNG,
@@ -176,7 +177,7 @@ def run_cv(
 
     # An ensemble, given or a layout's default (crop fine-tunes), runs its members as runs of their own.
     ensemble = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
-                                    data_layout(data))
+                                    cache_source(data))
     if ensemble.ensemble:
         from cellmorph.cv.ensemble import run_ensemble_cv
 
