@@ -63,9 +63,9 @@ def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: 
     grouped = frame.groupby(keys, sort=True, dropna=False)
     out = grouped[probs].agg("mean" if how == "logmean" else how)
     if how == "logmean":  # back to probabilities that sum to one: a softmax of the mean log-probabilities
-        logs = out.to_numpy()
-        weights = np.exp(logs - logs.max(axis=1, keepdims=True))
-        out = pd.DataFrame(weights / weights.sum(axis=1, keepdims=True), index=out.index, columns=out.columns)
+        from scipy.special import softmax
+
+        out = pd.DataFrame(softmax(out.to_numpy(), axis=1), index=out.index, columns=out.columns)
     meta = {}
     for col in frame.columns:
         if col in keys or col in probs or not str(col).startswith("Metadata_"):

@@ -65,19 +65,37 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, index: pd.DataFrame, class_weig
     frame, folds = _inner_folds(index, seed, inner_folds)
     if not folds:
         return float(grid[0]), {"C": float(grid[0]), "reason": "too few compounds for an inner split", "scores": {}}
-    treatments = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
-    scores = {}
-    for c in grid:
-        losses, weights = [], []
-        for fold in folds:
-            head, scaler = fit_probe_head(x[fold.train], y[fold.train], class_weighting, seed, c)
-            probs = np.zeros((len(fold.test), int(y.max()) + 1))
-            probs[:, head.classes_] = head.predict_proba(scaler.transform(x[fold.test]))
-            losses.append(treatment_balanced_log_loss(probs, y[fold.test], treatments[fold.test]))
-            weights.append(len(set(treatments[fold.test])))
-        scores[float(c)] = float(np.average(losses, weights=weights))
+
+    def probabilities(fold: Fold, c: float) -> tuple[np.ndarray, np.ndarray]:
+        head, scaler = fit_probe_head(x[fold.train], y[fold.train], class_weighting, seed, c)
+        return head.classes_, head.predict_proba(scaler.transform(x[fold.test]))
+
+    scores = _inner_losses(folds, y, treatment_ids(frame), grid, probabilities)
     best = min(scores, key=lambda c: (scores[c], -c))  # ties: the weaker regularisation
     return best, {"C": best, "inner_folds": len(folds), "scores": {str(c): round(v, 4) for c, v in scores.items()}}
+
+
+def treatment_ids(index: pd.DataFrame) -> np.ndarray:
+    """One string per row naming its treatment (compound and concentration)."""
+    return index[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
+
+
+def _inner_losses(folds: list[Fold], y: np.ndarray, treatments: np.ndarray, grid,
+                  probabilities) -> dict[float, float]:
+    """Each value of ``grid``: the treatment-balanced log-loss of ``probabilities(fold, value)`` (the classes
+    it scores, and their probabilities for ``fold.test``) on every inner fold, weighted by the fold's
+    treatments. The inner selection of both heads: C for the logistic, the temperature for the centroid."""
+    scores = {}
+    for value in grid:
+        losses, weights = [], []
+        for fold in folds:
+            classes, scored = probabilities(fold, value)
+            probs = np.zeros((len(fold.test), int(y.max()) + 1))
+            probs[:, classes] = scored
+            losses.append(treatment_balanced_log_loss(probs, y[fold.test], treatments[fold.test]))
+            weights.append(len(set(treatments[fold.test])))
+        scores[float(value)] = float(np.average(losses, weights=weights))
+    return scores
 
 
 # Temperatures of the centroid head's logits (a standardised profile's dot product with a unit centroid,
@@ -104,7 +122,7 @@ class CentroidHead:
         scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing: leave it at 0
         z = (x - mean) / scale
         frame = index.reset_index(drop=True)
-        treatment = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
+        treatment = treatment_ids(frame)
         profiles = pd.DataFrame(z).groupby(treatment, sort=True).mean()
         owner = pd.DataFrame({"compound": frame["Metadata_Compound"].astype(str).to_numpy(), "y": y},
                              index=treatment).groupby(level=0, sort=True).first().loc[profiles.index]
@@ -125,9 +143,9 @@ class CentroidHead:
         return ((x - self.mean_) / self.scale_) @ self.centroids.T
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        scaled = self.logits(x) / self.temperature
-        weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        return weights / weights.sum(axis=1, keepdims=True)
+        from scipy.special import softmax
+
+        return softmax(self.logits(x) / self.temperature, axis=1)
 
 
 def choose_centroid_temperature(x: np.ndarray, y: np.ndarray, index: pd.DataFrame, seed: int,
@@ -138,20 +156,14 @@ def choose_centroid_temperature(x: np.ndarray, y: np.ndarray, index: pd.DataFram
     frame, folds = _inner_folds(index, seed, inner_folds)
     if not folds:
         return 1.0, {"temperature": 1.0, "reason": "too few compounds for an inner split", "scores": {}}
-    treatments = frame[TREATMENT_KEYS].astype(str).agg("|".join, axis=1).to_numpy()
-    logits = []
-    for fold in folds:  # the centroids do not depend on the temperature: fitted once per inner fold
-        head = CentroidHead.fit(x[fold.train], y[fold.train], frame.iloc[fold.train])
-        logits.append((head, fold))
-    scores = {}
-    for t in grid:
-        losses, weights = [], []
-        for head, fold in logits:
-            probs = np.zeros((len(fold.test), int(y.max()) + 1))
-            probs[:, head.classes_] = head.with_temperature(t).predict_proba(x[fold.test])
-            losses.append(treatment_balanced_log_loss(probs, y[fold.test], treatments[fold.test]))
-            weights.append(len(set(treatments[fold.test])))
-        scores[float(t)] = float(np.average(losses, weights=weights))
+    # the centroids do not depend on the temperature: fitted once per inner fold
+    heads = {fold.index: CentroidHead.fit(x[fold.train], y[fold.train], frame.iloc[fold.train]) for fold in folds}
+
+    def probabilities(fold: Fold, t: float) -> tuple[np.ndarray, np.ndarray]:
+        head = heads[fold.index]
+        return head.classes_, head.with_temperature(t).predict_proba(x[fold.test])
+
+    scores = _inner_losses(folds, y, treatment_ids(frame), grid, probabilities)
     best = min(scores, key=lambda t: (scores[t], t))  # ties: the sharper
     return best, {"temperature": best, "inner_folds": len(folds),
                   "scores": {str(t): round(v, 4) for t, v in scores.items()}}
