@@ -404,14 +404,12 @@ def _ensemble_members(seeds: int | None, models: str | None, given: dict) -> lis
     """``--ensemble-seeds`` and ``--ensemble-models`` as the config's ``ensemble`` list (None: neither given)."""
     if seeds is None and models is None:
         return None
+    from cellmorph.cv.config import ensemble_members
+
     names = [m.strip() for m in (models or "").split(",") if m.strip()]
     if models is not None and not names:
         raise CellmorphError("--ensemble-models: expected backbone names separated by commas")
-    seed = given.get("seed") or 0
-    members = [{"seed": seed + k} for k in range(1, seeds or 1)]
-    for name in names:
-        members += [{"model": name} | ({"seed": seed + k} if k else {}) for k in range(seeds or 1)]
-    return members
+    return ensemble_members(given.get("seed") or 0, seeds or 1, names)
 
 
 def _cv_config(config: Optional[Path], options: dict, **more):

@@ -316,6 +316,15 @@ CROP_PROBE_DEFAULTS = {"probe_head": "centroid", "aggregate": "logmean"}
 CROP_FINETUNE_SEEDS = 2
 
 
+def ensemble_members(seed: int = 0, seeds: int = 1, models: tuple[str, ...] | list[str] = ()) -> list[dict]:
+    """A config's ``ensemble`` list: the further members that make ``seeds`` seeds (seed, seed+1, …) of its
+    own model and of each of ``models`` (the config itself is the first member)."""
+    members = [{"seed": seed + k} for k in range(1, seeds)]
+    for name in models:
+        members += [{"model": name} | ({"seed": seed + k} if k else {}) for k in range(seeds)]
+    return members
+
+
 def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
     """``config`` with the defaults of the cache's layout ``source`` for the fields it leaves unset
     (pydantic's ``model_fields_set``: what a YAML file or an option gave)."""
@@ -331,7 +340,7 @@ def with_layout_defaults(config: CVConfig, source: str | None) -> CVConfig:
         if not update.get("freeze_stages", config.freeze_stages):
             update.pop("frozen_feature_cache", None)  # asked for no frozen stages: nothing to cache
         if "ensemble" in unset:
-            update["ensemble"] = [{"seed": config.seed + k} for k in range(1, CROP_FINETUNE_SEEDS)]
+            update["ensemble"] = ensemble_members(config.seed, CROP_FINETUNE_SEEDS)
     if config.mode == "linear-probe":  # its embeddings: the layout's, as embed makes them
         update.update({k: v for k, v in layout_embedding(source).items() if k in unset})
         if source == "crops" and config.probe_c is None:  # a given C asks for the logistic head

@@ -19,6 +19,7 @@ and ``train --calibration`` calibrates an ensemble bundle on this mean.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -58,23 +59,19 @@ def run_ensemble_cv(data: Path, out: Path, base: CVConfig, resume: bool = False,
         # e.g. a crop fine-tune started before two seeds became its default: resume it as what it is
         raise CellmorphError(f"{out} holds a run of one network, not an ensemble's: continue it with "
                              "--ensemble-seeds 1 (one network), or choose another --out")
+    folders = [member_dir(out, k) for k in range(1, len(members) + 1)]
     created = created_root(out)
     with output_lock(out, "cv"), executor_scope(executor) as engine:
         try:
-            for k, member in enumerate(members, start=1):
-                folder = member_dir(out, k)
+            for member, folder in zip(members, folders):
                 # A member that a killed run never reached has nothing to resume: it starts.
                 run_cv(data, folder, member, resume=resume and (folder / CONFIG_FILE).is_file(), progress=progress,
                        executor=engine)
         except CellmorphError:
-            if created is not None and not any(RunDir(member_dir(out, k)).has_results()
-                                               for k in range(1, len(members) + 1)):
-                import shutil
-
+            if created is not None and not any(RunDir(folder).has_results() for folder in folders):
                 shutil.rmtree(created, ignore_errors=True)  # nothing worth resuming: leave nothing behind
             raise
-        return combine_member_runs(out, base, [member_dir(out, k) for k in range(1, len(members) + 1)],
-                                   time.perf_counter() - started)
+        return combine_member_runs(out, base, folders, time.perf_counter() - started)
 
 
 def mean_levels(runs: list[Path]) -> dict[str, pd.DataFrame]:
