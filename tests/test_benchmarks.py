@@ -131,3 +131,21 @@ def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tm
     for heading in ("One LOCO fold", "Training steps", "Folds at once", "Input side", "Correctness",
                     "A bundle trained here"):
         assert heading in report
+
+
+def test_dev_usecase_holds_out_whole_compounds_with_the_dmso_of_their_batches(tmp_path):
+    import pandas as pd
+
+    from dev_usecase import write_fold_tables
+
+    table = pd.DataFrame({
+        "FileName": [f"crops/{k}.npy" for k in range(6)],
+        "Metadata_Plate": ["Week1_1", "Week1_2", "Week2_1", "Week1_1", "Week2_1", "Week3_1"],
+        "Metadata_Compound": ["DMSO", "DMSO", "DMSO", "taxol", "taxol", "AZ138"]})
+    train_csv, test_csv = write_fold_tables(tmp_path / "fold-0", table, ["taxol"])
+    train, test = pd.read_csv(train_csv), pd.read_csv(test_csv)
+    assert "taxol" not in set(train["Metadata_Compound"])
+    assert set(train["FileName"]) == {"crops/0.npy", "crops/1.npy", "crops/2.npy", "crops/5.npy"}
+    # the held-out compound's cells and the DMSO of its batches (weeks 1 and 2), nothing of week 3
+    assert set(test["FileName"]) == {"crops/0.npy", "crops/1.npy", "crops/2.npy", "crops/3.npy", "crops/4.npy"}
+    assert (tmp_path / "fold-0" / "crops").is_symlink()

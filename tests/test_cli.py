@@ -361,3 +361,13 @@ def test_a_bad_probe_c_is_one_line(tiny_cache, tmp_path, value, mode, needle):
     one_line_error(run_cli_here("cv", "--data", tiny_cache, "--out", out, "--mode", mode, "--probe-c", value,
                                 "--no-progress"), needle)
     assert not out.exists()
+
+
+def test_python_dash_m_cellmorph_is_the_command():
+    """``python -m cellmorph`` runs the CLI, for environments whose scripts folder is not on PATH."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cellmorph", "cv", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--mode" in done.stdout and "Usage:" in done.stdout
