@@ -16,33 +16,11 @@ reproducible and cheap on CPU. An :class:`Augmenter` in ``eval()`` mode is the i
 
 from __future__ import annotations
 
-import math
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-
-class AugmentConfig(BaseModel):
-    """Augmentation settings; defaults reproduce the paper."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    dihedral: bool = Field(True, description="random rotation by k·90° and mirror (8 transforms)")
-    jitter: float = Field(0.25, ge=0.0, lt=1.0, description="per-channel intensity scale change ±jitter")
-    jitter_p: float = Field(0.5, ge=0.0, le=1.0, description="probability a channel is jittered")
-    blur_p: float = Field(0.5, ge=0.0, le=1.0, description="probability of a box blur")
-    blur_size: int = Field(3, ge=1, description="box blur kernel size (odd)")
-    noise_p: float = Field(0.5, ge=0.0, le=1.0, description="probability of additive Gaussian noise")
-    noise_std: float = Field(math.sqrt(50.0), ge=0.0, description="noise σ in 8-bit grey levels (paper: √50)")
-
-
-# Test-time augmentation at prediction: "dihedral" averages a tile's softmax over its dihedral views.
-TTAMode = Literal["none", "dihedral"]
-TTA_MODES: tuple[str, ...] = get_args(TTAMode)
+from cellmorph.config.augment import TTA_MODES, AugmentConfig, TTAMode  # noqa: F401
 
 
 # --------------------------------------------------------------------------- dihedral group

@@ -10,16 +10,41 @@ import functools
 import inspect as introspect  # `inspect` is also a command below
 import json
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args, get_origin
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cellmorph.cv.config import field_help  # option help is the config's field descriptions
-from cellmorph.errors import CellmorphError, DiskFullError, is_disk_full
+# The settings records are light (no torch or pandas): options and their help are built from them at
+# import time, and the commands import the modules that do the work when they run (start-up time).
+from cellmorph.config.embed import EmbedConfig
+from cellmorph.config.features import FeatureSpec
+from cellmorph.config.predict import PredictConfig
+from cellmorph.config.prepare import Layout, PrepareConfig
+from cellmorph.config.visualize import FilterConfig
+from cellmorph.cv.config import CVConfig, KeepCheckpoints, ensemble_members, field_help, load_cv_config  # help: the fields' descriptions
+from cellmorph.cv.executors import ExecutorConfig
+from cellmorph.demo import DemoConfig
+from cellmorph.errors import CellmorphError, DiskFullError, is_disk_full, validated
+
+
+def _choices(config, name: str):
+    """The Literal type of a settings field (its None alternative dropped): an option's choices, written once."""
+    options = [t for t in get_args(config.model_fields[name].annotation) if t is not type(None)]
+    return options[0] if get_origin(options[0]) is Literal else config.model_fields[name].annotation
+
+
+Normalize = _choices(PrepareConfig, "normalize")
+Scaling = _choices(PrepareConfig, "scaling")
+Mode = _choices(CVConfig, "mode")
+ExecutorKind = _choices(ExecutorConfig, "kind")
+Standardize = _choices(EmbedConfig, "standardize")
+Whiten = _choices(EmbedConfig, "whiten")
+Dataset = Literal["bbbc021", "bbbc014"]
+Metric = Literal["correlation", "cosine"]
+ProfileAggregate = Literal["mean", "median"]
 
 app = typer.Typer(
     name="cellmorph",
@@ -85,25 +110,6 @@ def command(*args, **kwargs):
     return register
 
 
-class Layout(str, Enum):
-    bbbc021 = "bbbc021"
-    bbbc014 = "bbbc014"
-    crops = "crops"
-    generic = "generic"
-
-
-class Normalize(str, Enum):
-    plate = "plate"
-    batch = "batch"
-    none = "none"
-
-
-class Scaling(str, Enum):
-    image = "image"
-    tile = "tile"
-    fixed = "fixed"
-
-
 def _log_line(message: str | None) -> None:
     """A note on stderr as one plain line (rich would wrap it and read brackets as markup)."""
     if message:
@@ -113,7 +119,7 @@ def _log_line(message: str | None) -> None:
 # ----------------------------------------------------------------------------- inspect
 @command()
 def inspect(
-    layout: Layout = typer.Option(Layout.bbbc021, help="input layout"),
+    layout: Layout = typer.Option("bbbc021", help="input layout"),
     metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv"),
     root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
     index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
@@ -132,7 +138,7 @@ def inspect(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    grid = Table(title=f"{layout.value} dataset")
+    grid = Table(title=f"{layout} dataset")
     grid.add_column("compound")
     grid.add_column("images", justify="right")
     for name, count in summary["images_per_compound"].items():
@@ -145,9 +151,6 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------- synth
-class Dataset(str, Enum):
-    bbbc021 = "bbbc021"
-    bbbc014 = "bbbc014"
 
 
 @command()
@@ -155,12 +158,12 @@ def synth(
     out: Path = typer.Argument(..., help="output folder (BBBC021 layout)"),
     preset: str = typer.Option("tiny", help="tiny | mini | full"),
     seed: int = typer.Option(0, help="random seed; the same seed gives identical files"),
-    dataset: Dataset = typer.Option(Dataset.bbbc021, help="which dataset layout to synthesise"),
+    dataset: Dataset = typer.Option("bbbc021", help="which dataset layout to synthesise"),
     workers: int = typer.Option(1, help="processes used to render images"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
-    if dataset is Dataset.bbbc014:
+    if dataset == "bbbc014":
         from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
 
         summary = generate_bbbc014(out, preset=preset, seed=seed, progress=progress)
@@ -174,8 +177,6 @@ def synth(
 # ----------------------------------------------------------------------------- prepare
 def _prepare_help(name: str, defaults: str = "") -> str:
     """A PrepareConfig field's description as the option's help (plus its per-layout defaults)."""
-    from cellmorph.preprocess import PrepareConfig
-
     text = PrepareConfig.model_fields[name].description or ""
     return f"{text} ({defaults})" if defaults else text
 
@@ -193,7 +194,7 @@ def _parse_grid(text: str) -> tuple[int, int]:
 @command()
 def prepare(
     out: Path = typer.Option(..., help="cache folder to write"),
-    layout: Layout = typer.Option(Layout.bbbc021, help="input layout"),
+    layout: Layout = typer.Option("bbbc021", help="input layout"),
     root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
     metadata: Optional[Path] = typer.Option(None, help="folder with the BBBC021 CSVs (default: --root)"),
     index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
@@ -226,8 +227,8 @@ def prepare(
         layout,
         config,
         paper,
-        normalize=normalize.value if normalize else None,
-        scaling=scaling.value if scaling else None,
+        normalize=normalize,
+        scaling=scaling,
         include_controls=controls,
         tile_grid=_parse_grid(tiles) if tiles is not None else None,
         tile_size=tile_size,
@@ -256,18 +257,6 @@ def download(
 
 
 # ----------------------------------------------------------------------------- cv / demo
-
-
-class Mode(str, Enum):
-    finetune = "finetune"
-    linear = "linear"
-    linear_probe = "linear-probe"
-
-
-class KeepCheckpoints(str, Enum):
-    all = "all"
-    last = "last"
-    none = "none"
 
 
 def _write_report(out: Path) -> None:
@@ -404,8 +393,6 @@ def _ensemble_members(seeds: int | None, models: str | None, given: dict) -> lis
     """``--ensemble-seeds`` and ``--ensemble-models`` as the config's ``ensemble`` list (None: neither given)."""
     if seeds is None and models is None:
         return None
-    from cellmorph.cv.config import ensemble_members
-
     names = [m.strip() for m in (models or "").split(",") if m.strip()]
     if models is not None and not names:
         raise CellmorphError("--ensemble-models: expected backbone names separated by commas")
@@ -414,8 +401,6 @@ def _ensemble_members(seeds: int | None, models: str | None, given: dict) -> lis
 
 def _cv_config(config: Optional[Path], options: dict, **more):
     """The CVConfig of a YAML file (optional) with the command's options on top."""
-    from cellmorph.cv import load_cv_config
-
     given = dict(options) | more
     renamed = {"include_controls": "include_controls_as_class", "threads": "num_threads", "online": "allow_network"}
     for option, field in renamed.items():
@@ -424,15 +409,7 @@ def _cv_config(config: Optional[Path], options: dict, **more):
     given["probe_c"] = _probe_c(given["probe_c"])
     given["ensemble"] = _ensemble_members(given.pop("ensemble_seeds"), given.pop("ensemble_models"), given)
     given["weights"] = str(given["weights"]) if given["weights"] else None
-    for option in ("mode", "keep_checkpoints"):
-        given[option] = given[option].value if given[option] else None
     return load_cv_config(config, **given)
-
-
-class ExecutorKind(str, Enum):
-    local = "local"
-    dask = "dask"
-    slurm = "slurm"
 
 
 EXECUTOR_OPTIONS = {
@@ -448,10 +425,10 @@ EXECUTOR_OPTIONS = {
 
 def _executor_config(given: dict):
     """The ExecutorConfig of ``--executor-config`` (optional) with the executor options on top."""
-    from cellmorph.cv.executors import ExecutorConfig, executor_config
+    from cellmorph.cv.executors import executor_config
 
     path = given.pop("executor_config")
-    given["kind"] = given.pop("executor").value if given["executor"] else None
+    given["kind"] = given.pop("executor")
     if given["kind"] is None and (given["scheduler"] or given["workers"]):
         given["kind"] = "dask"
     if path is not None:
@@ -557,14 +534,10 @@ def _expected_calibration(calibration: dict | None) -> list[str]:
 
 
 def _embed_help(name: str) -> str:
-    from cellmorph.embed import EmbedConfig
-
     return EmbedConfig.model_fields[name].description or ""
 
 
 def _predict_help(name: str) -> str:
-    from cellmorph.predict import PredictConfig
-
     return PredictConfig.model_fields[name].description or ""
 
 
@@ -593,18 +566,16 @@ def predict(
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Call the MoA of every treatment of a screen, with confidence and a conformal prediction set."""
-    from cellmorph.errors import validated
-    from cellmorph.predict import PredictConfig
     from cellmorph.predict import predict as run_predict
 
     settings = validated(PredictConfig, dict(
         alpha=alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
-        normalize=normalize.value if normalize else None,
+        normalize=normalize,
         reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
     if (data is None) == (layout is None):
         raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
                              "--root/--index/--layout-config")
-    if moa is not None and layout != Layout.crops:
+    if moa is not None and layout != "crops":
         raise CellmorphError("--moa labels crop tables (--layout crops); BBBC021 reads BBBC021_v1_moa.csv beside "
                              "the image table, a generic layout its YAML's moa_table")
     if data is not None and (normalize is not None or skip_bad):
@@ -665,7 +636,7 @@ def compare_inits_command(
     executor=None,
 ) -> None:
     """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
-    from cellmorph.cv import compare_inits, load_cv_config
+    from cellmorph.cv import compare_inits
     from cellmorph.cv.rundir import INIT_COMPARISON
 
     epoch_list = _int_list(epochs, "--epochs")
@@ -697,8 +668,6 @@ def report(
 
 def _demo_option(name: str, *flags: str):
     """A typer option whose default and help are DemoConfig's (one place for both)."""
-    from cellmorph.demo import DemoConfig
-
     field = DemoConfig.model_fields[name]
     return typer.Option(field.default, *flags, help=field.description or "")
 
@@ -720,8 +689,7 @@ def demo(
 ) -> None:
     """synth tiny → prepare → cv (compound hold-out, offline ImageNet EfficientNet-Lite0): the linear probe,
     then the paper's fine-tune → summary tables and reports."""
-    from cellmorph.demo import DemoConfig, run_demo
-    from cellmorph.errors import validated
+    from cellmorph.demo import run_demo
 
     settings = validated(DemoConfig, dict(seed=seed, epochs=epochs, image_size=image_size, freeze_stages=freeze_stages,
                                            tta=tta, frozen_feature_cache=frozen_feature_cache, cv=cv_scheme,
@@ -749,28 +717,6 @@ def _demo_summary(result) -> str:
 
 
 # ----------------------------------------------------------------------------- embed / profiles
-class Standardize(str, Enum):
-    plate = "plate"
-    batch = "batch"
-    all = "all"
-    none = "none"
-
-
-class Whiten(str, Enum):
-    none = "none"
-    spherize = "spherize"
-    tvn = "tvn"
-    coral = "coral"
-
-
-class Aggregate(str, Enum):
-    mean = "mean"
-    median = "median"
-
-
-class Metric(str, Enum):
-    correlation = "correlation"
-    cosine = "cosine"
 
 
 @command()
@@ -787,23 +733,20 @@ def embed(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     features: Optional[str] = typer.Option(None, help=FEATURES_HELP),
     tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
-    aggregate: Aggregate = typer.Option(Aggregate.median, help=_embed_help("aggregate")),
-    standardize: Standardize = typer.Option(Standardize.plate, help=_embed_help("standardize")),
-    whiten: Whiten = typer.Option(Whiten.none, help=_embed_help("whiten")),
+    aggregate: ProfileAggregate = typer.Option("median", help=_embed_help("aggregate")),
+    standardize: Standardize = typer.Option("plate", help=_embed_help("standardize")),
+    whiten: Whiten = typer.Option("none", help=_embed_help("whiten")),
     strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
-    from cellmorph.embed import EmbedConfig
     from cellmorph.embed import embed as run_embed
-    from cellmorph.errors import validated
-    from cellmorph.models.features import FeatureSpec
     from cellmorph.runtime import keep_freed_memory
 
     config = validated(EmbedConfig, dict(
         model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
         image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
-        batch_size=batch_size, device=device, threads=threads, aggregate=aggregate.value, standardize=standardize.value, whiten=whiten.value,
+        batch_size=batch_size, device=device, threads=threads, aggregate=aggregate, standardize=standardize, whiten=whiten,
         strength=strength), "embed options")
     target = out or Path(data) / "embeddings" / model
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
@@ -816,20 +759,20 @@ def profile_eval(
     profiles: Path = typer.Argument(..., help="per-well profiles: CellProfiler CSV or a cellmorph wells.parquet"),
     out: Path = typer.Option(..., help="output folder"),
     metadata: Optional[Path] = typer.Option(None, help="BBBC021 metadata folder (labels for CellProfiler CSVs)"),
-    standardize: Standardize = typer.Option(Standardize.plate, help="z-score features to the DMSO wells of each "
+    standardize: Standardize = typer.Option("plate", help="z-score features to the DMSO wells of each "
                                             "plate, batch or of all plates (a plate without DMSO: its batch's)"),
-    whiten: Whiten = typer.Option(Whiten.none, help="then whiten on DMSO: spherize (ZCA), tvn (PCA whitening) or "
+    whiten: Whiten = typer.Option("none", help="then whiten on DMSO: spherize (ZCA), tvn (PCA whitening) or "
                                   "coral (per-batch DMSO covariance aligned)"),
     strength: Optional[float] = typer.Option(None, help="whitening regulariser: ridge for spherize/coral (default "
                                              "10), components for tvn (default 100)"),
-    aggregate: Aggregate = typer.Option(Aggregate.mean, help="treatment profile = mean or median of its wells"),
-    metric: Metric = typer.Option(Metric.correlation, help="1-NN similarity"),
+    aggregate: ProfileAggregate = typer.Option("mean", help="treatment profile = mean or median of its wells"),
+    metric: Metric = typer.Option("correlation", help="1-NN similarity"),
 ) -> None:
     """NSC / NSCB nearest-neighbour MoA matching of treatment profiles (NSCB leaves out MoAs of one batch)."""
     from cellmorph.profiles import profile_eval as run_profile_eval
 
-    metrics = run_profile_eval(profiles, out, metadata, standardize.value, aggregate.value, metric.value,
-                               whiten.value, strength, log=_log_line)
+    metrics = run_profile_eval(profiles, out, metadata, standardize, aggregate, metric,
+                               whiten, strength, log=_log_line)
     print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}))
 
 
@@ -851,8 +794,6 @@ visualize_app = typer.Typer(help="What the network looks at: filter images of th
 
 
 def _visualize_help(name: str) -> str:
-    from cellmorph.visualize import FilterConfig
-
     return FilterConfig.model_fields[name].description or ""
 
 
@@ -870,8 +811,7 @@ def visualize_filters_command(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Images that maximise chosen filters of the ImageNet network and of the fine-tuned one, side by side."""
-    from cellmorph.errors import validated
-    from cellmorph.visualize import FilterConfig, visualize_filters
+    from cellmorph.visualize import visualize_filters
 
     config = validated(FilterConfig, dict(layers=layers, filters=filters, steps=steps, size=size, seed=seed,
                                           threads=threads), "visualize options")

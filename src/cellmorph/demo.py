@@ -78,7 +78,8 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
     from cellmorph.cv.rundir import CONFIG_FILE
     from cellmorph.data.bbbc021 import IMAGE_CSV, load_bbbc021
     from cellmorph.data.synthetic import generate_bbbc021
-    from cellmorph.preprocess import PrepareConfig, prepare
+    from cellmorph.config.prepare import PrepareConfig
+    from cellmorph.preprocess import prepare
     from cellmorph.runinfo import require_output_dir
 
     config = config or DemoConfig()

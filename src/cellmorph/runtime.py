@@ -16,16 +16,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from cellmorph.config.runtime import MAX_THREADS
 from cellmorph.errors import CellmorphError
 
 THREAD_VARIABLES = ("CELLMORPH_THREADS", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
 # torch's own default (physical cores) before anyone changed it: hyperthreads add spin-waits, not speed.
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
-
-# A bound far above any machine's cores: torch keeps the count in a C int, so a larger one
-# overflows instead of failing with a message.
-MAX_THREADS = 4096
 
 
 def _thread_count(value, source: str) -> int:

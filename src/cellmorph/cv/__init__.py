@@ -1,21 +1,35 @@
-"""Cross-validation: config, splits, the run directory, the fold loop, the probe and replicates."""
+"""Cross-validation: config, splits, the run directory, the fold loop, the probe and replicates.
 
-from cellmorph.cv.config import CVConfig, load_cv_config, validate_config
-from cellmorph.cv.replicates import compare_inits, run_replicates
-from cellmorph.cv.run import plan_run, run_cv
-from cellmorph.cv.rundir import RunDir
-from cellmorph.cv.splits import Fold, make_folds, parse_cv
+The names below load on first use (PEP 562), so that ``cellmorph.cv.config`` and ``cellmorph.cv.scheme``,
+which the command line reads to build its options, do not pull in torch and pandas with the fold loop.
+"""
 
-__all__ = [
-    "CVConfig",
-    "Fold",
-    "RunDir",
-    "compare_inits",
-    "load_cv_config",
-    "make_folds",
-    "parse_cv",
-    "plan_run",
-    "run_cv",
-    "run_replicates",
-    "validate_config",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "CVConfig": "cellmorph.cv.config",
+    "load_cv_config": "cellmorph.cv.config",
+    "validate_config": "cellmorph.cv.config",
+    "compare_inits": "cellmorph.cv.replicates",
+    "run_replicates": "cellmorph.cv.replicates",
+    "plan_run": "cellmorph.cv.run",
+    "run_cv": "cellmorph.cv.run",
+    "RunDir": "cellmorph.cv.rundir",
+    "Fold": "cellmorph.cv.splits",
+    "make_folds": "cellmorph.cv.splits",
+    "parse_cv": "cellmorph.cv.scheme",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cellmorph.cv' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

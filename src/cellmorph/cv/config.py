@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cellmorph.augment import AugmentConfig, TTAMode
-from cellmorph.cv.splits import CV_CHOICES, parse_cv
+from cellmorph.config.augment import AugmentConfig, TTAMode
+from cellmorph.config.features import DEFAULT_FEATURES, FeatureSpec
+from cellmorph.config.runtime import MAX_THREADS
+from cellmorph.cv.scheme import CV_CHOICES, parse_cv
 from cellmorph.errors import CellmorphError, validated
-from cellmorph.models.features import DEFAULT_FEATURES, FeatureSpec
 from cellmorph.runinfo import read_yaml_mapping
-from cellmorph.runtime import MAX_THREADS, check_device_name
 
 PAPER_MODELS = ("resnet50", "inception_v3", "inception_resnet_v2")
 DEFAULT_EPOCHS = 10
@@ -161,6 +161,8 @@ class CVConfig(BaseModel):
     def _device_name(cls, value: str) -> str:
         # The name is checked here, at the boundary; whether this machine has it, when a run starts.
         if value != "auto":
+            from cellmorph.runtime import check_device_name  # torch parses the name: loaded here for start-up time
+
             check_device_name(value)
         return value
 

@@ -51,19 +51,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from cellmorph.config.prepare import PrepareConfig
 from cellmorph.data.images import write_tiff
 from cellmorph.data.table import ImageTable, channel_column, read_table_csv
 from cellmorph.errors import BadInputError, CellmorphError
 from cellmorph.runinfo import write_csv
-
-if TYPE_CHECKING:  # preprocess imports torch; keep `synth` and loading light
-    from cellmorph.preprocess import PrepareConfig
 
 __all__ = [
     "CHANNELS",
@@ -239,8 +236,6 @@ def bbbc014_prepare_config(**overrides) -> PrepareConfig:
     DAPI and FITC plus an all-zero third channel for the ImageNet networks.
     ``overrides`` replace any field (e.g. ``tile_size=64`` for a quick test).
     """
-    from cellmorph.preprocess import PrepareConfig
-
     settings = dict(
         normalize="none", scaling="tile", tile_grid=(4, 4), tile_size=256, pad_channels=3, include_controls=True
     )

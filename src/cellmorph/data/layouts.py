@@ -7,16 +7,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
+from cellmorph.config.prepare import LAYOUTS, PREPARE_OPTIONS, PrepareConfig
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.runinfo import read_yaml_mapping
-
-if TYPE_CHECKING:  # preprocess imports torch; keep `inspect` light
-    from cellmorph.preprocess import PrepareConfig
-
-LAYOUTS: tuple[str, ...] = ("bbbc021", "bbbc014", "crops", "generic")
 
 # The network input size for a layout's tiles when none is given (None: the model's own, 224/299).
 # Single-cell crops are ~68 px: ImageNet filters need cells a few tens of pixels wide, and on
@@ -133,8 +130,6 @@ def prepare_config(layout: str, config_file: Path | None = None, paper: bool = F
     against 0.466, issue 19). ``paper`` starts from :func:`paper_recipe` instead, whatever the
     layout. ``given`` holds command-line values; a None value means "not given".
     """
-    from cellmorph.preprocess import PrepareConfig
-
     layout = _check_layout(layout)
     if paper or layout != "crops":
         settings = paper_recipe(layout)
@@ -152,10 +147,6 @@ def _name_the_option(model_cls, settings: dict, given: dict) -> None:
     """A value from the command line that the config refuses is one error line naming the option
     as the user typed it (``--tile-size 0: ...``); values from a config file are left to
     :func:`validated`, which names the file and field."""
-    from pydantic import ValidationError
-
-    from cellmorph.preprocess import PREPARE_OPTIONS
-
     try:
         model_cls(**settings)
     except ValidationError as exc:
