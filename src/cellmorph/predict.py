@@ -20,13 +20,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
 from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_sets, temperature_helps
+from cellmorph.config.predict import PredictConfig
+from cellmorph.config.prepare import PREPARE_OPTIONS, PrepareConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
@@ -42,29 +43,6 @@ MC_PREFIX = "mc_prob_"
 MC_ENTROPY_COLUMN = "MC_Entropy"
 IN_TRAINING_COLUMN = "Metadata_InTraining"  # the compound was among the final model's training compounds
 CACHE_FOLDER = "cache"  # where predict prepares images given as a layout, inside its output folder
-
-
-class PredictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    alpha: float = Field(0.1, gt=0.0, lt=1.0, description="conformal error level: sets cover the true MoA of "
-                         "a treatment like the calibration ones with probability ≥ 1 − alpha")
-    batch_size: int = Field(16, ge=1, description="tiles per forward pass (16: as fast as 32 or 64 on a CPU, "
-                            "with 0.4-0.6 GB less peak memory for Lite0 at 224 px, benchmarks/RESULTS.md)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
-    mc_dropout: int = Field(0, ge=0, description="also score every tile N times with the model's dropout active "
-                            "(MC dropout): mc_prob_<class> (the mean over the passes) and MC_Entropy (predictive "
-                            "entropy in nats) per tile, well and treatment; 0 = off. Needs a model trained with "
-                            "drop_rate > 0")
-    seed: int = Field(0, ge=0, description="seed of the MC-dropout draws")
-    normalize: Literal["plate", "batch"] | None = Field(
-        None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
-        "plates without DMSO, of the plate's batch; default: the model's own setting")
-    skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
-    reuse_freed_memory: bool = Field(False, description="make this process keep freed memory for reuse "
-                                     "(glibc; about 2x faster scoring on CPU and a faster prepare, but the "
-                                     "process keeps its peak memory until it exits): the CLI sets it, a library "
-                                     "caller opts in")
 
 
 def add_sets(frame: pd.DataFrame, members: np.ndarray, classes: list[str]) -> None:
@@ -145,24 +123,12 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
         prepare(source, data, images_recipe(bundle, source, config), progress=progress, log=log,
                 threads=config.threads)
     cache = TileCache(data)
-    _check_recipe(bundle, cache)
+    levels, sets = _levels_and_sets(bundle, cache, config, progress)
     classes = bundle.classes
-    index = cache.index
-    rows = np.flatnonzero(~index[CONTROL_COLUMN].astype(bool).to_numpy() | ("DMSO" in classes))
-    if len(rows) == 0:
-        raise CellmorphError(f"{data}: no treated tiles to predict")
-    levels = {level: _flag_training_compounds(_known_labels_only(frame, classes), bundle.training_compounds)
-              for level, frame in _score_levels(bundle, cache, rows, config, progress).items()}
     notes = [] if bundle.calibration_compound_disjoint else [
         f"note: {model}'s calibration scores come from a {bundle.calibration_cv} CV, whose held-out wells or "
         "batches are of compounds the scoring models were trained on: the sets and Confidence are calibrated for "
         "new wells of known compounds, not for new compounds (train with --calibration loco for those)"]
-    sets = {}
-    for level, frame in levels.items():
-        if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
-            sets[level] = conformal_sets(bundle.calibration[level],
-                                         frame[[prob_column(c) for c in classes]].to_numpy(float), classes, config.alpha)
-            add_sets(frame, sets[level], classes)
     tiles, wells, treatments = levels["tiles"], levels["wells"], levels["treatments"]
     summary = _summary(treatments, wells, tiles, classes, sets["treatments"], config.alpha)
     summary["calibration_compound_disjoint"] = bundle.calibration_compound_disjoint
@@ -182,6 +148,34 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     for note in notes:  # after success, so a failure ends in its one error line alone
         log(note)
     return summary
+
+
+def score_cache(bundle, cache, config: PredictConfig | None = None, progress: bool = False) -> dict[str, pd.DataFrame]:
+    """Every treated tile of the prepared ``cache`` scored by ``bundle`` (a loaded
+    :class:`~cellmorph.bundle.Bundle`), in memory: ``{"tiles", "wells", "treatments"}`` → a ``Metadata_*``
+    frame with ``prob_<class>``, the call, ``Confidence`` and, where the bundle holds calibration scores of
+    that level, the conformal set at ``config.alpha`` (``Prediction_Set``, ``Set_Size``, ``Empty_Set``).
+    What ``cellmorph predict`` writes, without the files."""
+    return _levels_and_sets(bundle, cache, config or PredictConfig(), progress)[0]
+
+
+def _levels_and_sets(bundle, cache, config: PredictConfig, progress: bool):
+    """:func:`score_cache`'s levels, and each calibrated level's (rows, classes) set membership."""
+    _check_recipe(bundle, cache)
+    classes = bundle.classes
+    index = cache.index
+    rows = np.flatnonzero(~index[CONTROL_COLUMN].astype(bool).to_numpy() | ("DMSO" in classes))
+    if len(rows) == 0:
+        raise CellmorphError(f"{cache.root}: no treated tiles to predict")
+    levels = {level: _flag_training_compounds(_known_labels_only(frame, classes), bundle.training_compounds)
+              for level, frame in _score_levels(bundle, cache, rows, config, progress).items()}
+    sets = {}
+    for level, frame in levels.items():
+        if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
+            sets[level] = conformal_sets(bundle.calibration[level],
+                                         frame[[prob_column(c) for c in classes]].to_numpy(float), classes, config.alpha)
+            add_sets(frame, sets[level], classes)
+    return levels, sets
 
 
 def _known_labels_only(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -223,8 +217,6 @@ def images_recipe(bundle, table: "ImageTable", config: PredictConfig):
     """The :class:`~cellmorph.preprocess.PrepareConfig` that makes ``table``'s tiles like the
     model's training tiles; the channels must match in number, names and order."""
     from pydantic import ValidationError
-
-    from cellmorph.preprocess import PrepareConfig
 
     recipe = bundle.recipe
     try:
@@ -333,8 +325,6 @@ def _check_channels(where, given: list[str], named, recipe: dict) -> None:
 
 def _check_recipe(bundle, cache) -> None:
     """The screen must be prepared as the training cache was (channels, normalisation, scaling, tiles)."""
-    from cellmorph.preprocess import PREPARE_OPTIONS
-
     recipe = bundle.recipe
     _check_channels(cache.root, list(cache.channels), cache.channels, recipe)
     ours, theirs = cache.manifest.get("config", {}), recipe.get("config", {})
