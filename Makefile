@@ -34,7 +34,8 @@ system-deps:
 # Two test processes on two cores (pytest-xdist; a file's tests stay in one process, so its
 # fixtures are built once), each test with one thread so that they do not oversubscribe the cores.
 test: install system-deps
-	CELLMORPH_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/lint-imports --no-cache
+	CELLMORPH_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -31,7 +31,7 @@ from cellmorph.bundle import Bundle, load_bundle
 from cellmorph.cache import TileCache
 from cellmorph.config.predict import PredictConfig
 from cellmorph.cv.config import CVConfig, validate_config
-from cellmorph.cv.scheme import parse_cv
+from cellmorph.config.scheme import parse_cv
 from cellmorph.errors import CellmorphError
 from cellmorph.final_model import train_final
 from cellmorph.predict import images_recipe, in_model_channel_order, score_cache

@@ -44,8 +44,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from cellmorph.augment import TTAMode
 from cellmorph.calibration import class_names_problem
+from cellmorph.config.augment import TTAMode
+from cellmorph.config.scheme import parse_cv
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.models.spec import InputSpec
 from cellmorph.runinfo import json_safe, require_output_dir, run_info
@@ -125,8 +126,6 @@ class CalibrationRecord(_Entry):
     @field_validator("cv")
     @classmethod
     def _a_cv_scheme(cls, value: str) -> str:
-        from cellmorph.cv.splits import parse_cv
-
         try:
             parse_cv(value)
         except CellmorphError as exc:
@@ -298,8 +297,6 @@ class Bundle:
     def calibration_compound_disjoint(self) -> bool:
         """Whether the calibration scores come from models that never saw their compounds (a
         loco, group-kfold or nscb CV); True without calibration, where no sets are made."""
-        from cellmorph.cv.splits import parse_cv
-
         record = self.manifest["training"].get("calibration") or {}
         if record.get("compound_disjoint") is not None:
             return bool(record["compound_disjoint"])

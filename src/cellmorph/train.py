@@ -34,6 +34,7 @@ from cellmorph.distributed import DataParallel, current, rank_seed
 from cellmorph.errors import CellmorphError
 from cellmorph.models.factory import freeze_stages
 from cellmorph.models.frozen import FrozenFeatures, FrozenInput, FrozenSplit, example_batch
+from cellmorph.models.heads import fit_probe_head
 
 
 @dataclass(frozen=True)
@@ -184,8 +185,6 @@ def init_head_from_probe(model: nn.Module, pipeline: InputPipeline, cache, rows:
     """Start the classifier from a logistic regression on the network's own pooled features of the
     training tiles (un-augmented): linear probing, then fine-tuning (LP-FT, Kumar et al. 2022), so
     the first steps do not distort pretrained features through a random head."""
-    from cellmorph.cv.probe import fit_probe_head
-
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
         raise CellmorphError("head_init probe needs a model whose classifier is one linear layer")

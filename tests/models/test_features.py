@@ -93,7 +93,7 @@ def test_embed_defaults_crops_to_stage3_and_4_dihedral_and_128_px(real_crops, tm
     prepare(load_crop_table(tmp_path / "few.csv"), tmp_path / "cache", PrepareConfig(tile_grid=(1, 1),
             normalize="none"), progress=False)
     seen = {}
-    import cellmorph.embed as module
+    import cellmorph.models.features as module
 
     original = module.FeatureExtractor.forward
 

@@ -1,7 +1,7 @@
 """Cross-validation: config, splits, the run directory, the fold loop, the probe and replicates.
 
-The names below load on first use (PEP 562), so that ``cellmorph.cv.config`` and ``cellmorph.cv.scheme``,
-which the command line reads to build its options, do not pull in torch and pandas with the fold loop.
+The names below load on first use (PEP 562), so that ``cellmorph.cv.config``, which the command line reads to
+build its options, does not pull in torch and pandas with the fold loop.
 """
 
 from importlib import import_module
@@ -17,7 +17,7 @@ _EXPORTS = {
     "RunDir": "cellmorph.cv.rundir",
     "Fold": "cellmorph.cv.splits",
     "make_folds": "cellmorph.cv.splits",
-    "parse_cv": "cellmorph.cv.scheme",
+    "parse_cv": "cellmorph.config.scheme",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cellmorph.config.augment import AugmentConfig, TTAMode
 from cellmorph.config.features import DEFAULT_FEATURES, FeatureSpec
 from cellmorph.config.runtime import MAX_THREADS
-from cellmorph.cv.scheme import CV_CHOICES, parse_cv
+from cellmorph.config.scheme import CV_CHOICES, parse_cv
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.runinfo import read_yaml_mapping
 

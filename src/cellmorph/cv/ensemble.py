@@ -133,3 +133,37 @@ def is_ensemble_run(run: Path) -> bool:
 
 
 __all__ = ["MEMBER_DIR", "combine_member_runs", "is_ensemble_run", "mean_levels", "member_dir", "run_ensemble_cv"]
+
+
+def check_finished_run(data: Path, run: Path, config: CVConfig) -> dict:
+    """The metrics of ``run`` if it is a finished CV of ``config`` (a one-network run or an ensemble's, as
+    ``cv`` would run it) on the cache ``data``: the same fingerprint (recipe, data, classes, weights) and
+    every fold done. Else one error line saying what differs. Nothing in ``run`` is written."""
+    from cellmorph.cache import cache_source
+    from cellmorph.cv.config import RUNTIME_FIELDS, with_layout_defaults
+    from cellmorph.cv.run import plan_run
+
+    run = Path(run)
+    if not (run / CONFIG_FILE).is_file():
+        raise CellmorphError(f"{run}: not a cellmorph run (no {CONFIG_FILE})")
+    if not RunDir(run).has_results():
+        raise CellmorphError(f"{run}: the run is not finished; finish it with `cellmorph cv ... --resume --out {run}`")
+    resolved = with_layout_defaults(config, cache_source(data))
+    members = resolved.members() if resolved.ensemble else [resolved]
+    if bool(resolved.ensemble) != is_ensemble_run(run):
+        has, wants = ("an ensemble's", "one network") if is_ensemble_run(run) else ("one network's", "an ensemble")
+        raise CellmorphError(f"{run} holds {has} run, but the recipe trains {wants} (--ensemble-seeds, "
+                             "--ensemble-models)")
+    folders = [member_dir(run, k) for k in range(1, len(members) + 1)] if resolved.ensemble else [run]
+    for member, folder in zip(members, folders):
+        if not (folder / CONFIG_FILE).is_file() or not RunDir(folder).has_results():
+            raise CellmorphError(f"{folder}: the member's run is missing or not finished")
+        previous = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+        plan = plan_run(data, member, with_folds=False)
+        if previous.get("fingerprint") != plan.fingerprint:
+            old, new = previous.get("config", {}), plan.config.model_dump(mode="json")
+            diff = sorted(k for k in set(old) | set(new)
+                          if k not in RUNTIME_FIELDS and old.get(k, new.get(k)) != new.get(k))
+            what = f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
+            raise CellmorphError(f"{folder}: not a CV of this recipe on {data}: {what} differ")
+    return RunDir(run).read_metrics()

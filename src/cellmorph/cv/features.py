@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from cellmorph.augment import Augmenter
-from cellmorph.errors import CellmorphError
 from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER, FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest
+from cellmorph.errors import CellmorphError
+from cellmorph.models.embedding import embed_tiles
 
 
 @dataclass
@@ -53,8 +54,6 @@ def embedding_fingerprint(plan) -> str:
 def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFeatures:
     """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once
     (``compute=False``: only read; a fold task on a worker finds them made before it started)."""
-    from cellmorph.embed import embed_tiles
-
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
     key = {"fingerprint": embedding_fingerprint(plan), "rows": int(len(rows)), "rows_digest": digest(rows),
            "features": plan.config.features.record()}

@@ -26,27 +26,12 @@ import torch
 from cellmorph.cv.features import ProbeFeatures
 from cellmorph.cv.splits import Fold, make_folds, subsample_rows
 from cellmorph.errors import CellmorphError
+from cellmorph.models.heads import fit_probe_head  # noqa: F401  (its home was here)
 from cellmorph.schema import CONTROL_COLUMN, TREATMENT_KEYS
 
 # Spaced by about √10: the measured treatment accuracy changes little within such a step.
 PROBE_C_GRID = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003)
 INNER_FOLDS = 4
-
-
-def fit_probe_head(x_train: np.ndarray, y_train: np.ndarray, class_weighting: bool, seed: int, c: float = 1.0):
-    """(logistic regression, scaler) fitted on the training rows only (standardised inside the fold)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: these (n × 1280) problems are too small to share, and multi-threaded
-    # BLAS spin-waits made each fold ~9× slower beside other work (benchmarks/RESULTS.md).
-    with threadpool_limits(limits=1):
-        scaler = StandardScaler().fit(x_train)
-        head = LogisticRegression(
-            C=float(c), max_iter=2000, class_weight="balanced" if class_weighting else None, random_state=seed
-        ).fit(scaler.transform(x_train), y_train)
-    return head, scaler
 
 
 def treatment_balanced_log_loss(probs: np.ndarray, targets: np.ndarray, treatments: np.ndarray) -> float:

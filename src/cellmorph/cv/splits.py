@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cellmorph.cv.scheme import BATCH_SCHEMES, CV_CHOICES, DEFAULT_WELL_FOLDS, CVScheme, parse_cv  # noqa: F401
+from cellmorph.config.scheme import BATCH_SCHEMES, CV_CHOICES, DEFAULT_WELL_FOLDS, CVScheme, parse_cv  # noqa: F401
 from cellmorph.errors import CellmorphError
 from cellmorph.schema import CONTROL_COLUMN, TRUE_COLUMN, WELL_KEYS
 
