@@ -480,6 +480,9 @@ def train(
     calibration: Optional[str] = typer.Option(
         None, help="also run this CV (loco | group-kfold:K | well:K | …) into OUT.cv/ and store its out-of-fold "
         "probabilities in the bundle, for calibrated confidence and prediction sets"),
+    calibration_run: Optional[Path] = typer.Option(
+        None, help="instead of --calibration: a finished `cellmorph cv` run of this recipe on this cache (its "
+        "fingerprint is checked), whose out-of-fold probabilities calibrate the bundle without running the CV again"),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig (every cv setting); options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed calibration CV"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
@@ -494,7 +497,7 @@ def train(
     from cellmorph.final_model import train_final
 
     summary = train_final(data, out, _cv_config(config, options), calibration=calibration, resume=resume,
-                          progress=progress, executor=executor)
+                          progress=progress, executor=executor, calibration_run=calibration_run)
     if current().is_main:  # under torchrun: once, not once per process
         for line in _expected_calibration(summary.get("calibration")):
             console.print(line, highlight=False, soft_wrap=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from cellmorph.cache import cache_source
 from cellmorph.cv.config import CVConfig, validate_config, with_layout_defaults
+from cellmorph.cv.ensemble import check_finished_run
 from cellmorph.cv.splits import Fold, parse_cv
 from cellmorph.errors import CellmorphError
 
@@ -38,8 +39,11 @@ def calibration_run_dir(out: Path) -> Path:
 
 def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = None,
                 calibration: str | None = None, resume: bool = False, progress: bool = True,
-                executor=None) -> dict:
+                executor=None, calibration_run: Path | None = None) -> dict:
     """Train on all labelled tiles of ``data``, write the bundle ``out``; returns a summary.
+
+    ``calibration`` runs that CV into ``out.cv`` first; ``calibration_run`` reuses a finished CV run of the
+    same recipe on ``data`` instead (checked by its fingerprint; its scheme is the run's own).
 
     ``executor`` runs the calibration CV's folds (see :func:`cellmorph.cv.run_cv`). One ``train``
     at a time writes ``out`` (a lock beside it; rank 0 alone takes it under torchrun)."""
@@ -51,11 +55,11 @@ def train_final(data: Path, out: Path, config: CVConfig | dict | Path | None = N
     require_not_input(out, data=data)
     main = distributed.launched_world_size() == 1 or os.environ.get("RANK", "0").strip() == "0"
     with output_lock(Path(out), "train", beside=True) if main else nullcontext():
-        return _train_final(data, out, config, calibration, resume, progress, executor)
+        return _train_final(data, out, config, calibration, resume, progress, executor, calibration_run)
 
 
 def _train_final(data: Path, out: Path, config, calibration: str | None, resume: bool, progress: bool,
-                 executor) -> dict:
+                 executor, calibration_run: Path | None = None) -> dict:
     from cellmorph import distributed
     from cellmorph.bundle import save_bundle
     from cellmorph.cv.rundir import RunDir
@@ -72,6 +76,10 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds
     if any(m.mode == "linear-probe" for m in members):
         raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
+    if calibration is not None and calibration_run is not None:
+        raise CellmorphError("train: give --calibration (run a CV) or --calibration-run (reuse one), not both")
+    if calibration_run is not None:
+        calibration = _run_scheme(Path(calibration_run))
     scheme = parse_cv(calibration) if calibration is not None else None
     if scheme is None:
         _check_no_cv_only_options(base)
@@ -85,7 +93,11 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     plan = plans[0]
     _check_class_names(plan)  # before the calibration CV: its hours would end in a bundle predict refuses
     scores = None
-    if scheme is not None:
+    if calibration_run is not None:
+        run = Path(calibration_run)
+        metrics = check_finished_run(data, run, validate_config(base.model_copy(update={"cv": str(scheme)})))
+        scores = RunDir(run).read_levels()
+    elif scheme is not None:
         run = calibration_run_dir(out)
         # A calibration CV that a killed train had started is continued; one never started, begun.
         resuming = (run / "config.yaml").is_file()
@@ -125,7 +137,8 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
         # global batch = config batch_size, split over world_size processes (cellmorph.distributed)
         "data_parallel": dp.record(),
         "calibration": None if scheme is None else {
-            "cv": str(scheme), "run": str(calibration_run_dir(out).resolve()),
+            "cv": str(scheme), "run": str(Path(calibration_run or calibration_run_dir(out)).resolve()),
+            "reused": calibration_run is not None,
             # False for well or batch folds: their held-out compounds were trained on in other folds
             "compound_disjoint": scheme.compound_disjoint,
             "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"],
@@ -140,6 +153,16 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
                                      preprocessing, training, scores, further))
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
             "members": len(finals), "calibration": training["calibration"]}
+
+
+def _run_scheme(run: Path) -> str:
+    """The CV scheme of the run directory ``run`` (its config.yaml)."""
+    from cellmorph.cv.rundir import CONFIG_FILE
+    from cellmorph.runinfo import read_yaml_mapping
+
+    if not (run / CONFIG_FILE).is_file():
+        raise CellmorphError(f"--calibration-run {run}: not a cellmorph run (no {CONFIG_FILE})")
+    return str(read_yaml_mapping(run / CONFIG_FILE).get("config", {}).get("cv", "loco"))
 
 
 def _check_class_names(plan) -> None:
