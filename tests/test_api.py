@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import cellmorph
+from tests.conftest import quick_config
 
 HEAVY = ("torch", "pandas", "timm", "sklearn", "matplotlib")
 
@@ -84,7 +85,7 @@ def test_fit_writes_the_bundle_that_train_writes_and_it_loads_and_saves(tiny_cac
     from cellmorph.api import MoAClassifier, NotFittedError
     from cellmorph.errors import CellmorphError
 
-    quick = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, max_tiles_per_fold=40, num_threads=1)
+    quick = quick_config()
     clf = MoAClassifier(quick, calibration="group-kfold:2", predict={"threads": 1})
     with pytest.raises(NotFittedError, match="not fitted"):
         clf.predict_proba(tiny_cache)

@@ -21,7 +21,7 @@ from cellmorph.calibration import (
     held_out_calibration_error,
     held_out_coverage,
 )
-from tests.conftest import SHARED, require
+from tests.conftest import SHARED, quick_config, require
 
 PAPER = SHARED / "reference" / "kensert2019_predictions_bbbc021v1.xlsx"
 
@@ -68,8 +68,7 @@ def test_sets_cover_the_held_out_compounds_of_a_loco_run(tiny_cache, tmp_path):
     (two binomial standard errors: 0.81 and 0.68)."""
     from cellmorph.cv import RunDir, run_cv
 
-    run_cv(tiny_cache, tmp_path / "loco", dict(model="test_resnet", init="xavier", image_size=32, epochs=2,
-                                               cv="loco", max_tiles_per_fold=60, num_threads=1), progress=False)
+    run_cv(tiny_cache, tmp_path / "loco", quick_config(epochs=2, cv="loco", max_tiles_per_fold=60), progress=False)
     scores = RunDir(tmp_path / "loco").read_treatments()
     classes = sorted(scores["Metadata_MoA"].unique())
     for alpha in (0.1, 0.2):

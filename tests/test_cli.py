@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import one_line_error, run_cli, run_cli_here
+from tests.conftest import one_line_error, quick_args, run_cli, run_cli_here
 
 # A CV run of seconds: a tiny network from scratch on 32-px tiles of the tiny screen.
-QUICK_CV = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "2",
-            "--cv", "group-kfold:2", "--max-tiles-per-fold", "40", "--threads", "1")
+QUICK_CV = quick_args(epochs=2, cv="group-kfold:2")
 
 
 def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from cellmorph.bundle import load_bundle
 from cellmorph.calibration import TemperatureScaling, temperature_helps
 from tests.bundle_helpers import edited_bundle, seal_bundle
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, quick_config, run_cli
 
 
 def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tmp_path):
@@ -88,8 +88,7 @@ def test_a_saved_fold_model_reproduces_the_cv_predictions_of_its_held_out_compou
     from cellmorph.train import PredictSettings, predict_tiles
 
     out = tmp_path / "run"
-    run_cv(tiny_cache, out, dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:2",
-                                 max_tiles_per_fold=40, num_threads=1, keep_checkpoints="all"), progress=False)
+    run_cv(tiny_cache, out, quick_config(cv="group-kfold:2", keep_checkpoints="all"), progress=False)
     rundir, cache = RunDir(out), TileCache(tiny_cache)
     for fold in rundir.finished_folds():
         state, written = rundir.fold_state(fold), rundir.read_fold_predictions(fold)

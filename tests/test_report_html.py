@@ -15,10 +15,9 @@ from cellmorph.errors import CellmorphError
 from cellmorph.metrics import bootstrap_interval
 from cellmorph.report import write_report
 from cellmorph.report.html import SECTION_IDS
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, quick_config, run_cli
 
-QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=2, cv="group-kfold:3",
-             max_tiles_per_fold=60, num_threads=1, keep_checkpoints="last")
+QUICK = quick_config(epochs=2, cv="group-kfold:3", max_tiles_per_fold=60, keep_checkpoints="last")
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ from cellmorph.cv.ensemble import member_dir
 from cellmorph.errors import CellmorphError
 from cellmorph.predict import PredictConfig, predict
 from tests.bundle_helpers import edited_bundle
-from tests.conftest import QUICK_TRAIN, one_line_error, run_cli
+from tests.conftest import QUICK_TRAIN, one_line_error, quick_config, run_cli
 
-QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:2", max_tiles_per_fold=40,
-             num_threads=1)
+QUICK = quick_config(cv="group-kfold:2")
 
 
 def _levels(run):

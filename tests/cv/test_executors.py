@@ -23,13 +23,11 @@ from cellmorph.cv import RunDir, plan_run, run_cv, run_replicates
 from cellmorph.cv.executors import ExecutorConfig, FoldTask
 from cellmorph.cv.rundir import FOLD_DONE, FOLDS_DIR
 from cellmorph.cv.run import run_fold_task
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, quick_args, quick_config, run_cli
 
-QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:3",
-             max_tiles_per_fold=40, num_threads=1)
+QUICK = quick_config(cv="group-kfold:3")
 LONGER = dict(QUICK, epochs=3, max_tiles_per_fold=None)  # folds of a few seconds, to be killed midway
-QUICK_ARGS = ("--model", "test_resnet", "--init", "xavier", "--image-size", "32", "--epochs", "1", "--cv",
-              "group-kfold:3", "--max-tiles-per-fold", "40", "--threads", "1", "--no-progress")
+QUICK_ARGS = (*quick_args(cv="group-kfold:3"), "--no-progress")
 RESULT_FILES = ("predictions.parquet", "wells.csv", "treatments.csv", "confusion_matrix.csv")
 DASK = Path(sys.executable).with_name("dask")
 

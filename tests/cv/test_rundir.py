@@ -8,6 +8,7 @@ import pytest
 
 from cellmorph.cv import RunDir, plan_run, run_cv
 from cellmorph.cv.rundir import FOLD_STATE
+from tests.conftest import quick_config
 
 
 def test_fingerprints_are_those_of_earlier_releases(tiny_screen, tmp_path):
@@ -27,8 +28,7 @@ def test_fingerprints_are_those_of_earlier_releases(tiny_screen, tmp_path):
     assert plan.fingerprint == "954e68abb4539d61"
 
 
-QUICK = dict(model="test_resnet", init="xavier", image_size=32, epochs=1, cv="group-kfold:3",
-             max_tiles_per_fold=40, num_threads=1)
+QUICK = quick_config(cv="group-kfold:3")
 
 
 @pytest.mark.parametrize("keep, kept", [("none", []), ("last", [2]), ("all", [0, 1, 2])])
