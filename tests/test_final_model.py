@@ -45,3 +45,21 @@ def test_a_calibration_run_of_another_recipe_or_unfinished_is_one_line(tiny_bund
     one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration-run", tmp_path,
                                 "--out", tmp_path / "d"), "not a cellmorph run")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_train_continues_the_calibration_cv_of_an_ensemble_that_a_kill_interrupted(tiny_cache, tmp_path):
+    """A killed `train` of an ensemble (the crop fine-tune's default) leaves member runs but no run of its
+    own yet; the same command again continues them instead of refusing the finished member's folder."""
+    out = tmp_path / "model"
+    args = ("train", "--data", tiny_cache, *QUICK_TRAIN, "--ensemble-seeds", "2", "--calibration", "group-kfold:2",
+            "--out", out, "--no-progress")
+    assert run_cli_here(*args).returncode == 0
+    first = pd.read_parquet(out / "calibration_treatments.parquet")
+    run = tmp_path / "model.cv"
+    # as a kill between the second member's last fold and the ensemble's own files leaves it
+    shutil.rmtree(out)
+    for name in ("config.yaml", "metrics.json", "treatments.csv"):
+        (run / name).unlink()
+    proc = run_cli_here(*args)
+    assert proc.returncode == 0, proc.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "calibration_treatments.parquet"), first)

@@ -26,7 +26,7 @@ import numpy as np
 
 from cellmorph.cache import cache_source
 from cellmorph.cv.config import CVConfig, validate_config, with_layout_defaults
-from cellmorph.cv.ensemble import check_finished_run
+from cellmorph.cv.ensemble import check_finished_run, member_dir
 from cellmorph.cv.splits import Fold, parse_cv
 from cellmorph.errors import CellmorphError
 
@@ -99,8 +99,9 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
         scores = RunDir(run).read_levels()
     elif scheme is not None:
         run = calibration_run_dir(out)
-        # A calibration CV that a killed train had started is continued; one never started, begun.
-        resuming = (run / "config.yaml").is_file()
+        # A calibration CV that a killed train had started is continued; one never started, begun. An
+        # ensemble's run has its own config.yaml only once every member finished: its first member's says.
+        resuming = (run / "config.yaml").is_file() or (member_dir(run, 1) / "config.yaml").is_file()
         metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress,
                          executor=executor)
         scores = RunDir(run).read_levels()
