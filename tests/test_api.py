@@ -92,6 +92,9 @@ def test_fit_writes_the_bundle_that_train_writes_and_it_loads_and_saves(tiny_cac
     assert clf.fit(tiny_cache, tmp_path / "model") is clf
     assert (tmp_path / "model" / "bundle.json").is_file() and (tmp_path / "model.cv" / "metrics.json").is_file()
     fitted = clf.predict_proba(tiny_cache)["treatments"]
+    reused = MoAClassifier(quick, predict={"threads": 1}).fit(tiny_cache, tmp_path / "reused",
+                                                               calibration_run=tmp_path / "model.cv")
+    np.testing.assert_array_equal(_probs(reused.predict_proba(tiny_cache)["treatments"]), _probs(fitted))
     copy = clf.save(tmp_path / "copy")
     again = MoAClassifier.load(copy, predict={"threads": 1}).predict_proba(tiny_cache)["treatments"]
     np.testing.assert_array_equal(_probs(fitted), _probs(again))

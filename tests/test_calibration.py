@@ -179,10 +179,10 @@ def test_held_out_coverage_has_an_interval_over_compounds():
 
 
 def test_train_says_what_coverage_and_error_to_expect_and_warns_of_few_treatments(tiny_bundle):
-    from cellmorph.cli import _expected_calibration
+    from cellmorph.cli.cv import expected_calibration_lines
 
     calibration = json.loads((tiny_bundle / "bundle.json").read_text())["training"]["calibration"]
-    lines = _expected_calibration(calibration)
+    lines = expected_calibration_lines(calibration)
     assert lines[0].startswith("expected on new compounds: sets at alpha 0.1 cover ") and "95% interval" in lines[0]
     assert "from 44 calibration treatments of 24 compounds" in lines[0], lines[0]
     assert lines[2].startswith("expected calibration error of the confidence: ")

@@ -16,6 +16,7 @@ from tests.conftest import one_line_error, quick_args, run_cli, run_cli_here
 QUICK_CV = quick_args(epochs=2, cv="group-kfold:2")
 
 
+@pytest.mark.slow
 def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
     run = tmp_path / "run"
     proc = run_cli("cv", "--data", str(tiny_cache), "--model", "tf_efficientnet_lite0", "--init", "imagenet",
@@ -75,6 +76,7 @@ def crops_cache(real_crops, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     """Issue 5: embeddings and the linear probe on the real crops-week4 fixture (well holdout)."""
     emb = run_cli("embed", "--data", str(crops_cache), "--model", "mobilenetv2_100", "--image-size", "64",
@@ -112,6 +114,7 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
     one_line_error(emb, "stage9", "mobilenetv2_100 has stages 0–4")
 
 
+@pytest.mark.slow
 def test_demo_writes_the_run_directory(tmp_path):
     """`make demo`'s command end to end (synth tiny → prepare → cv), shrunk to seconds."""
     run = tmp_path / "demo"
@@ -138,6 +141,7 @@ def test_demo_writes_the_run_directory(tmp_path):
     assert f"fine-tune {metrics['treatment_accuracy']:.3f}" in summary_line
 
 
+@pytest.mark.slow
 def test_cv_in_a_batch_log_prints_one_line_per_fold_and_epoch_and_refuses_a_rerun(tiny_cache, tmp_path):
     """Not a terminal: plain lines with elapsed time and time left; a second run names --resume."""
     run = tmp_path / "run"

@@ -279,6 +279,7 @@ def test_mc_dropout_on_a_model_without_dropout_is_one_line(tiny_bundle, tiny_cac
 
 
 # --------------------------------------------------------------------------- real cells
+@pytest.mark.slow
 def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_level(real_crops, tmp_path):
     """crops-week4 (real BBBC021 MCF-7 crops, DMSO against cycloheximide). The model and its well-grouped
     calibration CV see only the wells of 4 plates; the 5 wells of the other 2 plates (400 crops) are

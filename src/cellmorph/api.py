@@ -64,12 +64,18 @@ class MoAClassifier:
         self.bundle_: Bundle | None = None
 
     # ------------------------------------------------------------------ fit / load / save
-    def fit(self, data: Path | str, out: Path | str, resume: bool = False) -> "MoAClassifier":
+    def fit(self, data: Path | str, out: Path | str, calibration_run: Path | str | None = None,
+            resume: bool = False) -> "MoAClassifier":
         """Train on every labelled tile of the cache ``data`` (and run the calibration CV first); the model
-        bundle goes to ``out``, as ``cellmorph train`` writes it. Returns the classifier."""
-        train_final(Path(data), Path(out), self.config, calibration=self.calibration, resume=resume,
-                    progress=self.progress)
+        bundle goes to ``out``, as ``cellmorph train`` writes it. ``calibration_run``: a finished
+        :func:`cellmorph.run_cv` run of this recipe on ``data`` whose held-out probabilities calibrate the
+        model instead (``train --calibration-run``; its scheme replaces ``calibration``). Returns the
+        classifier."""
+        run = Path(calibration_run) if calibration_run is not None else None
+        train_final(Path(data), Path(out), self.config, calibration=None if run else self.calibration,
+                    resume=resume, progress=self.progress, calibration_run=run)
         self.bundle_ = load_bundle(Path(out))
+        self.calibration = (self.bundle_.manifest["training"].get("calibration") or {}).get("cv")
         return self
 
     @classmethod

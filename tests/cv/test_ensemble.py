@@ -85,11 +85,11 @@ def test_members_that_cannot_share_a_run_are_refused_before_any_work(member, mes
 
 
 def test_cli_ensemble_options_build_the_member_list(tiny_cache, tmp_path):
-    from cellmorph.cli import _ensemble_members
+    from cellmorph.cli.cv import ensemble_from_options
 
-    assert _ensemble_members(3, None, {"seed": 5}) == [{"seed": 6}, {"seed": 7}]
-    assert _ensemble_members(None, "a,b", {}) == [{"model": "a"}, {"model": "b"}]
-    assert _ensemble_members(2, "a", {}) == [{"seed": 1}, {"model": "a"}, {"model": "a", "seed": 1}]
+    assert ensemble_from_options(3, None, {"seed": 5}) == [{"seed": 6}, {"seed": 7}]
+    assert ensemble_from_options(None, "a,b", {}) == [{"model": "a"}, {"model": "b"}]
+    assert ensemble_from_options(2, "a", {}) == [{"seed": 1}, {"model": "a"}, {"model": "a", "seed": 1}]
     one_line_error(run_cli("cv", "--data", tiny_cache, "--model", "test_resnet", "--ensemble-models", " , ",
                            "--out", tmp_path / "r"), "--ensemble-models")
 
@@ -152,7 +152,7 @@ def test_an_edited_ensemble_bundle_is_refused_naming_the_member(ensemble_bundle,
 
 
 def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_one_can_be_asked_for():
-    from cellmorph.cli import _ensemble_members
+    from cellmorph.cli.cv import ensemble_from_options
     from cellmorph.cv.config import with_layout_defaults
 
     crops = with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0", seed=3), "crops")
@@ -161,7 +161,7 @@ def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_one_can_be_asked_
     assert all(m.freeze_stages == 4 and m.image_size == 128 and not m.ensemble for m in members)
     # a member is no ensemble again when the layout's defaults are applied to it (as each run does)
     assert not with_layout_defaults(members[1], "crops").ensemble
-    one = load_cv_config(None, model="tf_efficientnet_lite0", ensemble=_ensemble_members(1, None, {}))
+    one = load_cv_config(None, model="tf_efficientnet_lite0", ensemble=ensemble_from_options(1, None, {}))
     assert with_layout_defaults(one, "crops").members() == [with_layout_defaults(one, "crops")]
     for other in (with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0"), "bbbc021"),
                   with_layout_defaults(load_cv_config(None, model="test_resnet", init="xavier"), "crops"),

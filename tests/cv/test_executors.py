@@ -103,6 +103,7 @@ def reference(tiny_cache, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_cli_dask_local_cluster_writes_the_same_run_as_local(tiny_cache, reference, tmp_path):
     """The CLI contract: ``cellmorph cv ... --executor dask --workers N`` on a LocalCluster of N workers."""
     out = tmp_path / "dask"
@@ -120,6 +121,7 @@ def test_cli_dask_local_cluster_writes_the_same_run_as_local(tiny_cache, referen
     assert again["resumed_folds"] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_shared_features_replicates_and_frozen_pool_on_a_dask_cluster(cluster, tiny_cache, tmp_path):
     """The probe's embeddings and the frozen-feature pool are made once, by a task, and read by the folds."""
     executor = ExecutorConfig(kind="dask", scheduler=cluster.address)
@@ -177,6 +179,7 @@ def test_a_worker_killed_mid_fold_costs_a_retry_not_a_result(cluster, tiny_cache
     cluster.client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker
 
 
+@pytest.mark.slow
 def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, reference, tmp_path):
     dask = DaskCluster(tmp_path, workers=1)
     out = tmp_path / "run"
@@ -268,6 +271,7 @@ def test_the_sbatch_script_asks_for_what_the_config_says(tmp_path):
         ExecutorConfig.from_yaml(path)
 
 
+@pytest.mark.slow
 def test_folds_as_a_job_array_on_a_real_slurm_node(tiny_cache, reference, tmp_path, monkeypatch):
     from tests.support.slurm_node import slurm_unavailable_reason, start_slurm
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from cellmorph.cli_weights import weights_app
+from cellmorph.cli.weights import weights_app
 from tests.conftest import one_line_error, run_cli
 from cellmorph.errors import CellmorphError
 from cellmorph.models import weights as W

@@ -1,0 +1,5 @@
+"""``python -m cellmorph.cli``: the ``cellmorph`` command."""
+
+from cellmorph.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""``inspect``, ``synth``, ``prepare`` and ``download``: from images to a tile cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cellmorph.cli.common import (
+    PROGRESS_HELP,
+    THREADS_HELP,
+    Dataset,
+    Normalize,
+    Scaling,
+    log_line,
+    command,
+    out_console,
+)
+
+# The settings records are light (no torch or pandas): options and their help are built from them at
+# import time, and the commands import the modules that do the work when they run (start-up time).
+from cellmorph.config.prepare import Layout, PrepareConfig
+from cellmorph.errors import CellmorphError
+
+
+# ----------------------------------------------------------------------------- inspect
+@command()
+def inspect(
+    layout: Layout = typer.Option("bbbc021", help="input layout"),
+    metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv"),
+    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
+    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
+    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
+    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
+    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
+    moa_subset: bool = typer.Option(True, "--moa-subset/--all-annotated", help="the paper's annotated subset"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Count images, treatments and compounds of a dataset (no pixels are read)."""
+    from cellmorph.data.layouts import load_table
+
+    table = load_table(layout, root, metadata, index, layout_config, moa, channels, moa_subset)
+    log_line(table.excluded_note())
+    summary = table.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    grid = Table(title=f"{layout} dataset")
+    grid.add_column("compound")
+    grid.add_column("images", justify="right")
+    for name, count in summary["images_per_compound"].items():
+        grid.add_row(name, str(count))
+    out_console.print(grid)
+    out_console.print(
+        f"{summary['n_images']} images, {summary['n_treatments']} treatments, {summary['n_compounds']} compounds, "
+        f"{summary['n_moas']} MoAs on {summary['n_plates']} plates; {summary['n_control_images']} control images"
+    )
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+@command()
+def synth(
+    out: Path = typer.Argument(..., help="output folder (BBBC021 layout)"),
+    preset: str = typer.Option("tiny", help="tiny | mini | full"),
+    seed: int = typer.Option(0, help="random seed; the same seed gives identical files"),
+    dataset: Dataset = typer.Option("bbbc021", help="which dataset layout to synthesise"),
+    workers: int = typer.Option(1, help="processes used to render images"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+) -> None:
+    """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
+    if dataset == "bbbc014":
+        from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
+
+        summary = generate_bbbc014(out, preset=preset, seed=seed, progress=progress)
+    else:
+        from cellmorph.data.synthetic import generate_bbbc021
+
+        summary = generate_bbbc021(out, preset=preset, seed=seed, progress=progress, workers=workers)
+    print(json.dumps(summary, default=str))
+
+
+# ----------------------------------------------------------------------------- prepare
+def _prepare_help(name: str, defaults: str = "") -> str:
+    """A PrepareConfig field's description as the option's help (plus its per-layout defaults)."""
+    text = PrepareConfig.model_fields[name].description or ""
+    return f"{text} ({defaults})" if defaults else text
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise CellmorphError(f"--tiles {text!r}: expected ROWSxCOLS, e.g. 2x2") from None
+    if rows < 1 or cols < 1:
+        raise CellmorphError(f"--tiles {text!r}: rows and cols must be ≥ 1")
+    return rows, cols
+
+
+@command()
+def prepare(
+    out: Path = typer.Option(..., help="cache folder to write"),
+    layout: Layout = typer.Option("bbbc021", help="input layout"),
+    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
+    metadata: Optional[Path] = typer.Option(None, help="folder with the BBBC021 CSVs (default: --root)"),
+    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
+    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
+    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
+    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
+    normalize: Optional[Normalize] = typer.Option(
+        None, help=_prepare_help("normalize", "default plate; none for bbbc014")),
+    tiles: Optional[str] = typer.Option(None, help="ROWSxCOLS: " + _prepare_help("tile_grid", "default 2x2; 1x1 for crops")),
+    tile_size: Optional[int] = typer.Option(None, help=_prepare_help("tile_size")),
+    scaling: Optional[Scaling] = typer.Option(None, help=_prepare_help("scaling", "default image; fixed for crops, "
+                                              "tile for bbbc014")),
+    empty_tile_fraction: Optional[float] = typer.Option(None, help=_prepare_help("empty_tile_fraction")),
+    controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help=_prepare_help("include_controls")),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_prepare_help("skip_bad")),
+    strict_compounds: bool = typer.Option(
+        False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
+    ),
+    config: Optional[Path] = typer.Option(None, help="YAML PrepareConfig; command-line options override it"),
+    paper: bool = typer.Option(False, "--paper", help="start from the paper's recipe for the layout: per-plate "
+                               "DMSO z-score, 8-bit map stretched per field (crops default to a fixed map)"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+) -> None:
+    """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
+    from cellmorph.data.layouts import load_table, prepare_config
+    from cellmorph.preprocess import prepare as run_prepare
+
+    cfg = prepare_config(
+        layout,
+        config,
+        paper,
+        normalize=normalize,
+        scaling=scaling,
+        include_controls=controls,
+        tile_grid=_parse_grid(tiles) if tiles is not None else None,
+        tile_size=tile_size,
+        empty_tile_fraction=empty_tile_fraction,
+        skip_bad=True if skip_bad else None,
+    )
+    table = load_table(layout, root, metadata, index, layout_config, moa, channels, strict_compounds=strict_compounds)
+    summary = run_prepare(table, out, cfg, progress=progress, log=log_line, threads=threads)
+    print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- download
+@command()
+def download(
+    dataset: str = typer.Argument(..., help="bbbc021"),
+    root: Path = typer.Option(..., help="where to put the metadata and plate folders"),
+    base_url: Optional[str] = typer.Option(None, help="mirror URL (default: the BBBC site)"),
+    metadata_only: bool = typer.Option(False, "--metadata-only", help="fetch only the CSVs"),
+    all_plates: bool = typer.Option(False, "--all-plates", help="every plate, not just the MoA subset's"),
+    keep_archives: bool = typer.Option(False, "--keep-archives", help="keep the zip files after unpacking"),
+) -> None:
+    """Fetch a public dataset (network access happens only here, when you ask for it)."""
+    from cellmorph.data.download import DEFAULT_BASE_URL, download_command
+
+    download_command(dataset, root, base_url or DEFAULT_BASE_URL, metadata_only, all_plates, keep_archives)

@@ -1,0 +1,101 @@
+"""``embed``, ``profile-eval`` and ``score-treatments``: profiles and their evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cellmorph.cli.common import (
+    FEATURES_HELP,
+    THREADS_HELP,
+    Metric,
+    ProfileAggregate,
+    Standardize,
+    Whiten,
+    log_line,
+    command,
+)
+
+# The settings records are light (no torch or pandas): options and their help are built from them at
+# import time, and the commands import the modules that do the work when they run (start-up time).
+from cellmorph.config.embed import EmbedConfig
+from cellmorph.config.features import FeatureSpec
+from cellmorph.errors import validated
+
+
+def _embed_help(name: str) -> str:
+    return EmbedConfig.model_fields[name].description or ""
+
+
+# ----------------------------------------------------------------------------- embed / profiles
+
+
+@command()
+def embed(
+    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    model: str = typer.Option("tf_efficientnet_lite0", help=_embed_help("model")),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
+    init: str = typer.Option("imagenet", help=_embed_help("init")),
+    weights: Optional[Path] = typer.Option(None, help=_embed_help("weights")),
+    image_size: Optional[int] = typer.Option(None, help=_embed_help("image_size")),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("cpu", help=_embed_help("device")),
+    online: bool = typer.Option(False, "--online", help=_embed_help("allow_network")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    features: Optional[str] = typer.Option(None, help=FEATURES_HELP),
+    tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
+    aggregate: ProfileAggregate = typer.Option("median", help=_embed_help("aggregate")),
+    standardize: Standardize = typer.Option("plate", help=_embed_help("standardize")),
+    whiten: Whiten = typer.Option("none", help=_embed_help("whiten")),
+    strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
+    from cellmorph.embed import embed as run_embed
+    from cellmorph.runtime import keep_freed_memory
+
+    config = validated(EmbedConfig, dict(
+        model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
+        image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
+        batch_size=batch_size, device=device, threads=threads, aggregate=aggregate, standardize=standardize, whiten=whiten,
+        strength=strength), "embed options")
+    target = out or Path(data) / "embeddings" / model
+    keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
+    summary = run_embed(data, target, config, progress, log=log_line)
+    print(json.dumps(summary | {"out": str(target)}))
+
+
+@command("profile-eval")
+def profile_eval(
+    profiles: Path = typer.Argument(..., help="per-well profiles: CellProfiler CSV or a cellmorph wells.parquet"),
+    out: Path = typer.Option(..., help="output folder"),
+    metadata: Optional[Path] = typer.Option(None, help="BBBC021 metadata folder (labels for CellProfiler CSVs)"),
+    standardize: Standardize = typer.Option("plate", help="z-score features to the DMSO wells of each "
+                                            "plate, batch or of all plates (a plate without DMSO: its batch's)"),
+    whiten: Whiten = typer.Option("none", help="then whiten on DMSO: spherize (ZCA), tvn (PCA whitening) or "
+                                  "coral (per-batch DMSO covariance aligned)"),
+    strength: Optional[float] = typer.Option(None, help="whitening regulariser: ridge for spherize/coral (default "
+                                             "10), components for tvn (default 100)"),
+    aggregate: ProfileAggregate = typer.Option("mean", help="treatment profile = mean or median of its wells"),
+    metric: Metric = typer.Option("correlation", help="1-NN similarity"),
+) -> None:
+    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles (NSCB leaves out MoAs of one batch)."""
+    from cellmorph.profiles import profile_eval as run_profile_eval
+
+    metrics = run_profile_eval(profiles, out, metadata, standardize, aggregate, metric,
+                               whiten, strength, log=log_line)
+    print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}))
+
+
+@command("score-treatments")
+def score_treatments_cmd(
+    predictions: Path = typer.Argument(..., help="stored per-treatment probabilities (.xlsx sheet per model, or CSV)"),
+    moa: Path = typer.Option(..., help="compound,concentration,moa table (BBBC021_v1_moa.csv)"),
+) -> None:
+    """Treatment accuracy of stored predictions, scored by the same code as `cellmorph cv`."""
+    from cellmorph.stored import score_stored_predictions
+
+    print(json.dumps(score_stored_predictions(predictions, moa)))
