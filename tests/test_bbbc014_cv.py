@@ -24,6 +24,7 @@ def b14_cache(tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow
 def test_cell_line_cv_on_synthetic_bbbc014(b14_cache, tmp_path):
     cache, run = b14_cache, tmp_path / "run"
     tiles = TileCache(cache)
@@ -53,6 +54,7 @@ def test_cell_line_cv_on_synthetic_bbbc014(b14_cache, tmp_path):
     assert np.isin(wells["Predicted_MoA"], ["translocation", "no translocation"]).all()
 
 
+@pytest.mark.slow
 def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     """Pretrained vs Xavier after 1 and 2 epochs, 2 replicates each, leave-one-cell-line-out."""
     out = tmp_path / "fig4"
@@ -90,6 +92,7 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     assert page.count('<img src="data:image/png;base64,') == 1 and "imagenet" in page and "xavier" in page
 
 
+@pytest.mark.slow
 def test_cv_replicates_flag(b14_cache, tmp_path):
     out = tmp_path / "reps"
     proc = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",

@@ -91,6 +91,7 @@ def test_real_crops_scores_a_run_and_an_ensemble_of_it_alike(tiny_cache, tmp_pat
     assert 0 <= alone["balanced_cell"] <= 1 and alone["probe_c"]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tmp_path):
     """benchmarks/gpu.py is run for real only where a GPU is lent; its smoke mode runs every section
     on the CPU here, so a change that breaks the script fails the suite (timings are not asserted)."""

@@ -284,6 +284,7 @@ def test_a_second_cv_into_a_folder_being_written_is_refused(tiny_cache, tmp_path
     # That a dead holder's lock is stale and taken over: tests/test_runinfo.py.
 
 
+@pytest.mark.slow
 def test_cv_on_a_full_disk_is_one_line_leaves_nothing_and_then_runs(tiny_cache, small_disk):
     disk = small_disk.mount("16k")
     run = disk / "run"
@@ -309,6 +310,7 @@ def test_prepare_on_a_full_disk_is_one_line_leaves_nothing_and_then_prepares(tin
         assert (cache / "plates" / plate.name).read_bytes() == plate.read_bytes()
 
 
+@pytest.mark.slow
 def test_predict_on_a_full_disk_is_one_line_leaves_nothing_and_then_predicts(tiny_bundle, tiny_cache, small_disk):
     disk = small_disk.mount("48k")
     out = disk / "pred"

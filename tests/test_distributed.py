@@ -53,6 +53,7 @@ def test_shard_splits_a_global_batch_contiguously_and_as_evenly_as_possible():
     assert DataParallel().shard(7) == slice(0, 7)
 
 
+@pytest.mark.slow
 def test_cross_validation_folds_train_data_parallel_too(tiny_cache, tmp_path):
     """``train --calibration`` under torchrun: the calibration CV's folds and the final model are
     each trained by both processes; rank 0 alone writes the run directory and the bundle."""

@@ -96,6 +96,7 @@ def test_synthetic_moas_are_not_separable_by_intensity_statistics(tiny_screen, t
     assert cnn - probe >= 0.15, (probe, cnn)
 
 
+@pytest.mark.slow
 def test_intensity_statistics_stay_near_chance_on_mini(tmp_path):
     """The absolute bound, on mini's 302 images: tiny's 88 are too few for it.
 

@@ -387,6 +387,7 @@ def _check_pipeline(base, changes: tuple, sandbox: Path) -> str:
 #   and leaves RUN/ (config.yaml, folds/) behind
 @example(changes=(Number("Metadata_Concentration", "1.5", row=4),))
 # - a site of 1e308 (or 10**40): accepted as a whole number and cached as -9223372036854775808
+@pytest.mark.slow
 @example(changes=(Number("Metadata_Site", "1e308", row=4),))
 def test_hostile_crop_tables_fail_cleanly_or_stay_confined_strict_and_escaped(base_screen, tmp_path, changes):
     sandbox = Path(tempfile.mkdtemp(dir=tmp_path))

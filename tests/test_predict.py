@@ -15,6 +15,7 @@ from tests.bundle_helpers import edited_bundle, seal_bundle
 from tests.conftest import one_line_error, quick_config, run_cli
 
 
+@pytest.mark.slow
 def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tmp_path):
     runs = {}
     for alpha in ("0.1", "0.3"):

@@ -117,6 +117,7 @@ def kept_run(tiny_cache, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_visualize_filters_of_a_default_cv_run_writes_one_png_per_layer(kept_run, tmp_path):
     """The contract command, `visualize filters --run RUN --out DIR`, on a run made with cv's defaults."""
     from PIL import Image

@@ -270,6 +270,7 @@ def yaml_seed(run_dir) -> int:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["seeds"]["seed"]
 
 
+@pytest.mark.slow
 def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run, crop_cache, tmp_path):
     """Frozen stages computed once per run train the same models as frozen stages run every step."""
     checkpoint = first_run[0] / "folds" / "0" / "state.pt"  # frozen stages need non-random weights
