@@ -67,7 +67,7 @@ def levels(index: pd.DataFrame, probs: np.ndarray, classes: list[str], how: str)
     return {"wells": wells, "treatments": treatments}
 
 
-def simulate(run: Path, alphas: list[float]) -> dict:
+def simulate(run: Path, alphas: list[float], outer_scheme: str = "loco", schemes=SCHEMES) -> dict:
     header = read_yaml_mapping(run / "config.yaml")
     config = header["config"]
     cache = TileCache(Path(header["data"]))
@@ -80,7 +80,7 @@ def simulate(run: Path, alphas: list[float]) -> dict:
     meta = index.iloc[rows].reset_index(drop=True)
     y = meta[TRUE_COLUMN].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
     how = config.get("aggregate", "median")
-    outer, unscored = make_folds(meta, "loco", seed=config.get("seed", 0))
+    outer, unscored = make_folds(meta, outer_scheme, seed=config.get("seed", 0))
     records = []
     for fold in outer:
         train, test = fold.train, fold.test
@@ -88,7 +88,7 @@ def simulate(run: Path, alphas: list[float]) -> dict:
                                                            len(classes), fold.index), classes, how)
         truth = final["treatments"][TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
         probs = final["treatments"][[prob_column(c) for c in classes]].to_numpy(float)
-        for scheme in SCHEMES:
+        for scheme in schemes:
             inner, _ = make_folds(meta.iloc[train], scheme, seed=config.get("seed", 0))
             oof_probs = np.zeros((len(train), len(classes)))
             scored = np.zeros(len(train), dtype=bool)
@@ -107,14 +107,16 @@ def simulate(run: Path, alphas: list[float]) -> dict:
                     members = conformal_sets(calibration[level], probs, classes, alpha)
                     for t in range(len(truth)):
                         records.append({
-                            "compound": fold.name, "treatment": t, "scheme": scheme, "level": level, "alpha": alpha,
+                            "compound": str(final["treatments"]["Metadata_Compound"].iloc[t]),
+                            "outer_fold": fold.index, "treatment": t, "scheme": scheme, "level": level, "alpha": alpha,
                             "covered": bool(members[t, truth[t]]), "size": int(members[t].sum()),
                             "n_calibration": int(len(calibration[level])),
                             "correct": bool(probs[t].argmax() == truth[t]),
                             "confidence": float(confidence[t].max()),
                             "log_loss": float(-np.log(max(confidence[t, truth[t]], 1e-12))),
                             "temperature": scaling.temperature})
-    return {"records": records, "unscored": [u["name"] for u in unscored], "run": str(run),
+    return {"outer_folds": {f.index: sorted(meta.iloc[f.test]["Metadata_Compound"].astype(str).unique())
+                            for f in outer}, "records": records, "unscored": [u["name"] for u in unscored], "run": str(run),
             "head": config.get("probe_head", "logistic"), "aggregate": how}
 
 
@@ -140,12 +142,18 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--alphas", default="0.1,0.2")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--outer", default="loco", help="the outer split of the compounds (e.g. group-kfold:4, as "
+                        "benchmarks/dev_usecase.py splits them)")
+    parser.add_argument("--calibration", default=",".join(SCHEMES), help="calibration CVs to compare")
     args = parser.parse_args()
-    result = simulate(args.run, [float(a) for a in args.alphas.split(",")])
+    result = simulate(args.run, [float(a) for a in args.alphas.split(",")], args.outer,
+                      tuple(args.calibration.split(",")))
     table = summarise(pd.DataFrame(result["records"]))
     out = args.out or args.run / "dev_calibration.json"
     out.write_text(json.dumps({k: v for k, v in result.items() if k != "records"} | {"table": table}, indent=1))
     print(f"head {result['head']}, aggregate {result['aggregate']}; not scored: {', '.join(result['unscored'])}")
+    for k, compounds in result["outer_folds"].items():
+        print(f"outer fold {k}: {', '.join(compounds)}")
     print("\n| calibration CV | set level from | α | coverage (95% interval) | mean set size | empty | "
           "calibration rows | accuracy | ECE | log-loss | T used |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
