@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from cellmorph.cv.config import CVConfig
-from cellmorph.cv.rundir import CONFIG_FILE, RunDir
+from cellmorph.cv.rundir import CONFIG_FILE, RunDir, what_differs
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import mean_of_levels
 from cellmorph.runinfo import atomic_path, created_root, output_lock, require_output_dir, run_info
@@ -161,9 +161,6 @@ def check_finished_run(data: Path, run: Path, config: CVConfig) -> dict:
         previous = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
         plan = plan_run(data, member, with_folds=False)
         if previous.get("fingerprint") != plan.fingerprint:
-            old, new = previous.get("config", {}), plan.config.model_dump(mode="json")
-            diff = sorted(k for k in set(old) | set(new)
-                          if k not in RUNTIME_FIELDS and old.get(k, new.get(k)) != new.get(k))
-            what = f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
+            what = what_differs(previous.get("config", {}), plan.config.model_dump(mode="json"), RUNTIME_FIELDS)
             raise CellmorphError(f"{folder}: not a CV of this recipe on {data}: {what} differ")
     return RunDir(run).read_metrics()

@@ -121,6 +121,13 @@ class FoldOutput:
     resumed: bool = False
 
 
+def what_differs(old: dict, new: dict, runtime_fields: tuple[str, ...]) -> str:
+    """Why a run's fingerprint differs from a config's, in words: the config fields (``old`` a run's recorded
+    config, ``new`` the config at hand; runtime fields ignored), else the data or class set."""
+    diff = sorted(k for k in set(old) | set(new) if k not in runtime_fields and old.get(k, new.get(k)) != new.get(k))
+    return f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
+
+
 def predictions_frame(cache, rows: np.ndarray, probs: np.ndarray, classes, fold: int) -> pd.DataFrame:
     """Tiles ``rows`` of ``cache``: their ``Metadata_*`` columns, cache row, fold and ``prob_<class>``."""
     index = cache.index.iloc[rows]
@@ -170,10 +177,7 @@ class RunDir:
                 )
             previous = yaml.safe_load(config_path.read_text()) or {}
             if previous.get("fingerprint") != fingerprint:
-                old, new = previous.get("config", {}), header["config"]
-                diff = sorted(k for k in set(old) | set(new)
-                              if k not in runtime_fields and old.get(k, new.get(k)) != new.get(k))
-                what = f"config field(s) {', '.join(diff)}" if diff else "the data (tile cache) or class set"
+                what = what_differs(previous.get("config", {}), header["config"], runtime_fields)
                 raise CellmorphError(f"{self.root}: cannot resume: {what} differ from the run being resumed")
         self.remove_temporaries()
         self.root.mkdir(parents=True, exist_ok=True)
