@@ -10,9 +10,8 @@ imports neither torch nor pandas until a name that needs them is used::
     result = cellmorph.run_cv("cache", "run", cellmorph.CVConfig(model="tf_efficientnet_lite0", mode="linear-probe"))
 """
 
-from importlib import import_module
-
 from cellmorph.errors import CellmorphError
+from cellmorph.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -41,14 +40,4 @@ _EXPORTS = {
 
 __all__ = ["CellmorphError", "__version__", *sorted(_EXPORTS)]
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cellmorph' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -4,7 +4,7 @@ The names below load on first use (PEP 562), so that ``cellmorph.cv.config``, wh
 build its options, does not pull in torch and pandas with the fold loop.
 """
 
-from importlib import import_module
+from cellmorph.lazy import lazy_exports
 
 _EXPORTS = {
     "CVConfig": "cellmorph.cv.config",
@@ -22,14 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cellmorph.cv' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
