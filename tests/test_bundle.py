@@ -127,11 +127,8 @@ def test_train_output_that_is_a_file_is_one_line(tiny_cache, tmp_path):
     assert blocker.read_text() == "keep me"
 
 
-def test_train_takes_the_cv_options_and_refuses_a_probe_it_cannot_save(tiny_cache, tmp_path):
-    """`train` has `cv`'s options (one shared set); a linear probe makes no network to bundle."""
-    one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe",
-                           "--out", tmp_path / "m"), "linear-probe")
-    assert not (tmp_path / "m").exists()
+def test_train_takes_the_cv_options():
+    """`train` has `cv`'s options (one shared set)."""
     from typer.main import get_command
 
     from cellmorph.cli import app

@@ -8,7 +8,10 @@
                              tiles), training config and seeds, data fingerprint, provenance, the
                              sha256 of every other file (``files``) and of each of its own entries
                              (``content_sha256``)
-      weights.safetensors    the network's weights (safetensors: tensors only, no pickle)
+      weights.safetensors    the network's weights (safetensors: tensors only, no pickle); for a linear
+                             probe, its frozen backbone's, without the ImageNet classifier
+      head.safetensors       a linear probe's head (:class:`~cellmorph.models.heads.LinearProbeHead`);
+                             an ensemble's further members have ``weights-<k>``/``head-<k>`` files
       calibration_<level>.parquet   optional, for level treatments, wells and tiles: out-of-fold
                              probabilities (Metadata_* + prob_<class>) of compounds the scoring
                              models never saw
@@ -57,7 +60,10 @@ BUNDLE_FORMAT = 1
 # A format of its own, so that a release that knows no members refuses it instead of predicting with the
 # first member alone.
 ENSEMBLE_FORMAT = 2
-SUPPORTED_FORMATS = (BUNDLE_FORMAT, ENSEMBLE_FORMAT)
+# A bundle with a linear probe among its networks (a frozen backbone, its feature spec and a linear head):
+# a format of its own, so that a release that knows no probes refuses it instead of misreading its weights.
+PROBE_FORMAT = 3
+SUPPORTED_FORMATS = (BUNDLE_FORMAT, ENSEMBLE_FORMAT, PROBE_FORMAT)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 CONTENT_DIGESTS = "content_sha256"  # entry of bundle.json → sha256 of its canonical JSON
@@ -70,6 +76,11 @@ MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
 def member_weights_file(k: int) -> str:
     """The weights file of an ensemble's member ``k`` (from 2; the first member's is :data:`WEIGHTS`)."""
     return f"weights-{k}.safetensors"
+
+
+def probe_head_file(k: int) -> str:
+    """The head file of a linear probe, member ``k`` (1: the document's own network)."""
+    return "head.safetensors" if k == 1 else f"head-{k}.safetensors"
 
 
 def calibration_file(level: str) -> str:
@@ -133,6 +144,29 @@ class CalibrationRecord(_Entry):
         return value
 
 
+class ProbeRecord(_Entry):
+    """``probe`` (of the document, or of a member): the network is a linear probe. Its weights are the frozen
+    backbone's (no classifier); ``features`` names the profile it reads (:class:`FeatureSpec`'s text form),
+    ``head`` the kind of head that was fitted, ``head_weights`` the file of its linear form."""
+
+    features: str
+    head: Literal["centroid", "logistic"]
+    head_weights: str
+
+    @field_validator("features")
+    @classmethod
+    def _a_feature_spec(cls, value: str) -> str:
+        from pydantic import ValidationError
+
+        from cellmorph.config.features import FeatureSpec
+
+        try:
+            FeatureSpec.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+        return value
+
+
 class MemberRecord(_Entry):
     """One further member of an ensemble (``members``): its network, input, scoring settings and weights file."""
 
@@ -142,6 +176,7 @@ class MemberRecord(_Entry):
     weights: str
     seeds: dict | None = None
     n_train_tiles: int | None = None
+    probe: ProbeRecord | None = None
 
 
 class TrainingRecord(_Entry):
@@ -153,7 +188,7 @@ class TrainingRecord(_Entry):
 class BundleDocument(_Entry):
     """``bundle.json``: each entry's type and range, and the rules between them."""
 
-    format: Literal[1, 2]
+    format: Literal[1, 2, 3]
     model: str = Field(min_length=1)
     classes: list[str]
     input: InputRecord
@@ -163,6 +198,7 @@ class BundleDocument(_Entry):
     provenance: dict | None = None
     content_sha256: dict[str, Sha256] | None = None
     members: list[MemberRecord] | None = None
+    probe: ProbeRecord | None = None
 
     @field_validator("classes")
     @classmethod
@@ -192,15 +228,25 @@ class BundleDocument(_Entry):
 
     @model_validator(mode="after")
     def _members_of_an_ensemble(self):
-        if bool(self.members) != (self.format == ENSEMBLE_FORMAT):
-            raise ValueError(f"format {self.format} with {len(self.members or [])} further member(s): format "
-                             f"{ENSEMBLE_FORMAT} is an ensemble's, which lists its further members")
+        probes = [self.probe] + [m.probe for m in self.members or []]
+        expected = PROBE_FORMAT if any(probes) else ENSEMBLE_FORMAT if self.members else BUNDLE_FORMAT
+        if self.format != expected:
+            raise ValueError(f"format {self.format} with {len(self.members or [])} further member(s) and "
+                             f"{sum(map(bool, probes))} linear probe(s): such a bundle is of format {expected} "
+                             f"({BUNDLE_FORMAT}: one network, {ENSEMBLE_FORMAT}: an ensemble, {PROBE_FORMAT}: "
+                             "with a linear probe)")
+        own = [WEIGHTS] + ([self.probe.head_weights] if self.probe else [])
         for k, member in enumerate(self.members or [], start=2):
-            if member.weights not in self.files or member.weights == WEIGHTS:
+            if member.weights not in self.files or member.weights in own:
                 raise ValueError(f"members: member {k}'s weights {member.weights!r} are not a file of its own in files")
             if len(member.input.mean) != len(self.input.mean):
                 raise ValueError(f"members: member {k} takes {len(member.input.mean)} channels, the first "
                                  f"{len(self.input.mean)}: an ensemble's members read the same tiles")
+            own += [member.weights] + ([member.probe.head_weights] if member.probe else [])
+        for k, probe in enumerate(probes, start=1):
+            if probe is not None and (probe.head_weights not in self.files or own.count(probe.head_weights) > 1):
+                where = "probe" if k == 1 else f"members: member {k}'s probe"
+                raise ValueError(f"{where}: head_weights {probe.head_weights!r} is not a file of its own in files")
         return self
 
 
@@ -231,11 +277,30 @@ class BundleMember:
     config: dict  # training.config's scoring fields: tta, drop_rate, aggregate
     weights: dict[str, torch.Tensor]
     n_classes: int
+    probe: dict | None = None  # a linear probe's record (:class:`ProbeRecord`); None for a trained network
+    head: dict[str, torch.Tensor] | None = None  # a linear probe's head tensors
+
+    @property
+    def scoring_tta(self) -> str:
+        """The TTA ``predict`` asks of its scoring loop: a probe averages its profile over the views itself."""
+        return "none" if self.probe else str(self.config.get("tta", "none"))
 
     def network(self) -> nn.Module:
-        """The trained network in eval mode (built without any pretrained download)."""
+        """The trained network in eval mode (built without any pretrained download): for a linear probe, a
+        :class:`~cellmorph.models.heads.ProbeNetwork` (frozen backbone, profile, linear head, TTA of the profile)."""
         from cellmorph.models import create_model
 
+        if self.probe:
+            from cellmorph.config.features import FeatureSpec
+            from cellmorph.models.features import FeatureExtractor
+            from cellmorph.models.heads import LinearProbeHead, ProbeNetwork
+
+            backbone = create_model(self.model_name, 1, init="xavier", in_chans=self.input.channels)
+            backbone.reset_classifier(0)
+            backbone.load_state_dict(self.weights)
+            extractor = FeatureExtractor(backbone, FeatureSpec.model_validate(self.probe["features"]), self.model_name)
+            return ProbeNetwork(extractor, LinearProbeHead.from_state(self.head), self.n_classes,
+                                str(self.config.get("tta", "none"))).eval()
         module = create_model(self.model_name, self.n_classes, init="xavier", in_chans=self.input.channels,
                               drop_rate=float(self.config.get("drop_rate", 0.0)))
         module.load_state_dict(self.weights)
@@ -251,15 +316,24 @@ class Bundle:
     weights: dict[str, torch.Tensor]
     calibration: dict[str, pd.DataFrame]  # level → scores; empty without calibration
     further_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # an ensemble's members 2, 3, …
+    heads: list[dict[str, torch.Tensor] | None] = field(default_factory=list)  # each member's probe head, or None
 
     @property
     def members(self) -> list[BundleMember]:
         """The networks to run, the document's own first (one for a bundle that is no ensemble)."""
         n = len(self.classes)
-        first = BundleMember(self.model_name, self.input, dict(self.manifest["training"]["config"]), self.weights, n)
+        heads = self.heads or [None] * (1 + len(self.further_weights))
+        first = BundleMember(self.model_name, self.input, dict(self.manifest["training"]["config"]), self.weights, n,
+                             self.manifest.get("probe"), heads[0])
         return [first] + [BundleMember(m["model"], InputSpec.from_record(m["input"]), dict(m.get("config") or {}),
-                                       weights, n)
-                          for m, weights in zip(self.manifest.get("members") or [], self.further_weights)]
+                                       weights, n, m.get("probe"), head)
+                          for m, weights, head in zip(self.manifest.get("members") or [], self.further_weights,
+                                                      heads[1:])]
+
+    @property
+    def is_probe(self) -> bool:
+        """Whether every network of the bundle is a linear probe (none was trained)."""
+        return all(m.probe for m in self.members)
 
     @property
     def model_name(self) -> str:
@@ -323,33 +397,48 @@ def save_bundle(
     training: dict,
     calibration: dict[str, pd.DataFrame] | None = None,
     members: list[dict] | None = None,
+    probe: dict | None = None,
 ) -> Path:
     """Write a bundle to ``out`` (a new folder; an existing one is replaced only when complete).
 
     ``members``: an ensemble's further members, each ``state``, ``model``, ``input`` (InputSpec), ``config``
-    (its training config's scoring fields) and optionally ``seeds`` and ``n_train_tiles``."""
+    (its training config's scoring fields) and optionally ``seeds``, ``n_train_tiles`` and ``probe``.
+    ``probe`` (of the first network, or of a member): a linear probe's ``features`` (text form), ``head`` (its
+    kind) and ``head_state`` (:meth:`LinearProbeHead.state`); ``state`` is then its frozen backbone's."""
     from safetensors.torch import save_file
+
+    def write(tensors: dict[str, torch.Tensor], name: str) -> str:
+        save_file({key: v.detach().cpu().contiguous() for key, v in tensors.items()}, str(tmp / name))
+        files.append(name)
+        return name
+
+    def probe_record(given: dict | None, k: int) -> dict | None:
+        if not given:
+            return None
+        return {"features": str(given["features"]), "head": given["head"],
+                "head_weights": write(given["head_state"], probe_head_file(k))}
 
     out = require_output_dir(Path(out), "model folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    files: list[str] = []
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
-        files = [WEIGHTS]
+        write(state, WEIGHTS)
+        own_probe = probe_record(probe, 1)
         records = []
         for k, member in enumerate(members or [], start=2):
-            name = member_weights_file(k)
-            save_file({key: v.detach().cpu().contiguous() for key, v in member["state"].items()}, str(tmp / name))
-            files.append(name)
+            name = write(member["state"], member_weights_file(k))
             records.append({"model": member["model"], "input": member["input"].record(), "config": member["config"],
-                            "weights": name, "seeds": member.get("seeds"), "n_train_tiles": member.get("n_train_tiles")})
+                            "weights": name, "seeds": member.get("seeds"), "n_train_tiles": member.get("n_train_tiles")}
+                           | ({"probe": probe_record(member["probe"], k)} if member.get("probe") else {}))
         for level, scores in (calibration or {}).items():
             if level not in LEVELS:
                 raise ValueError(f"calibration level {level!r} is not one of {LEVELS}")
             scores.to_parquet(tmp / calibration_file(level), index=False)
             files.append(calibration_file(level))
+        any_probe = own_probe is not None or any("probe" in r for r in records)
         manifest = {
-            "format": ENSEMBLE_FORMAT if records else BUNDLE_FORMAT,
+            "format": PROBE_FORMAT if any_probe else ENSEMBLE_FORMAT if records else BUNDLE_FORMAT,
             "model": model_name,
             "classes": list(classes),
             "input": input_spec.record(),
@@ -357,7 +446,7 @@ def save_bundle(
             "training": training,
             "files": {name: sha256_file(tmp / name) for name in files},
             "provenance": run_info(),
-        } | ({"members": records} if records else {})
+        } | ({"members": records} if records else {}) | ({"probe": own_probe} if own_probe else {})
         # The digests are of the document as it is read back: JSON types only, and null where a
         # value is NaN (a fold without held-out tiles), since bare NaN is not JSON.
         document = json.loads(json.dumps(json_safe(manifest), default=str, allow_nan=False))
@@ -423,18 +512,46 @@ def load_bundle(path: Path) -> Bundle:
             raise CellmorphError(f"{root / name}: not a safetensors file ({exc})") from None
 
     weights = read_weights(WEIGHTS)
-    _check_network(document.model, len(document.classes), len(document.input.mean), weights, WEIGHTS,
-                   manifest_path)
+    n_classes = len(document.classes)
+    _check_network(document.model, n_classes, len(document.input.mean), weights, WEIGHTS, manifest_path,
+                   probe=document.probe)
+    heads = [_read_probe_head(root, document.model, n_classes, len(document.input.mean), document.probe,
+                              manifest_path, "probe: ", read_weights)]
     further = []
     for k, member in enumerate(document.members or [], start=2):
         further.append(read_weights(member.weights))
-        _check_network(member.model, len(document.classes), len(member.input.mean), further[-1], member.weights,
-                       manifest_path, f"members: member {k}: ")
+        _check_network(member.model, n_classes, len(member.input.mean), further[-1], member.weights,
+                       manifest_path, f"members: member {k}: ", probe=member.probe)
+        heads.append(_read_probe_head(root, member.model, n_classes, len(member.input.mean), member.probe,
+                                      manifest_path, f"members: member {k}: probe: ", read_weights))
     calibration = {}
     for level in LEVELS:
         if calibration_file(level) in document.files:
             calibration[level] = _read_calibration(root / calibration_file(level), document, manifest_path, level)
-    return Bundle(root, manifest, weights, calibration, further)
+    return Bundle(root, manifest, weights, calibration, further, heads)
+
+
+def _read_probe_head(root: Path, model: str, n_classes: int, n_channels: int, probe: "ProbeRecord | None",
+                     where: Path, field_name: str, read_weights) -> dict[str, torch.Tensor] | None:
+    """A linear probe's head tensors, checked against the classes and the backbone's profile length."""
+    from cellmorph.config.features import FeatureSpec
+    from cellmorph.models.features import FeatureExtractor
+    from cellmorph.models.heads import probe_head_problem
+
+    if probe is None:
+        return None
+    head = read_weights(probe.head_weights)
+    spec = FeatureSpec.model_validate(probe.features)
+    skeleton = _network_skeleton(model, 0, n_channels)
+    try:
+        dim = skeleton.num_features if spec.is_head else FeatureExtractor(skeleton, spec, model).dim
+    except CellmorphError as exc:
+        raise CellmorphError(f"{where}: {field_name}features: {exc}") from None
+    problem = probe_head_problem(head, n_classes, dim)
+    if problem:
+        raise CellmorphError(f"{where}: {field_name}head_weights: {root / probe.head_weights} is not the head of a "
+                             f"probe of {n_classes} classes on {model}'s {spec.describe()} features ({problem})")
+    return head
 
 
 def _require_inside(root: Path, file: Path) -> None:
@@ -464,7 +581,7 @@ def _check_content_digests(manifest: dict, where: Path) -> None:
 
 
 def _check_network(model: str, n_classes: int, n_channels: int, weights: dict[str, torch.Tensor], file: str,
-                   where: Path, member: str = "") -> None:
+                   where: Path, member: str = "", probe=None) -> None:
     """The weights in ``file`` must be those of ``model``'s network with one output per class and one
     input per channel: every tensor by name and shape, else the field that disagrees (``member`` says
     which member of an ensemble)."""
@@ -475,7 +592,8 @@ def _check_network(model: str, n_classes: int, n_channels: int, weights: dict[st
         check_model_name(model)
     except CellmorphError as exc:
         raise CellmorphError(f"{where}model: {exc}") from None
-    network = _network_skeleton(model, n_classes, n_channels)
+    # a linear probe's weights are its frozen backbone's, without a classifier
+    network = _network_skeleton(model, 0 if probe is not None else n_classes, n_channels)
     expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in weights.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))

@@ -19,7 +19,7 @@ data-parallel too (:func:`cellmorph.cv.run_cv`).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,6 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     out = Path(out) if launched else require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
     members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds
-    if any(m.mode == "linear-probe" for m in members):
-        raise CellmorphError("train: mode linear-probe makes no network to save; use --mode finetune or linear")
     if calibration is not None and calibration_run is not None:
         raise CellmorphError("train: give --calibration (run a CV) or --calibration-run (reuse one), not both")
     if calibration_run is not None:
@@ -117,6 +115,11 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
         what = "final model" if len(plans) == 1 else f"final model, member {k} of {len(plans)}"
         with torch_threads(final_plan.config.num_threads), deterministic(final_plan.config.deterministic), \
                 Progress(progress and dp.is_main) as bar:
+            if final_plan.config.mode == "linear-probe":
+                # the calibration run's embeddings where they are of these rows (a member's own run in an ensemble)
+                embedded = None if scheme is None else RunDir(member_dir(run, k) if len(plans) > 1 else run)
+                finals.append((final_plan, _fit_final_probe(final_plan, fold, embedded, bar, what)))
+                continue
             tasks = {"epochs": bar.task(f"  epochs ({what})", final_plan.config.epochs),
                      "batches": bar.task("  batches", 1, log=False)}
             finals.append((final_plan, run_fold(final_plan, fold, None, tasks)))
@@ -134,6 +137,8 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
         # the compounds the final model saw: predict flags them (Metadata_InTraining) and scores them apart
         "compounds": sorted(map(str, set(cache.index["Metadata_Compound"].iloc[trained.train_rows]))),
         "history": trained.history,
+        # what a linear probe chose for itself by an inner split of the compounds (its C or temperature)
+        "choices": [getattr(t, "choices", None) or None for _, t in finals],
         "init": plan.init.record(),
         # global batch = config batch_size, split over world_size processes (cellmorph.distributed)
         "data_parallel": dp.record(),
@@ -148,12 +153,41 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
             "held_out_calibration_error": held_out_calibration_error(scores["treatments"], plan.classes)},
     }
     # Rank 0 writes; the other ranks wait for the complete bundle (and fail with it if it fails).
-    further = [{"state": t.state, "model": p.config.model, "input": p.input, "config": p.config.model_dump(mode="json"),
-                "seeds": p.seeds[FINAL_FOLD], "n_train_tiles": int(len(t.train_rows))} for p, t in finals[1:]]
-    dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes, plan.input,
-                                     preprocessing, training, scores, further))
+    further = [{"state": t.state, "model": p.config.model, "input": getattr(t, "input", p.input),
+                "config": p.config.model_dump(mode="json"), "seeds": p.seeds[FINAL_FOLD],
+                "n_train_tiles": int(len(t.train_rows)), "probe": getattr(t, "probe", None)} for p, t in finals[1:]]
+    dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes,
+                                     getattr(trained, "input", plan.input), preprocessing, training, scores, further,
+                                     getattr(trained, "probe", None)))
     return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
             "members": len(finals), "calibration": training["calibration"]}
+
+
+@dataclass
+class FinalProbe:
+    """A linear probe's final model: the frozen backbone's weights, the input it embedded with, and its head."""
+
+    train_rows: np.ndarray
+    state: dict  # the backbone's weights, without a classifier
+    input: object  # InputSpec: the extractor's input at the run's size
+    probe: dict  # features, head kind and head_state, as save_bundle takes them
+    choices: dict
+    history: list = field(default_factory=list)  # no epochs
+
+
+def _fit_final_probe(plan, fold: Fold, calibration, bar, what: str) -> FinalProbe:
+    """The probe fitted on every labelled tile (its C or temperature chosen by an inner split of all the
+    compounds), with the embeddings of the calibration run ``calibration`` where they are of the same rows."""
+    from cellmorph.cv.features import final_probe_embeddings
+    from cellmorph.cv.probe import fit_probe
+
+    bar.line(f"{what}: a linear probe ({plan.config.probe_head} head) on {len(fold.train)} tiles")
+    features, extractor, spec = final_probe_embeddings(plan, fold.train, bar, calibration)
+    fit = fit_probe(plan, fold, features)
+    state = {k: v.detach().cpu() for k, v in extractor.model.state_dict().items()}
+    probe = {"features": plan.config.features.describe(), "head": plan.config.probe_head,
+             "head_state": fit.head.state()}
+    return FinalProbe(fit.train_rows, state, spec, probe, fit.choices)
 
 
 def _run_scheme(run: Path) -> str:

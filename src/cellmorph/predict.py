@@ -260,7 +260,7 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     with torch_threads(config.threads), Progress(progress) as bar:
         for k, member in enumerate(members, start=1):
             pipeline = InputPipeline.from_spec(member.input)
-            settings = PredictSettings(batch_size=config.batch_size, tta=member.config.get("tta", "none"))
+            settings = PredictSettings(batch_size=config.batch_size, tta=member.scoring_tta)
             network = member.network()
             how = member.config.get("aggregate", "median")
             which = "" if len(members) == 1 else f", member {k} of {len(members)}"

@@ -540,6 +540,9 @@ def bundle_networks(model: Path) -> Comparison:
     from cellmorph.bundle import load_bundle
 
     bundle = load_bundle(Path(model))
+    if bundle.is_probe:
+        raise CellmorphError(f"{model}: a linear probe keeps its ImageNet backbone unchanged (only its head was "
+                             "fitted), so its filters are ImageNet's; there is nothing to compare")
     config = bundle.manifest.get("training", {}).get("config", {})
     finetuned = NamedNetwork(_finetuned_label(str(config.get("init", "imagenet"))), bundle.network(), bundle.input)
     imagenet = imagenet_network(bundle.model_name, len(bundle.classes), bundle.input.channels, config.get("weights"))

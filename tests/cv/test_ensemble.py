@@ -14,6 +14,7 @@ import yaml
 from cellmorph.bundle import load_bundle, save_bundle
 from cellmorph.cv import load_cv_config, run_cv
 from cellmorph.cv.ensemble import member_dir
+from cellmorph.cv.rundir import RunDir
 from cellmorph.errors import CellmorphError
 from cellmorph.predict import PredictConfig, predict
 from tests.bundle_helpers import edited_bundle
@@ -151,14 +152,25 @@ def test_an_edited_ensemble_bundle_is_refused_naming_the_member(ensemble_bundle,
     assert manifest["members"][0]["weights"] == "weights-2.safetensors"
 
 
-def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_one_can_be_asked_for():
+def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_a_probe_and_one_can_be_asked_for():
     from cellmorph.cli.cv import ensemble_from_options
     from cellmorph.cv.config import with_layout_defaults
 
-    crops = with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0", seed=3), "crops")
+    crops = with_layout_defaults(load_cv_config(None, model="tf_efficientnet_lite0", seed=3, epochs=5), "crops")
     members = crops.members()
-    assert crops.ensemble == [{"seed": 4}] and [m.seed for m in members] == [3, 4]
-    assert all(m.freeze_stages == 4 and m.image_size == 128 and not m.ensemble for m in members)
+    assert crops.ensemble == [{"seed": 4}, {"mode": "linear-probe"}] and [m.seed for m in members] == [3, 4, 3]
+    assert all(m.freeze_stages == 4 and m.image_size == 128 and m.epochs == 5 and not m.ensemble for m in members[:2])
+    # the probe takes none of the fine-tune's training fields, and its own crop defaults once its run applies them
+    probe = with_layout_defaults(members[2], "crops")
+    assert (probe.mode, probe.freeze_stages, probe.epochs, probe.frozen_feature_cache) == ("linear-probe", 0, None, False)
+    assert (probe.probe_head, probe.aggregate, probe.features.describe(), probe.image_size) == \
+        ("centroid", "logmean", "stage3+stage4/mean", 128)
+    # the options name exactly the members: two seeds alone, or with the probe (the default again)
+    assert ensemble_from_options(2, None, {"seed": 3}) == [{"seed": 4}]
+    assert ensemble_from_options(2, None, {"seed": 3}, probe=True) == crops.ensemble
+    assert ensemble_from_options(None, None, {}, probe=True) == [{"mode": "linear-probe"}]
+    with pytest.raises(CellmorphError, match="--mode linear-probe is one"):
+        ensemble_from_options(None, None, {"mode": "linear-probe"}, probe=True)
     # a member is no ensemble again when the layout's defaults are applied to it (as each run does)
     assert not with_layout_defaults(members[1], "crops").ensemble
     one = load_cv_config(None, model="tf_efficientnet_lite0", ensemble=ensemble_from_options(1, None, {}))
@@ -167,3 +179,25 @@ def test_a_pretrained_crop_fine_tune_defaults_to_two_seeds_and_one_can_be_asked_
                   with_layout_defaults(load_cv_config(None, model="test_resnet", init="xavier"), "crops"),
                   with_layout_defaults(load_cv_config(None, mode="linear-probe"), "crops")):
         assert not other.ensemble
+
+
+def test_a_fine_tune_and_a_linear_probe_make_one_bundle_that_predicts_their_mean(tiny_cache, tmp_path):
+    """A mixed ensemble (the crop default's kind): `train --ensemble-probe` cross-validates both members on the
+    same folds, calibrates on their mean, and bundles the network and the probe (backbone and head), which
+    `predict` runs together."""
+    out = tmp_path / "model"
+    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--ensemble-probe", "--calibration", "group-kfold:2",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    assert bundle.manifest["format"] == 3 and [bool(m.probe) for m in bundle.members] == [False, True]
+    assert bundle.manifest["members"][0]["probe"]["head_weights"] == "head-2.safetensors"
+    run = tmp_path / "model.cv"
+    assert [RunDir(member_dir(run, k)).read_config()["config"]["mode"] for k in (1, 2)] == ["finetune", "linear-probe"]
+    calibration = pd.read_parquet(out / "calibration_treatments.parquet")
+    mean = RunDir(run).read_levels()["treatments"]
+    probs = [c for c in mean.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(calibration[probs].to_numpy(), mean[probs].to_numpy())
+    summary = predict(out, tiny_cache, tmp_path / "pred", PredictConfig(threads=1), progress=False,
+                      log=lambda *a: None)
+    assert summary["n_treatments"] == 44 and 0 <= summary["treatment_accuracy"] <= 1

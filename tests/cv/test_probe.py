@@ -93,7 +93,7 @@ def test_cv_chooses_c_per_fold_from_its_training_compounds_only(tiny_cache, tmp_
     (tmp_path / "given").mkdir()
     for name in ("embeddings.npy", "embeddings.json"):
         shutil.copy2(run / name, tmp_path / "given" / name)
-    monkeypatch.setattr("cellmorph.cv.features.embed_tiles", _must_not_embed)
+    monkeypatch.setattr("cellmorph.cv.features.embed_probe_rows", _must_not_embed)
     given = run_cv(tiny_cache, tmp_path / "given", dict(model="tf_efficientnet_lite0", init="imagenet",
                                                         mode="linear-probe", cv="loco", image_size=32,
                                                         num_threads=1, probe_c=0.05), progress=False)

@@ -61,6 +61,10 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
     "ensemble_models": (Optional[str], typer.Option(
         None, help="an ensemble whose further members are these backbones (comma-separated; --model is the first), "
         "e.g. tf_efficientnet_lite2,mobilenetv2_100")),
+    "ensemble_probe": (Optional[bool], typer.Option(
+        None, "--ensemble-probe", help="add a linear probe of --model to the ensemble these options give (a "
+        "pretrained crop fine-tune is two seeds and a probe by default; --ensemble-seeds 2 alone leaves the "
+        "probe out)")),
     "compound_weighting": (Optional[bool], typer.Option(None, "--compound-weighting/--no-compound-weighting",
                                                         help=field_help("compound_weighting"))),
     "features": (Optional[str], typer.Option(None, help=field_help("features"))),
@@ -85,14 +89,17 @@ def _probe_c(text: str | None):
         raise CellmorphError(f"--probe-c {text!r}: expected nested or a positive number") from None
 
 
-def ensemble_from_options(seeds: int | None, models: str | None, given: dict) -> list[dict] | None:
-    """``--ensemble-seeds`` and ``--ensemble-models`` as the config's ``ensemble`` list (None: neither given)."""
-    if seeds is None and models is None:
+def ensemble_from_options(seeds: int | None, models: str | None, given: dict, probe: bool | None = None) -> list[dict] | None:
+    """``--ensemble-seeds``, ``--ensemble-models`` and ``--ensemble-probe`` as the config's ``ensemble`` list:
+    exactly the members they name (None: none given, so the layout's default ensemble applies)."""
+    if seeds is None and models is None and not probe:
         return None
+    if probe and given.get("mode") == "linear-probe":
+        raise CellmorphError("--ensemble-probe adds a linear probe to trained networks; --mode linear-probe is one")
     names = [m.strip() for m in (models or "").split(",") if m.strip()]
     if models is not None and not names:
         raise CellmorphError("--ensemble-models: expected backbone names separated by commas")
-    return ensemble_members(given.get("seed") or 0, seeds or 1, names)
+    return ensemble_members(given.get("seed") or 0, seeds or 1, names, probe=bool(probe))
 
 
 def _cv_config(config: Optional[Path], options: dict, **more):
@@ -103,7 +110,8 @@ def _cv_config(config: Optional[Path], options: dict, **more):
         given[field] = given.pop(option)
     given["eval_epochs"] = _int_list(given["eval_epochs"], "--eval-epochs")
     given["probe_c"] = _probe_c(given["probe_c"])
-    given["ensemble"] = ensemble_from_options(given.pop("ensemble_seeds"), given.pop("ensemble_models"), given)
+    given["ensemble"] = ensemble_from_options(given.pop("ensemble_seeds"), given.pop("ensemble_models"), given,
+                                              given.pop("ensemble_probe"))
     given["weights"] = str(given["weights"]) if given["weights"] else None
     return load_cv_config(config, **given)
 

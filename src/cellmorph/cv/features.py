@@ -16,7 +16,6 @@ import torch
 from cellmorph.augment import Augmenter
 from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER, FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest
 from cellmorph.errors import CellmorphError
-from cellmorph.models.embedding import embed_tiles
 
 
 @dataclass
@@ -55,30 +54,65 @@ def probe_embeddings(plan, rundir: RunDir, bar, compute: bool = True) -> ProbeFe
     """Frozen-backbone embeddings of every tile any fold trains or tests on, computed once
     (``compute=False``: only read; a fold task on a worker finds them made before it started)."""
     rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
-    key = {"fingerprint": embedding_fingerprint(plan), "rows": int(len(rows)), "rows_digest": digest(rows),
-           "features": plan.config.features.record()}
-    if plan.config.tta != "none":  # (runs without tta keep the key their embeddings were stored under)
-        key["tta"] = plan.config.tta
+    key = embeddings_key(plan, rows)
     saved = rundir.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, key)
     if saved is not None:
         return ProbeFeatures(saved, rows)
     if not compute:
         raise CellmorphError(f"{rundir.path(EMBEDDINGS)}: the run's shared embeddings are missing or belong to "
                              "another run")
-    cfg = plan.config
-    views = "" if cfg.tta == "none" else f", each the mean of its {cfg.tta} views"
-    bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features{views})")
-    weights = Path(cfg.weights) if cfg.weights else None
-    # A network that is not pretrained (init xavier) embeds with random filters: drawn from the run's
-    # seed, so that the embeddings are the same whichever process (a Dask worker, a Slurm task) makes them.
-    torch.manual_seed(int(np.random.SeedSequence([int(cfg.seed), 0xE3]).generate_state(1)[0]))
-    feats = embed_tiles(plan.cache, cfg.model, rows, cfg.init, weights, plan.input.size, cfg.eval_batch_size,
-                        str(plan.device), cfg.allow_network, progress=bar, features=cfg.features,
-                        tta=cfg.tta)
+    extractor, spec = probe_extractor(plan)
+    feats = embed_probe_rows(plan, rows, extractor, spec, bar)
     rundir.write_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER,
                               key | {"dim": int(feats.shape[1])},
                               lambda tmp: np.save(tmp, feats))
     return ProbeFeatures(feats, rows)
+
+
+def embeddings_key(plan, rows: np.ndarray) -> dict:
+    """What the embeddings of ``rows`` under ``plan`` are stored under (their marker)."""
+    key = {"fingerprint": embedding_fingerprint(plan), "rows": int(len(rows)), "rows_digest": digest(rows),
+           "features": plan.config.features.record()}
+    if plan.config.tta != "none":  # (runs without tta keep the key their embeddings were stored under)
+        key["tta"] = plan.config.tta
+    return key
+
+
+def probe_extractor(plan):
+    """(the probe's frozen :class:`~cellmorph.models.features.FeatureExtractor`, its input at the run's size)."""
+    from cellmorph.models.embedding import feature_extractor
+
+    cfg = plan.config
+    weights = Path(cfg.weights) if cfg.weights else None
+    # A network that is not pretrained (init xavier) embeds with random filters: drawn from the run's
+    # seed, so that the embeddings are the same whichever process (a Dask worker, a Slurm task) makes them,
+    # and so that the final model's bundle saves the filters its calibration CV embedded with.
+    torch.manual_seed(int(np.random.SeedSequence([int(cfg.seed), 0xE3]).generate_state(1)[0]))
+    extractor, spec = feature_extractor(cfg.model, cfg.init, weights, cfg.allow_network, cfg.features)
+    return extractor, spec.with_size(plan.input.size)
+
+
+def embed_probe_rows(plan, rows: np.ndarray, extractor, spec, bar) -> np.ndarray:
+    """The embeddings of cache ``rows`` with ``extractor`` as the run's config says (batch, device, TTA)."""
+    from cellmorph.models.embedding import embed_with
+
+    cfg = plan.config
+    views = "" if cfg.tta == "none" else f", each the mean of its {cfg.tta} views"
+    bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features{views})")
+    return embed_with(extractor, spec, plan.cache, rows, cfg.eval_batch_size, str(plan.device), bar, cfg.tta,
+                      cfg.model)
+
+
+def final_probe_embeddings(plan, rows: np.ndarray, bar, calibration: RunDir | None = None):
+    """(embeddings of ``rows``, the extractor, its input) for a probe's final model: read from the calibration
+    run ``calibration`` where it embedded exactly these rows with this recipe, else computed."""
+    extractor, spec = probe_extractor(plan)
+    if calibration is not None:
+        saved = calibration.read_marked_array(EMBEDDINGS, EMBEDDINGS_MARKER, embeddings_key(plan, rows))
+        if saved is not None:
+            bar.line(f"embeddings of {len(rows)} tiles: those of the calibration run {calibration.root}")
+            return ProbeFeatures(saved, rows), extractor, spec
+    return ProbeFeatures(embed_probe_rows(plan, rows, extractor, spec, bar), rows), extractor, spec
 
 
 def frozen_feature_pool(plan, rundir: RunDir, resume: bool, bar, compute: bool = True):

@@ -26,7 +26,7 @@ import torch
 from cellmorph.cv.features import ProbeFeatures
 from cellmorph.cv.splits import Fold, make_folds, subsample_rows
 from cellmorph.errors import CellmorphError
-from cellmorph.models.heads import fit_probe_head  # noqa: F401  (its home was here)
+from cellmorph.models.heads import LinearProbeHead, fit_probe_head
 from cellmorph.schema import CONTROL_COLUMN, TREATMENT_KEYS
 
 # Spaced by about √10: the measured treatment accuracy changes little within such a step.
@@ -169,48 +169,58 @@ def _inner_folds(index: pd.DataFrame, seed: int, inner_folds: int) -> tuple[pd.D
     return frame, folds
 
 
-def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
-    """The probe's head on the fold's training embeddings; its held-out probabilities."""
+@dataclass(frozen=True)
+class ProbeFit:
+    """A probe head fitted on a fold's training rows: the rows used, the head as :class:`LinearProbeHead`
+    (what a bundle saves), the fold's state in its checkpoint form, and what the fold chose for itself."""
+
+    train_rows: np.ndarray
+    head: LinearProbeHead
+    state: dict
+    choices: dict
+
+
+def fit_probe(plan, fold: Fold, features: ProbeFeatures) -> ProbeFit:
+    """The probe's head (``plan.config.probe_head``) on the embeddings of the fold's training rows, its
+    hyperparameter (C or temperature) chosen by an inner split of those rows' compounds."""
     cfg, seeds, targets = plan.config, plan.seeds[fold.index], plan.targets
     train_rows = subsample_rows(fold.train, targets[fold.train], cfg.max_tiles_per_fold, seeds["subsample"])
     x_train, y_train = features.take(train_rows), targets[train_rows]
+    index = plan.cache.index.iloc[train_rows]
     if cfg.probe_head == "centroid":
-        return _centroid_fold(plan, fold, features, train_rows, x_train, y_train)
-    from cellmorph.cv.run import TrainedFold
-
+        temperature, choice = choose_centroid_temperature(x_train, y_train, index, seeds["init"])
+        centroid = CentroidHead.fit(x_train, y_train, index, temperature)
+        state = {
+            "centroids": torch.from_numpy(centroid.centroids.astype(np.float32)),
+            "classes_index": torch.from_numpy(centroid.classes_.astype(np.int64)),
+            "scaler_mean": torch.from_numpy(centroid.mean_.astype(np.float32)),
+            "scaler_scale": torch.from_numpy(centroid.scale_.astype(np.float32)),
+            "temperature": torch.tensor(centroid.temperature, dtype=torch.float64),
+        }
+        head = LinearProbeHead(centroid.centroids, np.zeros(len(centroid.classes_)), centroid.mean_, centroid.scale_,
+                               centroid.temperature, centroid.classes_)
+        return ProbeFit(train_rows, head, state, {"probe_temperature": temperature,
+                                                  "probe_temperature_choice": choice})
     choice = {}
     c = cfg.probe_c  # resolved: a number, or nested (the probe's default)
     if c == "nested":
-        c, choice = choose_probe_c(x_train, y_train, plan.cache.index.iloc[train_rows], cfg.class_weighting,
-                                   seeds["init"])
-    head, scaler = fit_probe_head(x_train, y_train, cfg.class_weighting, seeds["init"], c)
-    probs = np.zeros((len(fold.test), len(plan.classes)), dtype=np.float64)
-    probs[:, head.classes_] = head.predict_proba(scaler.transform(features.take(fold.test)))
+        c, choice = choose_probe_c(x_train, y_train, index, cfg.class_weighting, seeds["init"])
+    logistic, scaler = fit_probe_head(x_train, y_train, cfg.class_weighting, seeds["init"], c)
     state = {
-        "coef": torch.from_numpy(head.coef_.astype(np.float32)),
-        "intercept": torch.from_numpy(head.intercept_.astype(np.float32)),
-        "classes_index": torch.from_numpy(head.classes_.astype(np.int64)),
+        "coef": torch.from_numpy(logistic.coef_.astype(np.float32)),
+        "intercept": torch.from_numpy(logistic.intercept_.astype(np.float32)),
+        "classes_index": torch.from_numpy(logistic.classes_.astype(np.int64)),
         "scaler_mean": torch.from_numpy(scaler.mean_.astype(np.float32)),
         "scaler_scale": torch.from_numpy(scaler.scale_.astype(np.float32)),
     }
-    return TrainedFold(train_rows, probs, [], state, {}, {"probe_c": float(c)} | ({"probe_c_choice": choice}
-                                                                                  if choice else {}))
+    return ProbeFit(train_rows, LinearProbeHead.from_logistic(logistic, scaler), state,
+                    {"probe_c": float(c)} | ({"probe_c_choice": choice} if choice else {}))
 
 
-def _centroid_fold(plan, fold: Fold, features: ProbeFeatures, train_rows, x_train, y_train):
+def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
+    """The probe's head on the fold's training embeddings; its held-out probabilities."""
     from cellmorph.cv.run import TrainedFold
 
-    index = plan.cache.index.iloc[train_rows]
-    temperature, choice = choose_centroid_temperature(x_train, y_train, index, plan.seeds[fold.index]["init"])
-    head = CentroidHead.fit(x_train, y_train, index, temperature)
-    probs = np.zeros((len(fold.test), len(plan.classes)), dtype=np.float64)
-    probs[:, head.classes_] = head.predict_proba(features.take(fold.test))
-    state = {
-        "centroids": torch.from_numpy(head.centroids.astype(np.float32)),
-        "classes_index": torch.from_numpy(head.classes_.astype(np.int64)),
-        "scaler_mean": torch.from_numpy(head.mean_.astype(np.float32)),
-        "scaler_scale": torch.from_numpy(head.scale_.astype(np.float32)),
-        "temperature": torch.tensor(head.temperature, dtype=torch.float64),
-    }
-    return TrainedFold(train_rows, probs, [], state, {}, {"probe_temperature": temperature,
-                                                          "probe_temperature_choice": choice})
+    fit = fit_probe(plan, fold, features)
+    probs = fit.head.predict_proba(features.take(fold.test), len(plan.classes))
+    return TrainedFold(fit.train_rows, probs, [], fit.state, {}, fit.choices)

@@ -57,6 +57,16 @@ def embed_tiles(
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows)
     model, spec = feature_extractor(model_name, init, weights, allow_network, features)
     spec = spec.with_size(image_size or layout_input_size(cache.manifest.get("source")))
+    return embed_with(model, spec, cache, rows, batch_size, device, progress, tta, model_name)
+
+
+def embed_with(model: FeatureExtractor, spec, cache: TileCache, rows: np.ndarray, batch_size: int = 64,
+               device: str = "cpu", progress: bool | Progress = True, tta: str = "none",
+               model_name: str = "") -> np.ndarray:
+    """:func:`embed_tiles` with a feature extractor already built (``spec``: its input, at the size to embed at):
+    the probe's final model embeds with the extractor whose weights its bundle then saves."""
+    rows = np.asarray(rows)
+    model_name = model_name or "network"
     dev = torch.device(device)
     pipeline = InputPipeline.from_spec(spec).to(dev).eval()
     # NHWC is oneDNN's fast layout on CPU (≈1.8× for EfficientNet-Lite0 here) and cuDNN's on GPU.
