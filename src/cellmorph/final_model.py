@@ -62,18 +62,14 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
                  executor, calibration_run: Path | None = None) -> dict:
     from cellmorph import distributed
     from cellmorph.bundle import save_bundle
-    from cellmorph.cv.rundir import RunDir
-    from cellmorph.cv.run import plan_run, run_cv, run_fold
-    from cellmorph.calibration import held_out_calibration_error, held_out_coverage
-    from cellmorph.progress import Progress
+    from cellmorph.cv.run import plan_run
     from cellmorph.runinfo import require_output_dir
-    from cellmorph.runtime import derive_seeds, deterministic, torch_threads
 
     # Under torchrun, rank 0 alone probes the folder (below): probes by every rank would race.
     launched = distributed.launched_world_size() > 1
     out = Path(out) if launched else require_output_dir(Path(out), "model folder")
     base = validate_config(config if config is not None else {}, "config")
-    members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds
+    members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds and a probe
     if calibration is not None and calibration_run is not None:
         raise CellmorphError("train: give --calibration (run a CV) or --calibration-run (reuse one), not both")
     if calibration_run is not None:
@@ -90,20 +86,64 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     plans = [plan_run(data, member, with_folds=False) for member in members]
     plan = plans[0]
     _check_class_names(plan)  # before the calibration CV: its hours would end in a bundle predict refuses
-    scores = None
+    calibrated = None
+    if scheme is not None:
+        calibrated = _calibration_cv(data, out, base, scheme, calibration_run, resume, progress, executor)
+    finals = _train_members(data, plans, dp, calibrated and calibrated.run, progress)
+    training = _training_record(data, out, plans, members, finals, dp, scheme, calibrated, calibration_run)
+    trained = finals[0][1]
+    cache = plan.cache
+    preprocessing = {k: cache.manifest.get(k) for k in ("source", "channels", "tile_shape", "config", "config_hash")}
+    # Rank 0 writes; the other ranks wait for the complete bundle (and fail with it if it fails).
+    further = [{"state": t.state, "model": p.config.model, "input": getattr(t, "input", p.input),
+                "config": p.config.model_dump(mode="json"), "seeds": p.seeds[FINAL_FOLD],
+                "n_train_tiles": int(len(t.train_rows)), "probe": getattr(t, "probe", None)} for p, t in finals[1:]]
+    scores = calibrated.scores if calibrated else None
+    dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes,
+                                     getattr(trained, "input", plan.input), preprocessing, training, scores, further,
+                                     getattr(trained, "probe", None)))
+    return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
+            "members": len(finals), "calibration": training["calibration"]}
+
+
+@dataclass
+class CalibrationCV:
+    """The calibration CV behind a bundle: its run directory, metrics and out-of-fold scores per level."""
+
+    run: Path
+    metrics: dict
+    scores: dict
+
+
+def _calibration_cv(data: Path, out: Path, base: CVConfig, scheme, calibration_run: Path | None, resume: bool,
+                    progress: bool, executor) -> CalibrationCV:
+    """The finished run ``calibration_run``, checked against the recipe, or the CV run (or continued) into
+    ``out.cv``."""
+    from cellmorph.cv.rundir import RunDir
+    from cellmorph.cv.run import run_cv
+
+    config = base.model_copy(update={"cv": str(scheme)})
     if calibration_run is not None:
         run = Path(calibration_run)
-        metrics = check_finished_run(data, run, validate_config(base.model_copy(update={"cv": str(scheme)})))
-        scores = RunDir(run).read_levels()
-    elif scheme is not None:
+        metrics = check_finished_run(data, run, validate_config(config))
+    else:
         run = calibration_run_dir(out)
         # A calibration CV that a killed train had started is continued; one never started, begun. An
         # ensemble's run has its own config.yaml only once every member finished: its first member's says.
         resuming = (run / "config.yaml").is_file() or (member_dir(run, 1) / "config.yaml").is_file()
-        metrics = run_cv(data, run, base.model_copy(update={"cv": str(scheme)}), resume=resuming, progress=progress,
-                         executor=executor)
-        scores = RunDir(run).read_levels()
-    rows = np.flatnonzero(plan.targets >= 0)
+        metrics = run_cv(data, run, config, resume=resuming, progress=progress, executor=executor)
+    return CalibrationCV(run, metrics, RunDir(run).read_levels())
+
+
+def _train_members(data: Path, plans: list, dp, calibration: Path | None, progress: bool) -> list[tuple]:
+    """(final plan, trained) of every member, on every labelled tile: a network trained as one fold without
+    held-out tiles, or a linear probe fitted (on the calibration run's embeddings where they fit)."""
+    from cellmorph.cv.rundir import RunDir
+    from cellmorph.cv.run import run_fold
+    from cellmorph.progress import Progress
+    from cellmorph.runtime import derive_seeds, deterministic, torch_threads
+
+    rows = np.flatnonzero(plans[0].targets >= 0)
     if len(rows) < 2:
         raise CellmorphError(f"{data}: fewer than 2 labelled tiles to train the final model on")
     fold = Fold(FINAL_FOLD, "final", rows, np.empty(0, dtype=np.int64))
@@ -117,16 +157,25 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
                 Progress(progress and dp.is_main) as bar:
             if final_plan.config.mode == "linear-probe":
                 # the calibration run's embeddings where they are of these rows (a member's own run in an ensemble)
-                embedded = None if scheme is None else RunDir(member_dir(run, k) if len(plans) > 1 else run)
+                embedded = None if calibration is None else RunDir(member_dir(calibration, k) if len(plans) > 1
+                                                                   else calibration)
                 finals.append((final_plan, _fit_final_probe(final_plan, fold, embedded, bar, what)))
                 continue
             tasks = {"epochs": bar.task(f"  epochs ({what})", final_plan.config.epochs),
                      "batches": bar.task("  batches", 1, log=False)}
             finals.append((final_plan, run_fold(final_plan, fold, None, tasks)))
-    final_plan, trained = finals[0]
-    cache = plan.cache
-    preprocessing = {k: cache.manifest.get(k) for k in ("source", "channels", "tile_shape", "config", "config_hash")}
-    training = {
+    return finals
+
+
+def _training_record(data: Path, out: Path, plans: list, members: list, finals: list, dp, scheme,
+                     calibrated: CalibrationCV | None, calibration_run: Path | None) -> dict:
+    """The bundle's ``training`` entry: config, data, seeds, compounds, history, and what the calibration CV
+    says the sets and confidence will do on new compounds."""
+    from cellmorph.calibration import held_out_calibration_error, held_out_coverage
+
+    plan, (final_plan, trained) = plans[0], finals[0]
+    treatments = calibrated.scores["treatments"] if calibrated else None
+    return {
         "config": plan.config.model_dump(mode="json"),
         # an ensemble: the further members' fields (their networks are the bundle's ``members``)
         "ensemble": [m.model_dump(mode="json", exclude_unset=True) for m in members[1:]] or None,
@@ -135,32 +184,24 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
         "seeds": final_plan.seeds[FINAL_FOLD],
         "n_train_tiles": int(len(trained.train_rows)),
         # the compounds the final model saw: predict flags them (Metadata_InTraining) and scores them apart
-        "compounds": sorted(map(str, set(cache.index["Metadata_Compound"].iloc[trained.train_rows]))),
+        "compounds": sorted(map(str, set(plan.cache.index["Metadata_Compound"].iloc[trained.train_rows]))),
         "history": trained.history,
         # what a linear probe chose for itself by an inner split of the compounds (its C or temperature)
         "choices": [getattr(t, "choices", None) or None for _, t in finals],
         "init": plan.init.record(),
         # global batch = config batch_size, split over world_size processes (cellmorph.distributed)
         "data_parallel": dp.record(),
-        "calibration": None if scheme is None else {
+        "calibration": None if calibrated is None else {
             "cv": str(scheme), "run": str(Path(calibration_run or calibration_run_dir(out)).resolve()),
             "reused": calibration_run is not None,
             # False for well or batch folds: their held-out compounds were trained on in other folds
             "compound_disjoint": scheme.compound_disjoint,
-            "treatment_accuracy": metrics["treatment_accuracy"], "n_treatments": metrics["n_treatments"],
+            "treatment_accuracy": calibrated.metrics["treatment_accuracy"],
+            "n_treatments": calibrated.metrics["n_treatments"],
             # How the sets would have done on these compounds, each treated as new in turn.
-            "held_out_coverage": [held_out_coverage(scores["treatments"], plan.classes, a) for a in (0.1, 0.2)],
-            "held_out_calibration_error": held_out_calibration_error(scores["treatments"], plan.classes)},
+            "held_out_coverage": [held_out_coverage(treatments, plan.classes, a) for a in (0.1, 0.2)],
+            "held_out_calibration_error": held_out_calibration_error(treatments, plan.classes)},
     }
-    # Rank 0 writes; the other ranks wait for the complete bundle (and fail with it if it fails).
-    further = [{"state": t.state, "model": p.config.model, "input": getattr(t, "input", p.input),
-                "config": p.config.model_dump(mode="json"), "seeds": p.seeds[FINAL_FOLD],
-                "n_train_tiles": int(len(t.train_rows)), "probe": getattr(t, "probe", None)} for p, t in finals[1:]]
-    dp.main_only(lambda: save_bundle(out, trained.state, plan.config.model, plan.classes,
-                                     getattr(trained, "input", plan.input), preprocessing, training, scores, further,
-                                     getattr(trained, "probe", None)))
-    return {"model": str(out), "classes": plan.classes, "n_train_tiles": training["n_train_tiles"],
-            "members": len(finals), "calibration": training["calibration"]}
 
 
 @dataclass

@@ -280,21 +280,8 @@ def fit(
                   if settings.unfreeze_every and settings.mode == "finetune" else None)
     optimizer = torch.optim.SGD(_param_groups(model, params, settings), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    compounds = cache.index["Metadata_Compound"].to_numpy()[rows] if settings.compound_weighting else None
-    weights = tile_weights(targets, n_classes, settings.class_weighting, compounds)  # indexed like the targets
-    dtype = training_autocast_dtype(device, settings.amp_dtype)
-    # Only float16 needs a loss scale: its smallest normal (6e-5) is where small gradients vanish.
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
-    graphs = None
-    if cuda and settings.cuda_graphs is not False:
-        if scaler.is_enabled():
-            if settings.cuda_graphs:
-                raise CellmorphError("cuda_graphs needs a step without a loss scale: amp_dtype bfloat16 (or auto on a "
-                                     "GPU with native bfloat16), or amp off")
-        elif not (dp.active or frozen is not None):  # those steps stay eager (collectives, a split network)
-            graphs = _GraphedStep(settings.batch_size)
-    step = _Step(model, optimizer, scaler, weights, torch.as_tensor(np.asarray(targets, dtype=np.int64)), device,
-                 amp, settings.channels_last, dp if dp.active else None, dtype, graphs)
+    step = _training_step(model, optimizer, cache, rows, targets, n_classes, settings, device, amp, dp,
+                          split_network=frozen is not None)
     rng = np.random.default_rng(shuffle_seed)
     history = []
     for epoch in range(settings.epochs):
@@ -302,12 +289,7 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
         waiting = unfreezing.apply(epoch) if unfreezing is not None else []
-        if settings.mode == "finetune":
-            model.train()
-            for norm in frozen_norms + waiting:  # frozen (and not yet unfrozen) stages keep their statistics
-                norm.eval()
-        else:
-            model.eval()  # frozen backbone: BatchNorm statistics stay ImageNet's
+        _training_modes(model, settings.mode, frozen_norms + waiting)
         pipeline.train()
         start = time.perf_counter()
         if frozen is None:
@@ -324,6 +306,39 @@ def fit(
         if on_epoch:
             on_epoch(record)
     return history
+
+
+def _training_modes(model: nn.Module, mode: str, frozen_norms: list) -> None:
+    """Train mode for an epoch, except where statistics must stay: the norms of frozen (and not yet unfrozen)
+    stages, and the whole backbone when only the head trains (its BatchNorm statistics stay ImageNet's)."""
+    if mode == "finetune":
+        model.train()
+        for norm in frozen_norms:
+            norm.eval()
+    else:
+        model.eval()
+
+
+def _training_step(model: nn.Module, optimizer, cache, rows: np.ndarray, targets: np.ndarray, n_classes: int,
+                   settings: TrainSettings, device: torch.device, amp: bool, dp: DataParallel,
+                   split_network: bool) -> "_Step":
+    """The optimisation step of :func:`fit`: the loss weights of the tiles, mixed precision with a loss scale
+    where float16 needs one, and, on CUDA where the step allows it, the step replayed as a CUDA graph."""
+    compounds = cache.index["Metadata_Compound"].to_numpy()[rows] if settings.compound_weighting else None
+    weights = tile_weights(targets, n_classes, settings.class_weighting, compounds)  # indexed like the targets
+    dtype = training_autocast_dtype(device, settings.amp_dtype)
+    # Only float16 needs a loss scale: its smallest normal (6e-5) is where small gradients vanish.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    graphs = None
+    if device.type == "cuda" and settings.cuda_graphs is not False:
+        if scaler.is_enabled():
+            if settings.cuda_graphs:
+                raise CellmorphError("cuda_graphs needs a step without a loss scale: amp_dtype bfloat16 (or auto on a "
+                                     "GPU with native bfloat16), or amp off")
+        elif not (dp.active or split_network):  # those steps stay eager (collectives, a split network)
+            graphs = _GraphedStep(settings.batch_size)
+    return _Step(model, optimizer, scaler, weights, torch.as_tensor(np.asarray(targets, dtype=np.int64)), device,
+                 amp, settings.channels_last, dp if dp.active else None, dtype, graphs)
 
 
 def _join(model: nn.Module, dp: DataParallel, sync_norms: bool) -> None:

@@ -116,6 +116,17 @@ def _part_size(part: Path) -> int:
         return 0
 
 
+@dataclass
+class _Attempt:
+    """What one request of :func:`_fetch` did: whether the file is complete, the bytes it wrote (counted as
+    they arrive, so a connection that drops mid-file still counts them), and why it stopped short."""
+
+    complete: bool = False
+    received: int = 0
+    mismatch: tuple[int, int] | None = None  # a size problem: (got, expected)
+    error: str = "no attempt made"
+
+
 def _fetch(
     url: str,
     dest: Path,
@@ -132,120 +143,131 @@ def _fetch(
         dest.unlink()  # a finished file of the wrong size: fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    received = 0
-    failures = 0
-    resumes = 0
-    last_error = "no attempt made"
-    mismatch: tuple[int, int] | None = None  # size problem of the latest attempt: (got, expected)
-
+    received = failures = resumes = 0
+    attempt = _Attempt()
     while True:
-        have = _part_size(part)
-        if expected_size is not None and have > expected_size:
-            part.unlink()
-            have = 0
-        headers = {"User-Agent": _user_agent(), "Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        made_progress = False
-        total: int | None = None
-        complete = False
-        mismatch = None
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-                status = getattr(resp, "status", None)
-                length = _int_header(resp.headers, "Content-Length")
-                if status == 206:
-                    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range") or "")
-                    if not match or int(match.group(1)) != have:
-                        # The server resumed somewhere else: unsafe to append.
-                        part.unlink(missing_ok=True)
-                        last_error = f"bad Content-Range {resp.headers.get('Content-Range')!r} for Range bytes={have}-"
-                        raise _Retry
-                    first, last, whole = match.groups()
-                    total = int(whole) if whole != "*" else None
-                    if length is not None and length != int(last) - int(first) + 1:
-                        mismatch = (have + length, int(last) + 1)
-                        last_error = (
-                            f"Content-Length {length} disagrees with Content-Range {resp.headers.get('Content-Range')}"
-                        )
-                        raise _Retry
-                    if total is None:
-                        total = int(last) + 1 if length is None else have + length
-                    mode = "ab"
-                else:  # 200 (or a file:// response): the whole file, from byte 0
-                    have = 0
-                    total = length
-                    mode = "wb"
-                if expected_size is not None and total is not None and total != expected_size:
-                    mismatch = (total, expected_size)
-                    last_error = f"server reports {total} bytes, expected {expected_size}"
-                    raise _Retry
-                if progress is not None:
-                    progress(have, total if total is not None else expected_size)
-                try:
-                    fh = open(part, mode)
-                except OSError as exc:
-                    raise CellmorphError(f"{part}: cannot write ({_reason(exc)})") from None
-                with fh:
-                    while True:
-                        chunk = resp.read(CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        try:
-                            fh.write(chunk)
-                        except OSError as exc:  # disk full etc.: not worth retrying
-                            raise CellmorphError(f"{part}: cannot write ({_reason(exc)})") from None
-                        have += len(chunk)
-                        received += len(chunk)
-                        made_progress = True
-                        if progress is not None:
-                            progress(have, total if total is not None else expected_size)
-            target = expected_size if expected_size is not None else total
-            if target is None or have == target:
-                complete = True
-            else:
-                mismatch = (have, target)
-                last_error = f"got {have} bytes, expected {target}"
-                if have > target:
-                    part.unlink(missing_ok=True)
-        except _Retry:
-            pass
-        except urllib.error.HTTPError as exc:
-            headers_in = exc.headers
-            exc.close()
-            if exc.code == 416:
-                match = _UNSATISFIED_RANGE.match((headers_in.get("Content-Range") if headers_in else None) or "")
-                whole = int(match.group(1)) if match else None
-                if whole is not None and have == whole and expected_size in (None, whole):
-                    complete = True  # the .part already held the whole file
-                else:
-                    part.unlink(missing_ok=True)
-                    last_error = f"HTTP 416 for Range bytes={have}-"
-                    if whole is not None and expected_size is not None and whole != expected_size:
-                        mismatch = (whole, expected_size)
-            elif exc.code in _RETRYABLE_HTTP or exc.code >= 500:
-                last_error = _reason(exc)
-            else:
-                raise CellmorphError(f"could not fetch {url}: {_reason(exc)}; {_HINT}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            last_error = _reason(exc)
-
-        if complete:
+        attempt = _attempt(url, part, expected_size, timeout, progress)
+        received += attempt.received
+        if attempt.complete:
             os.replace(part, dest)
             return _Fetched(dest, False, received)
-        if made_progress and resumes < MAX_RESUMES:
+        if attempt.received and resumes < MAX_RESUMES:
             resumes += 1  # a dropped connection that delivered bytes: resume now
             continue
         failures += 1
         if failures > retries:
             break
         time.sleep(min(BACKOFF_SECONDS * 2 ** (failures - 1), BACKOFF_MAX))
-
-    if mismatch is not None:
-        got, want = mismatch
+    if attempt.mismatch is not None:
+        got, want = attempt.mismatch
         kept = f"; partial file kept at {part}, rerun to resume" if part.exists() else ""
         raise CellmorphError(f"size mismatch for {url}: got {got} bytes, expected {want}{kept}")
-    raise CellmorphError(f"could not fetch {url}: {last_error}; {_HINT}")
+    raise CellmorphError(f"could not fetch {url}: {attempt.error}; {_HINT}")
+
+
+def _attempt(url: str, part: Path, expected_size: int | None, timeout: float,
+             progress: ProgressCallback | None) -> _Attempt:
+    """One request: resume ``part`` where it ends (a Range request) or fetch the whole file again. Errors
+    worth a retry end up in the result; the others (a 404, a disk that cannot be written) are raised."""
+    have = _part_size(part)
+    if expected_size is not None and have > expected_size:
+        part.unlink()
+        have = 0
+    headers = {"User-Agent": _user_agent(), "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    result = _Attempt()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+            have, total, mode = _response_start(resp, part, have, expected_size, result)
+            if progress is not None:
+                progress(have, total if total is not None else expected_size)
+            have = _stream(resp, part, mode, have, total if total is not None else expected_size, progress, result)
+        target = expected_size if expected_size is not None else total
+        if target is None or have == target:
+            result.complete = True
+        else:
+            result.mismatch = (have, target)
+            result.error = f"got {have} bytes, expected {target}"
+            if have > target:
+                part.unlink(missing_ok=True)
+    except _Retry:
+        pass
+    except urllib.error.HTTPError as exc:
+        headers_in = exc.headers
+        exc.close()
+        if exc.code == 416:
+            match = _UNSATISFIED_RANGE.match((headers_in.get("Content-Range") if headers_in else None) or "")
+            whole = int(match.group(1)) if match else None
+            if whole is not None and have == whole and expected_size in (None, whole):
+                result.complete = True  # the .part already held the whole file
+            else:
+                part.unlink(missing_ok=True)
+                result.error = f"HTTP 416 for Range bytes={have}-"
+                if whole is not None and expected_size is not None and whole != expected_size:
+                    result.mismatch = (whole, expected_size)
+        elif exc.code in _RETRYABLE_HTTP or exc.code >= 500:
+            result.error = _reason(exc)
+        else:
+            raise CellmorphError(f"could not fetch {url}: {_reason(exc)}; {_HINT}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        result.error = _reason(exc)
+    return result
+
+
+def _response_start(resp, part: Path, have: int, expected_size: int | None,
+                    result: _Attempt) -> tuple[int, int | None, str]:
+    """(bytes already in ``part`` that the response continues, the file's total size if known, the mode to
+    open ``part`` in). A resumed response (206) must continue exactly where ``part`` ends; any other starts
+    from byte 0. Raises :class:`_Retry` (the reason in ``result``) when the sizes disagree."""
+    status = getattr(resp, "status", None)
+    length = _int_header(resp.headers, "Content-Length")
+    if status == 206:
+        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range") or "")
+        if not match or int(match.group(1)) != have:
+            # The server resumed somewhere else: unsafe to append.
+            part.unlink(missing_ok=True)
+            result.error = f"bad Content-Range {resp.headers.get('Content-Range')!r} for Range bytes={have}-"
+            raise _Retry
+        first, last, whole = match.groups()
+        total = int(whole) if whole != "*" else None
+        if length is not None and length != int(last) - int(first) + 1:
+            result.mismatch = (have + length, int(last) + 1)
+            result.error = f"Content-Length {length} disagrees with Content-Range {resp.headers.get('Content-Range')}"
+            raise _Retry
+        if total is None:
+            total = int(last) + 1 if length is None else have + length
+        mode = "ab"
+    else:  # 200 (or a file:// response): the whole file, from byte 0
+        have, total, mode = 0, length, "wb"
+    if expected_size is not None and total is not None and total != expected_size:
+        result.mismatch = (total, expected_size)
+        result.error = f"server reports {total} bytes, expected {expected_size}"
+        raise _Retry
+    return have, total, mode
+
+
+def _stream(resp, part: Path, mode: str, have: int, size: int | None, progress: ProgressCallback | None,
+            result: _Attempt) -> int:
+    """Append the response's body to ``part`` chunk by chunk (``result.received`` counts them); the bytes now in
+    ``part``. A file that cannot be written is an error, not worth a retry."""
+    try:
+        fh = open(part, mode)
+    except OSError as exc:
+        raise CellmorphError(f"{part}: cannot write ({_reason(exc)})") from None
+    with fh:
+        while True:
+            chunk = resp.read(CHUNK_BYTES)
+            if not chunk:
+                return have
+            try:
+                fh.write(chunk)
+            except OSError as exc:  # disk full etc.: not worth retrying
+                raise CellmorphError(f"{part}: cannot write ({_reason(exc)})") from None
+            have += len(chunk)
+            result.received += len(chunk)
+            if progress is not None:
+                progress(have, size)
 
 
 def fetch(
@@ -454,17 +476,8 @@ def download_bbbc021(
         raise CellmorphError("pass either explicit plates or all_plates, not both")
     require_output_dir(root, "download folder")
     root.mkdir(parents=True, exist_ok=True)
-    summary: dict = {
-        "root": str(root),
-        "base_url": base_url,
-        "plates": [],
-        "files_fetched": 0,
-        "files_skipped": 0,
-        "bytes_downloaded": 0,
-        "plates_unpacked": 0,
-        "plates_skipped": 0,
-        "missing_files": 0,
-    }
+    summary: dict = {"root": str(root), "base_url": base_url, "plates": []} | dict.fromkeys(
+        ("files_fetched", "files_skipped", "bytes_downloaded", "plates_unpacked", "plates_skipped", "missing_files"), 0)
     bar = _make_progress(progress)
 
     def get(name: str, dest: Path, label: str) -> _Fetched:
@@ -501,32 +514,38 @@ def download_bbbc021(
         expected = _plate_files(images)
 
         for i, folder in enumerate(folders):
-            plate = PurePosixPath(folder).name
             wanted = expected.get(folder, set())
             if _plate_done(root, folder, wanted):
                 summary["plates_skipped"] += 1
                 summary["files_skipped"] += 1
             else:
-                archive_name = ARCHIVE_TEMPLATE.format(plate=plate)
-                archive = root / archive_name
-                for attempt in range(2):
-                    result = get(archive_name, archive, f"[{i + 1}/{len(folders)}]")
-                    try:
-                        _unpack_plate(archive, root, folder)
-                        break
-                    except _BadArchive as exc:
-                        archive.unlink(missing_ok=True)
-                        if not result.skipped or attempt:
-                            raise CellmorphError(
-                                f"{exc} (downloaded from {_join(base_url, archive_name)}; "
-                                "deleted it, rerun to fetch it again)"
-                            ) from None
-                        # A stale archive from an earlier run: fetch it afresh once.
+                _fetch_plate(root, folder, base_url, keep_archives,
+                             lambda name, dest: get(name, dest, f"[{i + 1}/{len(folders)}]"))
                 summary["plates_unpacked"] += 1
-                if not keep_archives:
-                    archive.unlink(missing_ok=True)
             summary["missing_files"] += sum(not (root / folder / name).is_file() for name in wanted)
     return summary
+
+
+def _fetch_plate(root: Path, folder: str, base_url: str, keep_archives: bool, get) -> None:
+    """Fetch one plate's archive (``get(name, dest)``) and unpack it into ``root/folder``. An archive left by an
+    earlier run that does not unpack is fetched afresh once; a fresh one that does not unpack is an error."""
+    archive_name = ARCHIVE_TEMPLATE.format(plate=PurePosixPath(folder).name)
+    archive = root / archive_name
+    for attempt in range(2):
+        result = get(archive_name, archive)
+        try:
+            _unpack_plate(archive, root, folder)
+            break
+        except _BadArchive as exc:
+            archive.unlink(missing_ok=True)
+            if not result.skipped or attempt:
+                raise CellmorphError(
+                    f"{exc} (downloaded from {_join(base_url, archive_name)}; "
+                    "deleted it, rerun to fetch it again)"
+                ) from None
+            # A stale archive from an earlier run: fetch it afresh once.
+    if not keep_archives:
+        archive.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- CLI

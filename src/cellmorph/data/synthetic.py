@@ -720,27 +720,79 @@ def render_field(
     with the cell label map (``labels``, 0 = background), the per-cell
     ``state`` (0 interphase, 1 mitosis, 2 mitotic arrest, 3 apoptotic) and
     ``n_cells`` (for tests and inspection).
+
+    In stages, each drawing from ``rng`` in turn (the order of the draws is the field): the texture
+    windows, the cells (:func:`_draw_cells`), their territories (:func:`_territories`), what each cell
+    puts in the three channels (:func:`_paint_cell`), the channels composed (:func:`_compose_channels`),
+    and the microscope's optics and camera (:func:`_camera`).
     """
     H, W = height, width
-    sc = scale
     K = {k: float(v) * strength for k, v in knobs.items()}
-    g = K.get
     tex_fine, tex_med = textures
     oy, ox = int(rng.integers(0, tex_fine.shape[0] - H + 1)), int(rng.integers(0, tex_fine.shape[1] - W + 1))
     t_fine = tex_fine[oy : oy + H, ox : ox + W]
     oy2, ox2 = int(rng.integers(0, tex_med.shape[0] - H + 1)), int(rng.integers(0, tex_med.shape[1] - W + 1))
     t_med = tex_med[oy2 : oy2 + H, ox2 : ox2 + W]
+    cells = _draw_cells(K, plate, rng, H, W, scale, n_cells_factor)
+    L, D = _territories(cells, rng, H, W)
+    look = _CellLook.of(cells)
+    dapi = np.zeros((H, W), np.float32)
+    nucm = np.zeros((H, W), np.float32)
+    layers = _Layer(), _Layer(), _Layer()  # DAPI, tubulin and actin marks, rendered into the channels below
+    for i in range(cells.n):
+        if cells.state[i] == _INTERPHASE:
+            _paint_cell(i, cells, look, dapi, nucm, layers, t_fine, t_med, rng)
+        else:
+            _draw_condensed(cells.state[i], arrest_kind, cells.cx[i], cells.cy[i], cells.Rp[i],
+                            cells.dna[i] / 2.0 * look.nuc_unit, cells.sc, rng, i, layers[0], layers[1])
+    channels = _compose_channels(cells, look, L, D, dapi, nucm, layers, t_fine, t_med, rng)
+    out = _camera(channels, plate, rng, H, W, scale, channel_gain)
+    if return_truth:
+        return out, {"labels": L, "state": cells.state, "n_cells": cells.n}
+    return out
 
-    # ---- how many cells, which states -------------------------------------
+
+@dataclass
+class _Cells:
+    """The cells of one field: per-cell states and geometry (full-resolution units, and ``cx``, ``cy``, ``Rp``,
+    ``Rnp`` in pixels), and the phenotype knobs (``knob(name)``: the knob at full effect × strength × each cell's
+    responsiveness)."""
+
+    K: dict
+    sc: float
+    n: int
+    resp: np.ndarray
+    state: np.ndarray
+    poly: np.ndarray
+    binuc: np.ndarray
+    dna: np.ndarray
+    R: np.ndarray
+    asp: np.ndarray
+    theta: np.ndarray
+    h: np.ndarray
+    prio: np.ndarray
+    cx: np.ndarray
+    cy: np.ndarray
+    Rp: np.ndarray
+    Rnp: np.ndarray
+
+    def knob(self, name: str) -> np.ndarray:
+        return self.K.get(name, 0.0) * self.resp
+
+
+def _draw_cells(K: dict, plate: dict, rng: np.random.Generator, H: int, W: int, sc: float,
+                n_cells_factor: float) -> _Cells:
+    """How many cells, in which states (interphase, mitosis, arrest, apoptosis; polyploid or binucleate), with
+    how much DNA, what size and shape, and where (placed by :func:`_place_cells`)."""
     area_full = (H / sc) * (W / sc)
-    n_exp = _DENSITY * area_full * math.exp(0.9 * g("density", 0.0)) * n_cells_factor * plate["density"]
+    n_exp = _DENSITY * area_full * math.exp(0.9 * K.get("density", 0.0)) * n_cells_factor * plate["density"]
     n_exp *= rng.lognormal(0.0, 0.27)
     n = max(int(rng.poisson(max(n_exp, 1.0))), 1)
 
     resp = rng.lognormal(0.0, 0.35, n)  # per-cell responsiveness
 
     def k(name):
-        return g(name, 0.0) * resp
+        return K.get(name, 0.0) * resp
 
     u = rng.random((n, 4))
     p_apop = np.clip(0.012 + 0.22 * k("apoptosis"), 0, 0.5)
@@ -764,7 +816,7 @@ def render_field(
     dna = np.where(binuc, 4.0 * rng.lognormal(0, 0.05, n), dna)
     dna = np.where(state != _INTERPHASE, 4.0 * rng.lognormal(0, 0.05, n), dna)
 
-    # ---- geometry (full-resolution px, scaled below) ----------------------
+    # geometry (full-resolution px, scaled below)
     rounding = np.clip(k("rounding"), 0, 0.9)
     R = _CELL_R * np.exp(0.17 * rng.standard_normal(n) + 0.45 * k("cell_size")) * (1 - 0.18 * rounding)
     R = R * np.where(poly, 1.35, 1.0) * np.where(binuc, 1.2, 1.0)
@@ -782,193 +834,222 @@ def render_field(
     h = np.where(small, 2.3, h)
     prio = np.where(small, 0.72, prio)
 
-    Hf, Wf = H / sc, W / sc
-    xs, ys, n = _place_cells(rng, n, R * np.sqrt(asp) * 0.85, Hf, Wf, g("clustering", 0.0), _CELL_R)
+    xs, ys, n = _place_cells(rng, n, R * np.sqrt(asp) * 0.85, H / sc, W / sc, K.get("clustering", 0.0), _CELL_R)
     sel = slice(0, n)  # placement may fit fewer cells than drawn
-    R, asp, theta, Rn, h, prio, state = R[sel], asp[sel], theta[sel], Rn[sel], h[sel], prio[sel], state[sel]
-    poly, binuc, dna, resp = poly[sel], binuc[sel], dna[sel], resp[sel]
-    rounding = rounding[sel]
+    return _Cells(K, sc, n, resp[sel], state[sel], poly[sel], binuc[sel], dna[sel], R[sel], asp[sel], theta[sel],
+                  h[sel], prio[sel], xs * sc, ys * sc, R[sel] * sc, Rn[sel] * sc)
 
-    # to render pixels
-    cx, cy = xs * sc, ys * sc
-    Rp, Rnp = R * sc, Rn * sc
 
-    irr = 0.08 + 0.14 * np.clip(k("irregularity")[sel], 0, 3) + 0.05 * resp
-    arb = np.clip(k("arbor")[sel], 0, 3)
-    nirr = 0.03 + 0.12 * np.clip(k("nuc_irregularity")[sel], 0, 3)
-
-    # ---- pass 1: territories (priority-weighted Voronoi of irregular ellipses)
+def _territories(cells: _Cells, rng: np.random.Generator, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label map, 0 = background; each pixel's normalised distance from its cell's centre): a priority-weighted
+    Voronoi of irregular ellipses, the cells' outlines drawn as harmonics of their radius."""
+    irr = 0.08 + 0.14 * np.clip(cells.knob("irregularity"), 0, 3) + 0.05 * cells.resp
+    arb = np.clip(cells.knob("arbor"), 0, 3)
     best = np.full((H, W), np.inf, np.float32)
     L = np.zeros((H, W), np.int32)
     D = np.ones((H, W), np.float32)
-    for i in range(n):
-        if state[i] == _INTERPHASE:
+    for i in range(cells.n):
+        if cells.state[i] == _INTERPHASE:
             harm = _harmonics(rng, irr[i], 2, 6)
             if arb[i] > 0.02:
                 harm = np.concatenate([harm, _harmonics(rng, 0.22 * arb[i], 7, 11)])
         else:
             harm = _harmonics(rng, 0.03, 2, 4)
-        a = Rp[i] * math.sqrt(asp[i])
-        b = Rp[i] / math.sqrt(asp[i])
+        a = cells.Rp[i] * math.sqrt(cells.asp[i])
+        b = cells.Rp[i] / math.sqrt(cells.asp[i])
         ext = a * (1.0 + float(np.abs(harm).sum())) + 2
-        y0, y1, x0, x1 = _bbox(cy[i], cx[i], ext, H, W)
+        y0, y1, x0, x1 = _bbox(cells.cy[i], cells.cx[i], ext, H, W)
         if y0 >= y1 or x0 >= x1:
             continue
-        d, _, _ = _ellipse_d(cy[i], cx[i], y0, y1, x0, x1, a, b, theta[i], harm)
-        dp = d * np.float32(prio[i])
+        d, _, _ = _ellipse_d(cells.cy[i], cells.cx[i], y0, y1, x0, x1, a, b, cells.theta[i], harm)
+        dp = d * np.float32(cells.prio[i])
         reg = best[y0:y1, x0:x1]
         upd = (d < 1.0) & (dp < reg)
         reg[upd] = dp[upd]
         L[y0:y1, x0:x1][upd] = i + 1
         D[y0:y1, x0:x1][upd] = d[upd]
-    del best
+    return L, D
 
-    # per-cell lookup tables (index 0 = background)
-    def lut(values, bg=0.0):
-        return np.concatenate([[bg], np.asarray(values, dtype=np.float32)]).astype(np.float32)
 
+def _lut(values, bg=0.0) -> np.ndarray:
+    """A per-cell lookup table indexed by the label map (index 0 = background)."""
+    return np.concatenate([[bg], np.asarray(values, dtype=np.float32)]).astype(np.float32)
+
+
+@dataclass
+class _CellLook:
+    """Each cell's phenotype strengths, clipped to their ranges: chromatin, foci, micronuclei, tubulin bundles and
+    diffuse tubulin, actin puncta, cortex and stress fibres, aggresomes, granularity, nuclear irregularity."""
+
+    nuc_unit: float  # integrated intensity of a G1 nucleus (px units)
+    nirr: np.ndarray
+    chrom: np.ndarray
+    foci: np.ndarray
+    micro: np.ndarray
+    bund: np.ndarray
+    diff: np.ndarray
+    punc: np.ndarray
+    cort: np.ndarray
+    sfib: np.ndarray
+    aggr: np.ndarray
+    gran: np.ndarray
+
+    @classmethod
+    def of(cls, cells: _Cells) -> "_CellLook":
+        k = cells.knob
+        return cls((_NUC_R * cells.sc) ** 2 * np.pi,
+                   0.03 + 0.12 * np.clip(k("nuc_irregularity"), 0, 3), np.clip(k("chromatin"), -1, 3),
+                   np.clip(k("nuc_foci"), 0, 3), np.clip(k("micronuclei"), 0, 3), np.clip(k("tub_bundles"), 0, 3),
+                   np.clip(k("tub_diffuse"), 0, 1), np.clip(k("actin_puncta"), 0, 3),
+                   np.clip(1.0 + 0.8 * k("cortical"), 0.15, 3.0), np.clip(1.0 + 1.0 * k("stress_fibres"), 0.0, 3.0),
+                   np.clip(k("aggresome"), 0, 3), np.clip(k("granularity"), 0, 3))
+
+    @property
+    def fil_weight(self) -> np.ndarray:
+        return 0.55 * (1 - 0.92 * self.diff)
+
+
+def _paint_cell(i: int, cells: _Cells, look: _CellLook, dapi, nucm, layers, t_fine, t_med, rng) -> None:
+    """An interphase cell's marks: its nucleus or nuclei with foci and micronuclei (DAPI), its microtubules and
+    centrosome (tubulin), its stress fibres and puncta (actin), an aggresome and granules (both)."""
+    ncx, ncy, csx, csy, cang = _paint_nuclei(i, cells, look, dapi, nucm, layers[0], t_fine, t_med, rng)
+    _paint_cytoskeleton(i, cells, look, layers, ncx, ncy, csx, csy, cang, rng)
+
+
+def _paint_nuclei(i: int, cells: _Cells, look: _CellLook, dapi, nucm, dapi_l, t_fine, t_med, rng):
+    """The nucleus (or polyploid lobes, or two nuclei), foci and micronuclei; returns the nucleus centre, the
+    centrosome beside it and the centrosome's direction."""
+    ccx, ccy, Rp, Rnp, sc = cells.cx[i], cells.cy[i], cells.Rp[i], cells.Rnp[i], cells.sc
+    nuc_unit = look.nuc_unit
+    # nucleus placement inside the cell
+    off = rng.uniform(0, 0.35) * max(Rp - Rnp, 0.0)
+    oang = rng.uniform(0, 2 * np.pi)
+    ncx, ncy = ccx + off * math.cos(oang), ccy + off * math.sin(oang)
+    nasp = 1.0 + abs(rng.normal(0.22, 0.12))
+    nth = cells.theta[i] + rng.normal(0, 0.35)
+    # centrosome: next to the nucleus, towards the cell centre when offset
+    cang = oang + np.pi + rng.normal(0, 0.5) if off > 0.5 else rng.uniform(0, 2 * np.pi)
+    csx = ncx + 0.85 * Rnp * math.cos(cang)
+    csy = ncy + 0.85 * Rnp * math.sin(cang)
+    dent = None
+    if look.aggr[i] > 0.05:
+        dent = (math.cos(cang), math.sin(cang), min(0.55, 0.45 * look.aggr[i]))
+    lobes = []
+    if cells.poly[i]:
+        nl = int(rng.integers(2, 5))
+        base = rng.uniform(0, 2 * np.pi)
+        for li in range(nl):
+            la = base + 2 * np.pi * li / nl + rng.normal(0, 0.3)
+            dist = Rnp * rng.uniform(0.45, 0.75)
+            lobes.append((ncx + dist * math.cos(la), ncy + dist * math.sin(la),
+                          Rnp * rng.uniform(0.75, 1.0), 1.0 + abs(rng.normal(0.25, 0.15)),
+                          rng.uniform(0, np.pi)))
+        groups = [lobes]
+    elif cells.binuc[i]:
+        ux, uy = math.cos(cells.theta[i]), math.sin(cells.theta[i])
+        sep = Rnp * rng.uniform(0.9, 1.15)
+        groups = [[(ccx + s * sep * ux, ccy + s * sep * uy, Rnp * 0.82, nasp, nth)] for s in (-1, 1)]
+    else:
+        groups = [[(ncx, ncy, Rnp, nasp, nth)]]
+    total = cells.dna[i] / 2.0 * nuc_unit
+    for grp in groups:
+        _draw_nucleus(dapi, nucm, grp, total / len(groups), look.nirr[i], look.chrom[i], t_fine, t_med, rng, dent, sc)
+    # foci and micronuclei
+    nf = rng.poisson(6.0 * look.foci[i])
+    if nf:
+        r = Rnp * 0.7 * np.sqrt(rng.random(nf))
+        a_ = rng.uniform(0, 2 * np.pi, nf)
+        dapi_l.points(ncx + r * np.cos(a_), ncy + r * np.sin(a_), 0.10 * nuc_unit / 12, -1, 0.5 * sc)
+    nm = rng.poisson(0.03 + 1.2 * look.micro[i])
+    if nm:
+        r = Rnp * rng.uniform(1.15, 1.7, nm)
+        a_ = rng.uniform(0, 2 * np.pi, nm)
+        mx, my = ncx + r * np.cos(a_), ncy + r * np.sin(a_)
+        dapi_l.points(mx, my, 0.06 * nuc_unit * rng.uniform(0.5, 1.5, nm), -1, 1.0 * sc)
+    return ncx, ncy, csx, csy, cang
+
+
+def _paint_cytoskeleton(i: int, cells: _Cells, look: _CellLook, layers, ncx, ncy, csx, csy, cang, rng) -> None:
+    """Microtubules (from the centrosome and the nuclear envelope; stabilised bundles), the centrosome and an
+    aggresome (tubulin), stress fibres along the long axis and puncta (actin), and granules in both."""
+    _, tub_l, act_l = layers
+    ccx, ccy, Rp, Rnp, sc, cid = cells.cx[i], cells.cy[i], cells.Rp[i], cells.Rnp[i], cells.sc, i
+    R, bund, aggr = cells.R[i], look.bund[i], look.aggr[i]
+    # microtubules: curved filaments from the centrosome and the nuclear envelope, growing outwards
+    nfil = int(rng.poisson(110 * (R / _CELL_R) * (1 - 0.4 * min(bund, 1))))
+    from_cs = rng.random(nfil) < 0.35
+    oa = rng.uniform(0, 2 * np.pi, nfil)
+    orad = Rnp * rng.uniform(0.5, 1.05, nfil)
+    fox = np.where(from_cs, csx, ncx + orad * np.cos(oa))
+    foy = np.where(from_cs, csy, ncy + orad * np.sin(oa))
+    ang = np.where(from_cs, rng.uniform(0, 2 * np.pi, nfil), oa + rng.normal(0, 0.6, nfil))
+    kap = rng.normal(0, 0.03 / sc, nfil)
+    ln = 2.2 * Rp * rng.uniform(0.3, 1.0, nfil)
+    tub_l.filaments(fox, foy, ang, kap, rng.uniform(0.0, 3.0, nfil) * sc, ln,
+                    0.28 * look.fil_weight[i] * rng.uniform(0.4, 1.6, nfil), cid)
+    if bund > 0.05:
+        # stabilised bundles: long, thick, wavy, anywhere in the cytoplasm
+        nb = int(rng.poisson(3 + 8 * min(bund, 1.5)))
+        br = Rp * 0.7 * np.sqrt(rng.random(nb))
+        ba = rng.uniform(0, 2 * np.pi, nb)
+        ln = 2.4 * Rp * rng.uniform(0.5, 1.0, nb)
+        kap = rng.normal(0, 0.05 / sc, nb) * (0.5 + min(bund, 1.5))
+        tub_l.filaments(ccx + br * np.cos(ba), ccy + br * np.sin(ba), rng.uniform(0, 2 * np.pi, nb),
+                        kap, -0.5 * ln, ln, 0.6 * bund * rng.uniform(0.6, 1.4, nb), cid, 0.9 * sc)
+    tub_l.points(csx, csy, 0.9 * sc * sc * (1 - 0.7 * look.diff[i]), -1)  # centrosome
+    if aggr > 0.05:  # aggresome: compact perinuclear blob at the centrosome
+        nag = 10
+        rr = (1.2 + 2.2 * min(aggr, 1.5)) * sc * rng.standard_normal((nag, 2)) * 0.6
+        ax_ = csx + 2.0 * sc * math.cos(cang) + rr[:, 0]
+        ay_ = csy + 2.0 * sc * math.sin(cang) + rr[:, 1]
+        tub_l.points(ax_, ay_, 2.2 * aggr * sc * sc, -1, 0.8 * sc)
+        act_l.points(ax_, ay_, 0.6 * aggr * sc * sc, -1, 0.8 * sc)
+    # actin: stress fibres along the long axis, puncta
+    sfib = look.sfib[i]
+    nsf = int(rng.poisson(3.0 * sfib))
+    if nsf:
+        a = Rp * math.sqrt(cells.asp[i])
+        b = Rp / math.sqrt(cells.asp[i])
+        th = cells.theta[i] + rng.normal(0, 0.12, nsf)
+        offp = rng.uniform(-0.75, 0.75, nsf) * b
+        dx, dy = np.cos(th), np.sin(th)
+        sx = ccx - a * dx - offp * dy
+        sy = ccy - a * dy + offp * dx
+        act_l.filaments(sx, sy, th, 0.0, 0.0, 2 * a, 0.12 * sfib * rng.uniform(0.5, 1.5, nsf), cid)
+    npn = int(rng.poisson(22 * look.punc[i] * (R / _CELL_R) ** 2))
+    if npn:
+        r = Rp * np.sqrt(rng.random(npn)) * 0.95
+        a_ = rng.uniform(0, 2 * np.pi, npn)
+        act_l.points(ccx + r * np.cos(a_), ccy + r * np.sin(a_), 1.6 * sc * sc * rng.uniform(0.4, 1.6, npn), cid,
+                     0.7 * sc)
+    ngr = int(rng.poisson(45 * look.gran[i] * (R / _CELL_R) ** 2))
+    if ngr:
+        r = Rp * np.sqrt(rng.random(ngr)) * 0.95
+        a_ = rng.uniform(0, 2 * np.pi, ngr)
+        gx, gy = ccx + r * np.cos(a_), ccy + r * np.sin(a_)
+        tub_l.points(gx, gy, 0.55 * sc * sc, cid)
+        act_l.points(gx, gy, 0.35 * sc * sc, cid)
+
+
+def _compose_channels(cells: _Cells, look: _CellLook, L, D, dapi, nucm, layers, t_fine, t_med, rng):
+    """(DAPI, tubulin, actin) signal before optics: the painted marks rendered over each cell's dome-shaped
+    cytoplasm, with a textured diffuse tubulin, and cortical actin on the cells' rims and junctions."""
+    dapi_l, tub_l, act_l = layers
+    H, W = L.shape
     inside = L > 0
-    dome = np.sqrt(np.clip(1.0 - D * D, 0.0, 1.0)) * lut(h)[L]
-    gran = np.clip(k("granularity")[sel], 0, 3)
-
-    # ---- channels ---------------------------------------------------------
-    dapi = np.zeros((H, W), np.float32)
-    nucm = np.zeros((H, W), np.float32)
-    dapi_l, tub_l, act_l = _Layer(), _Layer(), _Layer()
-
-    nuc_unit = (_NUC_R * sc) ** 2 * np.pi  # integrated intensity of a G1 nucleus (px units)
-    chrom = np.clip(k("chromatin")[sel], -1, 3)
-    foci = np.clip(k("nuc_foci")[sel], 0, 3)
-    micro = np.clip(k("micronuclei")[sel], 0, 3)
-    bund = np.clip(k("tub_bundles")[sel], 0, 3)
-    diff = np.clip(k("tub_diffuse")[sel], 0, 1)
-    punc = np.clip(k("actin_puncta")[sel], 0, 3)
-    cort = np.clip(1.0 + 0.8 * k("cortical")[sel], 0.15, 3.0)
-    sfib = np.clip(1.0 + 1.0 * k("stress_fibres")[sel], 0.0, 3.0)
-    aggr = np.clip(k("aggresome")[sel], 0, 3)
-    tub_diffuse_level = 0.42 * (1 + 0.8 * diff)
-    fil_weight = 0.55 * (1 - 0.92 * diff)
-
-    for i in range(n):
-        st = state[i]
-        ccx, ccy = cx[i], cy[i]
-        cid = i
-        if st == _INTERPHASE:
-            # nucleus placement inside the cell
-            off = rng.uniform(0, 0.35) * max(Rp[i] - Rnp[i], 0.0)
-            oang = rng.uniform(0, 2 * np.pi)
-            ncx, ncy = ccx + off * math.cos(oang), ccy + off * math.sin(oang)
-            nasp = 1.0 + abs(rng.normal(0.22, 0.12))
-            nth = theta[i] + rng.normal(0, 0.35)
-            # centrosome: next to the nucleus, towards the cell centre when offset
-            cang = oang + np.pi + rng.normal(0, 0.5) if off > 0.5 else rng.uniform(0, 2 * np.pi)
-            csx = ncx + 0.85 * Rnp[i] * math.cos(cang)
-            csy = ncy + 0.85 * Rnp[i] * math.sin(cang)
-            dent = None
-            if aggr[i] > 0.05:
-                dent = (math.cos(cang), math.sin(cang), min(0.55, 0.45 * aggr[i]))
-            lobes = []
-            if poly[i]:
-                nl = int(rng.integers(2, 5))
-                base = rng.uniform(0, 2 * np.pi)
-                for li in range(nl):
-                    la = base + 2 * np.pi * li / nl + rng.normal(0, 0.3)
-                    dist = Rnp[i] * rng.uniform(0.45, 0.75)
-                    lobes.append((ncx + dist * math.cos(la), ncy + dist * math.sin(la),
-                                  Rnp[i] * rng.uniform(0.75, 1.0), 1.0 + abs(rng.normal(0.25, 0.15)),
-                                  rng.uniform(0, np.pi)))
-                groups = [lobes]
-            elif binuc[i]:
-                ux, uy = math.cos(theta[i]), math.sin(theta[i])
-                sep = Rnp[i] * rng.uniform(0.9, 1.15)
-                groups = [[(ccx + s * sep * ux, ccy + s * sep * uy, Rnp[i] * 0.82, nasp, nth)] for s in (-1, 1)]
-            else:
-                groups = [[(ncx, ncy, Rnp[i], nasp, nth)]]
-            total = dna[i] / 2.0 * nuc_unit
-            for grp in groups:
-                _draw_nucleus(dapi, nucm, grp, total / len(groups), nirr[i], chrom[i], t_fine, t_med, rng, dent, sc)
-            # foci and micronuclei
-            nf = rng.poisson(6.0 * foci[i])
-            if nf:
-                r = Rnp[i] * 0.7 * np.sqrt(rng.random(nf))
-                a_ = rng.uniform(0, 2 * np.pi, nf)
-                dapi_l.points(ncx + r * np.cos(a_), ncy + r * np.sin(a_), 0.10 * nuc_unit / 12, -1, 0.5 * sc)
-            nm = rng.poisson(0.03 + 1.2 * micro[i])
-            if nm:
-                r = Rnp[i] * rng.uniform(1.15, 1.7, nm)
-                a_ = rng.uniform(0, 2 * np.pi, nm)
-                mx, my = ncx + r * np.cos(a_), ncy + r * np.sin(a_)
-                dapi_l.points(mx, my, 0.06 * nuc_unit * rng.uniform(0.5, 1.5, nm), -1, 1.0 * sc)
-
-            # microtubules: curved filaments from the centrosome and the nuclear envelope, growing outwards
-            nfil = int(rng.poisson(110 * (R[i] / _CELL_R) * (1 - 0.4 * min(bund[i], 1))))
-            from_cs = rng.random(nfil) < 0.35
-            oa = rng.uniform(0, 2 * np.pi, nfil)
-            orad = Rnp[i] * rng.uniform(0.5, 1.05, nfil)
-            fox = np.where(from_cs, csx, ncx + orad * np.cos(oa))
-            foy = np.where(from_cs, csy, ncy + orad * np.sin(oa))
-            ang = np.where(from_cs, rng.uniform(0, 2 * np.pi, nfil), oa + rng.normal(0, 0.6, nfil))
-            kap = rng.normal(0, 0.03 / sc, nfil)
-            ln = 2.2 * Rp[i] * rng.uniform(0.3, 1.0, nfil)
-            tub_l.filaments(fox, foy, ang, kap, rng.uniform(0.0, 3.0, nfil) * sc, ln,
-                            0.28 * fil_weight[i] * rng.uniform(0.4, 1.6, nfil), cid)
-            if bund[i] > 0.05:
-                # stabilised bundles: long, thick, wavy, anywhere in the cytoplasm
-                nb = int(rng.poisson(3 + 8 * min(bund[i], 1.5)))
-                br = Rp[i] * 0.7 * np.sqrt(rng.random(nb))
-                ba = rng.uniform(0, 2 * np.pi, nb)
-                ln = 2.4 * Rp[i] * rng.uniform(0.5, 1.0, nb)
-                kap = rng.normal(0, 0.05 / sc, nb) * (0.5 + min(bund[i], 1.5))
-                tub_l.filaments(ccx + br * np.cos(ba), ccy + br * np.sin(ba), rng.uniform(0, 2 * np.pi, nb),
-                                kap, -0.5 * ln, ln, 0.6 * bund[i] * rng.uniform(0.6, 1.4, nb), cid, 0.9 * sc)
-            tub_l.points(csx, csy, 0.9 * sc * sc * (1 - 0.7 * diff[i]), -1)  # centrosome
-            if aggr[i] > 0.05:  # aggresome: compact perinuclear blob at the centrosome
-                nag = 10
-                rr = (1.2 + 2.2 * min(aggr[i], 1.5)) * sc * rng.standard_normal((nag, 2)) * 0.6
-                ax_ = csx + 2.0 * sc * math.cos(cang) + rr[:, 0]
-                ay_ = csy + 2.0 * sc * math.sin(cang) + rr[:, 1]
-                tub_l.points(ax_, ay_, 2.2 * aggr[i] * sc * sc, -1, 0.8 * sc)
-                act_l.points(ax_, ay_, 0.6 * aggr[i] * sc * sc, -1, 0.8 * sc)
-            # actin: stress fibres along the long axis, puncta
-            nsf = int(rng.poisson(3.0 * sfib[i]))
-            if nsf:
-                a = Rp[i] * math.sqrt(asp[i])
-                b = Rp[i] / math.sqrt(asp[i])
-                th = theta[i] + rng.normal(0, 0.12, nsf)
-                offp = rng.uniform(-0.75, 0.75, nsf) * b
-                dx, dy = np.cos(th), np.sin(th)
-                sx = ccx - a * dx - offp * dy
-                sy = ccy - a * dy + offp * dx
-                act_l.filaments(sx, sy, th, 0.0, 0.0, 2 * a, 0.12 * sfib[i] * rng.uniform(0.5, 1.5, nsf), cid)
-            npn = int(rng.poisson(22 * punc[i] * (R[i] / _CELL_R) ** 2))
-            if npn:
-                r = Rp[i] * np.sqrt(rng.random(npn)) * 0.95
-                a_ = rng.uniform(0, 2 * np.pi, npn)
-                act_l.points(ccx + r * np.cos(a_), ccy + r * np.sin(a_),
-                             1.6 * sc * sc * rng.uniform(0.4, 1.6, npn), cid, 0.7 * sc)
-            ngr = int(rng.poisson(45 * gran[i] * (R[i] / _CELL_R) ** 2))
-            if ngr:
-                r = Rp[i] * np.sqrt(rng.random(ngr)) * 0.95
-                a_ = rng.uniform(0, 2 * np.pi, ngr)
-                gx, gy = ccx + r * np.cos(a_), ccy + r * np.sin(a_)
-                tub_l.points(gx, gy, 0.55 * sc * sc, cid)
-                act_l.points(gx, gy, 0.35 * sc * sc, cid)
-        else:
-            _draw_condensed(st, arrest_kind, ccx, ccy, Rp[i], dna[i] / 2.0 * nuc_unit, sc, rng, cid,
-                            dapi_l, tub_l)
-
-    # ---- compose ----------------------------------------------------------
+    dome = np.sqrt(np.clip(1.0 - D * D, 0.0, 1.0)) * _lut(cells.h)[L]
     step = 1.0
     dapi_l.render(dapi, L, step, rng)
     nucm = np.minimum(nucm, 1.0)
 
-    cyto_tex = 1.0 + 0.15 * t_med + 0.1 * t_fine + lut(0.25 * gran)[L] * t_fine
-    tub = (lut(tub_diffuse_level)[L] * dome * cyto_tex) * (1.0 - 0.45 * nucm)
+    cyto_tex = 1.0 + 0.15 * t_med + 0.1 * t_fine + _lut(0.25 * look.gran)[L] * t_fine
+    tub_diffuse_level = 0.42 * (1 + 0.8 * look.diff)
+    tub = (_lut(tub_diffuse_level)[L] * dome * cyto_tex) * (1.0 - 0.45 * nucm)
     tub_l.render(tub, L, step, rng)
 
     # cortical actin: outer rim (from the dome) plus junctions between cells
-    w_rim = 2.2 * sc
-    rim = np.where(inside, np.clip(1.0 - (1.0 - D) * lut(Rp)[L] / w_rim, 0.0, 1.0), 0.0)
+    w_rim = 2.2 * cells.sc
+    rim = np.where(inside, np.clip(1.0 - (1.0 - D) * _lut(cells.Rp)[L] / w_rim, 0.0, 1.0), 0.0)
     jx = L[:, 1:] != L[:, :-1]
     jy = L[1:, :] != L[:-1, :]
     junc = np.zeros((H, W), bool)
@@ -977,11 +1058,15 @@ def render_field(
     junc[1:, :] |= jy
     junc[:-1, :] |= jy
     junc &= inside
-    cortex = np.maximum(rim, 0.6 * junc) * lut(0.55 * cort)[L] * np.clip(0.9 + 0.6 * t_med, 0.1, None)
+    cortex = np.maximum(rim, 0.6 * junc) * _lut(0.55 * look.cort)[L] * np.clip(0.9 + 0.6 * t_med, 0.1, None)
     act = (0.28 * dome * cyto_tex) * (1.0 - 0.3 * nucm) + cortex
     act_l.render(act, L, step, rng)
+    return dapi, tub, act
 
-    # ---- optics and camera ------------------------------------------------
+
+def _camera(channels, plate: dict, rng: np.random.Generator, H: int, W: int, sc: float, channel_gain) -> np.ndarray:
+    """The microscope: blur (a field out of focus now and then), the plate's gain, background and uneven
+    illumination, each channel's exposure, shot and read noise, offset, 16-bit counts."""
     sigma = 0.85 * sc * rng.lognormal(0.0, 0.18)
     if rng.random() < 0.08:  # slightly out-of-focus field
         sigma *= rng.uniform(1.6, 2.6)
@@ -991,7 +1076,7 @@ def render_field(
     tilt = 1.0 + np.float32(plate["illum_tilt"][0]) * yy + np.float32(plate["illum_tilt"][1]) * xx
     exposure = rng.lognormal(0.0, 0.11, 3) * np.asarray(channel_gain, dtype=float)
     out = np.empty((3, H, W), np.uint16)
-    for c, sig in enumerate((dapi, tub, act)):
+    for c, sig in enumerate(channels):
         m = ndimage.gaussian_filter(sig, sigma)
         m *= np.float32(_ADU_SCALE[c] * plate["gain"][c])
         m += np.float32(plate["background"][c])
@@ -1007,8 +1092,6 @@ def render_field(
         np.rint(m, out=m)
         np.clip(m, 0, 65535, out=m)
         out[c] = m
-    if return_truth:
-        return out, {"labels": L, "state": state, "n_cells": n}
     return out
 
 

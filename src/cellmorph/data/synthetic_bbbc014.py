@@ -270,7 +270,11 @@ def render_well(
     scale: float = 0.5,
     plate: dict | None = None,
 ) -> np.ndarray:
-    """The (2, H, W) uint8 DAPI and FITC images of one synthetic well (deterministic per seed and well)."""
+    """The (2, H, W) uint8 DAPI and FITC images of one synthetic well (deterministic per seed and well).
+
+    In stages, each drawing from the well's generator in turn: the well's nuisance (density, staining, EC50,
+    focus), its cells (:func:`_draw_well_cells`), their territories (:func:`_rasterise_cells`), the two
+    channels (:func:`_compose_well`), and the camera (:func:`_well_camera`)."""
     line = CELL_LINE_MODELS[cell_line]
     plate = plate or _plate_params(seed)
     rng = _rng(seed, _K_WELL, ROWS.index(row), column)
@@ -280,14 +284,22 @@ def render_well(
     gains = rng.lognormal(0.0, [0.12, 0.15])  # staining/exposure jitter for DAPI, FITC
     well_ec50 = line.ec50 * float(rng.lognormal(0.0, 0.15))
     blur = 0.8 * scale * float(rng.uniform(0.9, 1.4))  # optics + slight focus jitter
+    cells = _draw_well_cells(rng, line, scale, H, W, density, well_ec50, concentration)
+    territories = _rasterise_cells(cells, H, W)
+    dapi, fitc, tex_coarse = _compose_well(rng, cells, territories, scale, H, W)
+    return _well_camera(rng, (dapi, fitc), tex_coarse, plate, gains, blur, H, W)
 
+
+def _draw_well_cells(rng, line, scale: float, H: int, W: int, density: float, well_ec50: float,
+                     concentration: float) -> dict:
+    """The well's cells: centres, nucleus and cytoplasm ellipses with irregular outlines, and each cell's
+    NF-κB, its total conserved and moved between cytoplasm and nucleus by the dose."""
     n = int(rng.poisson(density * H * W / (1e4 * scale * scale)))
     centres = _place_cells(rng, max(n, 1), line, scale, H, W)
     if len(centres) == 0:
         centres = np.array([[H / 2, W / 2]])
     n = len(centres)
 
-    # ---- per-cell parameters
     rn = line.nucleus_radius * scale * rng.lognormal(0.0, line.nucleus_radius_sd, n)
     asp_n = rng.uniform(*line.nucleus_aspect, n)
     theta = rng.uniform(0, np.pi, n)
@@ -323,26 +335,35 @@ def render_well(
     # Cytoplasm concentration c such that c·area_c + ratio·c·area_n = total·(area_c + rest·area_n):
     # an unstimulated cell shows fitc_level in its cytoplasm; stimulation only redistributes.
     c_cyt = line.fitc_level * total * (area_c + line.ratio_rest * area_n) / (area_c + ratio * area_n)
-    c_nuc = ratio * c_cyt
     dapi_amp = line.dapi_level * rng.lognormal(0.0, 0.18, n) * np.where(mitotic, 1.9, 1.0)
+    return {"n": n, "cy": centres[:, 0], "cx": centres[:, 1], "a_c": a_c, "b_c": b_c, "t_c": theta_c, "ny": ny,
+            "nx": nx, "a_n": a_n, "b_n": b_n, "t_n": theta, "harm_c": harm_c, "phase_c": phase_c, "harm_n": harm_n,
+            "phase_n": phase_n, "c_cyt": c_cyt, "c_nuc": ratio * c_cyt, "dapi_amp": dapi_amp}
 
-    # ---- rasterise: winner-takes-pixel by normalised distance (cells share borders)
+
+def _rasterise_cells(cells: dict, H: int, W: int) -> tuple[np.ndarray, ...]:
+    """(cytoplasm distance, cytoplasm label, nucleus distance, nucleus label): winner-takes-pixel by normalised
+    distance, so that cells share borders (label -1: background)."""
     best_c = np.full((H, W), np.inf, np.float32)
     lab_c = np.full((H, W), -1, np.int32)
     best_n = np.full((H, W), np.inf, np.float32)
     lab_n = np.full((H, W), -1, np.int32)
-    P = {k: np.asarray(v, dtype=float).tolist() for k, v in dict(
-        cy=centres[:, 0], cx=centres[:, 1], a_c=a_c, b_c=b_c, t_c=theta_c, ny=ny, nx=nx, a_n=a_n, b_n=b_n, t_n=theta,
-    ).items()}
-    hc, pc = harm_c.tolist(), phase_c.tolist()
-    hn, pn = harm_n.tolist(), phase_n.tolist()
-    for i in range(n):
+    P = {k: np.asarray(cells[k], dtype=float).tolist()
+         for k in ("cy", "cx", "a_c", "b_c", "t_c", "ny", "nx", "a_n", "b_n", "t_n")}
+    hc, pc = cells["harm_c"].tolist(), cells["phase_c"].tolist()
+    hn, pn = cells["harm_n"].tolist(), cells["phase_n"].tolist()
+    for i in range(cells["n"]):
         _stamp(best_c, lab_c, i, P["cy"][i], P["cx"][i], P["a_c"][i], P["b_c"][i], P["t_c"][i],
                hc[i], pc[i], 1.0, 1.45)
         _stamp(best_n, lab_n, i, P["ny"][i], P["nx"][i], P["a_n"][i], P["b_n"][i], P["t_n"][i],
                hn[i], pn[i], 1.15, 1.25)
+    return best_c, lab_c, best_n, lab_n
 
-    # ---- compose the two channels (float32 throughout: this is the hot path)
+
+def _compose_well(rng, cells: dict, territories, scale: float, H: int, W: int):
+    """(DAPI, FITC, the coarse texture) before optics, float32 throughout (the hot path): textured nuclei, a
+    cytoplasm thicker near the nucleus, NF-κB in each compartment, and a few bright debris specks in FITC."""
+    best_c, lab_c, best_n, lab_n = territories
     f32 = np.float32
     tex_fine = _smooth_noise(rng, (H, W), 1.2 * scale + 0.6)
     tex_coarse = _smooth_noise(rng, (H, W), 4.0 * scale + 1.0)
@@ -355,11 +376,12 @@ def render_well(
     nid = np.where(in_nuc, lab_n, 0)
     cid = np.where(in_cell, lab_c, 0)
     dome = np.sqrt(np.clip(f32(1.0) - f32(0.55) * dn * dn, f32(0.0), f32(1.0)))
-    dapi = w_nuc * dapi_amp.astype(f32)[nid] * dome * (f32(1.0) + f32(0.22) * tex_fine + f32(0.08) * tex_coarse)
+    dapi = w_nuc * cells["dapi_amp"].astype(f32)[nid] * dome * (f32(1.0) + f32(0.22) * tex_fine
+                                                                 + f32(0.08) * tex_coarse)
     # cytoplasm: thicker (brighter) near the nucleus, thin at the membrane, granular
     dc = np.where(in_cell, best_c, f32(1.0))
     thick = np.clip(f32(1.0) - dc, f32(0.0), f32(1.0)) ** f32(0.6) * f32(1.35) + f32(0.15) * in_cell
-    c_cyt32, c_nuc32 = c_cyt.astype(f32), c_nuc.astype(f32)
+    c_cyt32, c_nuc32 = cells["c_cyt"].astype(f32), cells["c_nuc"].astype(f32)
     cyt = c_cyt32[cid] * thick * in_cell * (f32(1.0) + f32(0.25) * tex_fine + f32(0.12) * tex_coarse)
     nuc = c_nuc32[nid] * (f32(1.0) + f32(0.12) * tex_fine) * dome
     # A nucleus overlapping a neighbour's cytoplasm (colonies) is surrounded by its own cytoplasm level.
@@ -371,14 +393,18 @@ def render_well(
     if n_debris:
         ys, xs = rng.integers(0, H, n_debris), rng.integers(0, W, n_debris)
         fitc[ys, xs] += (rng.uniform(400, 1500, n_debris) * scale * scale).astype(f32)
+    return dapi, fitc, tex_coarse
 
-    # ---- optics, illumination, background, camera
+
+def _well_camera(rng, channels, tex_coarse, plate: dict, gains, blur: float, H: int, W: int) -> np.ndarray:
+    """Optics, vignetting and gradient, background, staining gain, shot and read noise, offset: uint8 images."""
+    f32 = np.float32
     yy = (np.arange(H, dtype=f32)[:, None] / f32(H) - f32(0.5)) - f32(plate["vignette_center"][0])
     xx = (np.arange(W, dtype=f32)[None, :] / f32(W) - f32(0.5)) - f32(plate["vignette_center"][1])
     r2 = (yy * yy + xx * xx) * f32(2.0)
     gain, read = float(plate["gain"]), float(plate["read_noise"])
     images = []
-    for k, sig in enumerate((dapi, fitc)):
+    for k, sig in enumerate(channels):
         sig = ndimage.gaussian_filter(sig, blur)
         illum = (f32(1.0) - f32(plate["vignette"][k]) * r2) * (f32(1.0) + f32(plate["gradient"][k]) * (xx + yy))
         bg = f32(3.0 + 2.0 * k) + (f32(1.5) * tex_coarse if k else f32(0.0))
