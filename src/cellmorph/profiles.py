@@ -381,7 +381,7 @@ def profile_eval(
     that already carries ``Metadata_Compound``/``Metadata_Concentration``/``Metadata_MoA``
     (e.g. ``wells.parquet`` from ``cellmorph embed``).
     """
-    from cellmorph.report import plot_confusion
+    from cellmorph.figures import plot_confusion
     from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 
     out = require_output_dir(Path(out))

@@ -51,6 +51,7 @@ from torch import nn
 
 from cellmorph.config.visualize import DEFAULT_LAYERS, FilterConfig  # noqa: F401
 from cellmorph.errors import CellmorphError
+from cellmorph.figures import pyplot
 from cellmorph.models.spec import InputSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, write_json
 from cellmorph.runtime import deterministic, torch_threads
@@ -310,15 +311,6 @@ def filter_activations(
 
 
 # --------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def to_rgb(images: np.ndarray) -> np.ndarray:
     """uint8 (n, H, W, C) → (n, H, W, 3): the first three channels as red, green, blue (two: red,
     green; one: grey)."""
@@ -332,7 +324,7 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 
 def filter_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], filters: Sequence[int], title: str):
     """One row per network (label, uint8 images (n, H, W, C), their activations), one column per filter."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(filters)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.45 * n + 1.1, 1.7 * len(rows) + 0.5), squeeze=False)
     for r, (label, images, activations) in enumerate(rows):
@@ -353,7 +345,7 @@ def filter_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], filters: S
 
 
 def _save_png(fig, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")

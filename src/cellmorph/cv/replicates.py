@@ -150,7 +150,7 @@ def compare_inits(
             summary[init] = {e: replicate_metrics["by_epoch"][str(e)][metric] for e in sorted(epochs)}
     combined = pd.concat(tables, ignore_index=True)
     write_csv(Path(out) / f"{INIT_COMPARISON}.csv", combined)
-    from cellmorph.report import plot_init_comparison
+    from cellmorph.figures import plot_init_comparison
 
     n_classes = len(replicate_metrics["classes"])
     plot_init_comparison(combined, Path(out) / f"{INIT_COMPARISON}.png", metric=metric,

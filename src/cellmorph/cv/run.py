@@ -441,7 +441,7 @@ def score_levels(tiles: pd.DataFrame, wells: pd.DataFrame, treatments: pd.DataFr
 def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame, wells: pd.DataFrame,
                  treatments: pd.DataFrame, classes: list[str], how: str, title: str) -> None:
     """A run's tables, classification report and confusion matrix (``metrics.json`` is the caller's, last)."""
-    from cellmorph.report import plot_confusion
+    from cellmorph.figures import plot_confusion
 
     matrix = confusion(treatments, classes)
     report = (
@@ -458,7 +458,7 @@ def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame,
 
 def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float) -> dict:
     """Aggregate tile → well → treatment, score, and write tables, figures and ``metrics.json`` (last)."""
-    from cellmorph.report import plot_learning_curves
+    from cellmorph.figures import plot_learning_curves
 
     cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
     predictions = pd.concat([o.predictions for o in outputs.values()], ignore_index=True)

@@ -1,6 +1,7 @@
-"""What a run shows: PNG figures (:mod:`.figures`) and one self-contained HTML report (:mod:`.html`)."""
+"""What a run shows: one self-contained HTML report (:mod:`.html`), and the PNG figures it and the runs draw
+(:mod:`cellmorph.figures`, re-exported here)."""
 
-from cellmorph.report.figures import (
+from cellmorph.figures import (
     init_comparison_figure,
     learning_curves_figure,
     plot_confusion,

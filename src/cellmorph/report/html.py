@@ -263,7 +263,7 @@ def _confusion_section(png: Path) -> Section:
 
 def _confusion_section_from(treatments, classes) -> Section:
     from cellmorph.metrics import confusion
-    from cellmorph.report.figures import confusion_figure
+    from cellmorph.figures import confusion_figure
 
     matrix = confusion(treatments, classes)
     return Section("confusion", "Confusion matrix", figures=[
@@ -445,9 +445,9 @@ def example_tiles(tiles: pd.DataFrame, classes: list[str], fold: int | None = No
 
 # --------------------------------------------------------------------------- figures
 def reliability_figure(confidence: np.ndarray, correct: np.ndarray, bins: int = 10):
-    from cellmorph.report.figures import _pyplot
+    from cellmorph.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -471,9 +471,9 @@ def reliability_figure(confidence: np.ndarray, correct: np.ndarray, bins: int = 
 
 
 def map_figure(points: np.ndarray, labels: np.ndarray, method: str):
-    from cellmorph.report.figures import _pyplot
+    from cellmorph.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     names = sorted(set(labels))
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
@@ -500,9 +500,9 @@ def tile_rgb(tile: np.ndarray) -> np.ndarray:
 
 
 def examples_figure(cache, picks: list[dict]):
-    from cellmorph.report.figures import _pyplot
+    from cellmorph.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     classes = list(dict.fromkeys(p["moa"] for p in picks))
     columns = 2 * EXAMPLES_PER_KIND
     fig, axes = plt.subplots(len(classes), columns, figsize=(1.6 * columns, 1.75 * len(classes)), squeeze=False)
@@ -538,9 +538,9 @@ def _thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
 
 
 def gradcam_figure(model, spec, cache, picks: list[dict], classes: list[str], gradcam_overlays):
-    from cellmorph.report.figures import _pyplot
+    from cellmorph.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     # One right call per MoA, at most GRADCAM_TILES: a backward pass each, at the network's input size.
     chosen = [p for p in picks if p["kind"] == "correct"]
     chosen = (list({p["moa"]: p for p in reversed(chosen)}.values())[::-1] or picks)[:GRADCAM_TILES]
@@ -601,13 +601,13 @@ def _cache_or_none(path):
 
 
 def _figure(fig, caption: str) -> dict:
-    from cellmorph.report.figures import _pyplot
+    from cellmorph.figures import pyplot
 
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, dpi=110, format="png", bbox_inches="tight")
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return {"src": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "caption": caption,
             "alt": caption}
 

@@ -1,4 +1,5 @@
-"""PNG figures of a CV run: the treatment-level confusion matrix (the paper's Fig. 2),
+"""Figures from arrays (the layer below training: a run's tables and numbers in, PNGs out), used by ``cv``,
+``compare-inits``, ``profile-eval`` and the HTML report (:mod:`cellmorph.report`). PNG figures of a CV run: the treatment-level confusion matrix (the paper's Fig. 2),
 per-fold learning curves (training loss; training and held-out tile accuracy) and the
 pretrained-vs-random comparison (Fig. 4). Written atomically, headless (Agg backend).
 
@@ -14,8 +15,8 @@ from cellmorph.runinfo import atomic_path
 from cellmorph.schema import HELDOUT_ACCURACY
 
 
-
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, headless (Agg), with mathtext off; loaded on first use (start-up time)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -37,7 +38,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "Treat
 
     Cells show counts of treatments, coloured by the row fraction.
     """
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix)
     n = len(classes)
     rows = matrix.sum(axis=1, keepdims=True)
@@ -64,7 +65,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "Treat
 
 def _save(fig, path: Path) -> None:
     """Write ``fig`` as a PNG atomically (legends outside the axes are kept: tight bounding box)."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         with atomic_path(Path(path), suffix=".png") as tmp:
             fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
@@ -106,7 +107,7 @@ def learning_curves_figure(histories: dict[str, list[dict]], metric: str = "loss
     Every curve has markers, so a one-epoch run shows its points; the legends sit below the
     axes so they never cover data. Histories without held-out scores (older runs) still plot.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -183,7 +184,7 @@ def init_comparison_figure(table, metric: str = "well_accuracy", title: str = ""
     as a bar with error bars, epochs side by side. The legend is a figure legend right of
     the axes, outside the plotting area, so it never covers a bar.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     inits = list(dict.fromkeys(table["init"]))
