@@ -17,6 +17,7 @@ import pandas as pd
 from cellmorph.cache import TileCache
 from cellmorph.config.embed import EmbedConfig  # noqa: F401
 from cellmorph.config.features import DEFAULT_FEATURES, FeatureSpec
+from cellmorph.metrics import group_rows
 from cellmorph.data.layouts import layout_embedding
 from cellmorph.models.embedding import embed_tiles, feature_extractor  # noqa: F401  (their home was here)
 from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
@@ -27,10 +28,7 @@ def tiles_to_wells(index: pd.DataFrame, features: np.ndarray, how: str = "median
     """Aggregate tile features to wells: ``Metadata_*`` then ``emb_<i>`` columns."""
     names = [f"emb_{i}" for i in range(features.shape[1])]
     frame = pd.concat([index[WELL_KEYS + WELL_METADATA].reset_index(drop=True), pd.DataFrame(features, columns=names)], axis=1)
-    grouped = frame.groupby(WELL_KEYS, sort=True)
-    meta = grouped[WELL_METADATA].first()
-    meta["Metadata_NTiles"] = grouped.size()
-    return meta.join(grouped[names].agg(how)).reset_index()
+    return group_rows(frame, WELL_KEYS, names, how, first=WELL_METADATA, counts={"Metadata_NTiles": None})
 
 
 def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bool = True, log=print) -> dict:

@@ -48,6 +48,24 @@ AGGREGATIONS = ("median", "mean", "logmean")
 LOG_FLOOR = 1e-12  # probabilities below it count as it in logmean: one zero would veto a class outright
 
 
+def group_rows(frame: pd.DataFrame, keys: list[str], columns: list[str], how: str = "median", *,
+               first: tuple[str, ...] | list[str] = (), joined: dict[str, str] | None = None,
+               counts: dict[str, str | None] | None = None, dropna: bool = True) -> pd.DataFrame:
+    """One row per group of ``keys`` (sorted): ``columns`` aggregated by ``how`` (``median`` or ``mean``), and
+    before them the group's metadata: the first value of each column of ``first``, ``joined`` (name → column:
+    its distinct values, sorted, joined by ``|``) and ``counts`` (name → column: its sum, or None: the group's
+    size). The one grouping behind every level of aggregation: tiles → wells → treatments of probabilities
+    (:func:`aggregate`), of embeddings (``cellmorph.embed``) and of profiles (``cellmorph.profiles``)."""
+    grouped = frame.groupby(keys, sort=True, dropna=dropna)
+    meta = {col: grouped[col].first() for col in first}
+    for name, col in (joined or {}).items():
+        meta[name] = grouped[col].agg(lambda s: "|".join(str(v) for v in sorted(set(s))))
+    for name, col in (counts or {}).items():
+        meta[name] = grouped[col].sum() if col is not None else grouped.size()
+    values = grouped[columns].agg(how)
+    return pd.concat([pd.DataFrame(meta, index=values.index), values], axis=1).reset_index()
+
+
 def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: dict[str, str],
                how: str = "median") -> pd.DataFrame:
     probs = prob_columns(frame, prefix)
@@ -60,23 +78,21 @@ def _aggregate(frame: pd.DataFrame, keys: list[str], prefix: str, extra_counts: 
     if how == "logmean":
         frame = frame.copy()
         frame[probs] = np.log(np.clip(frame[probs].to_numpy(dtype=float), LOG_FLOOR, None))
+    # Metadata_* columns constant within every group are kept; the folds of a group are listed.
+    metadata = [c for c in frame.columns if c not in keys and c not in probs and str(c).startswith("Metadata_")]
     grouped = frame.groupby(keys, sort=True, dropna=False)
-    out = grouped[probs].agg("mean" if how == "logmean" else how)
+    constant = [c for c in metadata if c != FOLD_COLUMN and grouped[c].nunique(dropna=False).max() <= 1]
+    joined = {FOLD_COLUMN: FOLD_COLUMN} if FOLD_COLUMN in metadata else {}
+    counts = {name: (col if col in frame.columns else None) for name, col in extra_counts.items()}
+    out = group_rows(frame, keys, probs, "mean" if how == "logmean" else how, first=constant, joined=joined,
+                     counts=counts, dropna=False)
+    # the columns in the frame's order: keys, metadata (the folds in their place), counts, probabilities
+    out = out[keys + [c for c in metadata if c in constant or c in joined] + list(counts) + probs]
     if how == "logmean":  # back to probabilities that sum to one: a softmax of the mean log-probabilities
         from scipy.special import softmax
 
-        out = pd.DataFrame(softmax(out.to_numpy(), axis=1), index=out.index, columns=out.columns)
-    meta = {}
-    for col in frame.columns:
-        if col in keys or col in probs or not str(col).startswith("Metadata_"):
-            continue
-        if col == FOLD_COLUMN:
-            meta[col] = grouped[col].agg(lambda s: "|".join(str(v) for v in sorted(set(s))))
-        elif grouped[col].nunique(dropna=False).max() <= 1:
-            meta[col] = grouped[col].first()
-    for name, col in extra_counts.items():
-        meta[name] = grouped[col].sum() if col in frame.columns else grouped.size()
-    return pd.concat([pd.DataFrame(meta), out], axis=1).reset_index()
+        out[probs] = softmax(out[probs].to_numpy(), axis=1)
+    return out
 
 
 def aggregate_wells(tiles: pd.DataFrame, prefix: str = PROB_PREFIX, how: str = "median") -> pd.DataFrame:

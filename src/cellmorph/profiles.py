@@ -32,6 +32,7 @@ import pandas as pd
 from cellmorph.data.bbbc021 import read_image_csv, read_moa_csv, select_moa_subset
 from cellmorph.data.table import CONTROL_COMPOUND, batch_of_plate
 from cellmorph.errors import BadInputError
+from cellmorph.metrics import group_rows
 from cellmorph.schema import TREATMENT_KEYS, WELL_KEYS
 
 
@@ -253,14 +254,9 @@ def aggregate_treatments(
     usable = [f for f in features if np.isfinite(treated[f].to_numpy(dtype=float)).all()]
     if not usable:
         raise BadInputError("no feature is finite across all treated wells")
-    grouped = treated.groupby(TREATMENT_KEYS, sort=True)
-    profiles = grouped[usable].agg(how)
-    meta = grouped.agg(
-        Metadata_MoA=("Metadata_MoA", "first"),
-        Metadata_Batches=("Metadata_Batch", lambda s: "|".join(sorted(set(s)))),
-        Metadata_NWells=("Metadata_MoA", "size"),
-    )
-    return meta.join(profiles).reset_index(), usable
+    profiles = group_rows(treated, TREATMENT_KEYS, usable, how, first=["Metadata_MoA"],
+                          joined={"Metadata_Batches": "Metadata_Batch"}, counts={"Metadata_NWells": None})
+    return profiles, usable
 
 
 def similarity(x: np.ndarray, metric: Literal["correlation", "cosine"] = "correlation") -> np.ndarray:
