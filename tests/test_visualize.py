@@ -167,5 +167,5 @@ def test_a_run_without_fold_weights_is_one_line_error(kept_run, tmp_path):
     assert not out.exists()
     from cellmorph.visualize import visualize_filters
 
-    with pytest.raises(CellmorphError, match="exactly one of --run RUN"):
+    with pytest.raises(CellmorphError, match="exactly one of run RUN"):
         visualize_filters(out, FAST, run=bare, model=bare)

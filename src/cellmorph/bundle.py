@@ -288,23 +288,19 @@ class BundleMember:
     def network(self) -> nn.Module:
         """The trained network in eval mode (built without any pretrained download): for a linear probe, a
         :class:`~cellmorph.models.heads.ProbeNetwork` (frozen backbone, profile, linear head, TTA of the profile)."""
-        from cellmorph.models import create_model
+        from cellmorph.models import network_from_weights
 
         if self.probe:
             from cellmorph.config.features import FeatureSpec
             from cellmorph.models.features import FeatureExtractor
             from cellmorph.models.heads import LinearProbeHead, ProbeNetwork
 
-            backbone = create_model(self.model_name, 1, init="xavier", in_chans=self.input.channels)
-            backbone.reset_classifier(0)
-            backbone.load_state_dict(self.weights)
+            backbone = network_from_weights(self.model_name, 1, self.input.channels, self.weights, classifier=False)
             extractor = FeatureExtractor(backbone, FeatureSpec.model_validate(self.probe["features"]), self.model_name)
             return ProbeNetwork(extractor, LinearProbeHead.from_state(self.head), self.n_classes,
                                 str(self.config.get("tta", "none"))).eval()
-        module = create_model(self.model_name, self.n_classes, init="xavier", in_chans=self.input.channels,
-                              drop_rate=float(self.config.get("drop_rate", 0.0)))
-        module.load_state_dict(self.weights)
-        return module.eval()
+        return network_from_weights(self.model_name, self.n_classes, self.input.channels, self.weights,
+                                    float(self.config.get("drop_rate", 0.0)))
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 
 T = TypeVar("T")
 
@@ -214,7 +214,7 @@ def init_from_env(device: str = "auto") -> DataParallel:
     wanted = str(device or "auto")
     if wanted not in ("auto", "cpu", "cuda"):
         raise CellmorphError(f"device {wanted!r} under torchrun: each process takes cuda:LOCAL_RANK; "
-                             "give --device cuda, cpu or auto")
+                             f"give {option('device')} cuda, cpu or auto")
     cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():

@@ -7,7 +7,18 @@ it into that line on stderr and a non-zero exit, with no traceback.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
+
+
+_OPTION = re.compile("\0([A-Za-z_][A-Za-z0-9_]*)\0")
+
+
+def option(name: str) -> str:
+    """A setting named inside an error message (``name``: its field or argument, e.g. ``"device"``): the library's
+    message says ``device``, the command line's the flag it maps that setting to (``--device``). So a notebook user
+    reads the argument to change and a shell user the option to give, from one message."""
+    return f"\0{name}\0"
 
 
 class CellmorphError(Exception):
@@ -15,12 +26,21 @@ class CellmorphError(Exception):
 
     The line is guaranteed: a message that quotes another library's multi-line text (a YAML
     parser's context, a CSV tokenizer's) is folded onto one line, so the CLI never prints more.
+    Settings named with :func:`option` read as their field names here, and as their flags in
+    :meth:`command_line_text`.
     """
 
     exit_code = 2
 
     def __str__(self) -> str:
-        return " ".join(super().__str__().split())
+        return " ".join(_OPTION.sub(lambda m: m.group(1), super().__str__()).split())
+
+    def command_line_text(self, flags: dict[str, str] | None = None) -> str:
+        """The message for the command line: each :func:`option` as its flag (``flags``: field → flag where the
+        flag is not ``--`` and the field's name with dashes)."""
+        flags = flags or {}
+        text = _OPTION.sub(lambda m: flags.get(m.group(1), "--" + m.group(1).replace("_", "-")), super().__str__())
+        return " ".join(text.split())
 
 
 class DiskFullError(CellmorphError):

@@ -28,7 +28,7 @@ from cellmorph.cache import cache_source
 from cellmorph.cv.config import CVConfig, validate_config, with_layout_defaults
 from cellmorph.cv.ensemble import check_finished_run, member_dir
 from cellmorph.cv.splits import Fold, parse_cv
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 
 FINAL_FOLD = 999_999  # a fold number no CV uses: the final model's own seeds
 
@@ -71,7 +71,7 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     base = validate_config(config if config is not None else {}, "config")
     members = with_layout_defaults(base, cache_source(data)).members()  # a crop fine-tune: two seeds and a probe
     if calibration is not None and calibration_run is not None:
-        raise CellmorphError("train: give --calibration (run a CV) or --calibration-run (reuse one), not both")
+        raise CellmorphError(f"train: give {option('calibration')} (run a CV) or {option('calibration_run')} (reuse one), not both")
     if calibration_run is not None:
         calibration = _run_scheme(Path(calibration_run))
     scheme = parse_cv(calibration) if calibration is not None else None
@@ -237,7 +237,7 @@ def _run_scheme(run: Path) -> str:
     from cellmorph.runinfo import read_yaml_mapping
 
     if not (run / CONFIG_FILE).is_file():
-        raise CellmorphError(f"--calibration-run {run}: not a cellmorph run (no {CONFIG_FILE})")
+        raise CellmorphError(f"{option('calibration_run')} {run}: not a cellmorph run (no {CONFIG_FILE})")
     return str(read_yaml_mapping(run / CONFIG_FILE).get("config", {}).get("cv", "loco"))
 
 
@@ -270,4 +270,4 @@ def _check_no_cv_only_options(config: CVConfig) -> None:
              if getattr(config, name) != CVConfig.model_fields[name].get_default(call_default_factory=True)]
     if given:
         raise CellmorphError(f"train: {', '.join(given)} only act on the calibration CV's folds; "
-                             "give --calibration loco (or group-kfold:K), or leave them out")
+                             f"give {option('calibration')} loco (or group-kfold:K), or leave them out")

@@ -28,7 +28,7 @@ import pandas as pd
 from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_sets, temperature_helps
 from cellmorph.config.predict import PredictConfig
 from cellmorph.config.prepare import PREPARE_OPTIONS, PrepareConfig
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
 if TYPE_CHECKING:
@@ -104,9 +104,9 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     bundle = load_bundle(model)
     _require_recipe(bundle)
     if not bundle.calibration:
-        raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with --calibration loco")
+        raise CellmorphError(f"{model}: the bundle holds no calibration scores; train it with {option('calibration')} loco")
     if config.mc_dropout and not all(m.config.get("drop_rate") for m in bundle.members):
-        raise CellmorphError(f"{model}: --mc-dropout needs a model trained with dropout (train --drop-rate 0.2)")
+        raise CellmorphError(f"{model}: {option('mc_dropout')} needs a model trained with dropout (train with {option('drop_rate')} 0.2)")
     if config.reuse_freed_memory:
         # Before prepare too: its fields and resized tiles are tens of MB apiece, which glibc would
         # otherwise map and zero afresh for every field (0.9 s of a 240-field plate's 17-19 s end
@@ -232,8 +232,8 @@ def images_recipe(bundle, table: "ImageTable", config: PredictConfig):
     update = {"include_controls": "DMSO" in bundle.classes, "skip_bad": config.skip_bad}
     if config.normalize is not None and config.normalize != prepare.normalize:
         if prepare.normalize == "none":
-            raise CellmorphError(f"--normalize {config.normalize}: the model was trained on tiles without DMSO "
-                                 "normalisation; leave --normalize out")
+            raise CellmorphError(f"{option('normalize')} {config.normalize}: the model was trained on tiles without DMSO "
+                                 f"normalisation; leave {option('normalize')} out")
         update["normalize"] = config.normalize
     return prepare.model_copy(update=update)
 
@@ -335,7 +335,7 @@ def _check_recipe(bundle, cache) -> None:
                  f"{theirs.get(k)!r} for the model" for k in differ]
         raise CellmorphError(f"{cache.root}: prepared with other settings than the model's training cache: "
                              f"{'; '.join(named)}; prepare the screen with the model's settings, or give its "
-                             "images (--layout) and predict prepares them so")
+                             f"images ({option('layout')}) and predict prepares them so")
 
 
 def _summary(treatments, wells, tiles, classes, members, alpha) -> dict:

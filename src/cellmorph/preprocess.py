@@ -45,7 +45,7 @@ from cellmorph.cache import (
 from cellmorph.config.prepare import PREPARE_OPTIONS, PrepareConfig, TileCount  # noqa: F401
 from cellmorph.data.images import check_field_shape, missing_files, path_columns, read_planes, row_paths
 from cellmorph.data.table import ImageTable
-from cellmorph.errors import BadInputError, CellmorphError, disk_full_as_error
+from cellmorph.errors import BadInputError, CellmorphError, disk_full_as_error, option
 from cellmorph.progress import Progress
 from cellmorph.runinfo import created_root, output_lock, require_output_dir, run_info
 
@@ -143,7 +143,7 @@ def check_tile_grid(path, shape, grid: tuple[int, int]) -> None:
     rows, cols = grid
     if shape[0] < rows or shape[1] < cols:
         raise CellmorphError(
-            f"--tiles {rows}x{cols}: {path} is a {shape[0]}×{shape[1]} field, too small to cut into "
+            f"{option('tiles')} {rows}x{cols}: {path} is a {shape[0]}×{shape[1]} field, too small to cut into "
             f"{rows}×{cols} tiles (tile_grid)"
         )
 

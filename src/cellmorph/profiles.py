@@ -31,7 +31,7 @@ import pandas as pd
 
 from cellmorph.data.bbbc021 import read_image_csv, read_moa_csv, select_moa_subset
 from cellmorph.data.table import CONTROL_COMPOUND, batch_of_plate
-from cellmorph.errors import BadInputError
+from cellmorph.errors import BadInputError, option
 from cellmorph.metrics import group_rows
 from cellmorph.schema import TREATMENT_KEYS, WELL_KEYS
 
@@ -385,7 +385,7 @@ def profile_eval(
     check_finite_features(frame, feature_columns(frame), profiles)
     if "Metadata_MoA" not in frame.columns:
         if metadata_dir is None:
-            raise BadInputError(f"{profiles}: no Metadata_MoA column; pass --metadata DIR (BBBC021 metadata folder)")
+            raise BadInputError(f"{profiles}: no Metadata_MoA column; pass {option('metadata')} DIR (BBBC021 metadata folder)")
         frame = attach_bbbc021_metadata(frame, metadata_dir)
     elif "Metadata_Batch" not in frame.columns:
         frame = frame.assign(Metadata_Batch=frame["Metadata_Plate"].astype(str).map(batch_of_plate))

@@ -163,13 +163,13 @@ def require_not_input(out: Path, **inputs) -> None:
     ``inputs`` maps option names (``data``, ``model``) to paths; an output written into its own
     tile cache or model bundle would mix into, and may overwrite, what it reads.
     """
-    from cellmorph.errors import CellmorphError
+    from cellmorph.errors import CellmorphError, option
 
     target = Path(out).resolve()
-    for option, path in inputs.items():
+    for name, path in inputs.items():
         if path is not None and Path(path).resolve() == target:
-            raise CellmorphError(f"--out {out} is the --{option.replace('_', '-')} folder itself; "
-                                 "choose another --out so the input stays as it was")
+            raise CellmorphError(f"{option('out')} {out} is the {option(name)} folder itself; "
+                                 f"choose another {option('out')} so the input stays as it was")
 
 
 def require_file(path: Path, what: str, error=None) -> Path:
@@ -311,7 +311,7 @@ def _hold_lock(handle, folder: Path, command: str) -> None:
     import fcntl
     import socket
 
-    from cellmorph.errors import CellmorphError
+    from cellmorph.errors import CellmorphError, option
 
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -324,7 +324,7 @@ def _hold_lock(handle, folder: Path, command: str) -> None:
         who = ", ".join(f"{k} {holder[k]}" for k in ("command", "pid", "host") if holder.get(k))
         raise CellmorphError(
             f"{folder}: another cellmorph run is writing into this folder ({who or 'holder unknown'}); "
-            "wait for it to finish or choose another --out") from None
+            f"wait for it to finish or choose another {option('out')}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cellmorph.config.runtime import MAX_THREADS
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 
 THREAD_VARIABLES = ("CELLMORPH_THREADS", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
 # torch's own default (physical cores) before anyone changed it: hyperthreads add spin-waits, not speed.
@@ -58,7 +58,7 @@ def default_threads() -> int:
 
 
 def resolve_threads(threads: int | None) -> int:
-    return _thread_count(threads, "--threads") if threads is not None else default_threads()
+    return _thread_count(threads, option("num_threads")) if threads is not None else default_threads()
 
 
 @contextmanager
@@ -104,11 +104,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     resolved = check_device_name(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise CellmorphError(f"--device {device!r} requested but CUDA is not available")
+            raise CellmorphError(f"{option('device')} {device!r} requested but CUDA is not available")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise CellmorphError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise CellmorphError(f"{option('device')} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise CellmorphError(f"--device {device!r} requested but MPS is not available")
+        raise CellmorphError(f"{option('device')} {device!r} requested but MPS is not available")
     return resolved
 
 
@@ -119,7 +119,7 @@ def check_device_name(device: str) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
-        raise CellmorphError(f"--device {device!r}: not a device cellmorph runs on; use auto, cpu, cuda, cuda:N or mps")
+        raise CellmorphError(f"{option('device')} {device!r}: not a device cellmorph runs on; use auto, cpu, cuda, cuda:N or mps")
     return resolved
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmorph.config.visualize import DEFAULT_LAYERS, FilterConfig  # noqa: F401
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.figures import pyplot
 from cellmorph.models.spec import InputSpec
 from cellmorph.runinfo import atomic_path, require_output_dir, write_json
@@ -194,7 +194,7 @@ def _first_pass(tap: _Tap, x: torch.Tensor, size: int) -> torch.Tensor:
     except (RuntimeError, AssertionError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CellmorphError(f"image size {size} px: the network cannot take it ({reason[:160]}); "
-                             "choose another --size") from None
+                             f"choose another {option('size')}") from None
 
 
 def layer_channels(model: nn.Module, layer: str, size: int, spec: InputSpec | None = None) -> int:
@@ -486,26 +486,27 @@ def run_networks(run: Path) -> Comparison:
     """The last fold with saved weights of a cv run directory (``cv --keep-checkpoints last|all``),
     rebuilt from ``config.yaml`` and ``folds/<k>/state.pt``, and its ImageNet counterpart."""
     from cellmorph.cv.rundir import CONFIG_FILE, FOLD_STATE, REPLICATE_DIR, RunDir
-    from cellmorph.models import create_model
+    from cellmorph.models import network_from_weights
 
     run = Path(run)
     rundir = RunDir(run)
     if not (run / CONFIG_FILE).is_file() and (run / REPLICATE_DIR.format(0)).is_dir():
         first = run / REPLICATE_DIR.format(0)
-        raise CellmorphError(f"{run}: holds replicate runs; pass one of them, e.g. --run {first}")
+        raise CellmorphError(f"{run}: holds replicate runs; pass one of them, e.g. {option('run')} {first}")
     from cellmorph.cv.ensemble import is_ensemble_run, member_dir
 
     if is_ensemble_run(run):
         raise CellmorphError(f"{run}: an ensemble's run holds no network of its own; pass one of its members, "
-                             f"e.g. --run {member_dir(run, 1)}")
+                             f"e.g. {option('run')} {member_dir(run, 1)}")
     header = rundir.read_config()
     config = header.get("config") or {}
     if config.get("mode") == "linear-probe":
         raise CellmorphError(f"{run}: a linear-probe run keeps the ImageNet backbone unchanged and saves no network; "
-                             "visualise a fine-tuning run (cv --mode finetune --keep-checkpoints last)")
+                             f"visualise a fine-tuning run (cv with {option('mode')} finetune "
+                             f"{option('keep_checkpoints')} last)")
     kept = sorted(k for k in rundir.finished_folds() if (rundir.fold_dir(k) / FOLD_STATE).is_file())
     if not kept:
-        raise CellmorphError(f"{run}: the run saved no fold weights; rerun cv with --keep-checkpoints last "
+        raise CellmorphError(f"{run}: the run saved no fold weights; rerun cv with {option('keep_checkpoints')} last "
                              "(the default: keeps the last fold's model) to visualise its fine-tuned network")
     fold = kept[-1]
     state = rundir.fold_state(fold)
@@ -514,15 +515,13 @@ def run_networks(run: Path) -> Comparison:
         weights = state["model"]
     except (KeyError, TypeError):
         raise CellmorphError(f"{rundir.fold_dir(fold) / FOLD_STATE}: not a fold checkpoint of cellmorph cv") from None
-    module = create_model(name, len(classes), init="xavier", in_chans=spec.channels,
-                          drop_rate=float(config.get("drop_rate") or 0.0))
     try:
-        module.load_state_dict(weights)
+        module = network_from_weights(name, len(classes), spec.channels, weights, float(config.get("drop_rate") or 0.0))
     except RuntimeError as exc:
         raise CellmorphError(f"{rundir.fold_dir(fold) / FOLD_STATE}: does not fit {name} "
                              f"({str(exc).splitlines()[0][:160]})") from None
     finetuned = NamedNetwork(f"{_finetuned_label(str(config.get('init', 'imagenet')))} (fold {fold})",
-                             module.eval(), spec)
+                             module, spec)
     imagenet = imagenet_network(name, len(classes), spec.channels, config.get("weights"))
     return Comparison(name, imagenet, finetuned, {"kind": "run", "path": str(run), "fold": fold})
 
@@ -544,7 +543,7 @@ def bundle_networks(model: Path) -> Comparison:
 def visualize_filters(out: Path, config: FilterConfig, run: Path | None = None, model: Path | None = None) -> dict:
     """``cellmorph visualize filters``: the comparison of ``run`` (a cv run) or ``model`` (a bundle) into ``out``."""
     if (run is None) == (model is None):
-        raise CellmorphError("give exactly one of --run RUN (a cv run directory) or --model MODEL (a model bundle)")
+        raise CellmorphError(f"give exactly one of {option('run')} RUN (a cv run directory) or {option('model')} MODEL (a model bundle)")
     out = require_output_dir(Path(out), "filter image folder")
     comparison = run_networks(run) if run is not None else bundle_networks(model)
     paths = write_filter_comparison(comparison, out, config)

@@ -163,7 +163,7 @@ def test_bad_configs_fail_early_with_one_line(crop_cache, tmp_path):
         # One treated compound, its MoA's only one: no compound scheme can hold it out and learn it
         # (the rule itself is tested in cv/test_splits.py); strict folds it anyway and fails as before.
         (dict(SMALL, cv="group-kfold:3"), r"every treated compound is the only one of its MoA \(cyclohexamide\)"),
-        (dict(SMALL, cv="loco"), r"cv loco: every treated compound is the only one of its MoA.*--cv well:K"),
+        (dict(SMALL, cv="loco"), r"cv loco: every treated compound is the only one of its MoA.*\(cv well:K\)"),
         (dict(SMALL, cv="nscb"), "cyclohexamide"),
         (dict(SMALL, cv="group-kfold:3", strict=True), "3 folds but only 1 compounds"),
         (dict(SMALL, cv="loco", strict=True), r"fold 0 \(cyclohexamide\) leaves no tiles to train on"),

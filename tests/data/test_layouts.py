@@ -20,14 +20,15 @@ def test_load_table_dispatches_on_the_layout(tiny_screen, real_crops, tmp_path):
 @pytest.mark.parametrize(
     "layout, message",
     [
-        ("bbbc021", "--layout bbbc021 needs --root DIR"),
-        ("bbbc014", "--layout bbbc014 needs --root DIR"),
-        ("crops", "--layout crops needs --index CSV"),
-        ("generic", "--layout generic needs --layout-config YAML"),
+        ("bbbc021", "^layout bbbc021 needs root DIR"),
+        ("bbbc014", "^layout bbbc014 needs root DIR"),
+        ("crops", "^layout crops needs index CSV"),
+        ("generic", "^layout generic needs layout_config YAML"),
         ("cellpainting", "unknown layout 'cellpainting'; valid layouts: " + ", ".join(LAYOUTS)),
     ],
 )
 def test_load_table_says_what_a_layout_needs(layout, message):
+    """In the library's terms (its arguments); the command line says --root, --index (tests/test_errors.py)."""
     with pytest.raises(CellmorphError, match=message):
         load_table(layout)
 

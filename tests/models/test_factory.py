@@ -158,7 +158,7 @@ def test_bad_arguments(offline, tmp_path):
         create_model("mobilenetv2_10O", num_classes=2)
     with pytest.raises(CellmorphError, match="init must be 'imagenet', 'xavier' or a checkpoint"):
         create_model(MOBILE, num_classes=2, init="glorot")
-    with pytest.raises(CellmorphError, match="--weights applies only to init=imagenet"):
+    with pytest.raises(CellmorphError, match="^weights applies only to init=imagenet"):
         create_model(MOBILE, num_classes=2, init="xavier", weights=tmp_path / "w.pth")
     with pytest.raises(CellmorphError, match="num_classes"):
         create_model(MOBILE, num_classes=0)

@@ -7,7 +7,8 @@ import inspect as introspect  # `inspect` is also a command name
 import json
 import sys
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from dataclasses import dataclass
+from typing import Literal, Optional, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -16,7 +17,7 @@ from rich.table import Table
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
 from cellmorph.config.embed import EmbedConfig
-from cellmorph.config.prepare import PrepareConfig
+from cellmorph.config.prepare import Layout, PrepareConfig
 from cellmorph.cv.config import CVConfig, field_help
 from cellmorph.cv.executors import ExecutorConfig
 from cellmorph.errors import CellmorphError, DiskFullError, is_disk_full
@@ -48,6 +49,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 THREADS_HELP = field_help("num_threads")
+# Settings whose command-line flag is not their name with dashes: the library's errors name the setting
+# (cellmorph.errors.option), and the command line shows its flag.
+OPTION_FLAGS = {"num_threads": "--threads", "allow_network": "--online",
+                "include_controls_as_class": "--include-controls"}
 PROGRESS_HELP = "progress bars on a terminal, one line per step in a log (--no-progress: silent)"
 
 
@@ -60,7 +65,7 @@ def user_errors(func):
             _check_path_options(kwargs)
             return func(*args, **kwargs)
         except CellmorphError as exc:
-            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.write(f"error: {exc.command_line_text(OPTION_FLAGS)}\n")
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             # A full disk can strike any write, including one outside the atomic-write helpers
@@ -181,3 +186,41 @@ def shared_options(options: dict, parameter: str, collect=lambda values: values)
 FEATURES_HELP = ("head (the backbone's pooled output), or timm feature stages counted from 0 with their "
                  "spatial pools: stage3 (mean-pooled), stage3+stage4/mean+max, stage3/gem (default stage3; "
                  "stage3+stage4 for crop tables)")
+
+
+# ----------------------------------------------------------------------------- the input-options group
+@dataclass
+class ImageInput:
+    """Where a screen's images and tables are, as ``inspect``, ``prepare`` and ``predict`` take them (one group of
+    options): the layout and its folders and tables. ``load(**kwargs)`` reads it as an ImageTable."""
+
+    layout: str | None
+    root: Path | None
+    metadata: Path | None
+    index: Path | None
+    layout_config: Path | None
+    moa: Path | None
+    channels: str | None
+
+    def load(self, default_layout: str = "bbbc021", **kwargs):
+        from cellmorph.data.layouts import load_table
+
+        return load_table(self.layout or default_layout, self.root, self.metadata, self.index, self.layout_config,
+                          self.moa, self.channels, **kwargs)
+
+
+def input_options(layout_help: str = "input layout (default bbbc021)"):
+    """The input-options group, received as an :class:`ImageInput` ``images`` (``layout_help``: what the layout
+    means to the command)."""
+    options = {
+        "layout": (Optional[Layout], typer.Option(None, help=layout_help)),
+        "root": (Optional[Path], typer.Option(None, help="image root (bbbc021 and bbbc014 layouts)")),
+        "metadata": (Optional[Path], typer.Option(
+            None, help="folder with BBBC021_v1_image.csv (default: --root); BBBC021_v1_moa.csv there labels the MoAs")),
+        "index": (Optional[Path], typer.Option(None, help="crop table CSV (crops layout)")),
+        "layout_config": (Optional[Path], typer.Option(None, help="YAML GenericLayout (generic layout)")),
+        "moa": (Optional[Path], typer.Option(None, help="compound,moa table to label crops (crops layout)")),
+        "channels": (Optional[str], typer.Option(None, help="comma-separated channel names (crops layout)")),
+    }
+    return shared_options(options, "images", lambda values: ImageInput(**values))
+

@@ -13,36 +13,32 @@ from cellmorph.cli.common import (
     PROGRESS_HELP,
     THREADS_HELP,
     Dataset,
+    ImageInput,
     Normalize,
     Scaling,
     log_line,
     command,
+    input_options,
     out_console,
 )
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
-from cellmorph.config.prepare import Layout, PrepareConfig
+from cellmorph.config.prepare import PrepareConfig
 from cellmorph.errors import CellmorphError
 
 
 # ----------------------------------------------------------------------------- inspect
 @command()
+@input_options()
 def inspect(
-    layout: Layout = typer.Option("bbbc021", help="input layout"),
-    metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv"),
-    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
-    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
-    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
-    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
-    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
     moa_subset: bool = typer.Option(True, "--moa-subset/--all-annotated", help="the paper's annotated subset"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    images: ImageInput | None = None,
 ) -> None:
     """Count images, treatments and compounds of a dataset (no pixels are read)."""
-    from cellmorph.data.layouts import load_table
-
-    table = load_table(layout, root, metadata, index, layout_config, moa, channels, moa_subset)
+    table = images.load(moa_subset=moa_subset)
+    layout = images.layout or "bbbc021"
     log_line(table.excluded_note())
     summary = table.summary()
     if as_json:
@@ -102,15 +98,9 @@ def _parse_grid(text: str) -> tuple[int, int]:
 
 
 @command()
+@input_options()
 def prepare(
     out: Path = typer.Option(..., help="cache folder to write"),
-    layout: Layout = typer.Option("bbbc021", help="input layout"),
-    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
-    metadata: Optional[Path] = typer.Option(None, help="folder with the BBBC021 CSVs (default: --root)"),
-    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
-    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
-    moa: Optional[Path] = typer.Option(None, help="compound,moa table to label crops"),
-    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
     normalize: Optional[Normalize] = typer.Option(
         None, help=_prepare_help("normalize", "default plate; none for bbbc014")),
     tiles: Optional[str] = typer.Option(None, help="ROWSxCOLS: " + _prepare_help("tile_grid", "default 2x2; 1x1 for crops")),
@@ -128,13 +118,14 @@ def prepare(
                                "DMSO z-score, 8-bit map stretched per field (crops default to a fixed map)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    images: ImageInput | None = None,
 ) -> None:
     """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
-    from cellmorph.data.layouts import load_table, prepare_config
+    from cellmorph.data.layouts import prepare_config
     from cellmorph.preprocess import prepare as run_prepare
 
     cfg = prepare_config(
-        layout,
+        images.layout or "bbbc021",
         config,
         paper,
         normalize=normalize,
@@ -145,7 +136,7 @@ def prepare(
         empty_tile_fraction=empty_tile_fraction,
         skip_bad=True if skip_bad else None,
     )
-    table = load_table(layout, root, metadata, index, layout_config, moa, channels, strict_compounds=strict_compounds)
+    table = images.load(strict_compounds=strict_compounds)
     summary = run_prepare(table, out, cfg, progress=progress, log=log_line, threads=threads)
     print(json.dumps(summary))
 

@@ -12,17 +12,18 @@ from rich.table import Table
 from cellmorph.cli.common import (
     PROGRESS_HELP,
     THREADS_HELP,
+    ImageInput,
     Normalize,
     log_line,
     print_report,
     command,
     console,
+    input_options,
 )
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
 from cellmorph.config.predict import PredictConfig
-from cellmorph.config.prepare import Layout
 from cellmorph.errors import CellmorphError, validated
 
 
@@ -31,20 +32,13 @@ def _predict_help(name: str) -> str:
 
 
 @command()
+@input_options("input layout of raw images, prepared with the model's recipe into OUT/cache; labels are "
+               "optional")
 def predict(
     model: Path = typer.Option(..., help="model bundle from `cellmorph train`"),
     out: Path = typer.Option(..., help="folder for tiles/wells/treatments tables"),
     data: Optional[Path] = typer.Option(None, help="tile cache of the screen, prepared with the model's recipe "
                                         "(else give the images: --layout with --root, --index or --layout-config)"),
-    layout: Optional[Layout] = typer.Option(None, help="input layout of raw images, prepared with the model's "
-                                            "recipe into OUT/cache; labels are optional"),
-    root: Optional[Path] = typer.Option(None, help="image root (bbbc021 layout)"),
-    metadata: Optional[Path] = typer.Option(None, help="folder with BBBC021_v1_image.csv (default: --root); "
-                                            "BBBC021_v1_moa.csv there is optional"),
-    index: Optional[Path] = typer.Option(None, help="crop table CSV (crops layout)"),
-    layout_config: Optional[Path] = typer.Option(None, help="YAML GenericLayout (generic layout)"),
-    moa: Optional[Path] = typer.Option(None, help="compound,moa table of the compounds whose MoA is known"),
-    channels: Optional[str] = typer.Option(None, help="comma-separated channel names (crops)"),
     normalize: Optional[Normalize] = typer.Option(None, help=_predict_help("normalize")),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_predict_help("skip_bad")),
     alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
@@ -53,6 +47,7 @@ def predict(
     batch_size: int = typer.Option(16, help=_predict_help("batch_size")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    images: ImageInput | None = None,
 ) -> None:
     """Call the MoA of every treatment of a screen, with confidence and a conformal prediction set."""
     from cellmorph.predict import predict as run_predict
@@ -61,18 +56,17 @@ def predict(
         alpha=alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
         normalize=normalize,
         reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
+    layout = images.layout
     if (data is None) == (layout is None):
         raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
                              "--root/--index/--layout-config")
-    if moa is not None and layout != "crops":
+    if images.moa is not None and layout != "crops":
         raise CellmorphError("--moa labels crop tables (--layout crops); BBBC021 reads BBBC021_v1_moa.csv beside "
                              "the image table, a generic layout its YAML's moa_table")
     if data is not None and (normalize is not None or skip_bad):
         raise CellmorphError("--normalize and --skip-bad apply to images (--layout); a cache is already prepared")
     if layout is not None:
-        from cellmorph.data.layouts import load_table
-
-        data = load_table(layout, root, metadata, index, layout_config, moa, channels, require_labels=False)
+        data = images.load(require_labels=False)
     summary = run_predict(model, data, out, settings, progress=progress, log=log_line)
     grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}: "
                        f"mean set size {summary['mean_set_size']:.2f}, {summary['n_empty_sets']} empty")

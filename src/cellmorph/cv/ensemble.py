@@ -28,7 +28,7 @@ import yaml
 
 from cellmorph.cv.config import CVConfig
 from cellmorph.cv.rundir import CONFIG_FILE, RunDir, what_differs
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.metrics import mean_of_levels
 from cellmorph.runinfo import atomic_path, created_root, output_lock, require_output_dir, run_info
 
@@ -52,13 +52,13 @@ def run_ensemble_cv(data: Path, out: Path, base: CVConfig, resume: bool = False,
     out = require_output_dir(Path(out), "run directory")
     rundir = RunDir(out)
     if rundir.has_results() and not resume:
-        raise CellmorphError(f"{out} already holds a run (finished): continue it with --resume, or choose another --out")
+        raise CellmorphError(f"{out} already holds a run (finished): continue it with {option('resume')}, or choose another {option('out')}")
     if resume and not (out / CONFIG_FILE).is_file() and not member_dir(out, 1).is_dir():
-        raise CellmorphError(f"{out}: --resume: not a cellmorph run (no {CONFIG_FILE}); check --out, or drop --resume")
+        raise CellmorphError(f"{out}: {option('resume')}: not a cellmorph run (no {CONFIG_FILE}); check {option('out')}, or drop {option('resume')}")
     if (out / CONFIG_FILE).is_file() and not is_ensemble_run(out):
         # e.g. a crop fine-tune started before two seeds became its default: resume it as what it is
         raise CellmorphError(f"{out} holds a run of one network, not an ensemble's: continue it with "
-                             "--ensemble-seeds 1 (one network), or choose another --out")
+                             f"{option('ensemble_seeds')} 1 (one network), or choose another {option('out')}")
     folders = [member_dir(out, k) for k in range(1, len(members) + 1)]
     created = created_root(out)
     with output_lock(out, "cv"), executor_scope(executor) as engine:
@@ -152,8 +152,8 @@ def check_finished_run(data: Path, run: Path, config: CVConfig) -> dict:
     members = resolved.members() if resolved.ensemble else [resolved]
     if bool(resolved.ensemble) != is_ensemble_run(run):
         has, wants = ("an ensemble's", "one network") if is_ensemble_run(run) else ("one network's", "an ensemble")
-        raise CellmorphError(f"{run} holds {has} run, but the recipe trains {wants} (--ensemble-seeds, "
-                             "--ensemble-models)")
+        raise CellmorphError(f"{run} holds {has} run, but the recipe trains {wants} ({option('ensemble_seeds')}, "
+                             f"{option('ensemble_models')})")
     folders = [member_dir(run, k) for k in range(1, len(members) + 1)] if resolved.ensemble else [run]
     for member, folder in zip(members, folders):
         if not (folder / CONFIG_FILE).is_file() or not RunDir(folder).has_results():

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellmorph.errors import CellmorphError, validated
+from cellmorph.errors import CellmorphError, option, validated
 from cellmorph.runinfo import read_yaml_mapping
 
 EXECUTORS = ("local", "dask", "slurm")
@@ -252,7 +252,7 @@ def _dask_result(future, task: FoldTask, address: str, done: int, total: int) ->
         raise
     except KilledWorker:
         raise CellmorphError(f"{task.name()}: the Dask workers running it died repeatedly (out of memory?); "
-                             "finished folds are kept: --resume continues") from None
+                             f"finished folds are kept: {option('resume')} continues") from None
     except (FutureCancelledError, CommClosedError, OSError, TimeoutError) as error:
         raise CellmorphError(f"{lost} [{type(error).__name__}]") from None
     except Exception as error:  # noqa: BLE001 - cancellation types differ across distributed releases
@@ -335,7 +335,7 @@ class SlurmExecutor(Executor):
                 log = getattr(job.paths, "stderr", folder)
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise CellmorphError(f"{task.name()} (job {job.job_id}) failed: {first} (log: {log}); "
-                                     "finished folds are kept: --resume continues") from None
+                                     f"finished folds are kept: {option('resume')} continues") from None
             on_done(task, info)
 
 

@@ -16,7 +16,7 @@ from cellmorph.cv.config import CVConfig, validate_config
 from cellmorph.cv.rundir import CONFIG_FILE, INIT_COMPARISON, METRICS_FILE, REPLICATE_DIR, REPLICATES_CSV, RunDir
 from cellmorph.cv.executors import executor_scope
 from cellmorph.cv.run import run_cv
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.metrics import ACCURACY_KEYS
 from cellmorph.models.factory import INITS
 from cellmorph.runinfo import require_output_dir, run_info, write_csv, write_json
@@ -46,7 +46,7 @@ def run_replicates(
     for r in range(replicates):
         run_dir = out / REPLICATE_DIR.format(r)
         if RunDir(run_dir).has_results() and not resume:
-            raise CellmorphError(f"{run_dir} already holds a run (finished): continue it with --resume, or choose another --out")
+            raise CellmorphError(f"{run_dir} already holds a run (finished): continue it with {option('resume')}, or choose another {option('out')}")
     with executor_scope(executor) as engine:  # one cluster for every replicate
         for r in range(replicates):
             run_dir = out / REPLICATE_DIR.format(r)

@@ -46,7 +46,7 @@ from cellmorph.cv.rundir import (
 )
 from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
 from cellmorph.distributed import current as current_data_parallel
-from cellmorph.errors import CellmorphError, disk_full_as_error
+from cellmorph.errors import CellmorphError, disk_full_as_error, option
 from cellmorph.metrics import (
     ACCURACY_KEYS,
     aggregate,
@@ -227,7 +227,7 @@ def _check_data_parallel(plan: RunPlan, executor) -> None:
         raise CellmorphError(f"cv under torchrun trains each fold data-parallel in these processes: use the local "
                              f"executor, not {kind} (or run folds on {kind} without torchrun)")
     if plan.config.mode == "linear-probe":
-        raise CellmorphError("cv --mode linear-probe trains no network to share out: run it without torchrun")
+        raise CellmorphError(f"cv {option('mode')} linear-probe trains no network to share out: run it without torchrun")
 
 
 def run_folds(plan: RunPlan, rundir: RunDir, resume: bool, bar: Progress, executor: "Executor",

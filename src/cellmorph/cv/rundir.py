@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import yaml
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.runinfo import LOCK_FILE, atomic_path, share_like_new, write_csv, write_json, write_text
 from cellmorph.schema import CACHE_ROW_COLUMN, FOLD_COLUMN, TRUE_COLUMN, prob_column
 
@@ -167,13 +167,13 @@ class RunDir:
         if resume and not config_path.is_file():
             # --resume promises to continue a run; starting a fresh one in its place would hide a
             # mistyped --out until the run (hours later) turns out to be new.
-            raise CellmorphError(f"{self.root}: --resume: not a cellmorph run (no {CONFIG_FILE}); "
-                                 "check --out, or drop --resume to start a run there")
+            raise CellmorphError(f"{self.root}: {option('resume')}: not a cellmorph run (no {CONFIG_FILE}); "
+                                 f"check {option('out')}, or drop {option('resume')} to start a run there")
         if config_path.is_file() and finished:
             if not resume:
                 raise CellmorphError(
                     f"{self.root} already holds a run ({len(finished)} fold(s) finished): "
-                    "continue it with --resume, or choose another --out"
+                    f"continue it with {option('resume')}, or choose another {option('out')}"
                 )
             previous = yaml.safe_load(config_path.read_text()) or {}
             if previous.get("fingerprint") != fingerprint:
@@ -277,7 +277,7 @@ class RunDir:
         """A fold's saved weights and record (``weights_only`` load: plain tensors and types only)."""
         path = self.fold_dir(fold) / FOLD_STATE
         if not path.is_file():
-            raise CellmorphError(f"{path}: no saved weights for fold {fold} (run cv with --keep-checkpoints all)")
+            raise CellmorphError(f"{path}: no saved weights for fold {fold} (run cv with {option('keep_checkpoints')} all)")
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # ------------------------------------------------------------------ run-level files

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.config.scheme import BATCH_SCHEMES, CV_CHOICES, DEFAULT_WELL_FOLDS, CVScheme, parse_cv  # noqa: F401
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.schema import CONTROL_COLUMN, TRUE_COLUMN, WELL_KEYS
 
 
@@ -201,7 +201,8 @@ def _compound_test_sets(tiles: _Tiles, scheme: CVScheme, rng: np.random.Generato
     if not compound_list and exclude:
         raise CellmorphError(
             f"cv {scheme}: every treated compound is the only one of its MoA ({', '.join(sorted(exclude)[:5])}), so "
-            "none can be held out and still be learnt; hold out wells instead (--cv well:K), or give --strict "
+            f"none can be held out and still be learnt; hold out wells instead ({option('cv')} well:K), or give "
+            f"{option('strict')} "
             "to fold them anyway")
     if not compound_list:
         raise CellmorphError("no treated (non-control) tiles to cross-validate")

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from cellmorph.config.prepare import LAYOUTS, PREPARE_OPTIONS, PrepareConfig
 from cellmorph.data.table import ImageTable
-from cellmorph.errors import CellmorphError, validated
+from cellmorph.errors import CellmorphError, option, validated
 from cellmorph.runinfo import read_yaml_mapping
 
 # The network input size for a layout's tiles when none is given (None: the model's own, 224/299).
@@ -93,7 +93,7 @@ def load_table(
         from cellmorph.data.bbbc021 import load_bbbc021
 
         if root is None and metadata is None:
-            raise CellmorphError("--layout bbbc021 needs --root DIR (and optionally --metadata DIR)")
+            raise CellmorphError(f"{option('layout')} bbbc021 needs {option('root')} DIR (and optionally {option('metadata')} DIR)")
         if not require_labels:
             from cellmorph.data.bbbc021 import load_unlabelled
 
@@ -103,19 +103,19 @@ def load_table(
         from cellmorph.data.bbbc014 import load_bbbc014
 
         if root is None:
-            raise CellmorphError("--layout bbbc014 needs --root DIR")
+            raise CellmorphError(f"{option('layout')} bbbc014 needs {option('root')} DIR")
         return load_bbbc014(root)
     if layout == "crops":
         from cellmorph.data.crops import DEFAULT_CHANNELS, load_crop_table
 
         if index is None:
-            raise CellmorphError("--layout crops needs --index CSV")
+            raise CellmorphError(f"{option('layout')} crops needs {option('index')} CSV")
         names = tuple(c.strip() for c in channels.split(",") if c.strip()) if channels else DEFAULT_CHANNELS
         return load_crop_table(index, channels=names, moa_csv=moa, require_labels=require_labels)
     from cellmorph.data.generic import load_generic_yaml
 
     if layout_config is None:
-        raise CellmorphError("--layout generic needs --layout-config YAML")
+        raise CellmorphError(f"{option('layout')} generic needs {option('layout_config')} YAML")
     return load_generic_yaml(layout_config, require_labels)
 
 

@@ -1,7 +1,14 @@
 """Backbones: offline-first ImageNet weights, model construction and frozen stages."""
 
 from cellmorph.models.build import Network, build_model, check_input_size, input_size_errors, model_input_spec
-from cellmorph.models.factory import create_model, freeze_stages, load_checkpoint, stage_names, xavier_init_
+from cellmorph.models.factory import (
+    create_model,
+    freeze_stages,
+    load_checkpoint,
+    network_from_weights,
+    stage_names,
+    xavier_init_,
+)
 from cellmorph.models.spec import InitRecord, InputSpec
 from cellmorph.models.weights import (
     BACKBONES,
@@ -40,6 +47,7 @@ __all__ = [
     "load_pretrained",
     "model_input_spec",
     "model_preprocessing",
+    "network_from_weights",
     "resolve_weights",
     "stage_names",
     "verify_weights",

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.models.factory import create_model
 from cellmorph.models.spec import InitRecord, InputSpec
 
@@ -82,7 +82,7 @@ def input_size_errors(spec: InputSpec, name: str):
     except (RuntimeError, AssertionError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CellmorphError(
-            f"image size {spec.size} px: {name} cannot take it ({reason[:160]}); choose another --image-size"
+            f"image size {spec.size} px: {name} cannot take it ({reason[:160]}); choose another {option('image_size')}"
         ) from None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.models.spec import InitRecord, InputSpec
 from cellmorph.models.weights import (
     _is_counter,
@@ -67,7 +67,7 @@ def create_model(
                 f"init must be 'imagenet', 'xavier' or a checkpoint file; {init_s!r} is neither (file not found)"
             )
     if weights is not None and init_s != "imagenet":
-        raise CellmorphError(f"--weights applies only to init=imagenet (got init={init_s!r})")
+        raise CellmorphError(f"{option('weights')} applies only to init=imagenet (got init={init_s!r})")
 
     resolved = resolve_weights(name, weights, allow_network) if init_s == "imagenet" else None
 
@@ -171,6 +171,18 @@ def stage_names(model: nn.Module) -> list[list[str]]:
         raise CellmorphError(f"{type(model).__name__} does not declare its stages; freeze_stages needs a timm model")
     groups = group_modules(model, model.group_matcher(coarse=True))
     return [list(names) for _, names in sorted(groups.items())]
+
+
+def network_from_weights(name: str, n_classes: int, in_chans: int, weights: dict, drop_rate: float = 0.0,
+                         classifier: bool = True) -> torch.nn.Module:
+    """``name``'s network with ``weights`` (a fold's or a bundle's state dict), in eval mode: the one way a saved
+    network is rebuilt. Built with init xavier, which draws nothing from anywhere (no download) before the weights
+    replace it. ``classifier=False``: a backbone saved without its classifier (a linear probe's)."""
+    module = create_model(name, n_classes if classifier else 1, init="xavier", in_chans=in_chans, drop_rate=drop_rate)
+    if not classifier:
+        module.reset_classifier(0)
+    module.load_state_dict(weights)
+    return module.eval()
 
 
 def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:

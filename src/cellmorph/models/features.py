@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cellmorph.config.features import DEFAULT_FEATURES, GEM_P, HEAD, FeatureSpec, Pool  # noqa: F401
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 
 
 def _pool(maps: torch.Tensor, how: str) -> torch.Tensor:
@@ -46,7 +46,7 @@ class FeatureExtractor(nn.Module):
             name = model_name or type(model).__name__
             if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
                 raise CellmorphError(f"features {spec.describe()}: {name} has no timm feature stages; "
-                                     "use --features head")
+                                     f"use {option('features')} head")
             stages = len(model.feature_info)
             beyond = [k for k in spec.layers if k >= stages]
             if beyond:

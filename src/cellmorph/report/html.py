@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, option
 from cellmorph.metrics import BOOTSTRAP_DRAWS, bootstrap_interval
 from cellmorph.runinfo import write_text
 from cellmorph.schema import CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
@@ -563,7 +563,7 @@ def gradcam_figure(model, spec, cache, picks: list[dict], classes: list[str], gr
 def _cv_network(run: Path, header: dict):
     """The last fold's saved weights (``keep_checkpoints``), rebuilt; its input spec; which fold."""
     from cellmorph.cv.rundir import FOLD_STATE, RunDir
-    from cellmorph.models import create_model
+    from cellmorph.models import network_from_weights
     from cellmorph.models.spec import InputSpec
 
     if (header.get("config") or {}).get("mode") == "linear-probe":
@@ -571,14 +571,12 @@ def _cv_network(run: Path, header: dict):
         raise CellmorphError("a linear-probe run keeps the ImageNet backbone unchanged and trains no network")
     states = sorted((run / "folds").glob(f"*/{FOLD_STATE}"), key=lambda p: int(p.parent.name))
     if not states:
-        raise CellmorphError("the run kept no fold weights (cv --keep-checkpoints last keeps one fold's)")
+        raise CellmorphError(f"the run kept no fold weights (cv with {option('keep_checkpoints')} last keeps one fold's)")
     fold = int(states[-1].parent.name)
     record = RunDir(run).fold_state(fold)
     spec = InputSpec.from_record(record["input"])
-    # The architecture only (init xavier draws no weights from anywhere); the fold's weights replace it.
-    model = create_model(record["model_name"], len(record["classes"]), init="xavier", in_chans=len(spec.mean))
-    model.load_state_dict(record["model"])
-    return model.eval(), spec, {"fold": fold, "what": f"fold {fold}'s model"}
+    model = network_from_weights(record["model_name"], len(record["classes"]), len(spec.mean), record["model"])
+    return model, spec, {"fold": fold, "what": f"fold {fold}'s model"}
 
 
 def _bundle_network(path):
