@@ -181,38 +181,84 @@ def _prepare_cli(root: Path, out: Path, *extra: str) -> subprocess.CompletedProc
     return run_cli("prepare", "--layout", "bbbc021", "--root", str(root), "--out", str(out), *extra)
 
 
-def test_missing_image(tiny_copy, tmp_path):
-    _, path = _first_treated(tiny_copy)
+# Bad images and metadata rows, each made in a copy of the tiny screen: (the defect's file or row, the words the
+# error must hold), and whether the compound check is strict. Each is one error naming the file or row, and
+# nothing is written (the command line's side of that contract: the test after).
+def _missing_image(root):
+    _, path = _first_treated(root)
     path.unlink()
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, str(path), "missing image")
-    assert not (tmp_path / "cache").exists()
+    return [str(path), "missing image"], False
 
 
-def test_corrupt_truncated_tiff(tiny_copy, tmp_path):
-    _, path = _first_treated(tiny_copy)
+def _truncated_tiff(root):
+    _, path = _first_treated(root)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, str(path), "corrupt or truncated TIFF")
-    assert not (tmp_path / "cache").exists()
+    return [str(path), "corrupt or truncated TIFF"], False
 
 
-def test_wrong_shape(tiny_copy, tmp_path):
-    _, path = _first_treated(tiny_copy)
+def _wrong_shape(root):
+    _, path = _first_treated(root)
     good = tifffile.imread(path)
     tifffile.imwrite(path, np.zeros((good.shape[0] // 2, good.shape[1]), np.uint16))
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, str(path))
+    return [str(path)], False
+
+
+def _wrong_channel_count(root):
+    _, path = _first_treated(root)
+    good = tifffile.imread(path)
+    tifffile.imwrite(path, np.zeros((*good.shape, 3), np.uint16), photometric="rgb")
+    return [str(path), "single-channel"], False
+
+
+def _blank_metadata(root):
+    images = _image_csv(root)
+    images.loc[5, "Image_Metadata_Well_DAPI"] = ""
+    images.to_csv(root / "BBBC021_v1_image.csv", index=False)
+    return ["BBBC021_v1_image.csv", "row 7", "Image_Metadata_Well_DAPI"], False
+
+
+def _nan_concentration(root):
+    images = _image_csv(root)
+    images["Image_Metadata_Concentration"] = images["Image_Metadata_Concentration"].astype(object)
+    images.loc[2, "Image_Metadata_Concentration"] = "NaN"
+    images.to_csv(root / "BBBC021_v1_image.csv", index=False)
+    return ["row 4", "Image_Metadata_Concentration"], False
+
+
+def _compound_absent_from_moa_table(root):
+    images = _image_csv(root)
+    pos = int(np.flatnonzero((images["Image_Metadata_Compound"] != "DMSO").to_numpy())[4])
+    images.loc[pos, "Image_Metadata_Compound"] = "mystery-compound"
+    images.to_csv(root / "BBBC021_v1_image.csv", index=False)
+    return [f"row {pos + 2}", "mystery-compound", "absent from BBBC021_v1_moa.csv"], True
+
+
+BAD_INPUTS = {f.__name__.lstrip("_").replace("_", " "): f for f in (
+    _missing_image, _truncated_tiff, _wrong_shape, _wrong_channel_count, _blank_metadata, _nan_concentration,
+    _compound_absent_from_moa_table)}
+
+
+@pytest.mark.parametrize("defect", list(BAD_INPUTS))
+def test_bad_input_is_one_error_naming_its_file_or_row_and_leaves_nothing(defect, tiny_copy, tmp_path):
+    from cellmorph.data.layouts import load_table
+    from cellmorph.errors import CellmorphError
+
+    needles, strict = BAD_INPUTS[defect](tiny_copy)
+    with pytest.raises(CellmorphError) as caught:
+        table = load_table("bbbc021", tiny_copy, strict_compounds=strict)
+        prepare(table, tmp_path / "cache", PrepareConfig(), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and all(needle in message for needle in needles), message
     assert not (tmp_path / "cache").exists()
 
 
-def test_wrong_channel_count(tiny_copy, tmp_path):
+def test_the_command_line_reports_bad_input_as_one_line_exit_2_and_leaves_nothing(tiny_copy, tmp_path):
+    needles, _ = BAD_INPUTS["compound absent from moa table"](tiny_copy)
+    one_line_error(_prepare_cli(tiny_copy, tmp_path / "cache", "--strict-compounds"), *needles)
     _, path = _first_treated(tiny_copy)
-    good = tifffile.imread(path)
-    tifffile.imwrite(path, np.zeros((*good.shape, 3), np.uint16), photometric="rgb")
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, str(path), "single-channel")
+    path.unlink()
+    one_line_error(_prepare_cli(tiny_copy, tmp_path / "cache"), str(path), "missing image")
     assert not (tmp_path / "cache").exists()
 
 
@@ -227,24 +273,6 @@ def test_wrong_channel_count_in_a_crop(real_crops, tmp_path):
     proc = run_cli("prepare", "--layout", "crops", "--index", str(tmp_path / "index.csv"), "--out", str(tmp_path / "c"))
     one_line_error(proc, str(bad), "H×W×3")
     assert not (tmp_path / "c").exists()
-
-
-def test_blank_metadata(tiny_copy, tmp_path):
-    images = _image_csv(tiny_copy)
-    images.loc[5, "Image_Metadata_Well_DAPI"] = ""
-    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, "BBBC021_v1_image.csv", "row 7", "Image_Metadata_Well_DAPI")
-    assert not (tmp_path / "cache").exists()
-
-
-def test_nan_concentration(tiny_copy, tmp_path):
-    images = _image_csv(tiny_copy)
-    images["Image_Metadata_Concentration"] = images["Image_Metadata_Concentration"].astype(object)
-    images.loc[2, "Image_Metadata_Concentration"] = "NaN"
-    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache")
-    one_line_error(proc, "row 4", "Image_Metadata_Concentration")
 
 
 def test_plate_without_dmso_suggests_batch(tiny_copy, tmp_path):
@@ -268,16 +296,6 @@ def test_plate_without_dmso_suggests_batch(tiny_copy, tmp_path):
     alone = _prepare_cli(tiny_copy, tmp_path / "cache2", "--normalize", "batch")
     one_line_error(alone, f"batch {week}", "no DMSO")
     assert not (tmp_path / "cache2").exists()
-
-
-def test_compound_absent_from_moa_table(tiny_copy, tmp_path):
-    images = _image_csv(tiny_copy)
-    pos = int(np.flatnonzero((images["Image_Metadata_Compound"] != "DMSO").to_numpy())[4])
-    images.loc[pos, "Image_Metadata_Compound"] = "mystery-compound"
-    images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
-    proc = _prepare_cli(tiny_copy, tmp_path / "cache", "--strict-compounds")
-    one_line_error(proc, f"row {pos + 2}", "mystery-compound", "absent from BBBC021_v1_moa.csv")
-    assert not (tmp_path / "cache").exists()
 
 
 def test_skip_bad_logs_and_excludes(tiny_copy, tmp_path):
