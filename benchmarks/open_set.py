@@ -1,0 +1,170 @@
+"""Novelty scores for a MoA that training never saw, compared on real cells (issue 31, item 2).
+
+    python benchmarks/open_set.py RUN [--alpha 0.1] [--out TABLE.json]
+
+``RUN`` is a finished linear-probe ``cv`` run of a crop table (the contract's probe on crops-moa-dev: its
+``embeddings.npy`` and cache are read; no network runs). Leave one MoA out, for every MoA: its treatments are the
+*unseen* ones, scored by a probe fitted on every other MoA's compounds; the *known* comparison is each compound of
+another MoA, scored by a probe fitted without that MoA and without that compound too (a new compound of a known
+MoA, as a user's screen brings them). Every fit is the default crop probe's head (:class:`CentroidHead`: cells
+standardised by the fit's training cells, each MoA the unit mean of its compounds' mean profiles, temperature 3,
+the value the nested choice took on this set), so no held-out compound informs its own score.
+
+Scores of a treatment (its cells' standardised embeddings averaged: the profile the head calls), higher = more novel:
+
+* ``1 - max prob``: one minus the call's probability (softmax of the mean logits / T, logmean's call);
+* ``energy``: −T·logsumexp(logits / T) of the treatment profile;
+* ``centroid distance``: one minus the largest cosine between the profile and a known MoA's centroid;
+* ``nearest treatment``: cosine distance to the nearest training treatment profile;
+* ``mahalanobis``: the smallest Mahalanobis distance to a known MoA's mean treatment profile, with a shrunk
+  (Ledoit-Wolf) covariance of the training treatments' deviations from their MoA means;
+* ``cell kNN``: the median over the treatment's cells of each cell's mean cosine distance to its 10 nearest
+  training cells.
+
+The conformal score (the largest class p-value) is a monotone function of a class score given one calibration set,
+so within a fit it orders treatments as ``1 - max prob`` does; its calibration is item 3's.
+
+Per score: the AUROC of unseen against known treatments (pooled over all folds, and the mean over MoAs), and the
+fraction of unseen treatments flagged at the threshold that flags ``alpha`` of the known ones in the same fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.cv.probe import CentroidHead, treatment_ids
+
+TEMPERATURE = 3.0
+SCORES = ("1 - max prob", "energy", "centroid distance", "nearest treatment", "mahalanobis", "cell kNN")
+
+
+def load_run(run: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """(embeddings, their cache rows' metadata, class number per row) of a finished probe run."""
+    from cellmorph.cv.rundir import RunDir
+    from cellmorph.cv.run import plan_run
+
+    header = RunDir(run).read_config()
+    plan = plan_run(Path(header["data"]), header["config"])
+    rows = np.unique(np.concatenate([np.concatenate([f.train, f.test]) for f in plan.folds]))
+    x = np.load(run / "embeddings.npy").astype(np.float64)
+    if len(x) != len(rows):
+        raise SystemExit(f"{run}: {len(x)} embeddings for {len(rows)} rows; not this run's")
+    return x, plan.cache.index.iloc[rows].reset_index(drop=True), plan.targets[rows]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: np.ndarray,
+                     test: np.ndarray) -> pd.DataFrame:
+    """Every score of each test treatment, from a probe fitted on the ``train`` rows only."""
+    from scipy.special import logsumexp, softmax
+    from sklearn.covariance import LedoitWolf
+
+    head = CentroidHead.fit(x[train], y[train], index.iloc[train], TEMPERATURE)
+    z_train = (x[train] - head.mean_) / head.scale_
+    z_test = (x[test] - head.mean_) / head.scale_
+    t_train, t_test = treatment_ids(index.iloc[train]), treatment_ids(index.iloc[test])
+    profiles_train = pd.DataFrame(z_train).groupby(t_train, sort=True).mean()
+    moa_of = pd.Series(y[train], index=t_train).groupby(level=0).first().loc[profiles_train.index].to_numpy()
+    profiles = pd.DataFrame(z_test).groupby(t_test, sort=True).mean()
+    p = profiles.to_numpy()
+    logits = p @ head.centroids.T / TEMPERATURE
+    means = np.stack([profiles_train.to_numpy()[moa_of == k].mean(axis=0) for k in head.classes_])
+    deviations = profiles_train.to_numpy() - means[np.searchsorted(head.classes_, moa_of)]
+    precision = LedoitWolf().fit(deviations).precision_
+    diff = p[:, None, :] - means[None, :, :]
+    mahalanobis = np.sqrt(np.einsum("tkd,de,tke->tk", diff, precision, diff)).min(axis=1)
+    cells_train, cells_test = _unit(z_train), _unit(z_test)
+    knn = 1.0 - np.sort(cells_test @ cells_train.T, axis=1)[:, -10:].mean(axis=1)
+    out = pd.DataFrame({
+        "treatment": profiles.index,
+        "1 - max prob": 1.0 - softmax(logits, axis=1).max(axis=1),
+        "energy": -TEMPERATURE * logsumexp(logits, axis=1),
+        "centroid distance": 1.0 - (_unit(p) @ head.centroids.T).max(axis=1),
+        "nearest treatment": 1.0 - (_unit(p) @ _unit(profiles_train.to_numpy()).T).max(axis=1),
+        "mahalanobis": mahalanobis,
+        "cell kNN": pd.Series(knn).groupby(t_test).median().loc[profiles.index].to_numpy(),
+    })
+    return out
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney AUROC)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def leave_one_moa_out(x, index, y) -> pd.DataFrame:
+    """Scores of every unseen-MoA treatment and every known-MoA new-compound treatment, fold by fold."""
+    compounds = index["Metadata_Compound"].astype(str).to_numpy()
+    parts = []
+    for moa in np.unique(y):
+        held = y == moa
+        unseen = score_treatments(x, index, y, np.flatnonzero(~held), np.flatnonzero(held))
+        parts.append(unseen.assign(fold=int(moa), novel=True))
+        for compound in sorted(set(compounds[~held])):
+            out = compounds == compound
+            if len(set(y[~held & ~out])) < len(set(y[~held])):  # the compound is its MoA's only one: not new
+                continue
+            known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out))
+            parts.append(known.assign(fold=int(moa), novel=False))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summarise(scored: pd.DataFrame, classes: list[str], alpha: float) -> dict:
+    table = {}
+    for name in SCORES:
+        per_moa, flagged, pooled_pos, pooled_neg = {}, [], [], []
+        for fold, part in scored.groupby("fold"):
+            pos, neg = part.loc[part["novel"], name].to_numpy(), part.loc[~part["novel"], name].to_numpy()
+            per_moa[classes[fold]] = auroc(pos, neg)
+            threshold = np.quantile(neg, 1.0 - alpha)
+            flagged.append(pos > threshold)
+            pooled_pos.append(pos)
+            pooled_neg.append(neg)
+        table[name] = {"auroc_pooled": auroc(np.concatenate(pooled_pos), np.concatenate(pooled_neg)),
+                       "auroc_mean_over_moas": float(np.mean(list(per_moa.values()))),
+                       "flagged_at_alpha": float(np.concatenate(flagged).mean()), "auroc_per_moa": per_moa}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from cellmorph.cv.rundir import RunDir
+
+    x, index, y = load_run(args.run)
+    classes = list(RunDir(args.run).read_config()["classes"])
+    scored = leave_one_moa_out(x, index, y)
+    table = summarise(scored, classes, args.alpha)
+    n_novel, n_known = int(scored["novel"].sum()), int((~scored["novel"]).sum())
+    print(f"{n_novel} unseen-MoA treatments and {n_known} known-MoA new-compound treatments over {len(classes)} "
+          f"folds; flagged at the threshold that flags {args.alpha:.0%} of the known ones")
+    print("| score | AUROC pooled | AUROC, mean over MoAs | flagged |\n|---|---|---|---|")
+    for name, row in table.items():
+        print(f"| {name} | {row['auroc_pooled']:.3f} | {row['auroc_mean_over_moas']:.3f} | "
+              f"{row['flagged_at_alpha']:.3f} |")
+    print("\nAUROC per held-out MoA:\n| MoA | " + " | ".join(SCORES) + " |\n|---|" + "---|" * len(SCORES))
+    for moa in classes:
+        print(f"| {moa} | " + " | ".join(f"{table[s]['auroc_per_moa'].get(moa, float('nan')):.2f}" for s in SCORES)
+              + " |")
+    if args.out is not None:
+        args.out.write_text(json.dumps({"alpha": args.alpha, "n_novel": n_novel, "n_known": n_known,
+                                        "scores": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
