@@ -188,7 +188,7 @@ QUICK_TRAIN = quick_args()
 def tiny_bundle(tiny_cache, tmp_path_factory) -> Path:
     """A model bundle trained on the tiny cache, calibrated by group-kfold:2. Do not modify."""
     out = tmp_path_factory.mktemp("bundle") / "model"
-    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
 

@@ -11,15 +11,15 @@ import yaml
 
 from cellmorph.cache import TileCache
 from cellmorph.cv.splits import make_folds
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 @pytest.fixture(scope="module")
 def b14_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("b14")
     screen, cache = root / "b14", root / "cache"
-    assert run_cli("synth", str(screen), "--dataset", "bbbc014", "--seed", "0").returncode == 0
-    proc = run_cli("prepare", "--layout", "bbbc014", "--root", str(screen), "--out", str(cache), "--tile-size", "32")
+    assert run_cli_here("synth", str(screen), "--dataset", "bbbc014", "--seed", "0").returncode == 0
+    proc = run_cli_here("prepare", "--layout", "bbbc014", "--root", str(screen), "--out", str(cache), "--tile-size", "32")
     assert proc.returncode == 0, proc.stderr
     return cache
 
@@ -38,7 +38,7 @@ def test_cell_line_cv_on_synthetic_bbbc014(b14_cache, tmp_path):
         assert set(lines[fold.test]) == {fold.name}
         assert fold.name not in set(lines[fold.train])  # the held-out cell line never trains
 
-    proc = run_cli("cv", "--data", str(cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
+    proc = run_cli_here("cv", "--data", str(cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
                    "--epochs", "1", "--image-size", "32", "--threads", "1", "--out", str(run))  # the cache's size
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
@@ -63,7 +63,7 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     # ImageNet arm only; the Xavier arm trains every stage.
     cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n"
                    "freeze_stages: 2\nfrozen_feature_cache: true\n")
-    proc = run_cli("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
+    proc = run_cli_here("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
                    "--epochs", "1,2", "--replicates", "2", "--config", str(cfg), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     png = out / "init_comparison.png"
@@ -95,12 +95,12 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
 @pytest.mark.slow
 def test_cv_replicates_flag(b14_cache, tmp_path):
     out = tmp_path / "reps"
-    proc = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
+    proc = run_cli_here("cv", "--data", str(b14_cache), "--cv", "cell-line", "--model", "resnet18", "--init", "xavier",
                    "--epochs", "1", "--replicates", "2", "--max-tiles-per-fold", "64", "--threads", "1", "--image-size", "32",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [0, 1] and len(metrics["replicates"]) == 2
     assert {"well_accuracy", "tile_accuracy", "well_accuracy_std"} <= metrics.keys()
-    bad = run_cli("cv", "--data", str(b14_cache), "--cv", "cell-line", "--eval-epochs", "one", "--out", str(tmp_path / "x"))
+    bad = run_cli_here("cv", "--data", str(b14_cache), "--cv", "cell-line", "--eval-epochs", "one", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--eval-epochs" in bad.stderr and "Traceback" not in bad.stderr

@@ -14,7 +14,7 @@ import pytest
 from cellmorph.bundle import CONTENT_DIGESTS, LEVELS, MANIFEST, WEIGHTS, calibration_file, content_digests, load_bundle
 from cellmorph.errors import CellmorphError
 from tests.bundle_helpers import edited_bundle
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli_here
 
 from tests.conftest import QUICK_TRAIN  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_weights_that_hold_pickled_code_are_never_unpickled(model, tmp_path, mon
 def test_train_output_that_is_a_file_is_one_line(tiny_cache, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--out", blocker), str(blocker), "existing file")
+    one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--out", blocker), str(blocker), "existing file")
     assert blocker.read_text() == "keep me"
 
 
@@ -141,7 +141,7 @@ def test_train_refuses_cv_only_options_without_a_calibration_cv(tiny_cache, tmp_
     """--eval-epochs and --keep-checkpoints act on held-out folds; without --calibration there are none,
     so train says so instead of ignoring them."""
     for option in (["--eval-epochs", "1"], ["--keep-checkpoints", "all"]):
-        one_line_error(run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, *option, "--out", tmp_path / "m"),
+        one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, *option, "--out", tmp_path / "m"),
                        option[0], "--calibration")
         assert not (tmp_path / "m").exists()
 
@@ -263,7 +263,7 @@ def test_predict_with_an_edited_bundle_json_is_one_line_naming_the_field(model, 
         edit = EDITS[case.removeprefix("older: ")][0]
         edited = edited_bundle(model, tmp_path / f"model{k}", edit, previous_release=case.startswith("older: "))
         out = tmp_path / f"pred{k}"
-        one_line_error(run_cli("predict", "--model", edited, "--data", tiny_cache, "--out", out),
+        one_line_error(run_cli_here("predict", "--model", edited, "--data", tiny_cache, "--out", out),
                        str(edited / MANIFEST), f"{field}:")
         assert not out.exists()
 
@@ -309,7 +309,7 @@ def test_predict_with_a_bundle_file_outside_the_bundle_is_one_line(model, tiny_c
     edited = edited_bundle(model, tmp_path / "model", lambda m: m["files"].update({"../../../etc/passwd": "0" * 64}),
                            seal=True)
     out = tmp_path / "pred"
-    one_line_error(run_cli("predict", "--model", edited, "--data", tiny_cache, "--out", out),
+    one_line_error(run_cli_here("predict", "--model", edited, "--data", tiny_cache, "--out", out),
                    str(edited / MANIFEST), "files", "../../../etc/passwd", "paths are refused")
     assert not out.exists()
 
@@ -330,7 +330,7 @@ def test_train_refuses_a_moa_holding_the_set_separator_before_any_work(tiny_cach
     index.to_parquet(cache / INDEX_FILE, index=False)
     row = int(np.flatnonzero(moa == "DNA damage|repair")[0])
     out = tmp_path / "model"
-    one_line_error(run_cli("train", "--data", cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out),
+    one_line_error(run_cli_here("train", "--data", cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out),
                    f"{cache / INDEX_FILE}, row {row} (compound {index['Metadata_Compound'].iloc[row]!r})",
                    "'DNA damage|repair' contains '|'", "MoA table")
     assert not out.exists() and not (tmp_path / "model.cv").exists()

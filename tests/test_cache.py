@@ -17,7 +17,7 @@ from cellmorph.cache import TileCache
 from cellmorph.data.bbbc021 import load_bbbc021
 from cellmorph.errors import CellmorphError
 from cellmorph.preprocess import PrepareConfig, prepare
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli_here
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_truncated_plate_through_the_cli(cache_copy, tmp_path):
     victim = _first_plate(cache_copy)
     _truncate(victim)
     out = tmp_path / "emb"
-    proc = run_cli("embed", "--data", cache_copy, "--model", "mobilenetv2_100", "--image-size", "32", "--out", out)
+    proc = run_cli_here("embed", "--data", cache_copy, "--model", "mobilenetv2_100", "--image-size", "32", "--out", out)
     one_line_error(proc, str(victim), "truncated or damaged plate array", "rerun `cellmorph prepare`")
     assert not out.exists()
 

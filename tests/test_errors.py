@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cellmorph.errors import CellmorphError, option
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli_here
 
 
 def test_a_setting_reads_as_its_field_in_the_library_and_as_its_flag_on_the_command_line():
@@ -25,7 +25,7 @@ def test_library_calls_name_arguments_and_the_command_line_names_flags(tiny_cach
         resolve_threads(0)
     with pytest.raises(CellmorphError, match=r"^device 'bogus'"):
         resolve_device("bogus")
-    one_line_error(run_cli("prepare", "--layout", "crops", "--out", tmp_path / "c"), "--layout crops needs --index CSV")
-    one_line_error(run_cli("cv", "--data", tiny_cache, "--device", "bogus", "--out", tmp_path / "r"),
+    one_line_error(run_cli_here("prepare", "--layout", "crops", "--out", tmp_path / "c"), "--layout crops needs --index CSV")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, "--device", "bogus", "--out", tmp_path / "r"),
                    "--device 'bogus'")
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()

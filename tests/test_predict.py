@@ -12,7 +12,7 @@ import pytest
 from cellmorph.bundle import load_bundle
 from cellmorph.calibration import TemperatureScaling, temperature_helps
 from tests.bundle_helpers import edited_bundle, seal_bundle
-from tests.conftest import one_line_error, quick_config, run_cli
+from tests.conftest import one_line_error, quick_config, run_cli_here
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
     runs = {}
     for alpha in ("0.1", "0.3"):
         out = tmp_path / f"pred{alpha}"
-        proc = run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--alpha", alpha, "--out", out,
+        proc = run_cli_here("predict", "--model", tiny_bundle, "--data", tiny_cache, "--alpha", alpha, "--out", out,
                        "--threads", "1")
         assert proc.returncode == 0, proc.stderr
         runs[alpha] = (pd.read_parquet(out / "treatments.parquet"), json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -64,14 +64,14 @@ def test_predict_writes_every_treatment_with_its_set(tiny_bundle, tiny_cache, tm
 
 def test_bad_predict_inputs_are_one_line(tiny_bundle, tiny_cache, tmp_path):
     for alpha in ("0", "1.5"):
-        one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--alpha", alpha,
+        one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", tiny_cache, "--alpha", alpha,
                                "--out", tmp_path / "p"), "alpha")
     other = tmp_path / "other-cache"
     shutil.copytree(tiny_cache, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["channels"] = ["DAPI", "Actin", "Tubulin"]  # another order than the model was trained on
     (other / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", other, "--out", tmp_path / "p"),
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", other, "--out", tmp_path / "p"),
                    str(other), "channels")
     assert not (tmp_path / "p").exists()
 
@@ -121,7 +121,7 @@ def new_screen(tmp_path_factory):
 
 def test_predict_on_images_of_unknown_compounds_writes_every_treatment_with_its_set(tiny_bundle, new_screen, tmp_path):
     out = tmp_path / "pred"
-    proc = run_cli("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", new_screen, "--out", out,
+    proc = run_cli_here("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", new_screen, "--out", out,
                    "--threads", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     treatments = pd.read_parquet(out / "treatments.parquet")
@@ -171,10 +171,10 @@ def test_a_plate_without_dmso_is_one_line_with_the_batch_hint(tiny_bundle, new_s
     out = tmp_path / "new" / "pred"
     args = ("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", screen, "--threads", "1",
             "--no-progress")
-    one_line_error(run_cli(*args, "--out", out), plate, "no DMSO", "--normalize batch")
+    one_line_error(run_cli_here(*args, "--out", out), plate, "no DMSO", "--normalize batch")
     assert not (tmp_path / "new").exists()
     # The fallback: that plate is z-scored against the DMSO of the other plate of its batch.
-    proc = run_cli(*args, "--out", out, "--normalize", "batch")
+    proc = run_cli_here(*args, "--out", out, "--normalize", "batch")
     assert proc.returncode == 0, proc.stderr
     assert len(pd.read_parquet(out / "treatments.parquet")) == 44
     assert json.loads((out / "cache" / "manifest.json").read_text())["config"]["normalize"] == "batch"
@@ -225,10 +225,10 @@ def test_a_stacked_table_reads_its_channels_in_any_named_order(tmp_path):
 
 def test_images_with_other_channels_or_no_screen_are_one_line(tiny_bundle, real_crops, tmp_path):
     out = tmp_path / "pred"
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "crops", "--index", real_crops,
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--layout", "crops", "--index", real_crops,
                            "--channels", "DAPI,Actin", "--out", out), "channels", str(real_crops))
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--out", out), "--data", "--layout")
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", out, "--moa",
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--out", out), "--data", "--layout")
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--layout", "bbbc021", "--root", out, "--moa",
                            real_crops, "--out", out), "--moa")
     assert not out.exists()
 
@@ -239,7 +239,7 @@ def dropout_bundle(tiny_cache, tmp_path_factory):
     from tests.conftest import QUICK_TRAIN
 
     out = tmp_path_factory.mktemp("dropout") / "model"
-    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--drop-rate", "0.5", "--calibration", "group-kfold:2",
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--drop-rate", "0.5", "--calibration", "group-kfold:2",
                    "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -274,7 +274,7 @@ def test_mc_dropout_adds_mean_probabilities_and_predictive_entropy(dropout_bundl
 
 
 def test_mc_dropout_on_a_model_without_dropout_is_one_line(tiny_bundle, tiny_cache, tmp_path):
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", tiny_cache, "--mc-dropout", "4",
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", tiny_cache, "--mc-dropout", "4",
                            "--out", tmp_path / "p"), "--mc-dropout", "--drop-rate")
     assert not (tmp_path / "p").exists()
 
@@ -299,9 +299,9 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
     index[~held].to_csv(tmp_path / "train.csv", index=False)
     index[held].to_csv(tmp_path / "held.csv", index=False)
     cache, model = tmp_path / "cache", tmp_path / "model"
-    proc = run_cli("prepare", "--layout", "crops", "--index", tmp_path / "train.csv", "--out", cache, "--no-progress")
+    proc = run_cli_here("prepare", "--layout", "crops", "--index", tmp_path / "train.csv", "--out", cache, "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("train", "--data", cache, "--model", "mobilenetv2_100", "--init", "imagenet", "--image-size", "64",
+    proc = run_cli_here("train", "--data", cache, "--model", "mobilenetv2_100", "--init", "imagenet", "--image-size", "64",
                    "--include-controls", "--mode", "linear", "--epochs", "2", "--calibration", "well:2",
                    "--out", model, "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -325,7 +325,7 @@ def test_a_bundle_whose_recipe_this_version_cannot_read_is_one_line(tiny_bundle,
     """A bundle from another cellmorph version (here: a recipe field this one does not know)."""
     other = edited_bundle(tiny_bundle, tmp_path / "model",
                           lambda m: m["preprocessing"]["config"].update(resize_arithmetic="uint8"), seal=True)
-    one_line_error(run_cli("predict", "--model", other, "--layout", "bbbc021", "--root", new_screen,
+    one_line_error(run_cli_here("predict", "--model", other, "--layout", "bbbc021", "--root", new_screen,
                            "--out", tmp_path / "p", "--no-progress"), str(other), "recipe", "resize_arithmetic")
     assert not (tmp_path / "p").exists()
 
@@ -345,7 +345,7 @@ def whole_field_cache(tiny_screen, tmp_path_factory):
 def test_a_cache_tiled_otherwise_than_the_models_is_one_line_naming_the_setting(tiny_bundle, whole_field_cache,
                                                                                 tmp_path):
     out = tmp_path / "pred"
-    one_line_error(run_cli("predict", "--model", tiny_bundle, "--data", whole_field_cache, "--out", out),
+    one_line_error(run_cli_here("predict", "--model", tiny_bundle, "--data", whole_field_cache, "--out", out),
                    str(whole_field_cache), "tile_grid (--tiles) [1, 1] here, [2, 2] for the model")
     assert not out.exists()
 
@@ -364,7 +364,7 @@ def test_predict_with_a_model_that_calls_every_tile_alike_warns_of_nothing(tiny_
     save_file(weights, str(model / "weights.safetensors"))
     seal_bundle(model)
     out = tmp_path / "pred"
-    proc = run_cli("predict", "--model", model, "--data", tiny_cache, "--out", out, "--threads", "1", "--no-progress")
+    proc = run_cli_here("predict", "--model", model, "--data", tiny_cache, "--out", out, "--threads", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
     treatments = pd.read_parquet(out / "treatments.parquet")
@@ -381,6 +381,6 @@ def test_a_bundle_without_the_training_recipe_cannot_predict(tiny_bundle, tiny_c
     but predict says what it lacks instead of failing on a missing key."""
     model = edited_bundle(tiny_bundle, tmp_path / "model", lambda m: m.update(preprocessing={}), seal=True)
     out = tmp_path / "pred"
-    one_line_error(run_cli("predict", "--model", model, "--data", tiny_cache, "--out", out),
+    one_line_error(run_cli_here("predict", "--model", model, "--data", tiny_cache, "--out", out),
                    str(model / "bundle.json"), "preprocessing.channels: missing")
     assert not out.exists()

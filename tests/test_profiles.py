@@ -83,9 +83,9 @@ def test_same_compound_neighbour_cannot_leak():
 def test_profile_eval_cli_contract(real_metadata, tmp_path):
     import json
 
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here
 
-    proc = run_cli("profile-eval", PROFILES, "--metadata", real_metadata, "--out", tmp_path / "pe")
+    proc = run_cli_here("profile-eval", PROFILES, "--metadata", real_metadata, "--out", tmp_path / "pe")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "pe" / "metrics.json").read_text())
     assert metrics["n_treatments"] == 103
@@ -97,13 +97,13 @@ def test_profile_eval_cli_contract(real_metadata, tmp_path):
 
 
 def test_profile_eval_bad_paths_are_one_line(real_metadata, tmp_path):
-    from tests.conftest import one_line_error, run_cli
+    from tests.conftest import one_line_error, run_cli_here
 
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    one_line_error(run_cli("profile-eval", PROFILES, "--metadata", real_metadata, "--out", blocker),
+    one_line_error(run_cli_here("profile-eval", PROFILES, "--metadata", real_metadata, "--out", blocker),
                    str(blocker), "existing file")
-    one_line_error(run_cli("profile-eval", tmp_path, "--metadata", real_metadata, "--out", tmp_path / "pe"),
+    one_line_error(run_cli_here("profile-eval", tmp_path, "--metadata", real_metadata, "--out", tmp_path / "pe"),
                    str(tmp_path), "is a directory")
     assert blocker.read_text() == "keep me" and not (tmp_path / "pe").exists()
 
@@ -184,7 +184,7 @@ def test_whitening_makes_the_dmso_covariance_identity_and_coral_aligns_batches()
 def test_profiles_with_missing_or_infinite_features_are_refused_naming_row_and_column(real_metadata, tmp_path):
     """A NaN used to drop its feature from every profile without a word (NSC 0.136 -> 0.114 on a
     small table); now it is one line naming the first bad cell, and nothing is written."""
-    from tests.conftest import one_line_error, require, run_cli
+    from tests.conftest import one_line_error, require, run_cli_here
 
     frame = pd.read_csv(require(PROFILES), nrows=40)
     column = frame.columns[10]
@@ -192,7 +192,7 @@ def test_profiles_with_missing_or_infinite_features_are_refused_naming_row_and_c
     frame.loc[9, frame.columns[12]] = np.inf
     bad = tmp_path / "wells.csv"
     frame.to_csv(bad, index=False)
-    line = one_line_error(run_cli("profile-eval", bad, "--metadata", real_metadata, "--out", tmp_path / "pe"),
+    line = one_line_error(run_cli_here("profile-eval", bad, "--metadata", real_metadata, "--out", tmp_path / "pe"),
                           str(bad), f"row 8: column {column} is nan", "2 missing or infinite value(s) in 2 feature(s)")
     assert "drop or impute" in line
     assert not (tmp_path / "pe").exists()

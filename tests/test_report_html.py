@@ -15,7 +15,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.metrics import bootstrap_interval
 from cellmorph.report import write_report
 from cellmorph.report.html import SECTION_IDS
-from tests.conftest import one_line_error, quick_config, run_cli
+from tests.conftest import one_line_error, quick_config, run_cli_here
 
 QUICK = quick_config(epochs=2, cv="group-kfold:3", max_tiles_per_fold=60, keep_checkpoints="last")
 
@@ -145,14 +145,14 @@ def test_report_cli_contract_and_bad_folders(cv_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(cv_run, run)
     (run / "report.html").unlink(missing_ok=True)
-    proc = run_cli("report", run)
+    proc = run_cli_here("report", run)
     assert proc.returncode == 0, proc.stderr
     assert (run / "report.html").is_file() and "report.html" in proc.stderr
-    one_line_error(run_cli("report", tmp_path / "nowhere"), "not a folder")
+    one_line_error(run_cli_here("report", tmp_path / "nowhere"), "not a folder")
     (tmp_path / "empty").mkdir()
-    one_line_error(run_cli("report", tmp_path / "empty"), "not a cellmorph output folder")
+    one_line_error(run_cli_here("report", tmp_path / "empty"), "not a cellmorph output folder")
     (run / "metrics.json").unlink()
-    one_line_error(run_cli("report", run), "has not finished")
+    one_line_error(run_cli_here("report", run), "has not finished")
     with pytest.raises(CellmorphError):
         write_report(tmp_path / "empty")
 

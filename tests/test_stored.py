@@ -9,7 +9,7 @@ import pytest
 
 from cellmorph.errors import BadInputError
 from cellmorph.stored import class_for_abbreviation, read_stored_predictions, score_stored_predictions
-from tests.conftest import SHARED, run_cli
+from tests.conftest import SHARED, run_cli_here
 
 XLSX = SHARED / "reference" / "kensert2019_predictions_bbbc021v1.xlsx"
 
@@ -39,7 +39,7 @@ def test_abbreviations():
 
 
 def test_score_treatments_cli_contract(real_metadata, tmp_path):
-    proc = run_cli("score-treatments", XLSX, "--moa", real_metadata / "BBBC021_v1_moa.csv")
+    proc = run_cli_here("score-treatments", XLSX, "--moa", real_metadata / "BBBC021_v1_moa.csv")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout)
     assert {k: round(v, 3) for k, v in scores.items()} == {"ResNet50": 0.971, "InceptionV3": 0.971,

@@ -24,7 +24,7 @@ from cellmorph.visualize import (
     maximise_filters,
     spread_filters,
 )
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli_here
 
 FAST = FilterConfig(size=64, steps=24, threads=1)
 
@@ -110,7 +110,7 @@ def kept_run(tiny_cache, tmp_path_factory):
     """A CV run of ImageNet Lite0 fine-tuned for one epoch at 64 px, with cv's default
     --keep-checkpoints (last: the last fold's weights stay)."""
     run = tmp_path_factory.mktemp("visualize") / "run"
-    proc = run_cli("cv", "--data", tiny_cache, "--model", "tf_efficientnet_lite0", "--init", "imagenet",
+    proc = run_cli_here("cv", "--data", tiny_cache, "--model", "tf_efficientnet_lite0", "--init", "imagenet",
                    "--image-size", "64", "--epochs", "1", "--max-tiles-per-fold", "40", "--threads", "1",
                    "--cv", "group-kfold:2", "--out", run)
     assert proc.returncode == 0, proc.stderr
@@ -123,7 +123,7 @@ def test_visualize_filters_of_a_default_cv_run_writes_one_png_per_layer(kept_run
     from PIL import Image
 
     out = tmp_path / "filters"
-    proc = run_cli("visualize", "filters", "--run", kept_run, "--out", out, "--layers", "stage1,stage3",
+    proc = run_cli_here("visualize", "filters", "--run", kept_run, "--out", out, "--layers", "stage1,stage3",
                    "--filters", "3", "--steps", "8", "--size", "48", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load((kept_run / "config.yaml").read_text())["config"]["keep_checkpoints"] == "last"
@@ -163,7 +163,7 @@ def test_a_run_without_fold_weights_is_one_line_error(kept_run, tmp_path):
     for state in bare.glob("folds/*/state.pt"):
         state.unlink()
     out = tmp_path / "out"
-    one_line_error(run_cli("visualize", "filters", "--run", bare, "--out", out), str(bare), "--keep-checkpoints last")
+    one_line_error(run_cli_here("visualize", "filters", "--run", bare, "--out", out), str(bare), "--keep-checkpoints last")
     assert not out.exists()
     from cellmorph.visualize import visualize_filters
 

@@ -18,7 +18,7 @@ from cellmorph.cv.rundir import RunDir
 from cellmorph.errors import CellmorphError
 from cellmorph.predict import PredictConfig, predict
 from tests.bundle_helpers import edited_bundle
-from tests.conftest import QUICK_TRAIN, one_line_error, quick_config, run_cli
+from tests.conftest import QUICK_TRAIN, one_line_error, quick_config, run_cli_here
 
 QUICK = quick_config(cv="group-kfold:2")
 
@@ -91,14 +91,14 @@ def test_cli_ensemble_options_build_the_member_list(tiny_cache, tmp_path):
     assert ensemble_from_options(3, None, {"seed": 5}) == [{"seed": 6}, {"seed": 7}]
     assert ensemble_from_options(None, "a,b", {}) == [{"model": "a"}, {"model": "b"}]
     assert ensemble_from_options(2, "a", {}) == [{"seed": 1}, {"model": "a"}, {"model": "a", "seed": 1}]
-    one_line_error(run_cli("cv", "--data", tiny_cache, "--model", "test_resnet", "--ensemble-models", " , ",
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, "--model", "test_resnet", "--ensemble-models", " , ",
                            "--out", tmp_path / "r"), "--ensemble-models")
 
 
 @pytest.fixture(scope="module")
 def ensemble_bundle(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("ensemble") / "model"
-    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--ensemble-seeds",
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--ensemble-seeds",
                    "2", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -186,7 +186,7 @@ def test_a_fine_tune_and_a_linear_probe_make_one_bundle_that_predicts_their_mean
     same folds, calibrates on their mean, and bundles the network and the probe (backbone and head), which
     `predict` runs together."""
     out = tmp_path / "model"
-    proc = run_cli("train", "--data", tiny_cache, *QUICK_TRAIN, "--ensemble-probe", "--calibration", "group-kfold:2",
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--ensemble-probe", "--calibration", "group-kfold:2",
                    "--out", out)
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
