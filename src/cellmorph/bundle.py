@@ -83,6 +83,11 @@ def probe_head_file(k: int) -> str:
     return "head.safetensors" if k == 1 else f"head-{k}.safetensors"
 
 
+def novelty_file(level: str, k: int) -> str:
+    """The Novel flag's calibration scores of ``level`` from a linear probe, member ``k``."""
+    return f"novelty_{level}.parquet" if k == 1 else f"novelty-{k}_{level}.parquet"
+
+
 def calibration_file(level: str) -> str:
     return f"calibration_{level}.parquet"
 
@@ -152,6 +157,8 @@ class ProbeRecord(_Entry):
     features: str
     head: Literal["centroid", "logistic"]
     head_weights: str
+    # level (wells, treatments) → the file of the Novel flag's calibration scores (held-out known compounds)
+    novelty: dict[Literal["wells", "treatments"], str] | None = None
 
     @field_validator("features")
     @classmethod
@@ -244,9 +251,12 @@ class BundleDocument(_Entry):
                                  f"{len(self.input.mean)}: an ensemble's members read the same tiles")
             own += [member.weights] + ([member.probe.head_weights] if member.probe else [])
         for k, probe in enumerate(probes, start=1):
+            where = "probe" if k == 1 else f"members: member {k}'s probe"
             if probe is not None and (probe.head_weights not in self.files or own.count(probe.head_weights) > 1):
-                where = "probe" if k == 1 else f"members: member {k}'s probe"
                 raise ValueError(f"{where}: head_weights {probe.head_weights!r} is not a file of its own in files")
+            for level, name in ((probe.novelty or {}) if probe is not None else {}).items():
+                if name not in self.files or name in own:
+                    raise ValueError(f"{where}: novelty {level} {name!r} is not a file of its own in files")
         return self
 
 
@@ -313,6 +323,8 @@ class Bundle:
     calibration: dict[str, pd.DataFrame]  # level → scores; empty without calibration
     further_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # an ensemble's members 2, 3, …
     heads: list[dict[str, torch.Tensor] | None] = field(default_factory=list)  # each member's probe head, or None
+    novelty_scores: dict[str, pd.DataFrame] = field(default_factory=dict)  # see :attr:`novelty`
+    novelty_member: int | None = None  # which member (from 0) the novelty scores belong to
 
     @property
     def members(self) -> list[BundleMember]:
@@ -325,6 +337,12 @@ class Bundle:
                                        weights, n, m.get("probe"), head)
                           for m, weights, head in zip(self.manifest.get("members") or [], self.further_weights,
                                                       heads[1:])]
+
+    @property
+    def novelty(self) -> dict[str, pd.DataFrame]:
+        """The Novel flag's calibration scores per level (``Novelty_Score`` of compounds of known MoAs, each held
+        out from the probe that scored it), from the first linear probe that holds them; {} without."""
+        return dict(self.novelty_scores)
 
     @property
     def is_probe(self) -> bool:
@@ -411,8 +429,16 @@ def save_bundle(
     def probe_record(given: dict | None, k: int) -> dict | None:
         if not given:
             return None
-        return {"features": str(given["features"]), "head": given["head"],
-                "head_weights": write(given["head_state"], probe_head_file(k))}
+        record = {"features": str(given["features"]), "head": given["head"],
+                  "head_weights": write(given["head_state"], probe_head_file(k))}
+        if given.get("novelty"):
+            record["novelty"] = {}
+            for level, scores in given["novelty"].items():
+                name = novelty_file(level, k)
+                scores.to_parquet(tmp / name, index=False)
+                files.append(name)
+                record["novelty"][level] = name
+        return record
 
     out = require_output_dir(Path(out), "model folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +550,29 @@ def load_bundle(path: Path) -> Bundle:
     for level in LEVELS:
         if calibration_file(level) in document.files:
             calibration[level] = _read_calibration(root / calibration_file(level), document, manifest_path, level)
-    return Bundle(root, manifest, weights, calibration, further, heads)
+    novelty, novelty_member = {}, None
+    for k, probe in enumerate([document.probe] + [m.probe for m in document.members or []]):
+        if probe is not None and probe.novelty and novelty_member is None:
+            novelty_member = k
+            novelty = {level: _read_novelty(root / name, manifest_path) for level, name in probe.novelty.items()}
+    return Bundle(root, manifest, weights, calibration, further, heads, novelty, novelty_member)
+
+
+def _read_novelty(path: Path, where: Path) -> pd.DataFrame:
+    """One level's novelty calibration scores: finite ``Novelty_Score`` values, at least one."""
+    import numpy as np
+
+    from cellmorph.novelty import NOVELTY_COLUMN
+
+    try:
+        scores = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise CellmorphError(f"{path}: not a readable parquet file ({' '.join(str(exc).split())})") from None
+    values = scores[NOVELTY_COLUMN].to_numpy() if NOVELTY_COLUMN in scores.columns else None
+    if values is None or len(values) == 0 or not np.issubdtype(values.dtype, np.number) or \
+            not np.isfinite(values).all():
+        raise CellmorphError(f"{where}: probe: novelty: {path.name} holds no finite {NOVELTY_COLUMN} column")
+    return scores
 
 
 def _read_probe_head(root: Path, model: str, n_classes: int, n_channels: int, probe: "ProbeRecord | None",

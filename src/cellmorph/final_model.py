@@ -228,6 +228,11 @@ def _fit_final_probe(plan, fold: Fold, calibration, bar, what: str) -> FinalProb
     state = {k: v.detach().cpu() for k, v in extractor.model.state_dict().items()}
     probe = {"features": plan.config.features.describe(), "head": plan.config.probe_head,
              "head_state": fit.head.state()}
+    if plan.config.probe_head == "centroid":  # the Novel flag's calibration: known compounds held out one by one
+        from cellmorph.cv.probe import held_out_novelty
+
+        probe["novelty"] = held_out_novelty(features.take(fit.train_rows), plan.targets[fit.train_rows],
+                                            plan.cache.index.iloc[fit.train_rows])
     return FinalProbe(fit.train_rows, state, spec, probe, fit.choices)
 
 

@@ -132,6 +132,7 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
     tiles, wells, treatments = levels["tiles"], levels["wells"], levels["treatments"]
     summary = _summary(treatments, wells, tiles, classes, sets["treatments"], config.alpha)
     summary["calibration_compound_disjoint"] = bundle.calibration_compound_disjoint
+    summary["novelty"] = _novelty_summary(treatments)
     seen = summary.get("training_compounds", {}).get("n_labelled_treatments", 0)
     if seen:
         notes.append(f"note: {seen} of {summary['n_labelled_treatments']} labelled treatments are of compounds the "
@@ -257,13 +258,21 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     # Each member scores and aggregates its own way (as its calibration CV run did); an ensemble's levels
     # are the mean of its members' (metrics.mean_of_levels), as `cv` averaged them for the calibration scores.
     scored = {samples: [] for _, samples in passes}
+    profiles = None  # the standardised tile profiles of the probe whose centroids score novelty
     with torch_threads(config.threads), Progress(progress) as bar:
         for k, member in enumerate(members, start=1):
-            pipeline = InputPipeline.from_spec(member.input)
-            settings = PredictSettings(batch_size=config.batch_size, tta=member.scoring_tta)
             network = member.network()
             how = member.config.get("aggregate", "median")
             which = "" if len(members) == 1 else f", member {k} of {len(members)}"
+            if member.probe:  # embedded as its CV embedded (mean profile over the views), then its head
+                probs, z = _probe_tiles(member, network, cache, rows, config, bar)
+                if bundle.novelty_member == k - 1:
+                    profiles = z
+                frame = predictions_frame(cache, rows, probs, classes, fold=-1).drop(columns=["Metadata_Fold"])
+                scored[0].append(dict(zip(("tiles", "wells", "treatments"), aggregate(frame, how=how))))
+                continue
+            pipeline = InputPipeline.from_spec(member.input)
+            settings = PredictSettings(batch_size=config.batch_size, tta=member.scoring_tta)
             for name, samples in passes:
                 task = bar.task(f"predict ({name}{which})", n_batches, every=max(1, n_batches // 20))
                 torch.manual_seed(config.seed)
@@ -278,7 +287,47 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     if config.mc_dropout:
         for level, stochastic in mean[config.mc_dropout].items():
             add_mc_columns(levels[level], stochastic, classes)
+    _add_novelty(bundle, cache, rows, profiles, levels, config.novelty_alpha)
     return levels
+
+
+def _probe_tiles(member, network, cache, rows: np.ndarray, config: PredictConfig, bar):
+    """A linear probe's (tile probabilities, standardised tile profiles): the tiles embedded by its frozen backbone
+    (the mean profile over its views, as its CV embedded them) and its head applied, in double precision."""
+    from cellmorph.models.embedding import embed_with
+    from cellmorph.models.heads import LinearProbeHead
+
+    head = LinearProbeHead.from_state(member.head)
+    embedded = embed_with(network.extractor, member.input, cache, rows, config.batch_size, "cpu", bar,
+                          str(member.config.get("tta", "none")), member.model_name)
+    return head.predict_proba(embedded, member.n_classes), (embedded - head.mean) / head.scale
+
+
+def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha: float) -> None:
+    """``Novelty_Score`` and ``Novel`` per well and treatment (:mod:`cellmorph.novelty`): the centroid distance of
+    the bundle's probe where it holds its calibration scores, else one minus the call's probability calibrated on
+    the bundle's out-of-fold scores; the threshold flags ``alpha`` of new compounds of known MoAs."""
+    from cellmorph.novelty import (CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, add_novelty,
+                                   centroid_distance, level_profiles, novelty_threshold)
+
+    for level in ("wells", "treatments"):
+        frame = levels[level]
+        if profiles is not None and level in bundle.novelty:
+            centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()
+            keys, means = level_profiles(cache.index.iloc[rows], profiles, level)
+            by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids)})
+            scores = frame[list(keys.columns)].merge(by_key, on=list(keys.columns), how="left")[NOVELTY_COLUMN]
+            calibration, kind = bundle.novelty[level][NOVELTY_COLUMN].to_numpy(), CENTROID_DISTANCE
+        elif level in bundle.calibration:
+            probabilities = [prob_column(c) for c in bundle.classes]
+            scores = 1.0 - frame[probabilities].to_numpy(float).max(axis=1)
+            calibration = 1.0 - bundle.calibration[level][probabilities].to_numpy(float).max(axis=1)
+            kind = ONE_MINUS_PROBABILITY
+        else:
+            continue
+        add_novelty(frame, np.asarray(scores, float), novelty_threshold(calibration, alpha))
+        frame.attrs["novelty"] = {"score": kind, "alpha": alpha, "threshold": novelty_threshold(calibration, alpha),
+                                  "n_calibration": int(len(calibration))}
 
 
 def add_mc_columns(frame: pd.DataFrame, stochastic: pd.DataFrame, classes: list[str]) -> None:
@@ -336,6 +385,27 @@ def _check_recipe(bundle, cache) -> None:
         raise CellmorphError(f"{cache.root}: prepared with other settings than the model's training cache: "
                              f"{'; '.join(named)}; prepare the screen with the model's settings, or give its "
                              f"images ({option('layout')}) and predict prepares them so")
+
+
+def _novelty_summary(treatments: pd.DataFrame) -> dict | None:
+    """How the Novel flag was set (score, false-alarm rate, threshold, calibration size) and which treatments it
+    flagged; where labels say, how often it flagged labelled treatments of new and of training compounds."""
+    from cellmorph.novelty import NOVEL_COLUMN
+
+    if NOVEL_COLUMN not in treatments.columns:
+        return None
+    novel = treatments[NOVEL_COLUMN].to_numpy(bool)
+    flagged = treatments.loc[novel, ["Metadata_Compound", "Metadata_Concentration"]]
+    out = dict(treatments.attrs.get("novelty", {})) | {
+        "n_novel_treatments": int(novel.sum()),
+        "novel_treatments": [f"{c} at {v:g}" for c, v in zip(flagged["Metadata_Compound"],
+                                                             flagged["Metadata_Concentration"].astype(float))]}
+    if IN_TRAINING_COLUMN in treatments.columns:
+        seen = treatments[IN_TRAINING_COLUMN].to_numpy(bool)
+        for name, rows in (("new_compounds", ~seen), ("training_compounds", seen)):
+            if rows.any():
+                out[f"flagged_fraction_{name}"] = float(novel[rows].mean())
+    return out
 
 
 def _summary(treatments, wells, tiles, classes, members, alpha) -> dict:

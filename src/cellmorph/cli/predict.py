@@ -42,6 +42,7 @@ def predict(
     normalize: Optional[Normalize] = typer.Option(None, help=_predict_help("normalize")),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_predict_help("skip_bad")),
     alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
+    novelty_alpha: float = typer.Option(0.1, help=_predict_help("novelty_alpha")),
     mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
     seed: int = typer.Option(0, help=_predict_help("seed")),
     batch_size: int = typer.Option(16, help=_predict_help("batch_size")),
@@ -53,7 +54,7 @@ def predict(
     from cellmorph.predict import predict as run_predict
 
     settings = validated(PredictConfig, dict(
-        alpha=alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
+        alpha=alpha, novelty_alpha=novelty_alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
         normalize=normalize,
         reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
     layout = images.layout
@@ -80,6 +81,13 @@ def predict(
                      f"{part['treatment_accuracy']:.3f}" if "treatment_accuracy" in part else "–",
                      f"{part['coverage']:.3f}" if "coverage" in part else "–")
     console.print(grid)
+    novelty = summary.get("novelty")
+    if novelty:
+        flagged = novelty["novel_treatments"]
+        console.print(f"Novel (no known MoA fits; {novelty.get('score')}, a new compound of a known MoA is flagged at "
+                      f"most {novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
+                      + (f": {', '.join(flagged[:20])}{' …' if len(flagged) > 20 else ''}" if flagged else ""),
+                      highlight=False, soft_wrap=True)
     console.print(f"predictions: {out / 'treatments.csv'}")
     print_report(out)
     print(json.dumps(summary))

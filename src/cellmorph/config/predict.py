@@ -20,6 +20,9 @@ class PredictConfig(BaseModel):
                             "entropy in nats) per tile, well and treatment; 0 = off. Needs a model trained with "
                             "drop_rate > 0")
     seed: int = Field(0, ge=0, description="seed of the MC-dropout draws")
+    novelty_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="false-alarm rate of the Novel flag: a new "
+                                 "compound of a known MoA is flagged at most this often (conformal, from the "
+                                 "bundle's held-out compounds of known MoAs)")
     normalize: Literal["plate", "batch"] | None = Field(
         None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
         "plates without DMSO, of the plate's batch; default: the model's own setting")

@@ -224,3 +224,27 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
     fit = fit_probe(plan, fold, features)
     probs = fit.head.predict_proba(features.take(fold.test), len(plan.classes))
     return TrainedFold(fit.train_rows, probs, [], fit.state, {}, fit.choices)
+
+
+def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Novelty scores of the training compounds as new compounds of known MoAs, for the ``Novel`` flag's
+    threshold: each compound's wells and treatments scored (:func:`cellmorph.novelty.centroid_distance`) by a
+    centroid head fitted without that compound (its standardisation too), so no compound informs its own score.
+    A compound that is its MoA's only one is left out: without it its MoA is unseen, not known. Per level
+    (``wells``, ``treatments``): the level's keys, ``Metadata_Compound`` and ``Novelty_Score``."""
+    from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles
+
+    frame = index.reset_index(drop=True)
+    compounds = frame["Metadata_Compound"].astype(str).to_numpy()
+    parts: dict[str, list[pd.DataFrame]] = {"wells": [], "treatments": []}
+    for compound in sorted(set(compounds)):
+        out = compounds == compound
+        if len(set(y[~out])) < len(set(y)):
+            continue
+        head = CentroidHead.fit(x[~out], y[~out], frame[~out])
+        z = (x[out] - head.mean_) / head.scale_
+        for level in parts:
+            keys, profiles = level_profiles(frame[out], z, level)
+            parts[level].append(keys.assign(Metadata_Compound=compound,
+                                            **{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)}))
+    return {level: pd.concat(p, ignore_index=True) for level, p in parts.items() if p}

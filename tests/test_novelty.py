@@ -1,0 +1,110 @@
+"""The Novel flag: a score of how unlike every known MoA a treatment is, and a threshold whose false-alarm rate on
+new compounds of known MoAs is the one asked for."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmorph.cv.probe import CentroidHead, held_out_novelty
+from cellmorph.novelty import (NOVELTY_COLUMN, centroid_distance, level_profiles, novelty_threshold)
+
+
+def test_the_threshold_flags_at_most_alpha_of_exchangeable_scores():
+    """Calibration and new scores from one distribution: over many draws the flagged fraction is at most α, within
+    binomial tolerance (3 standard errors of 20,000 draws), and close to it (the conformal bound is nearly tight)."""
+    rng = np.random.default_rng(0)
+    alpha, flagged = 0.1, []
+    for _ in range(200):
+        threshold = novelty_threshold(rng.gamma(2.0, size=60), alpha)
+        flagged.append(rng.gamma(2.0, size=100) > threshold)
+    rate = np.mean(flagged)
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / 20_000) and rate > alpha - 0.03
+    assert novelty_threshold(np.arange(5.0), 0.1) == float("inf")  # 5 scores cannot promise 10 %: flag nothing
+
+
+def test_centroid_distance_is_one_minus_the_nearest_cosine():
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(centroid_distance(np.array([[2.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]), centroids),
+                               [0.0, 1 - np.sqrt(0.5), 1.0])
+
+
+def _screen(seed: int = 0, moas: int = 4, compounds: int = 3, cells: int = 20, dims: int = 30):
+    """Cells of ``moas`` known MoAs (``compounds`` compounds each, 2 concentrations) and of one planted MoA: each MoA
+    a direction in feature space, each compound near it, cells noisy around their compound."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(moas + 1, dims)) * 2.0
+    rows, x = [], []
+    for m in range(moas + 1):
+        for c in range(compounds):
+            offset = directions[m] + rng.normal(scale=0.6, size=dims)
+            for dose in (1.0, 3.0):
+                for k in range(cells):
+                    rows.append({"Metadata_Compound": f"m{m}c{c}", "Metadata_Concentration": dose,
+                                 "Metadata_Plate": "P1", "Metadata_Well": f"W{m}{c}{dose:g}", "y": m})
+                    x.append(offset * (dose / 3.0) ** 0.5 + rng.normal(size=dims))
+    index = pd.DataFrame(rows)
+    return np.asarray(x), index, index.pop("y").to_numpy()
+
+
+def test_a_planted_moa_is_flagged_far_more_often_than_new_compounds_of_known_moas():
+    """Criterion: trained on the known MoAs, at least half of the planted MoA's treatments are flagged, and at least
+    3 times as many (as a fraction) as of the known MoAs' compounds, each held out from the head that scores it."""
+    x, index, y = _screen()
+    known = y < y.max()
+    calibration = held_out_novelty(x[known], y[known], index[known])["treatments"]
+    threshold = novelty_threshold(calibration[NOVELTY_COLUMN].to_numpy(), 0.1)
+    head = CentroidHead.fit(x[known], y[known], index[known])
+    keys, profiles = level_profiles(index[~known], (x[~known] - head.mean_) / head.scale_, "treatments")
+    planted = centroid_distance(profiles, head.centroids) > threshold
+    assert len(calibration) == 4 * 3 * 2 and set(calibration.columns) >= {"Metadata_Compound", NOVELTY_COLUMN}
+    assert planted.mean() >= 0.5
+    known_rate = (calibration[NOVELTY_COLUMN].to_numpy() > threshold).mean()
+    assert planted.mean() >= 3 * max(known_rate, 0.05)
+
+
+def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_path):
+    """A probe bundle holds the flag's calibration (its compounds held out one by one); `predict` writes
+    Novelty_Score and Novel per well and treatment and says in summary.json how the threshold was set."""
+    from cellmorph.bundle import load_bundle
+    from tests.conftest import QUICK_TRAIN, run_cli_here
+
+    out = tmp_path / "model"
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head",
+                        "centroid", "--features", "stage2", "--out", out, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    assert set(bundle.novelty) == {"wells", "treatments"} and bundle.novelty_member == 0
+    assert (out / "novelty_treatments.parquet").is_file()
+    proc = run_cli_here("predict", "--model", out, "--data", tiny_cache, "--novelty-alpha", "0.2",
+                        "--out", tmp_path / "pred", "--no-progress")
+    assert proc.returncode != 0 and "calibration" in proc.stderr  # no calibration scores: train with --calibration
+    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head",
+                        "centroid", "--features", "stage2", "--calibration", "group-kfold:2", "--out", tmp_path / "m2",
+                        "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli_here("predict", "--model", tmp_path / "m2", "--data", tiny_cache, "--novelty-alpha", "0.2",
+                        "--out", tmp_path / "pred", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    for level in ("wells", "treatments"):
+        frame = pd.read_parquet(tmp_path / "pred" / f"{level}.parquet")
+        assert frame[NOVELTY_COLUMN].between(0, 2).all() and frame["Novel"].dtype == bool
+    novelty = json.loads((tmp_path / "pred" / "summary.json").read_text())["novelty"]
+    assert novelty["score"] == "centroid distance" and novelty["alpha"] == 0.2
+    assert novelty["n_calibration"] == len(load_bundle(tmp_path / "m2").novelty["treatments"])
+    assert novelty["n_novel_treatments"] == len(novelty["novel_treatments"])
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_a_bundle_without_a_probe_flags_by_the_calls_probability(tiny_bundle, tiny_cache, tmp_path, alpha):
+    from cellmorph.predict import PredictConfig, predict
+
+    summary = predict(tiny_bundle, tiny_cache, tmp_path / "pred", PredictConfig(novelty_alpha=alpha, threads=1),
+                      progress=False, log=lambda *a: None)
+    assert summary["novelty"]["score"] == "1 - max probability" and summary["novelty"]["alpha"] == alpha
+    treatments = pd.read_parquet(tmp_path / "pred" / "treatments.parquet")
+    probs = treatments[[c for c in treatments.columns if c.startswith("prob_")]].to_numpy()
+    np.testing.assert_allclose(treatments[NOVELTY_COLUMN], 1 - probs.max(axis=1))
