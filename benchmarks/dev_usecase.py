@@ -97,7 +97,9 @@ def score(records: pd.DataFrame, alpha: float) -> dict:
         "mean_set_size": records["Set_Size"].mean(), "empty": float((records["Set_Size"] == 0).mean()),
         "ece": expected_calibration_error(records["Confidence"], records["Correct"]),
         "ece_raw": expected_calibration_error(records["Raw_Confidence"], records["Correct"]),
-        "mean_confidence": records["Confidence"].mean()}
+        "mean_confidence": records["Confidence"].mean()} | ({
+            # every scored treatment is a new compound of a known MoA: Novel is a false alarm on each
+            "novel_false_alarms": float(records["Novel"].astype(bool).mean())} if "Novel" in records.columns else {})
 
 
 def main() -> None:
@@ -173,6 +175,8 @@ def main() -> None:
           f"{result['empty']:.2f} | {result['ece']:.3f} ({result['ece_raw']:.3f}) | "
           f"{', '.join(str(v) for v in result['n_calibration_treatments'].values())} | "
           f"{', '.join(f'{v:.2f}' for v in expected.values() if v is not None)} |")
+    if "novel_false_alarms" in result:
+        print(f"Novel flagged {result['novel_false_alarms']:.3f} of these new compounds of known MoAs (false alarms)")
 
 
 def _expected_coverage(model: Path, alpha: float) -> float | None:
