@@ -96,6 +96,7 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
     assert novelty["score"] == "centroid distance" and novelty["alpha"] == 0.2
     assert novelty["n_calibration"] == len(load_bundle(tmp_path / "m2").novelty["treatments"])
     assert novelty["n_novel_treatments"] == len(novelty["novel_treatments"])
+    assert "Novel: no known MoA fits" in (tmp_path / "pred" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.2])

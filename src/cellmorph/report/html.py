@@ -143,9 +143,13 @@ def _predict_context(run: Path, visualise: bool) -> dict:
     labelled = TRUE_COLUMN in treatments.columns and treatments[TRUE_COLUMN].astype(str).isin(classes).any()
     header = {"data": summary.get("data"), "model": summary.get("model"), "config": summary.get("config", {}),
               "provenance": summary.get("provenance", {}), "classes": classes}
+    novelty = summary.get("novelty") or {}
+    flagged = {} if not novelty else {
+        f"Novel: no known MoA fits ({novelty.get('score')}; a new compound of a known MoA flagged at most "
+        f"{novelty.get('alpha')} of the time)": ", ".join(novelty.get("novel_treatments") or []) or "none"}
     sections = [_run_section(header, extra={"alpha": summary.get("alpha"),
                                             "mean prediction-set size": summary.get("mean_set_size"),
-                                            "empty sets": summary.get("n_empty_sets")})]
+                                            "empty sets": summary.get("n_empty_sets")} | flagged)]
     if labelled:
         known = lambda frame: frame[frame[TRUE_COLUMN].astype(str).isin(classes)]  # noqa: E731
         sections += [_accuracy_section(known(treatments), known(wells), known(tiles), classes, "labelled"),
