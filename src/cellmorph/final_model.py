@@ -75,6 +75,9 @@ def _train_final(data: Path, out: Path, config, calibration: str | None, resume:
     if calibration_run is not None:
         calibration = _run_scheme(Path(calibration_run))
     scheme = parse_cv(calibration) if calibration is not None else None
+    if scheme is not None and scheme.open_set:
+        raise CellmorphError(f"train: {option('calibration')} lomo holds out whole MoAs, whose calls cannot calibrate "
+                             "sets; give loco or group-kfold:K (cv --cv lomo measures novelty)")
     if scheme is None:
         _check_no_cv_only_options(base)
     dp = distributed.init_from_env(base.device)

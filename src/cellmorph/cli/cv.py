@@ -170,6 +170,13 @@ def cv(
         console.print(f"{member['run']} ({member['model']}): treatment {member['treatment_accuracy']:.3f}, well "
                       f"{member['well_accuracy']:.3f}, tile {member['tile_accuracy']:.3f}", highlight=False)
     print_metrics(metrics, out)
+    open_set = Path(out) / "open_set.json"
+    if open_set.is_file():  # lomo: its held-out MoAs are unseen, so their calls score 0; what it measures is this
+        record = json.loads(open_set.read_text())
+        console.print(f"open set (each MoA unseen in turn): AUROC {record['auroc']:.3f} against new compounds of known "
+                      f"MoAs; {record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged Novel at "
+                      f"{record['alpha']:g} false alarms (measured {record['false_alarm_rate']:.3f}): {open_set}",
+                      highlight=False, soft_wrap=True)
     runs = sorted(Path(out).glob("replicate-*")) if replicates > 1 else [Path(out)]
     for run in runs + sorted(p for r in runs for p in r.glob("member-*") if (p / "metrics.json").is_file()):
         print_report(run)

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from cellmorph.errors import CellmorphError
 
 DEFAULT_WELL_FOLDS = 5
-CV_CHOICES = "loco | group-kfold:K | nscb | well[:K] | batch | cell-line"
+CV_CHOICES = "loco | group-kfold:K | nscb | well[:K] | batch | cell-line | lomo"
 
-_CV_PATTERN = re.compile(r"^(loco|nscb|batch|cell-line|group-kfold:(\d+)|well(?::(\d+))?)$")
+_CV_PATTERN = re.compile(r"^(loco|lomo|nscb|batch|cell-line|group-kfold:(\d+)|well(?::(\d+))?)$")
 # Leave one Metadata_Batch out; BBBC014 stores the cell line there ("cell-line" is its alias).
 BATCH_SCHEMES = ("batch", "cell-line")
 
 
 @dataclass(frozen=True)
 class CVScheme:
-    name: str  # loco | group-kfold | nscb | well
+    name: str  # loco | group-kfold | nscb | well | batch | cell-line | lomo
     k: int | None = None
 
     def __str__(self) -> str:
@@ -29,7 +29,13 @@ class CVScheme:
         """Whether every held-out compound is absent from its fold's training tiles (loco,
         group-kfold, nscb), so held-out scores describe compounds new to the model. well and batch
         folds hold out wells or batches of compounds that other folds train on."""
-        return self.name in ("loco", "group-kfold", "nscb")
+        return self.name in ("loco", "group-kfold", "nscb", "lomo")
+
+    @property
+    def open_set(self) -> bool:
+        """Whether each fold holds out a whole MoA (lomo): its classes are unseen in training, so the fold scores
+        how novel they look (open_set.json), not whether they are called."""
+        return self.name == "lomo"
 
 
 def parse_cv(spec: str) -> CVScheme:
@@ -37,7 +43,7 @@ def parse_cv(spec: str) -> CVScheme:
     text = str(spec).strip().lower()
     match = _CV_PATTERN.match(text)
     if not match:
-        raise CellmorphError(f"cv {spec!r}: expected loco, nscb, group-kfold:K, well[:K], batch or cell-line")
+        raise CellmorphError(f"cv {spec!r}: expected loco, nscb, group-kfold:K, well[:K], batch, cell-line or lomo")
     if text.startswith("group-kfold"):
         k = int(match.group(2))
         if k < 2:

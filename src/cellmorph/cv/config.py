@@ -70,7 +70,8 @@ class CVConfig(BaseModel):
     image_size: int | None = Field(None, ge=16, description="network input size in px (default the model's 224/299)")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (timm's drop_rate; "
                              "0 as in the paper); > 0 makes `predict --mc-dropout` possible")
-    cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out)")
+    cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out; lomo: leave one "
+                    "MoA out, the linear probe's open-set evaluation, RUN/open_set.json)")
     include_controls_as_class: bool = Field(False, description="make DMSO a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
     strict: bool = Field(

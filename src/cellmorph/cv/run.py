@@ -44,6 +44,7 @@ from cellmorph.cv.rundir import (
     digest,
     predictions_frame,
 )
+from cellmorph.config.scheme import parse_cv
 from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
 from cellmorph.distributed import current as current_data_parallel
 from cellmorph.errors import CellmorphError, disk_full_as_error, option
@@ -57,7 +58,7 @@ from cellmorph.metrics import (
 )
 from cellmorph.models import InitRecord, InputSpec
 from cellmorph.progress import Progress
-from cellmorph.runinfo import created_root, output_lock, require_not_input, require_output_dir, run_info
+from cellmorph.runinfo import created_root, output_lock, require_not_input, require_output_dir, run_info, write_json
 from cellmorph.runtime import derive_seeds, deterministic, resolve_device, torch_threads
 from cellmorph.schema import HELDOUT_ACCURACY, PREDICTED_COLUMN, TRUE_COLUMN
 
@@ -128,6 +129,9 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     cache = TileCache(Path(data))
     base = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
                                 cache.manifest.get("source"))
+    if parse_cv(base.cv).open_set and base.mode != "linear-probe":
+        raise CellmorphError(f"cv lomo (open-set evaluation) is built for the linear probe: give {option('mode')} "
+                             "linear-probe")
     classes = class_names(cache.index, base.include_controls_as_class)
     folds, skipped = [], []
     if with_folds:
@@ -213,10 +217,23 @@ def run_cv(
         def finish() -> dict:
             # Every fold is done: the frozen-stage features were only kept for resuming.
             rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
+            if parse_cv(plan.config.cv).open_set:
+                _write_open_set(plan, rundir, bar)
             return summarise(plan, rundir, outputs, time.perf_counter() - started)
 
         metrics = dp.main_only(finish)
     return metrics if dp.is_main else json.loads(rundir.path(METRICS_FILE).read_text())
+
+
+def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
+    """``open_set.json`` of a lomo run (:mod:`cellmorph.cv.open_set`), from the probe's shared embeddings."""
+    from cellmorph.cv.open_set import OPEN_SET_FILE, open_set_evaluation
+
+    record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
+    write_json(rundir.path(OPEN_SET_FILE), record)
+    bar.line(f"open set: unseen MoAs against new compounds of known MoAs, AUROC {record['auroc']:.3f}; "
+             f"{record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged at {record['alpha']:g} "
+             f"false alarms (measured {record['false_alarm_rate']:.3f})")
 
 
 def _check_data_parallel(plan: RunPlan, executor) -> None:

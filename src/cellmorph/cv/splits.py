@@ -143,7 +143,11 @@ def make_folds(
     if len(classes) < 2:
         hint = "" if include_controls_as_class else " (set include_controls_as_class to add DMSO as a class)"
         raise CellmorphError(f"cross-validation needs at least 2 classes; the data has {classes}{hint}")
-    if scheme.name in BATCH_SCHEMES:
+    if scheme.open_set:
+        if len(classes) < 3:
+            raise CellmorphError(f"cv {scheme}: leaving one MoA out needs at least 3 MoAs (2 left to train on)")
+        tests = _moa_test_sets(tiles)
+    elif scheme.name in BATCH_SCHEMES:
         tests = _batch_test_sets(tiles)
     elif scheme.name == "well":
         tests = _well_test_sets(tiles, scheme, rng)
@@ -170,6 +174,15 @@ def unscored_entry(compound: str, moa: str) -> dict:
     return {"fold": None, "name": compound, "compounds": [compound],
             "reason": f"not scored: {compound!r} is the only compound of MoA {moa!r}, so holding it out would leave "
                       "that MoA nothing to learn from; it stays in training in every fold (--strict refuses instead)"}
+
+
+def _moa_test_sets(tiles: _Tiles) -> list[_TestSet]:
+    """lomo: every treated tile of one MoA per fold (its compounds leave training with it)."""
+    tests = []
+    for moa in sorted(set(tiles.labels[tiles.treated])):
+        mask = tiles.treated & (tiles.labels == moa)
+        tests.append(_TestSet(np.flatnonzero(mask), str(moa), sorted(set(tiles.compounds[mask])), []))
+    return tests
 
 
 def _batch_test_sets(tiles: _Tiles) -> list[_TestSet]:
@@ -270,7 +283,7 @@ def _folds(tiles: _Tiles, tests: list[_TestSet], scheme: CVScheme, skip_untraina
         if len(train) == 0:
             raise CellmorphError(f"cv {scheme}: fold {k} ({test.name}) leaves no tiles to train on")
         missing = sorted(set(tiles.labels[test.rows]) - set(tiles.labels[train]))
-        if missing:
+        if missing and not scheme.open_set:  # lomo holds its MoA out of training on purpose
             reason = _untrainable_reason(scheme, k, test, missing[0])
             if skip_untrainable:
                 skipped.append({"fold": k, "name": test.name, "reason": reason})

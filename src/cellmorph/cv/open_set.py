@@ -1,0 +1,85 @@
+"""Open-set evaluation of a leave-one-MoA-out run (``cv --cv lomo``): how novel an unseen MoA looks.
+
+Each fold's held-out MoA is unseen by its probe. Its treatments are scored by the fold's centroid head
+(:func:`cellmorph.novelty.centroid_distance` of their mean standardised profiles), and compared with new compounds
+of the *known* MoAs: the fold's training compounds, each scored by a head fitted without it
+(:func:`cellmorph.cv.probe.held_out_novelty`), which are also what sets the fold's ``Novel`` threshold at ``alpha``,
+as ``predict`` sets it. Written to ``RUN/open_set.json``:
+
+* ``auroc``: unseen-MoA treatments against the known compounds' treatments, pooled over the folds (and per MoA);
+* ``flagged_at_alpha``: the fraction of unseen-MoA treatments above their fold's threshold;
+* ``false_alarm_rate``: the fraction of known compounds' treatments above the threshold set without them (each
+  compound left out of its fold's calibration in turn): what ``alpha`` promises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+OPEN_SET_FILE = "open_set.json"
+DEFAULT_NOVELTY_ALPHA = 0.1
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (Mann-Whitney); NaN without both kinds."""
+    from scipy.stats import rankdata
+
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataFrame, x_test: np.ndarray,
+                 index_test: pd.DataFrame, alpha: float) -> dict:
+    """One fold: the unseen treatments' scores, the known compounds' held-out scores, the threshold, and the
+    known treatments' scores against a threshold set without their own compound (the false alarms)."""
+    from cellmorph.cv.probe import CentroidHead, held_out_novelty
+    from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles, novelty_threshold
+
+    head = CentroidHead.fit(x_train, y_train, index_train)
+    keys, profiles = level_profiles(index_test, (x_test - head.mean_) / head.scale_, "treatments")
+    unseen = keys.assign(**{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)})
+    known = held_out_novelty(x_train, y_train, index_train).get("treatments")
+    if known is None or known.empty:
+        return {"unseen": unseen, "known": pd.DataFrame(columns=[NOVELTY_COLUMN]), "threshold": float("inf"),
+                "false_alarms": np.zeros(0, bool)}
+    scores = known[NOVELTY_COLUMN].to_numpy()
+    compounds = known["Metadata_Compound"].astype(str).to_numpy()
+    false_alarms = np.array([s > novelty_threshold(scores[compounds != c], alpha) for s, c in zip(scores, compounds)])
+    return {"unseen": unseen, "known": known, "threshold": novelty_threshold(scores, alpha),
+            "false_alarms": false_alarms}
+
+
+def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
+    """The ``open_set.json`` record of a finished lomo probe run (``features``: its embeddings)."""
+    from cellmorph.novelty import CENTROID_DISTANCE, NOVELTY_COLUMN
+
+    index = plan.cache.index
+    per_moa, unseen_all, known_all, flagged_all, alarms_all = [], [], [], [], []
+    for fold in plan.folds:
+        train = fold.train[plan.targets[fold.train] >= 0]
+        result = fold_novelty(features.take(train), plan.targets[train], index.iloc[train], features.take(fold.test),
+                              index.iloc[fold.test], alpha)
+        unseen = result["unseen"][NOVELTY_COLUMN].to_numpy()
+        known = np.asarray(result["known"][NOVELTY_COLUMN], float)
+        flagged = unseen > result["threshold"]
+        names = result["unseen"]
+        per_moa.append({"moa": fold.name, "n_treatments": int(len(unseen)), "n_known_treatments": int(len(known)),
+                        "auroc": auroc(unseen, known), "flagged": float(flagged.mean()),
+                        "threshold": result["threshold"],
+                        "flagged_treatments": [f"{c} at {float(v):g}" for c, v, f in zip(
+                            names["Metadata_Compound"], names["Metadata_Concentration"], flagged) if f]})
+        unseen_all.append(unseen)
+        known_all.append(known)
+        flagged_all.append(flagged)
+        alarms_all.append(result["false_alarms"])
+    unseen, known = np.concatenate(unseen_all), np.concatenate(known_all)
+    aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
+    return {"scheme": "lomo", "score": CENTROID_DISTANCE, "alpha": alpha, "auroc": auroc(unseen, known),
+            "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
+            "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
+            "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),
+            "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa}

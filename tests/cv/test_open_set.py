@@ -1,0 +1,59 @@
+"""Leave one MoA out (``cv --cv lomo``): each MoA unseen in turn, and how novel it looks against new compounds of
+the known MoAs (open_set.json)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellmorph.cache import TileCache
+from cellmorph.cv.open_set import auroc, fold_novelty
+from cellmorph.cv.splits import make_folds
+from cellmorph.errors import CellmorphError
+from tests.conftest import QUICK_TRAIN, one_line_error, run_cli_here
+from tests.test_novelty import _screen
+
+
+def test_lomo_holds_out_every_compound_of_one_moa_per_fold(tiny_cache):
+    index = TileCache(tiny_cache).index
+    folds, skipped = make_folds(index, "lomo")
+    moas = sorted(set(index.loc[~index["Metadata_IsControl"], "Metadata_MoA"].astype(str)))
+    assert [f.name for f in folds] == moas and not skipped
+    for fold in folds:
+        test_moas = set(index["Metadata_MoA"].iloc[fold.test].astype(str))
+        assert test_moas == {fold.name} and fold.name not in set(index["Metadata_MoA"].iloc[fold.train].astype(str))
+        assert not set(index["Metadata_Compound"].iloc[fold.train]) & set(fold.test_compounds)
+    two = index[index["Metadata_MoA"].isin(moas[:2]) | index["Metadata_IsControl"]]
+    with pytest.raises(CellmorphError, match="at least 3 MoAs"):
+        make_folds(two.reset_index(drop=True), "lomo")
+
+
+def test_an_unseen_moa_is_flagged_and_known_compounds_are_not_more_than_alpha():
+    """On a screen with a planted MoA (tests/test_novelty.py): at least half of its treatments are flagged, and the
+    known compounds, each scored against a threshold set without it, are flagged at most α + 3 standard errors."""
+    x, index, y = _screen(moas=6, compounds=4)
+    held = y == y.max()
+    result = fold_novelty(x[~held], y[~held], index[~held], x[held], index[held], alpha=0.1)
+    flagged = result["unseen"]["Novelty_Score"].to_numpy() > result["threshold"]
+    n = len(result["false_alarms"])
+    assert flagged.mean() >= 0.5 and n == 6 * 4 * 2
+    assert result["false_alarms"].mean() <= 0.1 + 3 * np.sqrt(0.09 / n)
+    assert auroc(np.array([2.0, 3.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+
+
+def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp_path):
+    proc = run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head", "centroid",
+                        "--features", "stage2", "--cv", "lomo", "--out", tmp_path / "run", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "run" / "open_set.json").read_text())
+    assert record["scheme"] == "lomo" and record["score"] == "centroid distance" and record["alpha"] == 0.1
+    assert 0 <= record["auroc"] <= 1 and 0 <= record["flagged_at_alpha"] <= 1 and 0 <= record["false_alarm_rate"] <= 1
+    assert len(record["per_moa"]) == 12 and record["n_unseen_treatments"] == 44
+    assert "open set (each MoA unseen in turn)" in proc.stderr + proc.stdout
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--cv", "lomo", "--out", tmp_path / "ft"),
+                   "lomo", "--mode linear-probe")
+    one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe",
+                                "--calibration", "lomo", "--out", tmp_path / "m"), "--calibration lomo")
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "m").exists()
