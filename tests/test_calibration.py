@@ -187,3 +187,39 @@ def test_train_says_what_coverage_and_error_to_expect_and_warns_of_few_treatment
     assert "from 44 calibration treatments of 24 compounds" in lines[0], lines[0]
     assert lines[2].startswith("expected calibration error of the confidence: ")
     assert lines[-1].startswith("warning: 44 calibration treatments cannot promise")
+
+
+def test_mondrian_sets_cover_every_class_where_marginal_sets_leave_a_hard_one_short():
+    """Three classes, the third hard to call (its true-class probabilities low): at α 0.2 marginal sets cover it
+    well under 0.8 while covering the easy ones more; Mondrian sets cover each class at 0.8 within 3 standard
+    errors of its test rows."""
+    from cellmorph.calibration import conformal_sets
+    from cellmorph.schema import TRUE_COLUMN, prob_column
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+
+    def draw(n):
+        truth = rng.integers(0, 3, n)
+        strength = np.where(truth == 2, 0.6, 4.0)
+        logits = rng.normal(size=(n, 3))
+        logits[np.arange(n), truth] += strength
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return probs, truth
+
+    cal_probs, cal_truth = draw(3000)
+    calibration = pd.DataFrame(cal_probs, columns=[prob_column(c) for c in classes])
+    calibration[TRUE_COLUMN] = np.array(classes)[cal_truth]
+    probs, truth = draw(6000)
+    coverage = {}
+    for sets in ("marginal", "mondrian"):
+        members = conformal_sets(calibration, probs, classes, 0.2, sets)
+        covered = members[np.arange(len(truth)), truth]
+        coverage[sets] = [covered[truth == c].mean() for c in range(3)]
+    tolerance = 3 * np.sqrt(0.16 / 2000)
+    assert coverage["marginal"][2] < 0.8 - 3 * tolerance and min(coverage["marginal"][:2]) > 0.8
+    assert all(abs(c - 0.8) < tolerance + 0.01 for c in coverage["mondrian"])
+    from cellmorph.errors import CellmorphError
+
+    with pytest.raises(CellmorphError, match="sets .aps."):
+        conformal_sets(calibration, probs, classes, 0.2, "aps")

@@ -109,3 +109,18 @@ def test_a_bundle_without_a_probe_flags_by_the_calls_probability(tiny_bundle, ti
     treatments = pd.read_parquet(tmp_path / "pred" / "treatments.parquet")
     probs = treatments[[c for c in treatments.columns if c.startswith("prob_")]].to_numpy()
     np.testing.assert_allclose(treatments[NOVELTY_COLUMN], 1 - probs.max(axis=1))
+
+
+def test_predict_makes_mondrian_sets_when_asked(tiny_bundle, tiny_cache, tmp_path):
+    """--sets mondrian: each MoA thresholded on its own calibration treatments (a handful each here), so the
+    sets are at least as large as the marginal ones, treatment by treatment."""
+    from cellmorph.predict import PredictConfig, predict
+
+    sizes = {}
+    for sets in ("marginal", "mondrian"):
+        predict(tiny_bundle, tiny_cache, tmp_path / sets, PredictConfig(sets=sets, threads=1), progress=False,
+                log=lambda *a: None)
+        frame = pd.read_parquet(tmp_path / sets / "treatments.parquet").sort_values(
+            ["Metadata_Compound", "Metadata_Concentration"])
+        sizes[sets] = frame["Set_Size"].to_numpy()
+    assert (sizes["mondrian"] >= sizes["marginal"]).all() and sizes["mondrian"].sum() > sizes["marginal"].sum()

@@ -64,23 +64,42 @@ def labelled_scores(scores: pd.DataFrame, classes: list[str]) -> tuple[np.ndarra
     return probs, rows[TRUE_COLUMN].astype(str).map(classes.index).to_numpy(), rows
 
 
-def conformal_sets(calibration: pd.DataFrame, probs: np.ndarray, classes: list[str], alpha: float) -> np.ndarray:
+SET_TYPES = ("marginal", "mondrian")
+
+
+def conformal_sets(calibration: pd.DataFrame, probs: np.ndarray, classes: list[str], alpha: float,
+                   sets: str = "marginal") -> np.ndarray:
     """Boolean (n, classes) membership of each row's prediction set at level 1 − ``alpha``.
 
     ``calibration`` holds out-of-fold ``prob_<class>`` and the true ``Metadata_MoA`` of
-    treatments the scoring models never saw.
+    treatments the scoring models never saw. ``sets="marginal"``: one threshold for all classes (coverage
+    1 − α over treatments like the calibration ones); ``"mondrian"``: class-conditional (crepes' Mondrian
+    classifier with the true class as the category, as its ``class_cond``): each class is kept by the
+    calibration treatments *of that class*, so coverage holds per MoA, and a class with fewer than
+    (1 − α)/α calibration treatments is always in the set (nothing can exclude it at that level).
     """
     from crepes import ConformalClassifier
     from crepes.extras import hinge
 
+    if sets not in SET_TYPES:
+        raise CellmorphError(f"sets {sets!r}: expected {' or '.join(SET_TYPES)}")
     cal_probs, truth, _ = labelled_scores(calibration, classes)
     cal_alphas = hinge(cal_probs, np.arange(len(classes)), truth)
-    conformal = ConformalClassifier().fit(cal_alphas)
-    return conformal.predict_set(hinge(probs), confidence=1.0 - alpha, smoothing=False).astype(bool)
+    alphas = hinge(np.asarray(probs, float))
+    if sets == "marginal":
+        conformal = ConformalClassifier().fit(cal_alphas)
+        return conformal.predict_set(alphas, confidence=1.0 - alpha, smoothing=False).astype(bool)
+    conformal = ConformalClassifier().fit(cal_alphas, bins=truth)
+    members = np.ones(alphas.shape, bool)
+    for c in range(len(classes)):
+        if np.any(truth == c):  # a class without calibration treatments cannot be excluded: kept
+            members[:, c] = conformal.predict_set(alphas, bins=np.full(len(alphas), c), confidence=1.0 - alpha,
+                                                  smoothing=False)[:, c].astype(bool)
+    return members
 
 
 def held_out_coverage(scores: pd.DataFrame, classes: list[str], alpha: float,
-                      group: str = COMPOUND) -> dict:
+                      group: str = COMPOUND, sets: str = "marginal") -> dict:
     """Coverage of the sets of each compound's treatments, calibrated on the other compounds' scores.
 
     ``scores`` are out-of-fold treatment probabilities (a CV's ``treatments.csv``). Each compound
@@ -91,7 +110,7 @@ def held_out_coverage(scores: pd.DataFrame, classes: list[str], alpha: float,
     covered, sizes, groups = [], [], []
     for name, held in labelled.groupby(group, sort=True):
         rest = labelled.drop(index=held.index)
-        members = conformal_sets(rest, held[columns].to_numpy(float), classes, alpha)
+        members = conformal_sets(rest, held[columns].to_numpy(float), classes, alpha, sets)
         truth = held[TRUE_COLUMN].astype(str).map(classes.index).to_numpy()
         covered.extend(members[np.arange(len(truth)), truth])
         sizes.extend(members.sum(axis=1))

@@ -174,7 +174,8 @@ def _levels_and_sets(bundle, cache, config: PredictConfig, progress: bool):
     for level, frame in levels.items():
         if level in bundle.calibration:  # each level calibrated by out-of-fold scores of its own kind
             sets[level] = conformal_sets(bundle.calibration[level],
-                                         frame[[prob_column(c) for c in classes]].to_numpy(float), classes, config.alpha)
+                                         frame[[prob_column(c) for c in classes]].to_numpy(float), classes, config.alpha,
+                                         config.sets)
             add_sets(frame, sets[level], classes)
     return levels, sets
 

@@ -17,6 +17,7 @@ from rich.table import Table
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
 from cellmorph.config.embed import EmbedConfig
+from cellmorph.config.predict import PredictConfig
 from cellmorph.config.prepare import Layout, PrepareConfig
 from cellmorph.cv.config import CVConfig, field_help
 from cellmorph.cv.executors import ExecutorConfig
@@ -30,6 +31,7 @@ def _choices(config, name: str):
 
 
 Normalize = _choices(PrepareConfig, "normalize")
+SetType = _choices(PredictConfig, "sets")
 Scaling = _choices(PrepareConfig, "scaling")
 Mode = _choices(CVConfig, "mode")
 ExecutorKind = _choices(ExecutorConfig, "kind")

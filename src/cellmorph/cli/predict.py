@@ -14,6 +14,7 @@ from cellmorph.cli.common import (
     THREADS_HELP,
     ImageInput,
     Normalize,
+    SetType,
     log_line,
     print_report,
     command,
@@ -43,6 +44,7 @@ def predict(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_predict_help("skip_bad")),
     alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
     novelty_alpha: float = typer.Option(0.1, help=_predict_help("novelty_alpha")),
+    sets: SetType = typer.Option("marginal", help=_predict_help("sets")),
     mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
     seed: int = typer.Option(0, help=_predict_help("seed")),
     batch_size: int = typer.Option(16, help=_predict_help("batch_size")),
@@ -54,7 +56,7 @@ def predict(
     from cellmorph.predict import predict as run_predict
 
     settings = validated(PredictConfig, dict(
-        alpha=alpha, novelty_alpha=novelty_alpha, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
+        alpha=alpha, novelty_alpha=novelty_alpha, sets=sets, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
         normalize=normalize,
         reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
     layout = images.layout

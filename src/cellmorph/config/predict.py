@@ -20,6 +20,10 @@ class PredictConfig(BaseModel):
                             "entropy in nats) per tile, well and treatment; 0 = off. Needs a model trained with "
                             "drop_rate > 0")
     seed: int = Field(0, ge=0, description="seed of the MC-dropout draws")
+    sets: Literal["marginal", "mondrian"] = Field(
+        "marginal", description="marginal: one threshold for every MoA (coverage over treatments); mondrian: one per "
+        "MoA (coverage per MoA, from that MoA's calibration treatments: needs many per MoA; with the development "
+        "set's 3-9 they held 8-12 MoAs a set, benchmarks/RESULTS.md)")
     novelty_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="false-alarm rate of the Novel flag: a new "
                                  "compound of a known MoA is flagged at most this often (conformal, from the "
                                  "bundle's held-out compounds of known MoAs)")
