@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cellmorph.cv.probe import CentroidHead, held_out_novelty
 from cellmorph.novelty import (NOVELTY_COLUMN, centroid_distance, level_profiles, novelty_threshold)
@@ -72,20 +71,13 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
     from cellmorph.bundle import load_bundle
     from tests.conftest import QUICK_TRAIN, run_cli_here
 
-    out = tmp_path / "model"
-    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head",
-                        "centroid", "--features", "stage2", "--out", out, "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    bundle = load_bundle(out)
-    assert set(bundle.novelty) == {"wells", "treatments"} and bundle.novelty_member == 0
-    assert (out / "novelty_treatments.parquet").is_file()
-    proc = run_cli_here("predict", "--model", out, "--data", tiny_cache, "--novelty-alpha", "0.2",
-                        "--out", tmp_path / "pred", "--no-progress")
-    assert proc.returncode != 0 and "calibration" in proc.stderr  # no calibration scores: train with --calibration
     proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head",
                         "centroid", "--features", "stage2", "--calibration", "group-kfold:2", "--out", tmp_path / "m2",
                         "--no-progress")
     assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(tmp_path / "m2")
+    assert set(bundle.novelty) == {"wells", "treatments"} and bundle.novelty_member == 0
+    assert (tmp_path / "m2" / "novelty_treatments.parquet").is_file()
     proc = run_cli_here("predict", "--model", tmp_path / "m2", "--data", tiny_cache, "--novelty-alpha", "0.2",
                         "--out", tmp_path / "pred", "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -99,28 +91,26 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
     assert "Novel: no known MoA fits" in (tmp_path / "pred" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("alpha", [0.05, 0.2])
-def test_a_bundle_without_a_probe_flags_by_the_calls_probability(tiny_bundle, tiny_cache, tmp_path, alpha):
+def test_a_bundle_without_a_probe_flags_by_the_calls_probability_and_makes_mondrian_sets(tiny_bundle, tiny_cache,
+                                                                                          tmp_path):
+    """A fine-tune bundle: Novelty_Score is one minus the call's probability, thresholded on its out-of-fold
+    calibration calls; --sets mondrian thresholds each MoA on its own calibration treatments (a handful each
+    here), so its sets hold at least the marginal ones' MoAs, treatment by treatment."""
+    from cellmorph.calibration import conformal_sets
+    from cellmorph.bundle import load_bundle
+    from cellmorph.novelty import novelty_threshold
     from cellmorph.predict import PredictConfig, predict
 
-    summary = predict(tiny_bundle, tiny_cache, tmp_path / "pred", PredictConfig(novelty_alpha=alpha, threads=1),
+    summary = predict(tiny_bundle, tiny_cache, tmp_path / "pred", PredictConfig(novelty_alpha=0.2, sets="mondrian",
+                                                                               threads=1),
                       progress=False, log=lambda *a: None)
-    assert summary["novelty"]["score"] == "1 - max probability" and summary["novelty"]["alpha"] == alpha
+    assert summary["novelty"]["score"] == "1 - max probability" and summary["novelty"]["alpha"] == 0.2
     treatments = pd.read_parquet(tmp_path / "pred" / "treatments.parquet")
-    probs = treatments[[c for c in treatments.columns if c.startswith("prob_")]].to_numpy()
+    columns = [c for c in treatments.columns if c.startswith("prob_")]
+    probs = treatments[columns].to_numpy()
     np.testing.assert_allclose(treatments[NOVELTY_COLUMN], 1 - probs.max(axis=1))
-
-
-def test_predict_makes_mondrian_sets_when_asked(tiny_bundle, tiny_cache, tmp_path):
-    """--sets mondrian: each MoA thresholded on its own calibration treatments (a handful each here), so the
-    sets are at least as large as the marginal ones, treatment by treatment."""
-    from cellmorph.predict import PredictConfig, predict
-
-    sizes = {}
-    for sets in ("marginal", "mondrian"):
-        predict(tiny_bundle, tiny_cache, tmp_path / sets, PredictConfig(sets=sets, threads=1), progress=False,
-                log=lambda *a: None)
-        frame = pd.read_parquet(tmp_path / sets / "treatments.parquet").sort_values(
-            ["Metadata_Compound", "Metadata_Concentration"])
-        sizes[sets] = frame["Set_Size"].to_numpy()
-    assert (sizes["mondrian"] >= sizes["marginal"]).all() and sizes["mondrian"].sum() > sizes["marginal"].sum()
+    bundle = load_bundle(tiny_bundle)
+    calibration = 1 - bundle.calibration["treatments"][columns].to_numpy().max(axis=1)
+    assert summary["novelty"]["threshold"] == novelty_threshold(calibration, 0.2)
+    marginal = conformal_sets(bundle.calibration["treatments"], probs, bundle.classes, 0.1).sum(axis=1)
+    assert (treatments["Set_Size"].to_numpy() >= marginal).all() and treatments["Set_Size"].sum() > marginal.sum()
