@@ -119,7 +119,7 @@ def test_embed_and_linear_probe_on_real_crops(crops_cache, tmp_path):
 def test_demo_writes_the_run_directory(tmp_path):
     """`make demo`'s command end to end (synth tiny → prepare → cv), shrunk to seconds."""
     run = tmp_path / "demo"
-    proc = run_cli("demo", "--out", str(run), "--epochs", "1", "--image-size", "64", "--cv", "group-kfold:2")
+    proc = run_cli("demo", "--out", str(run), "--epochs", "1", "--image-size", "32", "--cv", "group-kfold:2")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = json.loads((run / "metrics.json").read_text())
