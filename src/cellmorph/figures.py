@@ -63,6 +63,35 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "Treat
     return fig
 
 
+def plot_novelty_roc(unseen: np.ndarray, known: np.ndarray, path: Path, auroc: float, alpha: float,
+                     flagged: float, false_alarms: float) -> None:
+    """``open_set_roc.png`` of a lomo run: the ROC of the novelty score, unseen-MoA treatments against new compounds
+    of known MoAs, with the calibrated flag's operating point (its measured false alarms, the fraction flagged)."""
+    _save(novelty_roc_figure(unseen, known, auroc, alpha, flagged, false_alarms), path)
+
+
+def novelty_roc_figure(unseen: np.ndarray, known: np.ndarray, auroc: float, alpha: float, flagged: float,
+                       false_alarms: float):
+    plt = pyplot()
+    scores = np.concatenate([unseen, known])
+    thresholds = np.concatenate([[np.inf], np.sort(np.unique(scores))[::-1]])
+    tpr = [(unseen >= t).mean() for t in thresholds]
+    fpr = [(known >= t).mean() for t in thresholds]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot(fpr, tpr, color="#1f77b4", label=f"novelty score (AUROC {auroc:.2f})")
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=0.8, label="chance")
+    ax.scatter([false_alarms], [flagged], color="#d62728", zorder=3,
+               label=f"Novel at α {alpha:g}: {flagged:.0%} flagged, {false_alarms:.0%} false alarms")
+    ax.set_xlabel("new compounds of known MoAs flagged (false alarms)")
+    ax.set_ylabel("unseen-MoA treatments flagged")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"Leave one MoA out: {len(unseen)} unseen, {len(known)} known treatments", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _save(fig, path: Path) -> None:
     """Write ``fig`` as a PNG atomically (legends outside the axes are kept: tight bounding box)."""
     plt = pyplot()

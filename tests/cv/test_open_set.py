@@ -51,6 +51,10 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
     assert record["scheme"] == "lomo" and record["score"] == "centroid distance" and record["alpha"] == 0.1
     assert 0 <= record["auroc"] <= 1 and 0 <= record["flagged_at_alpha"] <= 1 and 0 <= record["false_alarm_rate"] <= 1
     assert len(record["per_moa"]) == 12 and record["n_unseen_treatments"] == 44
+    kinds = [t["kind"] for t in record["treatments"]]
+    assert kinds.count("unseen") == 44 and kinds.count("known") == record["n_known_treatments"]
+    assert np.mean([t["novel"] for t in record["treatments"] if t["kind"] == "unseen"]) == record["flagged_at_alpha"]
+    assert (tmp_path / "run" / "open_set_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "open set (each MoA unseen in turn)" in proc.stderr + proc.stdout
     one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--cv", "lomo", "--out", tmp_path / "ft"),
                    "lomo", "--mode linear-probe")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 OPEN_SET_FILE = "open_set.json"
+ROC_FILE = "open_set_roc.png"
 DEFAULT_NOVELTY_ALPHA = 0.1
 
 
@@ -58,7 +59,7 @@ def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) ->
     from cellmorph.novelty import CENTROID_DISTANCE, NOVELTY_COLUMN
 
     index = plan.cache.index
-    per_moa, unseen_all, known_all, flagged_all, alarms_all = [], [], [], [], []
+    per_moa, unseen_all, known_all, flagged_all, alarms_all, records = [], [], [], [], [], []
     for fold in plan.folds:
         train = fold.train[plan.targets[fold.train] >= 0]
         result = fold_novelty(features.take(train), plan.targets[train], index.iloc[train], features.take(fold.test),
@@ -72,6 +73,12 @@ def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) ->
                         "threshold": result["threshold"],
                         "flagged_treatments": [f"{c} at {float(v):g}" for c, v, f in zip(
                             names["Metadata_Compound"], names["Metadata_Concentration"], flagged) if f]})
+        for kind, frame, scores, flags in (("unseen", names, unseen, flagged),
+                                           ("known", result["known"], known, result["false_alarms"])):
+            for compound, concentration, score, flag in zip(frame["Metadata_Compound"], frame["Metadata_Concentration"],
+                                                            scores, flags):
+                records.append({"held_out_moa": fold.name, "kind": kind, "compound": str(compound),
+                                "concentration": float(concentration), "score": float(score), "novel": bool(flag)})
         unseen_all.append(unseen)
         known_all.append(known)
         flagged_all.append(flagged)
@@ -82,4 +89,7 @@ def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) ->
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
             "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
             "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),
-            "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa}
+            "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa,
+            # every scored treatment: its fold's held-out MoA, unseen or known, its score and flag (known: against the
+            # threshold set without its own compound)
+            "treatments": records}

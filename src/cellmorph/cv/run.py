@@ -227,10 +227,14 @@ def run_cv(
 
 def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
     """``open_set.json`` of a lomo run (:mod:`cellmorph.cv.open_set`), from the probe's shared embeddings."""
-    from cellmorph.cv.open_set import OPEN_SET_FILE, open_set_evaluation
+    from cellmorph.cv.open_set import OPEN_SET_FILE, ROC_FILE, open_set_evaluation
+    from cellmorph.figures import plot_novelty_roc
 
     record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
     write_json(rundir.path(OPEN_SET_FILE), record)
+    scores = {kind: np.array([t["score"] for t in record["treatments"] if t["kind"] == kind]) for kind in ("unseen", "known")}
+    plot_novelty_roc(scores["unseen"], scores["known"], rundir.path(ROC_FILE), record["auroc"], record["alpha"],
+                     record["flagged_at_alpha"], record["false_alarm_rate"])
     bar.line(f"open set: unseen MoAs against new compounds of known MoAs, AUROC {record['auroc']:.3f}; "
              f"{record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged at {record['alpha']:g} "
              f"false alarms (measured {record['false_alarm_rate']:.3f})")
