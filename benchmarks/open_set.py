@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmorph.cv.open_set import auroc
 from cellmorph.cv.probe import CentroidHead, treatment_ids
 
 TEMPERATURE = 3.0
@@ -93,15 +94,6 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
         "cell kNN": pd.Series(knn).groupby(t_test).median().loc[profiles.index].to_numpy(),
     })
     return out
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counted half (the Mann-Whitney AUROC)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([positive, negative]))
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def leave_one_moa_out(x, index, y) -> pd.DataFrame:

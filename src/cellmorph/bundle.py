@@ -323,7 +323,9 @@ class Bundle:
     calibration: dict[str, pd.DataFrame]  # level → scores; empty without calibration
     further_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)  # an ensemble's members 2, 3, …
     heads: list[dict[str, torch.Tensor] | None] = field(default_factory=list)  # each member's probe head, or None
-    novelty_scores: dict[str, pd.DataFrame] = field(default_factory=dict)  # see :attr:`novelty`
+    # The Novel flag's calibration scores per level (``Novelty_Score`` of compounds of known MoAs, each held out from
+    # the probe that scored it), from the first linear probe that holds them; {} without.
+    novelty: dict[str, pd.DataFrame] = field(default_factory=dict)
     novelty_member: int | None = None  # which member (from 0) the novelty scores belong to
 
     @property
@@ -337,12 +339,6 @@ class Bundle:
                                        weights, n, m.get("probe"), head)
                           for m, weights, head in zip(self.manifest.get("members") or [], self.further_weights,
                                                       heads[1:])]
-
-    @property
-    def novelty(self) -> dict[str, pd.DataFrame]:
-        """The Novel flag's calibration scores per level (``Novelty_Score`` of compounds of known MoAs, each held
-        out from the probe that scored it), from the first linear probe that holds them; {} without."""
-        return dict(self.novelty_scores)
 
     @property
     def is_probe(self) -> bool:

@@ -326,8 +326,9 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
             kind = ONE_MINUS_PROBABILITY
         else:
             continue
-        add_novelty(frame, np.asarray(scores, float), novelty_threshold(calibration, alpha))
-        frame.attrs["novelty"] = {"score": kind, "alpha": alpha, "threshold": novelty_threshold(calibration, alpha),
+        threshold = novelty_threshold(calibration, alpha)
+        add_novelty(frame, np.asarray(scores, float), threshold)
+        frame.attrs["novelty"] = {"score": kind, "alpha": alpha, "threshold": threshold,
                                   "n_calibration": int(len(calibration))}
 
 

@@ -37,15 +37,13 @@ def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataF
                  index_test: pd.DataFrame, alpha: float) -> dict:
     """One fold: the unseen treatments' scores, the known compounds' held-out scores, the threshold, and the
     known treatments' scores against a threshold set without their own compound (the false alarms)."""
-    from cellmorph.cv.probe import CentroidHead, held_out_novelty
-    from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles, novelty_threshold
+    from cellmorph.cv.probe import CentroidHead, centroid_novelty, held_out_novelty
+    from cellmorph.novelty import NOVELTY_COLUMN, novelty_threshold
 
-    head = CentroidHead.fit(x_train, y_train, index_train)
-    keys, profiles = level_profiles(index_test, (x_test - head.mean_) / head.scale_, "treatments")
-    unseen = keys.assign(**{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)})
+    unseen = centroid_novelty(CentroidHead.fit(x_train, y_train, index_train), x_test, index_test, "treatments")
     known = held_out_novelty(x_train, y_train, index_train).get("treatments")
-    if known is None or known.empty:
-        return {"unseen": unseen, "known": pd.DataFrame(columns=[NOVELTY_COLUMN]), "threshold": float("inf"),
+    if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
+        return {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
                 "false_alarms": np.zeros(0, bool)}
     scores = known[NOVELTY_COLUMN].to_numpy()
     compounds = known["Metadata_Compound"].astype(str).to_numpy()

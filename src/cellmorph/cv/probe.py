@@ -232,8 +232,6 @@ def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[
     centroid head fitted without that compound (its standardisation too), so no compound informs its own score.
     A compound that is its MoA's only one is left out: without it its MoA is unseen, not known. Per level
     (``wells``, ``treatments``): the level's keys, ``Metadata_Compound`` and ``Novelty_Score``."""
-    from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles
-
     frame = index.reset_index(drop=True)
     compounds = frame["Metadata_Compound"].astype(str).to_numpy()
     parts: dict[str, list[pd.DataFrame]] = {"wells": [], "treatments": []}
@@ -242,9 +240,15 @@ def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[
         if len(set(y[~out])) < len(set(y)):
             continue
         head = CentroidHead.fit(x[~out], y[~out], frame[~out])
-        z = (x[out] - head.mean_) / head.scale_
         for level in parts:
-            keys, profiles = level_profiles(frame[out], z, level)
-            parts[level].append(keys.assign(Metadata_Compound=compound,
-                                            **{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)}))
+            parts[level].append(centroid_novelty(head, x[out], frame[out], level).assign(Metadata_Compound=compound))
     return {level: pd.concat(p, ignore_index=True) for level, p in parts.items() if p}
+
+
+def centroid_novelty(head: CentroidHead, x: np.ndarray, index: pd.DataFrame, level: str) -> pd.DataFrame:
+    """The level's keys (one row per well or treatment of ``index``) and their ``Novelty_Score``: the cosine
+    distance of their mean profile, standardised as ``head`` standardises, to its nearest centroid."""
+    from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles
+
+    keys, profiles = level_profiles(index, (x - head.mean_) / head.scale_, level)
+    return keys.assign(**{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)})

@@ -129,7 +129,7 @@ class ProbeNetwork(nn.Module):
         super().__init__()
         if tta not in ("none", "dihedral"):
             raise CellmorphError(f"tta must be none or dihedral, got {tta!r}")
-        self.extractor, self.n_classes, self.num_classes, self.tta = extractor, int(n_classes), int(n_classes), tta
+        self.extractor, self.num_classes, self.tta = extractor, int(n_classes), tta  # num_classes: timm's name
         # The backbone's feature stages that the profile uses (the later ones never run), as paths in this
         # module: Grad-CAM's default layer is the deepest of them (cellmorph.visualize.gradcam_layer).
         info = getattr(getattr(extractor, "model", None), "feature_info", None)
@@ -151,6 +151,6 @@ class ProbeNetwork(nn.Module):
         profile = (sum(self.extractor(v).float() for v in views) / len(views)).double()
         with torch.autocast(device_type=x.device.type, enabled=False):  # the head in double, also under AMP
             logits = ((profile - self.mean) / self.scale) @ self.weight.T + self.bias
-        out = torch.full((x.shape[0], self.n_classes), float("-inf"), dtype=torch.float64, device=x.device)
+        out = torch.full((x.shape[0], self.num_classes), float("-inf"), dtype=torch.float64, device=x.device)
         out[:, self.classes_index] = logits / self.temperature
         return out
