@@ -129,7 +129,8 @@ def test_embed_writes_dmso_normalised_well_profiles_and_aggregates_by_mean_or_me
     dmso = normalized[normalized["Metadata_Compound"] == "DMSO"]
     varying = [c for c in emb if np.isfinite(dmso[c]).all() and dmso.groupby("Metadata_Plate")[c].std(ddof=0).min() > 0]
     per_plate = dmso.groupby("Metadata_Plate")[varying]
-    np.testing.assert_allclose(per_plate.mean().to_numpy(), 0.0, atol=1e-6)
+    # float32 profiles: the mean of a few z-scores of magnitude ~10 rounds to a few 1e-6 (pandas 2 and 3 sum differently)
+    np.testing.assert_allclose(per_plate.mean().to_numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(per_plate.std(ddof=0).to_numpy(), 1.0, atol=1e-4)
 
 

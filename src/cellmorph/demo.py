@@ -49,6 +49,9 @@ class DemoConfig(BaseModel):
         "paper's and takes several times longer",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
+    image_format: Literal["tiff", "ome-zarr"] = Field(
+        "tiff", description="the synthetic screen as BBBC021 TIFFs + CSVs, or as OME-Zarr 0.5 HCS plates + a plate "
+        "map (the same pixels, so the same tiles)")
 
 
 @dataclass
@@ -87,12 +90,23 @@ def run_demo(out: Path, config: DemoConfig | None = None, progress: bool = True,
     probe_out = require_output_dir(probe_dir(out), "probe run directory") if config.probe else None
     steps = 4 if config.probe else 3
     screen, cache = demo_paths(out)
-    say(f"1/{steps} synthetic tiny screen → {screen}")
-    if not (screen / IMAGE_CSV).is_file():
-        generate_bbbc021(screen, preset="tiny", seed=config.seed, progress=progress)
+    if config.image_format == "ome-zarr":
+        from cellmorph.data.omezarr import load_ome_zarr
+        from cellmorph.data.synthetic import generate_ome_zarr_screen
+
+        screen = screen.with_name("plates")
+        say(f"1/{steps} synthetic tiny screen, OME-Zarr 0.5 plates + platemap.csv → {screen}")
+        if not (screen / "platemap.csv").is_file():
+            generate_ome_zarr_screen(screen, preset="tiny", seed=config.seed, progress=progress)
+        table = load_ome_zarr([screen], screen / "platemap.csv")
+    else:
+        say(f"1/{steps} synthetic tiny screen → {screen}")
+        if not (screen / IMAGE_CSV).is_file():
+            generate_bbbc021(screen, preset="tiny", seed=config.seed, progress=progress)
+        table = load_bbbc021(screen, screen)
     say(f"2/{steps} prepare (per-plate DMSO normalisation, Anscombe, 8-bit, 2×2 tiles) → {cache}")
-    summary = prepare(load_bbbc021(screen, screen), cache, PrepareConfig(tile_size=config.image_size),
-                      progress=progress, threads=config.threads)
+    summary = prepare(table, cache, PrepareConfig(tile_size=config.image_size), progress=progress,
+                      threads=config.threads)
     say(f"    {summary['n_tiles']} tiles from {summary['n_images']} images on {summary['n_plates']} plates")
     probe = None
     if probe_out is not None:

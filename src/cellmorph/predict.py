@@ -207,6 +207,11 @@ def in_model_channel_order(bundle, table: "ImageTable", log=None) -> "ImageTable
     stored DNA, actin, tubulin); said in one note. Anything else is left for :func:`images_recipe`
     to refuse by name."""
     wanted = [c for c in bundle.recipe.get("channels") or [] if not str(c).startswith("zero")]
+    if wanted and set(wanted) < set(table.channels):  # a plate imaged in more channels than the model reads
+        if log is not None:
+            log(f"note: {table.origin or table.source}: of channels {', '.join(table.channels)}, reading "
+                f"{', '.join(wanted)}, the model's (matched by name)")
+        return table.with_channels(wanted)
     if list(table.channels) == wanted or not table.names_same_channels(wanted):
         return table
     if log is not None:

@@ -111,6 +111,29 @@ def atomic_path(final: Path, suffix: str | None = None):
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` (a folder written by
+    several files at once, e.g. a Zarr store), else it is removed: readers never see half a folder."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    share_like_new(tmp)
+    from cellmorph.errors import disk_full_as_error
+
+    try:
+        with disk_full_as_error(writing=final):
+            yield tmp
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def created_root(path: Path) -> Path | None:
     """The top-most folder of ``path`` that does not exist yet (None when ``path`` exists):
     what a command that fails before finishing must remove to leave nothing behind."""

@@ -197,18 +197,21 @@ class ImageInput:
     options): the layout and its folders and tables. ``load(**kwargs)`` reads it as an ImageTable."""
 
     layout: str | None
-    root: Path | None
+    root: list[Path] | None
     metadata: Path | None
     index: Path | None
     layout_config: Path | None
     moa: Path | None
     channels: str | None
+    plate_map: Path | None = None
+    level: int = 0
 
     def load(self, default_layout: str = "bbbc021", **kwargs):
         from cellmorph.data.layouts import load_table
 
-        return load_table(self.layout or default_layout, self.root, self.metadata, self.index, self.layout_config,
-                          self.moa, self.channels, **kwargs)
+        return load_table(self.layout or default_layout, self.root or None, self.metadata, self.index,
+                          self.layout_config, self.moa, self.channels, plate_map=self.plate_map, level=self.level,
+                          **kwargs)
 
 
 def input_options(layout_help: str = "input layout (default bbbc021)"):
@@ -216,13 +219,18 @@ def input_options(layout_help: str = "input layout (default bbbc021)"):
     means to the command)."""
     options = {
         "layout": (Optional[Layout], typer.Option(None, help=layout_help)),
-        "root": (Optional[Path], typer.Option(None, help="image root (bbbc021 and bbbc014 layouts)")),
+        "root": (Optional[list[Path]], typer.Option(None, help="image root (bbbc021 and bbbc014 layouts); an OME-Zarr "
+                                                     "plate or a folder of plates, repeatable (ome-zarr)")),
         "metadata": (Optional[Path], typer.Option(
             None, help="folder with BBBC021_v1_image.csv (default: --root); BBBC021_v1_moa.csv there labels the MoAs")),
         "index": (Optional[Path], typer.Option(None, help="crop table CSV (crops layout)")),
         "layout_config": (Optional[Path], typer.Option(None, help="YAML GenericLayout (generic layout)")),
-        "moa": (Optional[Path], typer.Option(None, help="compound,moa table to label crops (crops layout)")),
-        "channels": (Optional[str], typer.Option(None, help="comma-separated channel names (crops layout)")),
+        "moa": (Optional[Path], typer.Option(None, help="compound,moa table to label crops or plates (crops, ome-zarr)")),
+        "channels": (Optional[str], typer.Option(None, help="comma-separated channel names (crops layout); the "
+                                                 "channels to read, by name (ome-zarr)")),
+        "plate_map": (Optional[Path], typer.Option(None, help="CSV Metadata_Plate, Metadata_Well, Metadata_Compound, "
+                                                   "Metadata_Concentration[, Metadata_MoA] (ome-zarr)")),
+        "level": (int, typer.Option(0, min=0, help="pyramid level to read, 0 = full resolution (ome-zarr)")),
     }
     return shared_options(options, "images", lambda values: ImageInput(**values))
 

@@ -319,6 +319,7 @@ def demo(
     cv_scheme: str = _demo_option("cv", "--cv"),
     lr_schedule: str = _demo_option("lr_schedule"),
     probe: bool = _demo_option("probe", "--probe/--no-probe"),
+    image_format: str = _demo_option("image_format", "--format"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
@@ -328,7 +329,8 @@ def demo(
 
     settings = validated(DemoConfig, dict(seed=seed, epochs=epochs, image_size=image_size, freeze_stages=freeze_stages,
                                            tta=tta, frozen_feature_cache=frozen_feature_cache, cv=cv_scheme,
-                                           lr_schedule=lr_schedule, probe=probe, threads=threads), "demo options")
+                                           lr_schedule=lr_schedule, probe=probe, threads=threads,
+                                           image_format=image_format), "demo options")
     result = run_demo(out, settings, progress=progress, say=lambda m: console.print(m, highlight=False))
     if result.probe is not None:
         print_metrics(result.probe, result.probe_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.table import Table
@@ -57,6 +57,8 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------- synth
+ImageFormat = Literal["tiff", "ome-zarr"]
+NgffVersion = Literal["0.4", "0.5"]
 
 
 @command()
@@ -66,9 +68,21 @@ def synth(
     seed: int = typer.Option(0, help="random seed; the same seed gives identical files"),
     dataset: Dataset = typer.Option("bbbc021", help="which dataset layout to synthesise"),
     workers: int = typer.Option(1, help="processes used to render images"),
+    image_format: ImageFormat = typer.Option("tiff", "--format", help="tiff: the BBBC021 layout (CSVs + TIFFs); "
+                                             "ome-zarr: HCS plates PLATE.ome.zarr + platemap.csv (bbbc021 only)"),
+    ngff_version: NgffVersion = typer.Option("0.5", help="OME-Zarr version: 0.5 (Zarr v3) or 0.4 (Zarr v2)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
-    """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs."""
+    """Write a synthetic screen in the BBBC021 (or BBBC014) layout: CSVs + TIFFs, or OME-Zarr plates."""
+    if image_format == "ome-zarr":
+        if dataset != "bbbc021":
+            raise CellmorphError("--format ome-zarr writes the bbbc021 screen; BBBC014 is written as TIFFs")
+        from cellmorph.data.synthetic import generate_ome_zarr_screen
+
+        summary = generate_ome_zarr_screen(out, preset=preset, seed=seed, version=ngff_version, progress=progress,
+                                           workers=workers)
+        print(json.dumps(summary, default=str))
+        return
     if dataset == "bbbc014":
         from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+from cellmorph.data.omezarr import is_zarr_array, read_field
 from cellmorph.data.table import STACK_COLUMN, ImageTable, channel_column
 from cellmorph.errors import BadInputError
 
@@ -27,7 +28,7 @@ def missing_files(table: ImageTable) -> list[tuple[int, str]]:
     out = []
     for col in path_columns(table):
         for pos, path in enumerate(table.frame[col].to_numpy()):
-            if not Path(path).is_file():
+            if not (Path(path).is_file() or is_zarr_array(path)):
                 out.append((pos, str(path)))
     return sorted(out)
 
@@ -131,7 +132,16 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
     (:func:`check_pixel_values`). ``expected_shape`` (H, W) enforces one field size.
     """
     n_channels = len(table.channels)
-    if table.is_stacked:
+    if table.source == "ome-zarr":  # one Zarr array per field, C×H×W, every channel of the image
+        path = row[STACK_COLUMN]
+        pixels = read_field(path)
+        check_pixel_values(path, pixels)
+        if table.stack_positions is not None:
+            pixels = pixels[list(table.stack_positions)]
+        if pixels.shape[0] != n_channels:
+            raise BadInputError(f"{path}: {pixels.shape[0]} channel(s), expected {n_channels} "
+                                f"({', '.join(table.channels)})")
+    elif table.is_stacked:
         path = row[STACK_COLUMN]
         pixels = _read_plane(path)
         check_pixel_values(path, pixels)

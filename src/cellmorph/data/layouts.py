@@ -65,7 +65,7 @@ def _check_layout(layout: str) -> str:
 
 def load_table(
     layout: str,
-    root: Path | None = None,
+    root: Path | list[Path] | None = None,
     metadata: Path | None = None,
     index: Path | None = None,
     layout_config: Path | None = None,
@@ -74,6 +74,8 @@ def load_table(
     moa_subset: bool = True,
     strict_compounds: bool = False,
     require_labels: bool = True,
+    plate_map: Path | None = None,
+    level: int = 0,
 ) -> ImageTable:
     """The :class:`ImageTable` of a dataset in ``layout``, from the inputs that layout needs.
 
@@ -83,12 +85,29 @@ def load_table(
     * ``crops``: ``index`` (the crop CSV), optional ``moa`` (compound,moa CSV) and
       ``channels`` (comma-separated names; default DAPI,Tubulin,Actin).
     * ``generic``: ``layout_config`` (a YAML :class:`~cellmorph.data.generic.GenericLayout`).
+    * ``ome-zarr``: ``root``, one HCS plate or a folder of plates, or a list of them; ``plate_map`` (CSV:
+      plate, well → compound, concentration, MoA) unless the wells carry ``Metadata_*`` attributes;
+      optional ``moa`` (compound,moa CSV), ``channels`` (names to use, in order) and ``level`` (pyramid level).
 
     Without ``require_labels`` (what ``predict`` loads) no image is left out for lacking a
     known MoA: such images get the label :data:`~cellmorph.schema.UNLABELLED`, and BBBC021's
     MoA table and subset selection become optional.
     """
     layout = _check_layout(layout)
+    roots = [Path(r) for r in root] if isinstance(root, (list, tuple)) else ([Path(root)] if root is not None else [])
+    if layout == "ome-zarr":
+        from cellmorph.data.omezarr import load_ome_zarr
+
+        if not roots:
+            raise CellmorphError(f"{option('layout')} ome-zarr needs {option('root')} PLATE.zarr (or a folder of plates; "
+                                 "repeat the option for several)")
+        names = [c for c in channels.split(",") if c.strip()] if channels else None
+        return load_ome_zarr(roots, plate_map, moa, names, level, require_labels)
+    if len(roots) > 1:
+        raise CellmorphError(f"{option('root')} is given {len(roots)} times; the {layout} layout reads one folder")
+    root = roots[0] if roots else None
+    if plate_map is not None:
+        raise CellmorphError(f"{option('plate_map')} describes the wells of OME-Zarr plates ({option('layout')} ome-zarr)")
     if layout == "bbbc021":
         from cellmorph.data.bbbc021 import load_bbbc021
 

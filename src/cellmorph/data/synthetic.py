@@ -1321,3 +1321,32 @@ def generate_bbbc021(
         "image_shape": [spec.height, spec.width],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def generate_ome_zarr_screen(out: Path, preset: str = "tiny", seed: int = 0, version: str = "0.5",
+                             progress: bool = True, workers: int = 1) -> dict:
+    """The synthetic screen of :func:`generate_bbbc021` as OME-Zarr HCS plates under ``out``
+    (``PLATE.ome.zarr``, NGFF ``version`` 0.4 or 0.5, two pyramid levels, channels named DAPI, Tubulin,
+    Actin) with ``out/platemap.csv`` holding the treatments and MoAs; the same pixels, field for field.
+
+    The fields are rendered as TIFFs into a temporary folder inside ``out``, copied into the plates one
+    field at a time, and the TIFFs removed.
+    """
+    import shutil
+
+    from cellmorph.data.bbbc021 import load_bbbc021
+    from cellmorph.data.omezarr import write_hcs_plates, write_plate_map
+
+    out = require_output_dir(Path(out), "output folder")
+    staging = out / ".synthetic-tiff"
+    try:
+        summary = generate_bbbc021(staging, preset=preset, seed=seed, progress=progress, workers=workers)
+        table = load_bbbc021(staging, moa_subset=False)
+        with Progress(progress) as bar:
+            task = bar.task(f"OME-Zarr {version} plates", len(table), every=30.0)
+            plates = write_hcs_plates(table, out, version=version, progress=lambda: task.advance(1))
+        write_plate_map(table, out / "platemap.csv")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary | {"out": str(out), "format": "ome-zarr", "ngff_version": version,
+                      "plates": [p.name for p in plates], "plate_map": str(out / "platemap.csv")}

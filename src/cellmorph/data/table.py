@@ -113,6 +113,20 @@ class ImageTable:
         return replace(self, channels=names, notes=dict(self.notes),
                        stack_positions=tuple(positions[self.channels.index(n)] for n in names))
 
+    def with_channels(self, names) -> "ImageTable":
+        """The same images with only the channels ``names`` (each one of this table's), in that order:
+        a plate imaged in five channels feeds a model of three, chosen by name."""
+        names = tuple(names)
+        unknown = [n for n in names if n not in self.channels]
+        if unknown or len(set(names)) != len(names):
+            raise BadInputError(f"{self.origin or self.source}: channels {list(self.channels)} hold no "
+                                f"{', '.join(unknown) or 'repeated names'} (asked: {list(names)})")
+        if not self.is_stacked:
+            return replace(self, channels=names, notes=dict(self.notes))
+        positions = self.stack_positions or tuple(range(len(self.channels)))
+        return replace(self, channels=names, notes=dict(self.notes),
+                       stack_positions=tuple(positions[self.channels.index(n)] for n in names))
+
     # -- views -----------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.frame)
