@@ -205,13 +205,16 @@ class ImageInput:
     channels: str | None
     plate_map: Path | None = None
     level: int = 0
+    pattern: str | None = None
 
     def load(self, default_layout: str = "bbbc021", **kwargs):
         from cellmorph.data.layouts import load_table
 
-        return load_table(self.layout or default_layout, self.root or None, self.metadata, self.index,
-                          self.layout_config, self.moa, self.channels, plate_map=self.plate_map, level=self.level,
-                          **kwargs)
+        table = load_table(self.layout or default_layout, self.root or None, self.metadata, self.index,
+                           self.layout_config, self.moa, self.channels, plate_map=self.plate_map, level=self.level,
+                           pattern=self.pattern, **kwargs)
+        log_line(table.notes.get("unmatched_files"))  # files a pattern did not read are listed, never dropped silently
+        return table
 
 
 def input_options(layout_help: str = "input layout (default bbbc021)"):
@@ -227,10 +230,13 @@ def input_options(layout_help: str = "input layout (default bbbc021)"):
         "layout_config": (Optional[Path], typer.Option(None, help="YAML GenericLayout (generic layout)")),
         "moa": (Optional[Path], typer.Option(None, help="compound,moa table to label crops or plates (crops, ome-zarr)")),
         "channels": (Optional[str], typer.Option(None, help="comma-separated channel names (crops layout); the "
-                                                 "channels to read, by name (ome-zarr)")),
+                                                 "channels to read, by name (ome-zarr); 1=DAPI,2=Actin,... (pattern)")),
         "plate_map": (Optional[Path], typer.Option(None, help="CSV Metadata_Plate, Metadata_Well, Metadata_Compound, "
-                                                   "Metadata_Concentration[, Metadata_MoA] (ome-zarr)")),
+                                                   "Metadata_Concentration[, Metadata_MoA] (ome-zarr, pattern)")),
         "level": (int, typer.Option(0, min=0, help="pyramid level to read, 0 = full resolution (ome-zarr)")),
+        "pattern": (Optional[str], typer.Option(None, help="file names below --root: imagexpress "
+                                                "({plate}/{well}_s{site}_w{channel}.tif), opera (r{row:02d}c{col:02d}"
+                                                "f{field:02d}p{plane:02d}-ch{channel}…tiff) or your own (pattern layout)")),
     }
     return shared_options(options, "images", lambda values: ImageInput(**values))
 

@@ -63,7 +63,7 @@ def predict(
     if (data is None) == (layout is None):
         raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
                              "--root/--index/--layout-config")
-    if images.moa is not None and layout not in ("crops", "ome-zarr"):
+    if images.moa is not None and layout not in ("crops", "ome-zarr", "pattern"):
         raise CellmorphError("--moa labels crop tables (--layout crops); BBBC021 reads BBBC021_v1_moa.csv beside "
                              "the image table, a generic layout its YAML's moa_table")
     if data is not None and (normalize is not None or skip_bad):

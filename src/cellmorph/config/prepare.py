@@ -9,7 +9,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The input layouts that cellmorph reads (cellmorph.data.layouts loads each).
-Layout = Literal["bbbc021", "bbbc014", "crops", "generic", "ome-zarr"]
+Layout = Literal["bbbc021", "bbbc014", "crops", "generic", "ome-zarr", "pattern"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 # The `cellmorph prepare` option that sets each PrepareConfig field (named in its errors).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import tifffile
 
 from cellmorph.data.omezarr import is_zarr_array, read_field
+from cellmorph.data.patterns import PLANES_PREFIX
 from cellmorph.data.table import STACK_COLUMN, ImageTable, channel_column
 from cellmorph.errors import BadInputError
 
@@ -160,6 +162,15 @@ def read_planes(table: ImageTable, row: pd.Series, expected_shape: tuple[int, in
             path = row[channel_column(ch)]
             plane = _read_plane(path)
             check_pixel_values(path, plane)
+            stack = row.get(PLANES_PREFIX + ch)
+            if isinstance(stack, str) and stack:  # a z-stack in one file per plane: its maximum-intensity projection
+                for other in stack.split(os.pathsep)[1:]:
+                    more = _read_plane(other)
+                    check_pixel_values(other, more)
+                    if more.shape != plane.shape:
+                        raise BadInputError(f"{other}: plane of shape {more.shape}, the field's first plane {path} "
+                                            f"has {plane.shape}")
+                    plane = np.maximum(plane, more)
             if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
                 plane = plane.squeeze()
             if plane.ndim != 2:

@@ -76,6 +76,7 @@ def load_table(
     require_labels: bool = True,
     plate_map: Path | None = None,
     level: int = 0,
+    pattern: str | None = None,
 ) -> ImageTable:
     """The :class:`ImageTable` of a dataset in ``layout``, from the inputs that layout needs.
 
@@ -88,6 +89,9 @@ def load_table(
     * ``ome-zarr``: ``root``, one HCS plate or a folder of plates, or a list of them; ``plate_map`` (CSV:
       plate, well → compound, concentration, MoA) unless the wells carry ``Metadata_*`` attributes;
       optional ``moa`` (compound,moa CSV), ``channels`` (names to use, in order) and ``level`` (pyramid level).
+    * ``pattern``: ``root`` (a folder of TIFFs), ``pattern`` (a preset, ``imagexpress`` or ``opera``, or a
+      file-name pattern, see :mod:`cellmorph.data.patterns`), ``plate_map``, optional ``moa`` and ``channels``
+      (``1=DAPI,2=Tubulin,3=Actin``, or names in channel order).
 
     Without ``require_labels`` (what ``predict`` loads) no image is left out for lacking a
     known MoA: such images get the label :data:`~cellmorph.schema.UNLABELLED`, and BBBC021's
@@ -103,11 +107,21 @@ def load_table(
                                  "repeat the option for several)")
         names = [c for c in channels.split(",") if c.strip()] if channels else None
         return load_ome_zarr(roots, plate_map, moa, names, level, require_labels)
+    if pattern is not None and layout != "pattern":
+        raise CellmorphError(f"{option('pattern')} names the files of {option('layout')} pattern")
+    if layout == "pattern":
+        from cellmorph.data.patterns import load_pattern
+
+        if len(roots) != 1 or pattern is None:
+            raise CellmorphError(f"{option('layout')} pattern needs one {option('root')} FOLDER and {option('pattern')} "
+                                 "(imagexpress, opera, or a pattern such as '{plate}/{well}_s{site}_w{channel}.tif')")
+        return load_pattern(roots[0], pattern, plate_map, moa, channels, require_labels)
     if len(roots) > 1:
         raise CellmorphError(f"{option('root')} is given {len(roots)} times; the {layout} layout reads one folder")
     root = roots[0] if roots else None
     if plate_map is not None:
-        raise CellmorphError(f"{option('plate_map')} describes the wells of OME-Zarr plates ({option('layout')} ome-zarr)")
+        raise CellmorphError(f"{option('plate_map')} describes the wells of OME-Zarr plates or TIFF folders "
+                             f"({option('layout')} ome-zarr or pattern)")
     if layout == "bbbc021":
         from cellmorph.data.bbbc021 import load_bbbc021
 
