@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install system-deps
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# The documentation site (mkdocs.yml, docs/) into site/: offline, and strict (a broken link or reference fails).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

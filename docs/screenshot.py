@@ -1,4 +1,4 @@
-"""The README's report screenshots: a report opened in headless Chromium (playwright).
+"""The report screenshots of docs/report.md: a report opened in headless Chromium (playwright).
 
     python docs/screenshot.py RUN/report.html docs/report-cv.png [--height 1400] [--section accuracy]
 
