@@ -143,9 +143,14 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
             _metadata_first(frame).to_parquet(tmp, index=False)
     write_csv(out / "treatments.csv", _metadata_first(treatments))
     described = str(Path(source).resolve()) if isinstance(source, (str, Path)) else (source.origin or source.source)
-    write_json(out / "summary.json", summary | {"model": str(model.resolve()), "data": described,
-                                                 "cache": str(Path(data).resolve()),
-                                                 "config": config.model_dump(), "provenance": run_info()})
+    record = {"model": str(model.resolve()), "data": described, "cache": str(Path(data).resolve()),
+              "config": config.model_dump(), "provenance": run_info()}
+    if config.h5ad:
+        from cellmorph.h5ad import write_h5ad
+
+        for name, frame in (("wells", wells), ("treatments", treatments)):
+            write_h5ad(_metadata_first(frame), out / f"{name}.h5ad", record, [prob_column(c) for c in classes])
+    write_json(out / "summary.json", summary | record)
     for note in notes:  # after success, so a failure ends in its one error line alone
         log(note)
     return summary

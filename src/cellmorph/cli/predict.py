@@ -48,6 +48,7 @@ def predict(
     mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
     seed: int = typer.Option(0, help=_predict_help("seed")),
     batch_size: int = typer.Option(16, help=_predict_help("batch_size")),
+    h5ad: bool = typer.Option(False, "--h5ad", help=_predict_help("h5ad")),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
     images: ImageInput | None = None,
@@ -57,7 +58,7 @@ def predict(
 
     settings = validated(PredictConfig, dict(
         alpha=alpha, novelty_alpha=novelty_alpha, sets=sets, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
-        normalize=normalize,
+        normalize=normalize, h5ad=h5ad,
         reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
     layout = images.layout
     if (data is None) == (layout is None):

@@ -31,6 +31,8 @@ class PredictConfig(BaseModel):
         None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
         "plates without DMSO, of the plate's batch; default: the model's own setting")
     skip_bad: bool = Field(False, description="images only: log and leave out unreadable images instead of stopping")
+    h5ad: bool = Field(False, description="also write wells.h5ad and treatments.h5ad (AnnData: obs the Metadata_* "
+                       "columns and the calls, X the probabilities, uns the provenance) for scanpy")
     reuse_freed_memory: bool = Field(False, description="make this process keep freed memory for reuse "
                                      "(glibc; about 2x faster scoring on CPU and a faster prepare, but the "
                                      "process keeps its peak memory until it exits): the CLI sets it, a library "
