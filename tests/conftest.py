@@ -70,7 +70,7 @@ def no_network(monkeypatch):
     import timm.models._hub as hub
     import torch
 
-    from cellmorph.models import weights
+    from cellmorph.models.weights import resolve as weights_resolve
 
     calls: list[str] = []
 
@@ -104,7 +104,7 @@ def no_network(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", trap("huggingface_hub.hf_hub_download"))
     except ImportError:  # pragma: no cover
         pass
-    monkeypatch.setattr(weights, "_download_from_hub", trap("cellmorph hub download"))
+    monkeypatch.setattr(weights_resolve, "_download_from_hub", trap("cellmorph hub download"))
     yield calls
     assert calls == [], f"network was attempted: {calls}"
 

@@ -255,16 +255,50 @@ def fit(
     """
     cuda = device.type == "cuda"
     amp = cuda if settings.amp is None else (settings.amp and cuda)
-    model.to(device)
     dp = current()
     sync_norms = dp.active and cuda
+    _place_model(model, pipeline, device, dp, sync_norms, settings.channels_last)
+    setup = _set_up_training(model, pipeline, cache, rows, targets, n_classes, settings, shuffle_seed, device, amp,
+                             dp, frozen_features)
+    rng = np.random.default_rng(shuffle_seed)
+    history = []
+    for epoch in range(settings.epochs):
+        record = _train_epoch(model, pipeline, cache, rows, settings, setup, epoch, rng, on_batch, pin_memory=cuda,
+                              average_norms_over=dp if dp.active and not sync_norms else None)
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    return history
+
+
+def _place_model(model: nn.Module, pipeline: InputPipeline, device: torch.device, dp: DataParallel,
+                 sync_norms: bool, channels_last: bool) -> None:
+    """Move ``model`` and ``pipeline`` to ``device``, ``model`` as this process's replica and in its memory layout."""
+    model.to(device)
     if dp.active:
         _join(model, dp, sync_norms)
-    if settings.channels_last:
+    if channels_last:
         # NHWC: oneDNN's fast convolution layout on CPU (≈1.5× training, ≈1.8× inference
         # for EfficientNet-Lite0 here) and the tensor-core layout on CUDA.
         model.to(memory_format=torch.channels_last)
     pipeline.to(device)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What :func:`fit` prepares once, before the first epoch, and every epoch uses."""
+
+    frozen_norms: list  # the norms of frozen stages, whose statistics stay
+    frozen: FrozenInput | None  # the frozen stages' precomputed outputs, when fit is given them
+    unfreezing: _Unfreezing | None
+    optimizer: torch.optim.Optimizer
+    step: _Step
+
+
+def _set_up_training(model: nn.Module, pipeline: InputPipeline, cache, rows: np.ndarray, targets: np.ndarray,
+                     n_classes: int, settings: TrainSettings, shuffle_seed: int, device: torch.device, amp: bool,
+                     dp: DataParallel, frozen_features: FrozenFeatures | None) -> _Setup:
+    """Freeze the stages that stay, choose what trains, start the head (random or probe) and build the optimiser."""
     frozen_norms = freeze_stages(model, settings.freeze_stages) if settings.mode == "finetune" else []
     params = _trainable(model, settings.mode)
     frozen = None
@@ -282,30 +316,34 @@ def fit(
                                 weight_decay=settings.weight_decay)
     step = _training_step(model, optimizer, cache, rows, targets, n_classes, settings, device, amp, dp,
                           split_network=frozen is not None)
-    rng = np.random.default_rng(shuffle_seed)
-    history = []
-    for epoch in range(settings.epochs):
-        lr = _lr_at(settings, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
-        waiting = unfreezing.apply(epoch) if unfreezing is not None else []
-        _training_modes(model, settings.mode, frozen_norms + waiting)
-        pipeline.train()
-        start = time.perf_counter()
-        if frozen is None:
-            batches = iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2,
-                                      pin_memory=cuda)
-            totals = step.epoch(((pipeline(x), p) for x, p in batches), None, epoch, on_batch)
-        else:
-            order = batch_order(len(rows), settings.batch_size, rng, min_last=2)
-            totals = step.epoch(frozen.batches(epoch, order), frozen.split, epoch, on_batch)
-        if dp.active and not sync_norms:
-            dp.average_batchnorm_statistics(model)
-        record = {"epoch": epoch + 1, **totals, "lr": lr, "seconds": time.perf_counter() - start}
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
-    return history
+    return _Setup(frozen_norms, frozen, unfreezing, optimizer, step)
+
+
+def _train_epoch(model: nn.Module, pipeline: InputPipeline, cache, rows: np.ndarray, settings: TrainSettings,
+                 setup: _Setup, epoch: int, rng: np.random.Generator, on_batch: Callable[[], None] | None,
+                 pin_memory: bool, average_norms_over: DataParallel | None) -> dict:
+    """One epoch at its learning rate, on the tiles (or on their frozen-stage features); its history record.
+
+    ``average_norms_over``: the processes whose BatchNorm running statistics are averaged after the
+    epoch (data-parallel without SyncBatchNorm); the epoch's time includes it.
+    """
+    lr = _lr_at(settings, epoch)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr * group["scale"]
+    waiting = setup.unfreezing.apply(epoch) if setup.unfreezing is not None else []
+    _training_modes(model, settings.mode, setup.frozen_norms + waiting)
+    pipeline.train()
+    start = time.perf_counter()
+    if setup.frozen is None:
+        batches = iterate_batches(cache, rows, settings.batch_size, rng, settings.num_workers, min_last=2,
+                                  pin_memory=pin_memory)
+        totals = setup.step.epoch(((pipeline(x), p) for x, p in batches), None, epoch, on_batch)
+    else:
+        order = batch_order(len(rows), settings.batch_size, rng, min_last=2)
+        totals = setup.step.epoch(setup.frozen.batches(epoch, order), setup.frozen.split, epoch, on_batch)
+    if average_norms_over is not None:
+        average_norms_over.average_batchnorm_statistics(model)
+    return {"epoch": epoch + 1, **totals, "lr": lr, "seconds": time.perf_counter() - start}
 
 
 def _training_modes(model: nn.Module, mode: str, frozen_norms: list) -> None:

