@@ -99,39 +99,18 @@ def load_table(
     """
     layout = _check_layout(layout)
     roots = [Path(r) for r in root] if isinstance(root, (list, tuple)) else ([Path(root)] if root is not None else [])
-    if layout == "ome-zarr":
-        from cellmorph.data.omezarr import load_ome_zarr
-
-        if not roots:
-            raise CellmorphError(f"{option('layout')} ome-zarr needs {option('root')} PLATE.zarr (or a folder of plates; "
-                                 "repeat the option for several)")
-        names = [c for c in channels.split(",") if c.strip()] if channels else None
-        return load_ome_zarr(roots, plate_map, moa, names, level, require_labels)
     if pattern is not None and layout != "pattern":
         raise CellmorphError(f"{option('pattern')} names the files of {option('layout')} pattern")
-    if layout == "pattern":
-        from cellmorph.data.patterns import load_pattern
-
-        if len(roots) != 1 or pattern is None:
-            raise CellmorphError(f"{option('layout')} pattern needs one {option('root')} FOLDER and {option('pattern')} "
-                                 "(imagexpress, opera, or a pattern such as '{plate}/{well}_s{site}_w{channel}.tif')")
-        return load_pattern(roots[0], pattern, plate_map, moa, channels, require_labels)
+    if layout in ("ome-zarr", "pattern"):
+        return _load_plate_mapped(layout, roots, plate_map, moa, channels, level, pattern, require_labels)
     if len(roots) > 1:
         raise CellmorphError(f"{option('root')} is given {len(roots)} times; the {layout} layout reads one folder")
-    root = roots[0] if roots else None
     if plate_map is not None:
         raise CellmorphError(f"{option('plate_map')} describes the wells of OME-Zarr plates or TIFF folders "
                              f"({option('layout')} ome-zarr or pattern)")
+    root = roots[0] if roots else None
     if layout == "bbbc021":
-        from cellmorph.data.bbbc021 import load_bbbc021
-
-        if root is None and metadata is None:
-            raise CellmorphError(f"{option('layout')} bbbc021 needs {option('root')} DIR (and optionally {option('metadata')} DIR)")
-        if not require_labels:
-            from cellmorph.data.bbbc021 import load_unlabelled
-
-            return load_unlabelled(root or metadata, metadata)
-        return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
+        return _load_bbbc021_layout(root, metadata, moa_subset, strict_compounds, require_labels)
     if layout == "bbbc014":
         from cellmorph.data.bbbc014 import load_bbbc014
 
@@ -150,6 +129,35 @@ def load_table(
     if layout_config is None:
         raise CellmorphError(f"{option('layout')} generic needs {option('layout_config')} YAML")
     return load_generic_yaml(layout_config, require_labels)
+
+
+def _load_bbbc021_layout(root, metadata, moa_subset: bool, strict_compounds: bool, require_labels: bool) -> ImageTable:
+    from cellmorph.data.bbbc021 import load_bbbc021, load_unlabelled
+
+    if root is None and metadata is None:
+        raise CellmorphError(f"{option('layout')} bbbc021 needs {option('root')} DIR (and optionally {option('metadata')} DIR)")
+    if not require_labels:
+        return load_unlabelled(root or metadata, metadata)
+    return load_bbbc021(root or metadata, metadata, moa_subset=moa_subset, strict_compounds=strict_compounds)
+
+
+def _load_plate_mapped(layout: str, roots: list[Path], plate_map, moa, channels, level: int, pattern,
+                       require_labels: bool) -> ImageTable:
+    """The layouts whose treatments come from a plate map: OME-Zarr plates and folders of vendor TIFFs."""
+    if layout == "ome-zarr":
+        from cellmorph.data.omezarr import load_ome_zarr
+
+        if not roots:
+            raise CellmorphError(f"{option('layout')} ome-zarr needs {option('root')} PLATE.zarr (or a folder of plates; "
+                                 "repeat the option for several)")
+        names = [c for c in channels.split(",") if c.strip()] if channels else None
+        return load_ome_zarr(roots, plate_map, moa, names, level, require_labels)
+    from cellmorph.data.patterns import load_pattern
+
+    if len(roots) != 1 or pattern is None:
+        raise CellmorphError(f"{option('layout')} pattern needs one {option('root')} FOLDER and {option('pattern')} "
+                             "(imagexpress, opera, or a pattern such as '{plate}/{well}_s{site}_w{channel}.tif')")
+    return load_pattern(roots[0], pattern, plate_map, moa, channels, require_labels)
 
 
 def prepare_config(layout: str, config_file: Path | None = None, paper: bool = False, **given) -> "PrepareConfig":
