@@ -94,6 +94,13 @@ def test_profile_eval_cli_contract(real_metadata, tmp_path):
     for name in ("nsc_matches.csv", "nscb_matches.csv", "nsc_confusion_matrix.png", "nscb_confusion_matrix.png"):
         assert (tmp_path / "pe" / name).stat().st_size > 0
     assert (tmp_path / "pe" / "nsc_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # copairs mAP of the same profiles (benchmarks/RESULTS.md, "Mean average precision"): every treatment has
+    # replicate wells and every MoA two or more compounds, so all 103 and all 12 are scored.
+    summary = metrics["map"]
+    assert summary["replicates"]["n_scored"] == 103 and summary["moa"]["n_scored"] == 12, summary
+    assert summary["replicates"]["mean_map"] == pytest.approx(0.843, abs=0.002)
+    assert summary["moa"]["mean_map"] == pytest.approx(0.723, abs=0.002)
+    assert (tmp_path / "pe" / "map_replicates.csv").stat().st_size > 0 and (tmp_path / "pe" / "map_moa.csv").is_file()
 
 
 def test_profile_eval_bad_paths_are_one_line(real_metadata, tmp_path):

@@ -34,7 +34,8 @@ def tiles_to_wells(index: pd.DataFrame, features: np.ndarray, how: str = "median
 def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bool = True, log=print) -> dict:
     """Embed every tile of cache ``data``; write ``tiles.parquet``, ``wells.parquet`` (each well the
     median or mean of its tiles) and, where the cache has DMSO wells, ``wells_normalized.parquet``
-    (:func:`cellmorph.profiles.normalize_profiles`) into ``out``; ``embed.json`` records the config."""
+    (:func:`cellmorph.profiles.normalize_profiles`) into ``out``; ``embed.json`` records the config.
+    Where copairs is installed, the mAP of the (normalised) well profiles too (:func:`_retrieval`)."""
     from cellmorph.runtime import torch_threads
 
     config = config or EmbedConfig()
@@ -74,8 +75,35 @@ def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bo
         "normalized": normalized is not None,
         "data": str(data),
     }
-    write_json(out / "embed.json", summary | {"config": config.model_dump(mode="json"), "provenance": run_info()})
+    mean_ap = _retrieval(normalized if normalized is not None else wells, names, normalized is not None, config, out,
+                         log)
+    write_json(out / "embed.json", summary | {"config": config.model_dump(mode="json"), "map": mean_ap,
+                                              "provenance": run_info()})
     return summary
+
+
+def _retrieval(wells: pd.DataFrame, names: list[str], normalized: bool, config: EmbedConfig, out: Path,
+               log) -> dict:
+    """copairs mAP of the well profiles (:mod:`cellmorph.retrieval`, cosine similarity): replicate retrieval
+    against the DMSO wells and MoA retrieval of the treatment profiles (the ``aggregate`` of their wells);
+    ``map_replicates.csv``/``map_moa.csv`` in ``out``. An add-on: without copairs, or where the wells cannot
+    support a part, a note says so and the summary records why."""
+    from cellmorph.retrieval import (
+        Retrieval,
+        retrieval_or_note,
+        summary_line,
+        write_retrieval,
+    )
+
+    what = "normalised well profiles" if normalized else "well profiles (not normalised)"
+    found = retrieval_or_note(wells, None, names, distance="cosine", aggregate=config.aggregate, log=log,
+                              sources={"replicates": what, "moa": f"treatment profiles ({config.aggregate} of the {what})"})
+    write_retrieval(out, found or Retrieval())
+    if found is None:
+        return {"skipped": "copairs is not installed"}
+    if summary_line(found.summary):
+        log(summary_line(found.summary))
+    return found.summary
 
 
 def _normalized_wells(wells: pd.DataFrame, names: list[str], config: EmbedConfig, log) -> pd.DataFrame | None:

@@ -356,7 +356,7 @@ def evaluate_profiles(
         "metric": metric,
         "nscb_convention": "treatments of MoAs found in a single batch are not scored",
     }
-    return {"metrics": metrics, "nsc": nsc, "nscb": nscb, "treatments": treatments}
+    return {"metrics": metrics, "nsc": nsc, "nscb": nscb, "treatments": treatments, "wells": frame, "features": usable}
 
 
 def profile_eval(
@@ -369,6 +369,7 @@ def profile_eval(
     whiten: Whiten = "none",
     strength: float | None = None,
     log=None,
+    mean_ap: bool | None = None,
 ) -> dict:
     """Score a per-well table and write ``metrics.json``, the match tables and NSC/NSCB confusion PNGs.
 
@@ -376,10 +377,18 @@ def profile_eval(
     ``Image_Metadata_Well`` (labelled from the BBBC021 ``metadata_dir``), or a table
     that already carries ``Metadata_Compound``/``Metadata_Concentration``/``Metadata_MoA``
     (e.g. ``wells.parquet`` from ``cellmorph embed``).
+
+    ``mean_ap``: copairs mAP of the normalised profiles too (:mod:`cellmorph.retrieval`: replicate
+    retrieval of the wells against DMSO wells, MoA retrieval of the treatment profiles), written to
+    ``map_replicates.csv``/``map_moa.csv`` and ``metrics.json["map"]``. None: where copairs is installed
+    (a note otherwise); True without copairs: one error line saying how to install it.
     """
     from cellmorph.figures import plot_confusion
+    from cellmorph.retrieval import require_copairs
     from cellmorph.runinfo import atomic_path, require_output_dir, run_info, write_json
 
+    if mean_ap:
+        require_copairs()  # before any work: the one line that says how to install it
     out = require_output_dir(Path(out))
     frame = read_profiles(profiles)
     check_finite_features(frame, feature_columns(frame), profiles)
@@ -398,14 +407,52 @@ def profile_eval(
             matches.to_csv(tmp, index=False)
         scored = matches[matches["Metadata_Scored"]]
         classes = sorted(set(matches["Metadata_MoA"].astype(str)))
-        matrix = pd.crosstab(
-            pd.Categorical(scored["Metadata_MoA"].astype(str), categories=classes),
-            pd.Categorical(scored["Metadata_Match"].astype(str), categories=classes),
-            dropna=False,
-        ).to_numpy()
+        # classes × classes counts, also where no treatment could be scored (NSCB of a single batch)
+        row_of = {c: i for i, c in enumerate(classes)}
+        matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(matrix, (scored["Metadata_MoA"].astype(str).map(row_of).to_numpy(dtype=np.int64),
+                           scored["Metadata_Match"].astype(str).map(row_of).to_numpy(dtype=np.int64)), 1)
         plot_confusion(matrix, classes, out / f"{name}_confusion_matrix.png",
                        title=f"{name.upper()} 1-NN ({metric}), accuracy {result['metrics'][name + '_accuracy']:.3f}")
     metrics = result["metrics"] | {"profiles": str(profiles)}
+    found = _retrieval(result, out, metric, mean_ap, log)
+    if found is not None:
+        metrics["map"] = found
     write_json(out / "metrics.json", metrics)
     write_json(out / "run.json", {"provenance": run_info()})
     return metrics
+
+
+def _retrieval(result: dict, out: Path, metric: str, mean_ap: bool | None, log) -> dict | None:
+    """copairs mAP of the normalised wells and treatment profiles into ``out``; its summary, why there is
+    none, or None (not asked for). A folder scored again keeps no earlier run's mAP files."""
+    from cellmorph.retrieval import (
+        CopairsMissing,
+        Retrieval,
+        retrieval,
+        summary_line,
+        write_retrieval,
+    )
+
+    if mean_ap is False:
+        write_retrieval(out, Retrieval())
+        return None
+    try:
+        found = retrieval(result["wells"], result["treatments"], result["features"], distance=metric,
+                          sources=_sources(result["metrics"]), log=log)
+    except CopairsMissing as error:
+        if mean_ap:
+            raise
+        if log is not None:
+            log(f"note: no mAP: {error}")
+        write_retrieval(out, Retrieval())
+        return {"skipped": str(error)}
+    write_retrieval(out, found)
+    if log is not None and summary_line(found.summary):
+        log(summary_line(found.summary))
+    return found.summary
+
+
+def _sources(metrics: dict) -> dict:
+    how = f"standardize {metrics['standardize']}, whiten {metrics['whiten']}"
+    return {"replicates": f"well profiles ({how})", "moa": f"treatment profiles ({metrics['aggregate']} of the wells)"}

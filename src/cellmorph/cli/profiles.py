@@ -80,14 +80,20 @@ def profile_eval(
     strength: Optional[float] = typer.Option(None, help="whitening regulariser: ridge for spherize/coral (default "
                                              "10), components for tvn (default 100)"),
     aggregate: ProfileAggregate = typer.Option("mean", help="treatment profile = mean or median of its wells"),
-    metric: Metric = typer.Option("correlation", help="1-NN similarity"),
+    metric: Metric = typer.Option("correlation", help="1-NN similarity (and the mAP's)"),
+    mean_ap: Optional[bool] = typer.Option(None, "--map/--no-map", help="copairs mean average precision too: "
+                                           "replicate retrieval against DMSO wells, MoA retrieval across compounds "
+                                           "(default: where copairs is installed)"),
 ) -> None:
-    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles (NSCB leaves out MoAs of one batch)."""
+    """NSC / NSCB nearest-neighbour MoA matching of treatment profiles (NSCB leaves out MoAs of one batch),
+    and copairs mAP of replicate and MoA retrieval."""
     from cellmorph.profiles import profile_eval as run_profile_eval
+    from cellmorph.retrieval import headline
 
     metrics = run_profile_eval(profiles, out, metadata, standardize, aggregate, metric,
-                               whiten, strength, log=log_line)
-    print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}))
+                               whiten, strength, log=log_line, mean_ap=mean_ap)
+    print(json.dumps({k: metrics[k] for k in ("nsc_accuracy", "nscb_accuracy", "n_treatments")}
+                     | headline(metrics.get("map"))))
 
 
 @command("score-treatments")

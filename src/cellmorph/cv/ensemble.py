@@ -83,7 +83,7 @@ def mean_levels(runs: list[Path]) -> dict[str, pd.DataFrame]:
 def combine_member_runs(out: Path, base: CVConfig, runs: list[Path], seconds: float) -> dict:
     """Write the ensemble run in ``out`` from its finished member runs: config.yaml, the levels averaged,
     the tables and figures, and ``metrics.json`` last."""
-    from cellmorph.cv.run import score_levels, write_levels
+    from cellmorph.cv.run import score_levels, write_levels, write_retrieval
 
     rundir = RunDir(out)
     headers = [RunDir(run).read_config() for run in runs]
@@ -119,6 +119,7 @@ def combine_member_runs(out: Path, base: CVConfig, runs: list[Path], seconds: fl
         "seconds": seconds,
         "fold_seconds_total": float(sum(m.get("fold_seconds_total") or 0.0 for m in member_metrics)),
         "device": member_metrics[0].get("device"),
+        "map": write_retrieval(rundir, wells, treatments, classes),
     })
     rundir.write_metrics(metrics)
     return metrics

@@ -60,7 +60,7 @@ from cellmorph.models import InitRecord, InputSpec
 from cellmorph.progress import Progress
 from cellmorph.runinfo import created_root, output_lock, require_not_input, require_output_dir, run_info, write_json
 from cellmorph.runtime import derive_seeds, deterministic, resolve_device, torch_threads
-from cellmorph.schema import HELDOUT_ACCURACY, PREDICTED_COLUMN, TRUE_COLUMN
+from cellmorph.schema import HELDOUT_ACCURACY, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
 if TYPE_CHECKING:
     from cellmorph.cache import TileCache
@@ -219,7 +219,7 @@ def run_cv(
             rundir.remove(FROZEN_FEATURES, FROZEN_FEATURES_MARKER)
             if parse_cv(plan.config.cv).open_set:
                 _write_open_set(plan, rundir, bar)
-            return summarise(plan, rundir, outputs, time.perf_counter() - started)
+            return summarise(plan, rundir, outputs, time.perf_counter() - started, log=bar.line)
 
         metrics = dp.main_only(finish)
     return metrics if dp.is_main else json.loads(rundir.path(METRICS_FILE).read_text())
@@ -477,8 +477,29 @@ def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame,
     plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG), title=title)
 
 
-def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float) -> dict:
-    """Aggregate tile → well → treatment, score, and write tables, figures and ``metrics.json`` (last)."""
+def write_retrieval(rundir: RunDir, wells: pd.DataFrame, treatments: pd.DataFrame, classes: list[str],
+                    log=None) -> dict:
+    """copairs mAP of the held-out probability profiles (:mod:`cellmorph.retrieval`, cosine similarity of the
+    ``prob_<class>`` vectors): replicate retrieval of the wells against DMSO wells (held out only where DMSO
+    is a class), MoA retrieval of the treatments across compounds; ``map_replicates.csv``/``map_moa.csv``.
+    An add-on: without copairs, or where the run's wells cannot support a part, a note and the reason."""
+    from cellmorph.retrieval import Retrieval, retrieval_or_note, summary_line
+    from cellmorph.retrieval import write_retrieval as write_tables
+
+    features = [prob_column(c) for c in classes]
+    found = retrieval_or_note(wells, treatments, features, distance="cosine", log=log,
+                              sources={"replicates": "held-out well probabilities",
+                                       "moa": "held-out treatment probabilities"})
+    write_tables(rundir.root, found or Retrieval())
+    if found is None:
+        return {"skipped": "copairs is not installed"}
+    if log is not None and summary_line(found.summary):
+        log(summary_line(found.summary))
+    return found.summary
+
+
+def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], seconds: float, log=None) -> dict:
+    """Aggregate tile → well → treatment, score, and write tables, figures, the mAP and ``metrics.json`` (last)."""
     from cellmorph.figures import plot_learning_curves
 
     cfg, classes, n_folds = plan.config, plan.classes, len(plan.folds)
@@ -521,5 +542,6 @@ def summarise(plan: RunPlan, rundir: RunDir, outputs: dict[int, FoldOutput], sec
                  f"{cfg.model} {cfg.cv}: treatment accuracy {metrics['treatment_accuracy']:.3f}")
     if any(histories.values()):  # a linear probe has no epochs to plot
         plot_learning_curves(histories, rundir.path(CURVES_PNG))
+    metrics["map"] = write_retrieval(rundir, wells, treatments, classes, log)
     rundir.write_metrics(metrics)
     return metrics

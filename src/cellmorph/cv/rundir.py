@@ -13,7 +13,9 @@
     frozen_features.npy/.json   frozen-feature cache: kept for resume, deleted when the run ends
     predictions.parquet      all test tiles: Metadata_* + Metadata_Fold + prob_<class>
     wells.csv, treatments.csv   median aggregates with calls (Predicted_MoA, Correct)
-    metrics.json             treatment/well/tile accuracy, counts, per-class accuracy
+    metrics.json             treatment/well/tile accuracy, counts, per-class accuracy, "map" (copairs mAP summary)
+    map_moa.csv, map_replicates.csv   copairs mAP of the held-out probabilities per MoA / treatment
+                             (cellmorph.retrieval; replicates only where DMSO wells were held out)
     classification_report.txt   sklearn report at treatment, well and tile level
     confusion_matrix.png/.csv   treatment level, classes × classes
     learning_curves.png      training loss and held-out accuracy per epoch per fold

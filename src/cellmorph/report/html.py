@@ -37,8 +37,8 @@ from cellmorph.schema import CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob
 REPORT_FILE = "report.html"
 EXAMPLES_PER_KIND = 3  # tiles per MoA: best correct calls, and the worst mistakes
 GRADCAM_TILES = 8
-SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "examples",
-               "network")
+SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "retrieval",
+               "examples", "network")
 
 
 @dataclass
@@ -127,6 +127,7 @@ def _cv_context(run: Path, visualise: bool) -> dict:
             "Cross-validation probabilities are the held-out softmax, not calibrated: `cellmorph train "
             "--calibration loco` calibrates them, and a predict report shows their reliability diagram."]),
         _map_section(wells, classes),
+        _retrieval_section(run, metrics.get("map")),
     ]
     cache = _cache_or_none(header.get("data"))
     sections.append(_examples_section(tiles, classes, cache))
@@ -166,6 +167,9 @@ def _predict_context(run: Path, visualise: bool) -> dict:
     sections.append(_reliability_section(treatments, classes) if labelled else
                     Section("reliability", "Reliability", notes=["No known MoAs: no reliability diagram."]))
     sections.append(_map_section(wells, classes))
+    sections.append(Section("retrieval", "Retrieval (mAP)", notes=[(
+        "Mean average precision is measured where treatments have known MoAs and DMSO wells: by `cellmorph cv` "
+        "(its report shows it), `cellmorph embed` and `cellmorph profile-eval`.")]))
     cache = _cache_or_none(summary.get("cache"))
     sections.append(_examples_section(tiles, classes, cache))
     sections.append(_network_section(run, visualise, lambda: _bundle_network(summary.get("model")), tiles, classes,
@@ -341,6 +345,57 @@ def _map_section(wells, classes) -> Section:
         figures=[_figure(fig, f"Wells ({len(wells)}), {method}")])
 
 
+def _retrieval_section(run: Path, summary: dict | None) -> Section:
+    """copairs mAP of the run's profiles (:mod:`cellmorph.retrieval`): the summary of both retrievals, then
+    the per-MoA and per-treatment tables the run wrote."""
+    from cellmorph.retrieval import MOA_FILE, REPLICATES_FILE
+
+    section = Section("retrieval", "Retrieval (mAP)")
+    if not summary:
+        section.notes.append("The run has no mean average precision (made before cellmorph measured it).")
+        return section
+    if "skipped" in summary:
+        section.notes.append(f"No mean average precision: {summary['skipped']}.")
+        return section
+    section.notes.append(
+        "Mean average precision (copairs), on the held-out probabilities ("
+        f"{summary.get('distance')} similarity). Replicate retrieval: each treated well ranks its treatment's "
+        "other wells among the DMSO wells. MoA retrieval: each treatment ranks the treatments of other compounds "
+        "of its MoA among those of other MoAs. Retrieved: mAP above the permutation null "
+        f"({summary.get('null_size')} permutations, seed {summary.get('seed')}) with Benjamini-Hochberg corrected "
+        f"p < {summary.get('threshold')} (copairs {summary.get('copairs')}).")
+    rows = []
+    for part, what in (("replicates", "replicate retrieval"), ("moa", "MoA retrieval")):
+        record = summary.get(part) or {}
+        if "skipped" in record:
+            section.notes.append(f"{what.capitalize()} not scored: {record['skipped']}.")
+            continue
+        if "mean_map" not in record:
+            continue
+        missed = record.get("not_scored") or []
+        retrieved = (f"{record['fraction_retrieved']:.3f} ({record['n_retrieved']} of {record['n_scored']} "
+                     f"{record.get('unit', '')})")
+        rows.append([what, _short(record.get("profiles")), f"{record['mean_map']:.3f}", retrieved,
+                     _short(missed) if missed else "–"])
+    if rows:
+        section.tables.append({"columns": ["", "profiles", "mean mAP", "fraction retrieved", "not scored (no pair)"],
+                               "rows": rows, "sortable": False})
+    for name, rename in ((MOA_FILE, {"Metadata_MoA": "MoA"}),
+                         (REPLICATES_FILE, {"Metadata_Compound": "compound", "Metadata_Concentration": "concentration",
+                                            "Metadata_MoA": "MoA"})):
+        path = run / name
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, dtype={k: str for k in rename if k != "Metadata_Concentration"},
+                            keep_default_na=False, na_values=[""])
+        frame = frame.rename(columns=rename | {"mean_average_precision": "mAP", "corrected_p_value": "corrected p",
+                                               "p_value": "p", "below_corrected_p": "retrieved"})
+        frame["retrieved"] = frame["retrieved"].map({True: "yes", False: "no"}).fillna("")
+        frame = frame.drop(columns=["mean_normalized_average_precision", "below_p"], errors="ignore")
+        section.tables.append(_frame_table(frame, sortable=True))
+    return section
+
+
 def _examples_section(tiles, classes, cache) -> Section:
     if cache is None:
         return Section("examples", "Example tiles", notes=["The tile cache is no longer at its recorded path: "
@@ -405,9 +460,13 @@ def project_2d(x: np.ndarray) -> tuple[np.ndarray, str]:
         return np.zeros((len(x), 2)), "PCA"
     if len(x) >= 15:
         try:
+            import warnings
+
             import umap  # optional: pip install 'cellmorph[report]'
 
-            points = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+            with warnings.catch_warnings():  # the seed makes it single-threaded, as wanted; it says so each call
+                warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+                points = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
             return np.asarray(points), "UMAP"
         except ImportError:
             pass
