@@ -241,3 +241,19 @@ def test_hostile_names_show_as_text_and_run_nothing_in_a_browser(hostile_run):
     assert HOSTILE_COMPOUND in compounds and HOSTILE_MOA in moas
     assert str(hostile_run.resolve()) in text and HOSTILE_MOA in text
     assert "cache <b>&amp;" in text  # the data folder's name, in the run table
+
+
+def test_the_well_map_is_umap_where_installed_unless_pca_is_asked(monkeypatch):
+    """CELLMORPH_REPORT_MAP: auto draws UMAP where umap-learn is installed (as with scanpy), pca asks for PCA."""
+    import numpy as np
+
+    from cellmorph.report.html import MAP_PROJECTION_VARIABLE, project_2d
+
+    x = np.random.default_rng(0).normal(size=(30, 6))
+    monkeypatch.setenv(MAP_PROJECTION_VARIABLE, "pca")
+    points, method = project_2d(x)
+    assert method == "PCA" and points.shape == (30, 2)
+    pytest.importorskip("umap")
+    monkeypatch.setenv(MAP_PROJECTION_VARIABLE, "auto")
+    points, method = project_2d(x)
+    assert method == "UMAP" and points.shape == (30, 2) and np.isfinite(points).all()

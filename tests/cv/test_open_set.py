@@ -56,6 +56,10 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
     assert np.mean([t["novel"] for t in record["treatments"] if t["kind"] == "unseen"]) == record["flagged_at_alpha"]
     assert (tmp_path / "run" / "open_set_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "open set (each MoA unseen in turn)" in proc.stderr + proc.stdout
+    page = (tmp_path / "run" / "report.html").read_text()  # the report's "Unknown MoA" section: ROC and the treatments
+    section = page[page.index('id="unknown"'):page.index('id="confusion"')]
+    assert f"AUROC {record['auroc']:.3f}" in section and section.count("data:image/png;base64,") == 1
+    assert all(f"{t['compound']}" in section for t in record["treatments"] if t["kind"] == "unseen")
     one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--cv", "lomo", "--out", tmp_path / "ft"),
                    "lomo", "--mode linear-probe")
     one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe",

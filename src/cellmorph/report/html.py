@@ -37,8 +37,8 @@ from cellmorph.schema import CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob
 REPORT_FILE = "report.html"
 EXAMPLES_PER_KIND = 3  # tiles per MoA: best correct calls, and the worst mistakes
 GRADCAM_TILES = 8
-SECTION_IDS = ("run", "accuracy", "confusion", "classes", "treatments", "curves", "reliability", "map", "retrieval",
-               "examples", "network")
+SECTION_IDS = ("run", "accuracy", "unknown", "confusion", "classes", "treatments", "curves", "reliability", "map",
+               "retrieval", "examples", "network")
 
 
 @dataclass
@@ -98,6 +98,7 @@ def _code_spans(text: str):
 
 # --------------------------------------------------------------------------- kinds of folder
 def _cv_context(run: Path, visualise: bool) -> dict:
+    from cellmorph.cv.open_set import OPEN_SET_FILE
     from cellmorph.cv.rundir import RunDir
 
     rundir = RunDir(run)
@@ -119,6 +120,13 @@ def _cv_context(run: Path, visualise: bool) -> dict:
                     + ([f"The centroid head's temperature per fold: {_counts(metrics['probe_temperature'])}."]
                        if metrics.get("probe_temperature") else [])
                     + _ensemble_notes(metrics.get("ensemble"))),
+        # a leave-one-MoA-out run: how well it says "no known MoA fits"
+        _unknown_moa_section(run) if (run / OPEN_SET_FILE).is_file() else Section("unknown", "Unknown MoA", notes=[
+            "This cross-validation held out compounds, not MoAs. `cellmorph cv --cv lomo --mode linear-probe` "
+            "holds out each MoA in turn and measures how often its treatments are flagged Novel (no known MoA "
+            "fits) against how often new compounds of known MoAs are (open_set.json, and this section)."]),
+    ]
+    sections += [
         _confusion_section(run / "confusion_matrix.png"),
         _classes_section(treatments, classes),
         _treatments_section(treatments, classes),
@@ -154,12 +162,13 @@ def _predict_context(run: Path, visualise: bool) -> dict:
     if labelled:
         known = lambda frame: frame[frame[TRUE_COLUMN].astype(str).isin(classes)]  # noqa: E731
         sections += [_accuracy_section(known(treatments), known(wells), known(tiles), classes, "labelled"),
+                     _novel_section(treatments, novelty),
                      _confusion_section_from(known(treatments), classes),
                      _classes_section(known(treatments), classes)]
     else:
-        sections.append(Section("accuracy", "Accuracy", notes=[
+        sections += [Section("accuracy", "Accuracy", notes=[
             "The screen carries no known MoAs, so there is nothing to score: the calls, their calibrated "
-            "confidence and prediction sets are below."]))
+            "confidence and prediction sets are below."]), _novel_section(treatments, novelty)]
     sections.append(_treatments_section(treatments, classes))
     sections.append(Section("curves", "Learning curves", notes=[
         "A prediction trains nothing; the model's own training history is in its bundle "
@@ -345,6 +354,60 @@ def _map_section(wells, classes) -> Section:
         figures=[_figure(fig, f"Wells ({len(wells)}), {method}")])
 
 
+def _novel_section(treatments: pd.DataFrame, novelty: dict) -> Section:
+    """The treatments that predict flagged Novel (no known MoA fits), most novel first."""
+    section = Section("unknown", "Unknown MoA")
+    if not novelty or "Novel" not in treatments.columns:
+        section.notes.append("The model holds no novelty calibration: no treatment is flagged (retrain it with this "
+                             "version of cellmorph).")
+        return section
+    flagged = treatments[treatments["Novel"].astype(bool)]
+    section.notes.append(
+        f"Novel means no known MoA fits: the treatment's novelty score ({novelty.get('score')}) is above the threshold "
+        f"that flags at most {novelty.get('alpha')} of new compounds of known MoAs. {len(flagged)} of "
+        f"{len(treatments)} treatments flagged.")
+    if len(flagged):
+        columns = [c for c in ("Metadata_Compound", "Metadata_Concentration", TRUE_COLUMN, PREDICTED_COLUMN,
+                               "Novelty_Score") if c in flagged.columns]
+        section.tables.append(_frame_table(flagged.sort_values("Novelty_Score", ascending=False)[columns],
+                                           sortable=True))
+    return section
+
+
+def _unknown_moa_section(run: Path) -> Section:
+    """A lomo run's open-set evaluation (``open_set.json``): the novelty score's ROC with the Novel flag's operating
+    point, the figures per held-out MoA, and the unseen-MoA treatments it flagged and missed."""
+    from cellmorph.figures import novelty_roc_figure
+
+    from cellmorph.cv.open_set import OPEN_SET_FILE
+
+    record = json.loads((run / OPEN_SET_FILE).read_text())
+    rows = pd.DataFrame(record.get("treatments") or [])
+    section = Section("unknown", "Unknown MoA", notes=[
+        f"Leave one MoA out: every compound of one MoA held out, the model trained on the others. Each held-out "
+        f"treatment gets a novelty score ({record.get('score')}) from training compounds only; Novel is set above the "
+        f"threshold that flags at most α = {record.get('alpha'):g} of new compounds of known MoAs. AUROC "
+        f"{record.get('auroc', float('nan')):.3f} ({record.get('n_unseen_treatments')} unseen-MoA against "
+        f"{record.get('n_known_treatments')} known-MoA treatments); {record.get('flagged_at_alpha', float('nan')):.1%} "
+        f"of the unseen-MoA treatments flagged, at {record.get('false_alarm_rate', float('nan')):.1%} measured false "
+        "alarms."])
+    if not rows.empty:
+        unseen, known = (rows.loc[rows["kind"] == kind, "score"].to_numpy(float) for kind in ("unseen", "known"))
+        section.figures.append(_figure(novelty_roc_figure(unseen, known, record["auroc"], record["alpha"],
+                                                          record["flagged_at_alpha"], record["false_alarm_rate"]),
+                                       "ROC of the novelty score; the dot is the Novel flag at its α"))
+    per_moa = [[m["moa"], m["n_treatments"], f"{m['auroc']:.3f}" if np.isfinite(m["auroc"]) else "–",
+                f"{m['flagged']:.2f}", _short(m.get("flagged_treatments")) or "–"] for m in record.get("per_moa") or []]
+    if per_moa:
+        section.tables.append({"columns": ["held-out MoA", "treatments", "AUROC", "fraction flagged",
+                                           "flagged treatments"], "rows": per_moa, "sortable": True})
+    if not rows.empty:
+        unseen_rows = rows[rows["kind"] == "unseen"].sort_values("score", ascending=False)
+        section.tables.append(_frame_table(unseen_rows[["held_out_moa", "compound", "concentration", "score", "novel"]]
+                                           .rename(columns={"held_out_moa": "held-out MoA"}), sortable=True))
+    return section
+
+
 def _retrieval_section(run: Path, summary: dict | None) -> Section:
     """copairs mAP of the run's profiles (:mod:`cellmorph.retrieval`): the summary of both retrievals, then
     the per-MoA and per-treatment tables the run wrote."""
@@ -453,12 +516,21 @@ def _tile_correct(tiles: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return calls == tiles[TRUE_COLUMN].astype(str).to_numpy()
 
 
+# The well map's projection: "auto" (UMAP where umap-learn is installed, else PCA), "umap" or "pca". UMAP's
+# first call in a process compiles its numba kernels (10-12 s on one core), which a batch of reports or a
+# test suite may not want to pay for each process.
+MAP_PROJECTION_VARIABLE = "CELLMORPH_REPORT_MAP"
+
+
 def project_2d(x: np.ndarray) -> tuple[np.ndarray, str]:
-    """UMAP (umap-learn, seeded) where installed and there are enough points, else PCA."""
+    """UMAP (umap-learn, seeded) where installed and there are enough points, else PCA (``$CELLMORPH_REPORT_MAP``
+    = ``pca`` asks for PCA, ``umap`` for UMAP where it can)."""
+    import os
+
     x = x - x.mean(axis=0)
     if len(x) < 2 or not np.any(np.ptp(x, axis=0) > 1e-9):  # every profile alike (e.g. one call for all)
         return np.zeros((len(x), 2)), "PCA"
-    if len(x) >= 15:
+    if len(x) >= 15 and os.environ.get(MAP_PROJECTION_VARIABLE, "auto").lower() != "pca":
         try:
             import warnings
 
