@@ -61,3 +61,24 @@ def test_predict_writes_h5ad_that_scanpy_uses(tiny_bundle, tiny_cache, tmp_path)
     assert adata.obsm["X_pca"].shape == (adata.n_obs, 3)
     means = sc.get.aggregate(adata, by="Metadata_MoA", func="mean")
     assert set(means.obs_names) == set(table["Metadata_MoA"].astype(str))
+
+
+def test_embed_writes_well_and_treatment_profiles_as_h5ad(tiny_cache, tmp_path):
+    import json
+
+    from cellmorph.config.embed import EmbedConfig
+    from cellmorph.embed import embed
+
+    embed(tiny_cache, tmp_path / "e", EmbedConfig(image_size=32, h5ad=True, threads=1), progress=False, log=lambda m: None)
+    record = json.loads((tmp_path / "e" / "embed.json").read_text())
+    assert record["config"]["standardize"] == "plate"  # a field layout's default; crop tables pool each batch's DMSO
+    for name in ("wells", "wells_normalized"):
+        table = pd.read_parquet(tmp_path / "e" / f"{name}.parquet")
+        adata = anndata.read_h5ad(tmp_path / "e" / f"{name}.h5ad")
+        features = [c for c in table.columns if c.startswith("emb_")]
+        assert list(adata.var_names) == features and adata.n_obs == len(table)
+        np.testing.assert_allclose(adata.X, table[features].to_numpy(np.float32), equal_nan=True)
+        assert read_provenance(adata)["config"]["h5ad"] is True
+    treatments = anndata.read_h5ad(tmp_path / "e" / "treatments.h5ad")
+    assert treatments.n_obs == 44 and "DMSO" not in set(treatments.obs["Metadata_Compound"].astype(str))
+    assert treatments.obs["n_wells"].min() >= 1

@@ -48,6 +48,8 @@ def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bo
     if config.features is None:
         spec = FeatureSpec.parse(layout["features"]) if "features" in layout else DEFAULT_FEATURES
         config = config.model_copy(update={"features": spec})
+    if config.standardize is None:
+        config = config.model_copy(update={"standardize": layout.get("standardize", "plate")})
     with torch_threads(config.threads):
         feats = embed_tiles(cache, config.model, None, config.init, Path(config.weights) if config.weights else None,
                             config.image_size, config.batch_size, config.device, config.allow_network, progress,
@@ -77,9 +79,26 @@ def embed(data: Path, out: Path, config: EmbedConfig | None = None, progress: bo
     }
     mean_ap = _retrieval(normalized if normalized is not None else wells, names, normalized is not None, config, out,
                          log)
-    write_json(out / "embed.json", summary | {"config": config.model_dump(mode="json"), "map": mean_ap,
-                                              "provenance": run_info()})
+    record = {"config": config.model_dump(mode="json"), "map": mean_ap, "provenance": run_info()}
+    if config.h5ad:
+        _write_h5ad(out, wells, normalized, names, config, summary | record)
+    write_json(out / "embed.json", summary | record)
     return summary
+
+
+def _write_h5ad(out: Path, wells: pd.DataFrame, normalized: pd.DataFrame | None, names: list[str],
+                config: EmbedConfig, record: dict) -> None:
+    """``wells.h5ad`` (and ``wells_normalized.h5ad``) and ``treatments.h5ad``: the treatment profiles, the
+    ``aggregate`` of the (normalised) wells, as `profile-eval` and the mAP build them."""
+    from cellmorph.h5ad import write_h5ad
+    from cellmorph.retrieval import treatment_profiles
+
+    write_h5ad(wells, out / "wells.h5ad", record, names)
+    if normalized is not None:
+        write_h5ad(normalized, out / "wells_normalized.h5ad", record, names)
+    source = normalized if normalized is not None else wells
+    finite = source[names].notna().all(axis=1)
+    write_h5ad(treatment_profiles(source[finite], names, config.aggregate), out / "treatments.h5ad", record, names)
 
 
 def _retrieval(wells: pd.DataFrame, names: list[str], normalized: bool, config: EmbedConfig, out: Path,

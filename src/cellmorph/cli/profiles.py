@@ -48,9 +48,10 @@ def embed(
     features: Optional[str] = typer.Option(None, help=FEATURES_HELP),
     tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
     aggregate: ProfileAggregate = typer.Option("median", help=_embed_help("aggregate")),
-    standardize: Standardize = typer.Option("plate", help=_embed_help("standardize")),
+    standardize: Optional[Standardize] = typer.Option(None, help=_embed_help("standardize")),
     whiten: Whiten = typer.Option("none", help=_embed_help("whiten")),
     strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
+    h5ad: bool = typer.Option(False, "--h5ad", help=_embed_help("h5ad")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
@@ -61,7 +62,7 @@ def embed(
         model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
         image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
         batch_size=batch_size, device=device, threads=threads, aggregate=aggregate, standardize=standardize, whiten=whiten,
-        strength=strength), "embed options")
+        strength=strength, h5ad=h5ad), "embed options")
     target = out or Path(data) / "embeddings" / model
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
     summary = run_embed(data, target, config, progress, log=log_line)

@@ -29,10 +29,13 @@ class EmbedConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: see cellmorph.runtime)")
     aggregate: Literal["median", "mean"] = Field("median", description="a well's profile: the median (pycytominer's "
                                                  "default) or the mean of its tiles")
-    standardize: Literal["plate", "batch", "all", "none"] = Field(
-        "plate", description="wells_normalized.parquet: z-score to the DMSO wells of each plate, batch or all plates "
-        "(a plate without DMSO: its batch's); none writes no normalised table")
+    standardize: Literal["plate", "batch", "all", "none"] | None = Field(
+        None, description="wells_normalized.parquet: z-score to the DMSO wells of each plate, batch or all plates "
+        "(a plate without DMSO: its batch's); none writes no normalised table (default: batch for crop tables, "
+        "plate otherwise)")
     whiten: Literal["none", "spherize", "tvn", "coral"] = Field(
         "none", description="then whiten on DMSO wells: spherize (ZCA), tvn (PCA whitening) or coral (per batch)")
     strength: float | None = Field(None, gt=0, description="whitening regulariser: ridge for spherize/coral (10), "
                                    "components for tvn (100)")
+    h5ad: bool = Field(False, description="also write the well (and normalised well) and treatment profiles as "
+                       ".h5ad (AnnData: obs the Metadata_* columns, X the features, uns the provenance) for scanpy")

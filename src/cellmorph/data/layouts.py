@@ -37,7 +37,12 @@ def layout_input_size(source: str | None) -> int | None:
 # (0.689) and stage 4 (0.660) were close; the concatenation keeps both. 5-7x the embedding time:
 # 1,120 crops at 128 px took 48-60 s on 2 cores instead of 8-13 s. Fields keep stage 3 without
 # TTA (the 5-minute LOCO target on `full`; nothing real measures fields here).
-LAYOUT_EMBEDDING: dict[str, dict[str, str]] = {"crops": {"tta": "dihedral", "features": "stage3+stage4"}}
+# `embed`'s DMSO z-score of crop well profiles pools each batch's DMSO wells: 19 of the development crops'
+# 46 plates with DMSO hold one DMSO well (sd 0: 132 of 429 well profiles came out NaN), and the others 2-4.
+# Batch against plate: replicate mAP 0.617 against 0.190 (43 of 51 treatments retrieved against 1 of 38),
+# MoA mAP 0.462 against 0.155 (benchmarks/RESULTS.md, 'Mean average precision (copairs)').
+LAYOUT_EMBEDDING: dict[str, dict[str, str]] = {"crops": {"tta": "dihedral", "features": "stage3+stage4",
+                                                         "standardize": "batch"}}
 
 
 def layout_embedding(source: str | None) -> dict[str, str]:
