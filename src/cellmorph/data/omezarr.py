@@ -4,9 +4,9 @@ This module owns the format: it lists a plate's fields (:func:`load_ome_zarr`), 
 (:func:`read_field`) and writes plates (:func:`write_hcs_plates`). It uses **ome-zarr-py**, OME's reference
 implementation, rather than iohub, ngff-zarr or bioio-ome-zarr: it reads and writes both NGFF 0.4
 (Zarr v2) and 0.5 (Zarr v3, metadata under ``ome``) with one API, its plate/well/image metadata
-helpers are the specification's own vocabulary, its pixel reads are dask arrays over the Zarr store (one
-field at one pyramid level is read at a time, so memory stays bounded by a field, whatever the plate's
-size), and it brings no dependency beyond zarr and dask, which cellmorph's cluster support already uses.
+helpers are the specification's own vocabulary, and it brings no dependency beyond zarr and dask, which
+cellmorph's cluster support already uses. Pixels are read with zarr, one field at one pyramid level at a
+time (only that array's chunks), so memory stays bounded by a field, whatever the plate's size.
 
 A row of the :class:`~cellmorph.data.table.ImageTable` is one field of view (an image of a well), and its
 ``Path_Stack`` is the Zarr array of the chosen pyramid level, e.g. ``/data/P1.ome.zarr/B/3/0/0``.
@@ -230,13 +230,16 @@ def read_field(path: str) -> np.ndarray:
     if not multiscales or not is_zarr_array(array):
         raise BadInputError(f"{path}: missing OME-Zarr image array")
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in (multiscales[0].get("axes") or "tczyx")]
+    _, zarr = _ome_zarr()
     try:
-        data = location.load(array.name)
+        # zarr reads the one field's chunks directly: through a dask graph (ome-zarr-py's load) a 256x320 field
+        # took 2.5x as long (10.7 against 3.5-4.6 ms)
+        data = zarr.open_array(str(array), mode="r")
         if data.ndim != len(axes):
             raise ValueError(f"{data.ndim} dimensions, but the metadata names {len(axes)} axes {axes}")
         index = tuple(0 if name == "t" else slice(None) for name in axes)
         kept = [name for name in axes if name != "t"]
-        pixels = np.asarray(data[index].compute(scheduler="synchronous"))
+        pixels = np.asarray(data[index])
     except BadInputError:
         raise
     except Exception as exc:
