@@ -14,7 +14,6 @@ import torch
 
 from cellmorph.bundle import load_bundle
 from cellmorph.distributed import DataParallel
-from cellmorph.errors import CellmorphError
 
 BIN = Path(sys.executable).parent
 TORCHRUN, CELLMORPH = BIN / "torchrun", BIN / "cellmorph"

@@ -415,45 +415,18 @@ def save_bundle(
     (its training config's scoring fields) and optionally ``seeds``, ``n_train_tiles`` and ``probe``.
     ``probe`` (of the first network, or of a member): a linear probe's ``features`` (text form), ``head`` (its
     kind) and ``head_state`` (:meth:`LinearProbeHead.state`); ``state`` is then its frozen backbone's."""
-    from safetensors.torch import save_file
-
-    def write(tensors: dict[str, torch.Tensor], name: str) -> str:
-        save_file({key: v.detach().cpu().contiguous() for key, v in tensors.items()}, str(tmp / name))
-        files.append(name)
-        return name
-
-    def probe_record(given: dict | None, k: int) -> dict | None:
-        if not given:
-            return None
-        record = {"features": str(given["features"]), "head": given["head"],
-                  "head_weights": write(given["head_state"], probe_head_file(k))}
-        if given.get("novelty"):
-            record["novelty"] = {}
-            for level, scores in given["novelty"].items():
-                name = novelty_file(level, k)
-                scores.to_parquet(tmp / name, index=False)
-                files.append(name)
-                record["novelty"][level] = name
-        return record
-
     out = require_output_dir(Path(out), "model folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    files: list[str] = []
     try:
-        write(state, WEIGHTS)
-        own_probe = probe_record(probe, 1)
-        records = []
-        for k, member in enumerate(members or [], start=2):
-            name = write(member["state"], member_weights_file(k))
-            records.append({"model": member["model"], "input": member["input"].record(), "config": member["config"],
-                            "weights": name, "seeds": member.get("seeds"), "n_train_tiles": member.get("n_train_tiles")}
-                           | ({"probe": probe_record(member["probe"], k)} if member.get("probe") else {}))
+        files = _BundleFiles(tmp)
+        files.tensors(state, WEIGHTS)
+        own_probe = files.probe_record(probe, 1)
+        records = [files.member_record(member, k) for k, member in enumerate(members or [], start=2)]
         for level, scores in (calibration or {}).items():
             if level not in LEVELS:
                 raise ValueError(f"calibration level {level!r} is not one of {LEVELS}")
-            scores.to_parquet(tmp / calibration_file(level), index=False)
-            files.append(calibration_file(level))
+            files.table(scores, calibration_file(level))
         any_probe = own_probe is not None or any("probe" in r for r in records)
         manifest = {
             "format": PROBE_FORMAT if any_probe else ENSEMBLE_FORMAT if records else BUNDLE_FORMAT,
@@ -462,15 +435,10 @@ def save_bundle(
             "input": input_spec.record(),
             "preprocessing": preprocessing,
             "training": training,
-            "files": {name: sha256_file(tmp / name) for name in files},
+            "files": files.digests(),
             "provenance": run_info(),
         } | ({"members": records} if records else {}) | ({"probe": own_probe} if own_probe else {})
-        # The digests are of the document as it is read back: JSON types only, and null where a
-        # value is NaN (a fold without held-out tiles), since bare NaN is not JSON.
-        document = json.loads(json.dumps(json_safe(manifest), default=str, allow_nan=False))
-        validated(BundleDocument, document, str(out / MANIFEST))  # never write a bundle that load refuses
-        document[CONTENT_DIGESTS] = content_digests(document)
-        (tmp / MANIFEST).write_text(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        _write_manifest(tmp / MANIFEST, manifest, str(out / MANIFEST))
         _share_like_any_file(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -479,6 +447,58 @@ def save_bundle(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+class _BundleFiles:
+    """The files written so far into a bundle's temporary ``folder``, in the order ``files`` lists them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.names: list[str] = []
+
+    def tensors(self, tensors: dict[str, torch.Tensor], name: str) -> str:
+        from safetensors.torch import save_file
+
+        save_file({key: v.detach().cpu().contiguous() for key, v in tensors.items()}, str(self.folder / name))
+        self.names.append(name)
+        return name
+
+    def table(self, frame: pd.DataFrame, name: str) -> str:
+        frame.to_parquet(self.folder / name, index=False)
+        self.names.append(name)
+        return name
+
+    def probe_record(self, given: dict | None, k: int) -> dict | None:
+        """The manifest entry of network ``k``'s linear probe (None without one), its head and novelty scores
+        written."""
+        if not given:
+            return None
+        record = {"features": str(given["features"]), "head": given["head"],
+                  "head_weights": self.tensors(given["head_state"], probe_head_file(k))}
+        if given.get("novelty"):
+            record["novelty"] = {level: self.table(scores, novelty_file(level, k))
+                                 for level, scores in given["novelty"].items()}
+        return record
+
+    def member_record(self, member: dict, k: int) -> dict:
+        """The ``members`` entry of an ensemble's member ``k`` (from 2), its weights (and probe) written."""
+        name = self.tensors(member["state"], member_weights_file(k))
+        return ({"model": member["model"], "input": member["input"].record(), "config": member["config"],
+                 "weights": name, "seeds": member.get("seeds"), "n_train_tiles": member.get("n_train_tiles")}
+                | ({"probe": self.probe_record(member["probe"], k)} if member.get("probe") else {}))
+
+    def digests(self) -> dict[str, str]:
+        return {name: sha256_file(self.folder / name) for name in self.names}
+
+
+def _write_manifest(path: Path, manifest: dict, shown_as: str) -> None:
+    """Write ``bundle.json``, validated as load will read it and with the digest of each entry."""
+    # The digests are of the document as it is read back: JSON types only, and null where a
+    # value is NaN (a fold without held-out tiles), since bare NaN is not JSON.
+    document = json.loads(json.dumps(json_safe(manifest), default=str, allow_nan=False))
+    validated(BundleDocument, document, shown_as)  # never write a bundle that load refuses
+    document[CONTENT_DIGESTS] = content_digests(document)
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _share_like_any_file(folder: Path) -> None:

@@ -21,7 +21,7 @@ from cellmorph.data.bbbc014 import (
     label_wells,
     load_bbbc014,
 )
-from cellmorph.data.synthetic_bbbc014 import (
+from cellmorph.data.synthetic.bbbc014 import (
     CONCENTRATIONS,
     generate_bbbc014,
     nuclear_cytoplasmic_ratio,

@@ -84,7 +84,7 @@ def synth(
         print(json.dumps(summary, default=str))
         return
     if dataset == "bbbc014":
-        from cellmorph.data.synthetic_bbbc014 import generate_bbbc014
+        from cellmorph.data.synthetic import generate_bbbc014
 
         summary = generate_bbbc014(out, preset=preset, seed=seed, progress=progress)
     else:

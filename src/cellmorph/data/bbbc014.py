@@ -39,7 +39,7 @@ Images are single-channel 8-bit TIFFs. Labels come from the concentrations
 (ranked per cell line), never from the column number, so the CSV may list the
 wells in any order.
 
-* :func:`cellmorph.data.synthetic_bbbc014.generate_bbbc014` writes a synthetic
+* :func:`cellmorph.data.synthetic.generate_bbbc014` writes a synthetic
   plate in this layout, with the real file names except for the extension (``.tif``).
 * :func:`import_bbbc014` turns the real download (``BBBC014_v1_images/*.Bmp`` +
   ``BBBC014_v1_platemap_all.txt``) into this layout: it converts the BMPs to

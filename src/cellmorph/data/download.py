@@ -479,6 +479,25 @@ def download_bbbc021(
     summary: dict = {"root": str(root), "base_url": base_url, "plates": []} | dict.fromkeys(
         ("files_fetched", "files_skipped", "bytes_downloaded", "plates_unpacked", "plates_skipped", "missing_files"), 0)
     bar = _make_progress(progress)
+    get = _counting_fetcher(bar, summary, base_url, timeout, retries)
+    with bar:
+        for name in METADATA_FILES:
+            get(name, root / name, "metadata")
+        if metadata_only:
+            return summary
+
+        images = read_image_csv(root)
+        _check_plate_folders(images, root / IMAGE_CSV)
+        folders = _chosen_plates(root, images, plates, all_plates)
+        summary["plates"] = folders
+        _fetch_plates(root, folders, _plate_files(images), base_url, keep_archives, get, summary)
+    return summary
+
+
+def _counting_fetcher(bar, summary: dict, base_url: str, timeout: float,
+                      retries: int) -> Callable[[str, Path, str], _Fetched]:
+    """``get(name, dest, label)``: fetch ``base_url``'s ``name`` into ``dest`` with a progress line labelled
+    ``label``, and count the file (fetched or skipped) and its bytes in ``summary``."""
 
     def get(name: str, dest: Path, label: str) -> _Fetched:
         task = bar.add_task(f"{label} {name}", total=None)
@@ -496,34 +515,33 @@ def download_bbbc021(
         summary["bytes_downloaded"] += result.bytes_received
         return result
 
-    with bar:
-        for name in METADATA_FILES:
-            get(name, root / name, "metadata")
-        if metadata_only:
-            return summary
+    return get
 
-        images = read_image_csv(root)
-        _check_plate_folders(images, root / IMAGE_CSV)
-        if plates is not None:
-            folders = _resolve_plates(list(plates), images)
-        elif all_plates:
-            folders = sorted(set(images["Image_PathName_DAPI"].astype(str).str.strip("/")))
+
+def _chosen_plates(root: Path, images, plates: list[str] | None, all_plates: bool) -> list[str]:
+    """The plate folders to fetch: ``plates`` (names or folders), every plate of the image CSV with
+    ``all_plates``, else those of the paper's MoA subset."""
+    if plates is not None:
+        return _resolve_plates(list(plates), images)
+    if all_plates:
+        return sorted(set(images["Image_PathName_DAPI"].astype(str).str.strip("/")))
+    return [f.strip("/") for f in moa_subset_plates(root)]
+
+
+def _fetch_plates(root: Path, folders: list[str], expected: dict[str, set[str]], base_url: str,
+                  keep_archives: bool, get: Callable[[str, Path, str], _Fetched], summary: dict) -> None:
+    """Fetch and unpack each plate in ``folders`` that is not done yet; count the plates skipped and unpacked,
+    and the files the image CSV lists (``expected``) that are missing afterwards, in ``summary``."""
+    for i, folder in enumerate(folders):
+        wanted = expected.get(folder, set())
+        if _plate_done(root, folder, wanted):
+            summary["plates_skipped"] += 1
+            summary["files_skipped"] += 1
         else:
-            folders = [f.strip("/") for f in moa_subset_plates(root)]
-        summary["plates"] = folders
-        expected = _plate_files(images)
-
-        for i, folder in enumerate(folders):
-            wanted = expected.get(folder, set())
-            if _plate_done(root, folder, wanted):
-                summary["plates_skipped"] += 1
-                summary["files_skipped"] += 1
-            else:
-                _fetch_plate(root, folder, base_url, keep_archives,
-                             lambda name, dest: get(name, dest, f"[{i + 1}/{len(folders)}]"))
-                summary["plates_unpacked"] += 1
-            summary["missing_files"] += sum(not (root / folder / name).is_file() for name in wanted)
-    return summary
+            _fetch_plate(root, folder, base_url, keep_archives,
+                         lambda name, dest: get(name, dest, f"[{i + 1}/{len(folders)}]"))
+            summary["plates_unpacked"] += 1
+        summary["missing_files"] += sum(not (root / folder / name).is_file() for name in wanted)
 
 
 def _fetch_plate(root: Path, folder: str, base_url: str, keep_archives: bool, get) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from scipy.special import expit
 
 from cellmorph.data.bbbc014 import (
     CELL_LINES,
@@ -36,7 +35,7 @@ from cellmorph.data.bbbc014 import (
     image_file_name,
     label_wells,
 )
-from cellmorph.data.images import write_tiff
+from cellmorph.data.synthetic.common import camera_counts, dose_response, lookup_preset, seeded_rng, write_channels
 from cellmorph.errors import CellmorphError
 from cellmorph.progress import Progress
 from cellmorph.runinfo import require_output_dir, write_csv
@@ -110,9 +109,7 @@ PRESETS: dict[str, Bbbc014Preset] = {
 
 
 def _preset(preset: str, size: tuple[int, int] | None) -> Bbbc014Preset:
-    if preset not in PRESETS:
-        raise CellmorphError(f"unknown BBBC014 preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
+    spec = lookup_preset(PRESETS, preset, "BBBC014")
     if size is None:
         return spec
     h, w = (int(v) for v in size)
@@ -146,16 +143,12 @@ def plate_map(root_dir: str = REAL_IMAGE_DIR, ext: str = "tif", plate: str = "BB
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in key)))
-
-
 _K_PLATE, _K_WELL = 1, 2
 
 
 def _plate_params(seed: int) -> dict:
     """Plate-wide nuisance shared by all wells: vignetting shape and camera constants."""
-    rng = _rng(seed, _K_PLATE)
+    rng = seeded_rng(seed, _K_PLATE)
     return {
         "vignette_center": rng.uniform(-0.12, 0.12, size=2),
         "vignette": rng.uniform(0.18, 0.32, size=2),  # DAPI, FITC fall-off at the corners
@@ -164,13 +157,6 @@ def _plate_params(seed: int) -> dict:
         "gain": rng.uniform(0.45, 0.75),  # DN per photo-electron
         "read_noise": rng.uniform(0.9, 1.5),
     }
-
-
-def dose_response(conc, ec50, hill: float):
-    """Fraction of maximal translocation, ``1 / (1 + (ec50/conc)^hill)``; 0 at conc 0."""
-    conc = np.asarray(conc, dtype=float)
-    logit = hill * (np.log(np.maximum(conc, 1e-300)) - np.log(np.asarray(ec50, dtype=float)))
-    return np.where(conc > 0, expit(logit), 0.0)
 
 
 def _place_cells(rng, n: int, line: CellLineModel, scale: float, H: int, W: int) -> np.ndarray:
@@ -277,7 +263,7 @@ def render_well(
     channels (:func:`_compose_well`), and the camera (:func:`_well_camera`)."""
     line = CELL_LINE_MODELS[cell_line]
     plate = plate or _plate_params(seed)
-    rng = _rng(seed, _K_WELL, ROWS.index(row), column)
+    rng = seeded_rng(seed, _K_WELL, ROWS.index(row), column)
     H, W = height, width
     # ---- per-well nuisance
     density = line.density * float(rng.lognormal(0.0, 0.25))
@@ -409,10 +395,7 @@ def _well_camera(rng, channels, tex_coarse, plate: dict, gains, blur: float, H: 
         illum = (f32(1.0) - f32(plate["vignette"][k]) * r2) * (f32(1.0) + f32(plate["gradient"][k]) * (xx + yy))
         bg = f32(3.0 + 2.0 * k) + (f32(1.5) * tex_coarse if k else f32(0.0))
         expected = np.maximum((sig * f32(gains[k]) + bg) * illum, f32(0.0))
-        # shot noise (Gaussian approximation of Poisson at `gain` DN per electron) + read noise
-        sd = np.sqrt(expected * f32(gain) + f32(read * read))
-        img = expected + sd * rng.standard_normal((H, W), dtype=f32) + f32(plate["offset"][k])
-        images.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+        images.append(camera_counts(expected, gain, read, plate["offset"][k], rng, 255).astype(np.uint8))
     return np.stack(images)
 
 
@@ -443,8 +426,7 @@ def generate_bbbc014(
                 seed, rec.Row, int(rec.Column), float(rec.Concentration), rec.CellLine,
                 spec.height, spec.width, spec.scale, plate,
             )
-            write_tiff(out / rec.FileName_DAPI, img[0])
-            write_tiff(out / rec.FileName_FITC, img[1])
+            write_channels(out, (rec.FileName_DAPI, rec.FileName_FITC), img)
             task.advance()
     write_csv(out / IMAGE_CSV, wells)
     labels = label_wells(wells)
@@ -461,7 +443,6 @@ def generate_bbbc014(
         "image_shape": [spec.height, spec.width],
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
 
 
 # =========================================================================== measurement
