@@ -255,5 +255,6 @@ def test_cv_scores_its_held_out_probabilities_and_the_report_shows_them(cv_run):
     section = page[page.index('<section id="retrieval"'):]
     section = section[:section.index("</section>")]
     assert "MoA retrieval" in section and f"{summary['moa']['mean_map']:.3f}" in section
-    assert str(escape("Replicate retrieval not scored: held-out well probabilities: no DMSO wells")) in section
+    assert str(escape("Replicate retrieval not scored: no DMSO wells among the held-out wells (DMSO is not a class; "
+                      "cv --include-controls)")) in section
     assert section.count("<tr>") == 1 + 1 + 1 + len(moa)  # summary heading + row, MoA heading + rows

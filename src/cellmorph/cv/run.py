@@ -487,8 +487,12 @@ def write_retrieval(rundir: RunDir, wells: pd.DataFrame, treatments: pd.DataFram
     from cellmorph.retrieval import write_retrieval as write_tables
 
     features = [prob_column(c) for c in classes]
-    found = retrieval_or_note(wells, treatments, features, distance="cosine", log=log,
-                              sources={"replicates": "held-out well probabilities",
+    # DMSO wells are held out only where DMSO is a class: otherwise replicate retrieval has nothing to rank
+    # against by design, which the summary records without a note on every run.
+    has_controls = "DMSO" in classes
+    found = retrieval_or_note(wells if has_controls else None, treatments, features, distance="cosine", log=log,
+                              sources={"replicates": "held-out well probabilities" if has_controls else
+                                       "DMSO wells among the held-out wells (DMSO is not a class; cv --include-controls)",
                                        "moa": "held-out treatment probabilities"})
     write_tables(rundir.root, found or Retrieval())
     if found is None:
