@@ -190,3 +190,26 @@ def test_synth_writes_plates_and_a_plate_map_that_inspect_reads(tmp_path):
     assert proc.returncode == 0, proc.stderr
     counts = json.loads(proc.stdout)
     assert (counts["n_treatments"], counts["n_plates"], counts["n_moas"]) == (summary["n_treatments"], 4, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_plates", ["0.5"], indirect=True)  # reading 0.4 is the same code, tested above
+def test_embed_takes_plates_as_it_takes_their_cache(tiny_plates, tiny_cache, tmp_path):
+    """embed --layout ome-zarr prepares the plates with the layout's defaults, then embeds: the well profiles
+    of the TIFF route's cache, well for well."""
+    options = ["--image-size", "32", "--threads", "1", "--no-progress"]
+    proc = run_cli_here("embed", "--layout", "ome-zarr", "--root", tiny_plates, "--plate-map",
+                        tiny_plates / "platemap.csv", "--out", tmp_path / "plates", *options)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "plates" / "cache" / "manifest.json").is_file()
+    proc = run_cli_here("embed", "--data", tiny_cache, "--out", tmp_path / "tiffs", *options)
+    assert proc.returncode == 0, proc.stderr
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    ours, theirs = (pd.read_parquet(tmp_path / p / "wells.parquet").sort_values(keys).reset_index(drop=True)
+                    for p in ("plates", "tiffs"))
+    features = [c for c in theirs.columns if c.startswith("emb_")]
+    assert ours[keys].equals(theirs[keys])
+    np.testing.assert_allclose(ours[features].to_numpy(), theirs[features].to_numpy(), rtol=1e-5, atol=1e-6)
+    one_line_error(run_cli_here("embed", "--layout", "ome-zarr", "--root", tiny_plates, "--plate-map",
+                                tiny_plates / "platemap.csv"), "--out")
+    one_line_error(run_cli_here("embed"), "--data", "--layout")

@@ -15,15 +15,17 @@ from cellmorph.cli.common import (
     ProfileAggregate,
     Standardize,
     Whiten,
+    ImageInput,
     log_line,
     command,
+    input_options,
 )
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
 from cellmorph.config.embed import EmbedConfig
 from cellmorph.config.features import FeatureSpec
-from cellmorph.errors import validated
+from cellmorph.errors import CellmorphError, validated
 
 
 def _embed_help(name: str) -> str:
@@ -34,8 +36,11 @@ def _embed_help(name: str) -> str:
 
 
 @command()
+@input_options("input layout of raw images, prepared with the layout's defaults into OUT/cache first (instead of "
+               "--data); labels are optional")
 def embed(
-    data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
+    data: Optional[Path] = typer.Option(None, help="tile cache from `cellmorph prepare` (or give the images: "
+                                        "--layout with --root, --index or --layout-config)"),
     model: str = typer.Option("tf_efficientnet_lite0", help=_embed_help("model")),
     out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
     init: str = typer.Option("imagenet", help=_embed_help("init")),
@@ -53,6 +58,7 @@ def embed(
     strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
     h5ad: bool = typer.Option(False, "--h5ad", help=_embed_help("h5ad")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    images: ImageInput | None = None,
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
     from cellmorph.embed import embed as run_embed
@@ -63,8 +69,20 @@ def embed(
         image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
         batch_size=batch_size, device=device, threads=threads, aggregate=aggregate, standardize=standardize, whiten=whiten,
         strength=strength, h5ad=h5ad), "embed options")
-    target = out or Path(data) / "embeddings" / model
+    if (data is None) == (images.layout is None):
+        raise CellmorphError("embed needs the screen as one of: --data CACHE, or --layout with --root/--index/"
+                             "--layout-config (then --out)")
+    if data is None and out is None:
+        raise CellmorphError("embed --layout needs --out: the images are prepared into OUT/cache")
     keep_freed_memory()  # a short-lived scoring process: about 2x faster on glibc (see runtime)
+    if data is None:
+        from cellmorph.data.layouts import prepare_config
+        from cellmorph.preprocess import prepare
+
+        data = Path(out) / "cache"
+        prepare(images.load(require_labels=False), data, prepare_config(images.layout), progress=progress,
+                log=log_line, threads=threads)
+    target = out or Path(data) / "embeddings" / model
     summary = run_embed(data, target, config, progress, log=log_line)
     print(json.dumps(summary | {"out": str(target)}))
 
