@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # The reports' well maps by PCA: scanpy (the AnnData tests) brings umap-learn, whose numba kernels would compile
-# afresh in every process that writes a report (10-12 s each). tests/test_report_html.py draws one UMAP map.
+# afresh in every process that writes a report (10-12 s each, 40 s in a fresh environment).
 os.environ.setdefault("CELLMORPH_REPORT_MAP", "pca")
 
 # CI puts shared/ beside the clone; CELLMORPH_SHARED points elsewhere when it is not.
