@@ -36,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -52,7 +50,7 @@ from cellmorph.config.augment import TTAMode
 from cellmorph.config.scheme import parse_cv
 from cellmorph.errors import CellmorphError, validated
 from cellmorph.models.spec import InputSpec
-from cellmorph.runinfo import json_safe, require_output_dir, run_info
+from cellmorph.runinfo import atomic_dir, json_safe, require_output_dir, run_info
 from cellmorph.schema import TRUE_COLUMN, prob_column
 
 BUNDLE_FORMAT = 1
@@ -416,9 +414,7 @@ def save_bundle(
     ``probe`` (of the first network, or of a member): a linear probe's ``features`` (text form), ``head`` (its
     kind) and ``head_state`` (:meth:`LinearProbeHead.state`); ``state`` is then its frozen backbone's."""
     out = require_output_dir(Path(out), "model folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         files = _BundleFiles(tmp)
         files.tensors(state, WEIGHTS)
         own_probe = files.probe_record(probe, 1)
@@ -440,12 +436,6 @@ def save_bundle(
         } | ({"members": records} if records else {}) | ({"probe": own_probe} if own_probe else {})
         _write_manifest(tmp / MANIFEST, manifest, str(out / MANIFEST))
         _share_like_any_file(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

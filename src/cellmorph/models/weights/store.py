@@ -11,7 +11,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from cellmorph.errors import CellmorphError
@@ -24,7 +23,7 @@ from cellmorph.models.weights.checkpoint import (
 )
 from cellmorph.models.weights.mapping import _check_imagenet_head, _load_mapped, detect_layout, to_timm_state_dict
 from cellmorph.models.weights.registry import IMAGENET_CLASSES, _allowed_layouts, check_model_name
-from cellmorph.runinfo import require_output_dir, share_like_new
+from cellmorph.runinfo import atomic_path, require_output_dir
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 MANIFEST = "manifest.json"
@@ -63,13 +62,8 @@ def _read_manifest(mdir: Path) -> dict | None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=path.parent)
-    share_like_new(Path(tmp))
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def import_weights(
@@ -109,15 +103,8 @@ def import_weights(
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{model}-{digest[:12]}{path.suffix}"
     if not (dest.is_file() and sha256_file(dest) == digest):
-        fd, tmp = tempfile.mkstemp(prefix=".import-", dir=dest_dir)
-        os.close(fd)
-        share_like_new(Path(tmp))
-        try:
+        with atomic_path(dest) as tmp:
             shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     manifest = _read_manifest(dest_dir) or {"model": model, "files": {}}
     entry = {
         "sha256": digest,
