@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from cellmorph.data.bbbc021 import load_bbbc021
-    from cellmorph.data.omezarr import write_hcs_plates, write_plate_map
+    from cellmorph.data.omezarr import write_hcs_plates
+    from cellmorph.data.platemap import write_plate_map
     from cellmorph.data.synthetic import generate_bbbc021
 
     work = Path(tempfile.mkdtemp(prefix="cellmorph-omezarr-"))

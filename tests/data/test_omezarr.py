@@ -17,7 +17,8 @@ from ome_zarr.writer import write_image, write_plate_metadata, write_well_metada
 
 from cellmorph.data.bbbc021 import load_bbbc021
 from cellmorph.data.images import read_planes
-from cellmorph.data.omezarr import load_ome_zarr, write_hcs_plates, write_plate_map
+from cellmorph.data.omezarr import load_ome_zarr, write_hcs_plates
+from cellmorph.data.platemap import write_plate_map
 
 VERSIONS = ("0.4", "0.5")
 

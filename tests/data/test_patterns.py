@@ -13,8 +13,8 @@ import tifffile
 
 from cellmorph.data.bbbc021 import load_bbbc021
 from cellmorph.data.images import read_planes
-from cellmorph.data.omezarr import write_plate_map
 from cellmorph.data.patterns import load_pattern, pattern_regex
+from cellmorph.data.platemap import write_plate_map
 from cellmorph.data.table import channel_column
 from tests.conftest import one_line_error, run_cli_here
 
@@ -104,6 +104,9 @@ def test_bad_patterns_and_folders_are_one_line(imagexpress, tmp_path):
     shutil.copytree(imagexpress, broken)
     victim = next(broken.glob("*/B03_s1_w2.tif"))
     victim.unlink()
+    lettered = tmp_path / "lettered" / "P1"
+    lettered.mkdir(parents=True)
+    (lettered / "B03_sa_w1.tif").write_bytes(b"")
     base = ["inspect", "--layout", "pattern", "--root"]
     plate_map = ["--plate-map", imagexpress / "platemap.csv"]
     cases = [
@@ -114,6 +117,8 @@ def test_bad_patterns_and_folders_are_one_line(imagexpress, tmp_path):
         (base + [imagexpress, "--pattern", "imagexpress", *plate_map, "--channels", "DAPI,Actin"],
          ("2 name(s) for the files' 3 channel(s)",)),
         (base + [imagexpress, *plate_map], ("--pattern",)),
+        (base + [tmp_path / "lettered", "--pattern", "{plate}/{well}_s{site}_w{channel}.tif", *plate_map],
+         ("B03_sa_w1.tif", "site (field) 'a' is not a number")),
         (base + [imagexpress, "--pattern", "imagexpress"], ("no compound and concentration", "--plate-map")),
         (["inspect", "--layout", "crops", "--index", imagexpress / "platemap.csv", "--pattern", "opera"],
          ("--pattern", "--layout pattern")),

@@ -263,7 +263,7 @@ def write_hcs_plates(table: ImageTable, out: Path, version: NgffVersion = "0.5",
     (``PLATE.ome.zarr``), with ome-zarr-py's writer: NGFF ``version`` 0.4 (Zarr v2) or 0.5 (Zarr v3),
     ``levels`` pyramid levels (each half the size of the one before), channels named by
     ``table.channels``. Treatments are not written into the plates: a plate map holds them
-    (:func:`write_plate_map`). Each plate is written under a temporary name, then renamed.
+    (:func:`cellmorph.data.platemap.write_plate_map`). Each plate is written under a temporary name, then renamed.
     """
     ome_zarr, zarr = _ome_zarr()
     from cellmorph.data.images import read_planes
@@ -318,15 +318,3 @@ def _omero_channels(names, pixels: np.ndarray) -> list[dict]:
                         "window": {"min": float(info.min) if info else low, "max": float(info.max) if info else high,
                                    "start": low, "end": high}})
     return records
-
-
-def write_plate_map(table: ImageTable, path: Path) -> Path:
-    """The plate map CSV (:mod:`cellmorph.data.platemap`) of ``table``'s wells, written atomically."""
-    from cellmorph.runinfo import atomic_path
-
-    columns = ["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA"]
-    wells = table.frame[columns].drop_duplicates(["Metadata_Plate", "Metadata_Well"]).sort_values(columns[:2])
-    with atomic_path(Path(path)) as tmp:
-        wells.to_csv(tmp, index=False)
-    return Path(path)
-

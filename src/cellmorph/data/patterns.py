@@ -19,7 +19,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from cellmorph.data.platemap import annotate_fields, canonical_well, well_name
@@ -104,8 +103,10 @@ def match_files(root: Path, pattern: str) -> tuple[pd.DataFrame, list[str]]:
             if well is None:
                 raise BadInputError(f"{path}: no well name in {found.get('well') or (found.get('row'), found.get('col'))}")
             site = found.get("site") or found.get("field") or "1"
+            if not site.isdigit():
+                raise BadInputError(f"{path}: its site (field) {site!r} is not a number; use {{site:d}} in the pattern")
             rows.append({"Metadata_Plate": found.get("plate") or root.name, "Metadata_Well": well,
-                         "Metadata_Site": int(site) if str(site).isdigit() else site,
+                         "Metadata_Site": int(site),
                          "channel": str(found["channel"]), "plane": found.get("plane") or "1", "path": str(path.resolve())})
     return pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "channel", "plane",
                                        "path"]), sorted(unmatched)
@@ -168,10 +169,7 @@ def load_pattern(root: Path, pattern: str, plate_map: Path | None = None, moa: P
             record[PLANES_PREFIX + name] = os.pathsep.join(planes) if len(planes) > 1 else ""
         record["Metadata_ImageID"] = record[channel_column(wanted[0])]
         fields.append(record)
-    frame = pd.DataFrame(fields)
-    frame["Metadata_Site"] = pd.to_numeric(frame["Metadata_Site"], errors="coerce").fillna(0).astype(int) \
-        if not np.issubdtype(frame["Metadata_Site"].dtype, np.integer) else frame["Metadata_Site"]
-    frame = annotate_fields(frame, plate_map, moa, str(root), require_labels, control_compound)
+    frame = annotate_fields(pd.DataFrame(fields), plate_map, moa, str(root), require_labels, control_compound)
     notes = {"pattern": PRESETS.get(pattern, pattern)} | ({"unmatched_files": note} if note else {})
     return ImageTable(frame.reset_index(drop=True), tuple(wanted), source="pattern", control_compound=control_compound,
                       origin=str(root), notes=notes)

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.data.crops import complete_metadata, label_from_moa_table, read_moa_table, unlabelled_moa
-from cellmorph.data.table import CONTROL_COMPOUND, read_table_csv
+from cellmorph.data.table import CONTROL_COMPOUND, ImageTable, read_table_csv
 from cellmorph.errors import BadInputError
+from cellmorph.runinfo import atomic_path
 
 PLATE_MAP_COLUMNS: tuple[str, ...] = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
 _WELL = re.compile(r"^\s*([A-Za-z]{1,2})\s*0*(\d{1,3})\s*$")
@@ -103,3 +104,12 @@ def annotate_fields(fields: pd.DataFrame, plate_map: Path | None, moa: Path | No
     if not require_labels:
         frame["Metadata_MoA"] = unlabelled_moa(frame, control_compound)
     return complete_metadata(frame, control_compound, where)
+
+
+def write_plate_map(table: ImageTable, path: Path) -> Path:
+    """The plate map CSV of ``table``'s wells (what :func:`read_plate_map` reads), written atomically."""
+    columns = [*PLATE_MAP_COLUMNS, "Metadata_MoA"]
+    wells = table.frame[columns].drop_duplicates(["Metadata_Plate", "Metadata_Well"]).sort_values(columns[:2])
+    with atomic_path(Path(path)) as tmp:
+        wells.to_csv(tmp, index=False)
+    return Path(path)

@@ -186,7 +186,8 @@ def generate_ome_zarr_screen(out: Path, preset: str = "tiny", seed: int = 0, ver
     import shutil
 
     from cellmorph.data.bbbc021 import load_bbbc021
-    from cellmorph.data.omezarr import write_hcs_plates, write_plate_map
+    from cellmorph.data.omezarr import write_hcs_plates
+    from cellmorph.data.platemap import write_plate_map
 
     out = require_output_dir(Path(out), "output folder")
     staging = out / ".synthetic-tiff"
