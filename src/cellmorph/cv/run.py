@@ -46,6 +46,7 @@ from cellmorph.cv.rundir import (
 )
 from cellmorph.config.scheme import parse_cv
 from cellmorph.cv.splits import Fold, class_names, make_folds, subsample_rows
+from cellmorph.data.table import CONTROL_COMPOUND
 from cellmorph.distributed import current as current_data_parallel
 from cellmorph.errors import CellmorphError, disk_full_as_error, option
 from cellmorph.metrics import (
@@ -489,7 +490,7 @@ def write_retrieval(rundir: RunDir, wells: pd.DataFrame, treatments: pd.DataFram
     features = [prob_column(c) for c in classes]
     # DMSO wells are held out only where DMSO is a class: otherwise replicate retrieval has nothing to rank
     # against by design, which the summary records without a note on every run.
-    has_controls = "DMSO" in classes
+    has_controls = CONTROL_COMPOUND in classes
     found = retrieval_or_note(wells if has_controls else None, treatments, features, distance="cosine", log=log,
                               sources={"replicates": "held-out well probabilities" if has_controls else
                                        "DMSO wells among the held-out wells (DMSO is not a class; cv --include-controls)",

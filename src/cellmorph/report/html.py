@@ -120,11 +120,7 @@ def _cv_context(run: Path, visualise: bool) -> dict:
                     + ([f"The centroid head's temperature per fold: {_counts(metrics['probe_temperature'])}."]
                        if metrics.get("probe_temperature") else [])
                     + _ensemble_notes(metrics.get("ensemble"))),
-        # a leave-one-MoA-out run: how well it says "no known MoA fits"
-        _unknown_moa_section(run) if (run / OPEN_SET_FILE).is_file() else Section("unknown", "Unknown MoA", notes=[
-            "This cross-validation held out compounds, not MoAs. `cellmorph cv --cv lomo --mode linear-probe` "
-            "holds out each MoA in turn and measures how often its treatments are flagged Novel (no known MoA "
-            "fits) against how often new compounds of known MoAs are (open_set.json, and this section)."]),
+        _unknown_moa_section(run / OPEN_SET_FILE),
     ]
     sections += [
         _confusion_section(run / "confusion_matrix.png"),
@@ -374,14 +370,18 @@ def _novel_section(treatments: pd.DataFrame, novelty: dict) -> Section:
     return section
 
 
-def _unknown_moa_section(run: Path) -> Section:
-    """A lomo run's open-set evaluation (``open_set.json``): the novelty score's ROC with the Novel flag's operating
-    point, the figures per held-out MoA, and the unseen-MoA treatments it flagged and missed."""
+def _unknown_moa_section(path: Path) -> Section:
+    """A lomo run's open-set evaluation (``open_set.json`` at ``path``): the novelty score's ROC with the Novel
+    flag's operating point, the figures per held-out MoA, and the unseen-MoA treatments it flagged and missed;
+    for another run, how to measure it."""
     from cellmorph.figures import novelty_roc_figure
 
-    from cellmorph.cv.open_set import OPEN_SET_FILE
-
-    record = json.loads((run / OPEN_SET_FILE).read_text())
+    if not path.is_file():
+        return Section("unknown", "Unknown MoA", notes=[
+            "This cross-validation held out compounds, not MoAs. `cellmorph cv --cv lomo --mode linear-probe` "
+            "holds out each MoA in turn and measures how often its treatments are flagged Novel (no known MoA "
+            "fits) against how often new compounds of known MoAs are (open_set.json, and this section)."])
+    record = json.loads(path.read_text())
     rows = pd.DataFrame(record.get("treatments") or [])
     section = Section("unknown", "Unknown MoA", notes=[
         f"Leave one MoA out: every compound of one MoA held out, the model trained on the others. Each held-out "
