@@ -61,7 +61,7 @@ def test_compare_inits_makes_the_fig4_plot_over_replicates(b14_cache, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     # image_size: the cache's, not 224. Frozen stages (and their cached output) apply to the
     # ImageNet arm only; the Xavier arm trains every stage.
-    cfg.write_text("max_tiles_per_fold: 96\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n"
+    cfg.write_text("max_tiles_per_fold: 32\nbatch_size: 16\nnum_threads: 1\nimage_size: 32\n"
                    "freeze_stages: 2\nfrozen_feature_cache: true\n")
     proc = run_cli_here("compare-inits", "--data", str(b14_cache), "--cv", "cell-line", "--model", "tf_efficientnet_lite0",
                    "--epochs", "1,2", "--replicates", "2", "--config", str(cfg), "--out", str(out))

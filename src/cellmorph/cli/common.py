@@ -17,10 +17,10 @@ from rich.table import Table
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
 from cellmorph.config.embed import EmbedConfig
-from cellmorph.config.predict import PredictConfig
-from cellmorph.config.prepare import Layout, PrepareConfig
-from cellmorph.cv.config import CVConfig, field_help
+from cellmorph.config.prepare import Layout
+from cellmorph.cv.config import field_help
 from cellmorph.cv.executors import ExecutorConfig
+from cellmorph.cli.options import OPTION_FLAGS
 from cellmorph.errors import CellmorphError, DiskFullError, is_disk_full
 
 
@@ -30,10 +30,6 @@ def _choices(config, name: str):
     return options[0] if get_origin(options[0]) is Literal else config.model_fields[name].annotation
 
 
-Normalize = _choices(PrepareConfig, "normalize")
-SetType = _choices(PredictConfig, "sets")
-Scaling = _choices(PrepareConfig, "scaling")
-Mode = _choices(CVConfig, "mode")
 ExecutorKind = _choices(ExecutorConfig, "kind")
 Standardize = _choices(EmbedConfig, "standardize")
 Whiten = _choices(EmbedConfig, "whiten")
@@ -51,10 +47,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 THREADS_HELP = field_help("num_threads")
-# Settings whose command-line flag is not their name with dashes: the library's errors name the setting
-# (cellmorph.errors.option), and the command line shows its flag.
-OPTION_FLAGS = {"num_threads": "--threads", "allow_network": "--online",
-                "include_controls_as_class": "--include-controls"}
 PROGRESS_HELP = "progress bars on a terminal, one line per step in a log (--no-progress: silent)"
 
 
@@ -180,14 +172,6 @@ def shared_options(options: dict, parameter: str, collect=lambda values: values)
         return wrapper
 
     return decorate
-
-
-# The options of :data:`CV_OPTIONS`, received as a dict ``options``.
-
-
-FEATURES_HELP = ("head (the backbone's pooled output), or timm feature stages counted from 0 with their "
-                 "spatial pools: stage3 (mean-pooled), stage3+stage4/mean+max, stage3/gem (default stage3; "
-                 "stage3+stage4 for crop tables)")
 
 
 # ----------------------------------------------------------------------------- the input-options group

@@ -9,11 +9,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from cellmorph.cli.options import config_options
 from cellmorph.cli.common import (
     PROGRESS_HELP,
     THREADS_HELP,
     ExecutorKind,
-    Mode,
     print_metrics,
     print_report,
     command,
@@ -23,38 +23,20 @@ from cellmorph.cli.common import (
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
-from cellmorph.cv.config import KeepCheckpoints, ensemble_members, field_help, load_cv_config
+from cellmorph.cv.config import CVConfig, ensemble_members, field_help, load_cv_config
 from cellmorph.cv.executors import ExecutorConfig
 from cellmorph.demo import DemoConfig
 from cellmorph.errors import CellmorphError, validated
 
-# The cv settings that `cv` and `train` share: one definition each, help from the config's fields.
-CV_OPTIONS: dict[str, tuple[object, object]] = {
-    "model": (Optional[str], typer.Option(None, help=field_help("model"))),
-    "init": (Optional[str], typer.Option(None, help=field_help("init"))),
-    "epochs": (Optional[int], typer.Option(None, help=field_help("epochs"))),
-    "mode": (Optional[Mode], typer.Option(None, help=field_help("mode"))),
-    "weights": (Optional[Path], typer.Option(None, help=field_help("weights"))),
-    "batch_size": (Optional[int], typer.Option(None, help=field_help("batch_size"))),
-    "lr": (Optional[float], typer.Option(None, help=field_help("lr"))),
-    "image_size": (Optional[int], typer.Option(None, help=field_help("image_size"))),
-    "drop_rate": (Optional[float], typer.Option(None, help=field_help("drop_rate"))),
-    "seed": (Optional[int], typer.Option(None, help=field_help("seed"))),
-    "include_controls": (Optional[bool], typer.Option(None, "--include-controls/--no-include-controls",
-                                                      help=field_help("include_controls_as_class"))),
-    "max_tiles_per_fold": (Optional[int], typer.Option(None, help=field_help("max_tiles_per_fold"))),
-    "strict": (Optional[bool], typer.Option(None, "--strict/--no-strict", help=field_help("strict"))),
-    "freeze_stages": (Optional[int], typer.Option(None, help=field_help("freeze_stages"))),
-    "frozen_feature_cache": (Optional[bool], typer.Option(
-        None, "--frozen-feature-cache/--no-frozen-feature-cache", help=field_help("frozen_feature_cache"))),
-    "eval_epochs": (Optional[str], typer.Option(None, help=field_help("eval_epochs"))),
-    "tta": (Optional[str], typer.Option(None, help=field_help("tta"))),
-    "backbone_lr_scale": (Optional[float], typer.Option(None, help=field_help("backbone_lr_scale"))),
-    "unfreeze_every": (Optional[int], typer.Option(None, help=field_help("unfreeze_every"))),
-    "head_init": (Optional[str], typer.Option(None, help=field_help("head_init"))),
-    "aggregate": (Optional[str], typer.Option(None, help=field_help("aggregate"))),
-    "probe_c": (Optional[str], typer.Option(None, help=field_help("probe_c"))),
-    "probe_head": (Optional[str], typer.Option(None, help=field_help("probe_head"))),
+# Every cv setting as an option of `cv` and `train`, generated from CVConfig's fields (its type, default and
+# description; cellmorph.cli.options). Not among them: `cv` (an option of `cv` only; `train` has --calibration)
+# and `ensemble` (a list of records, given by the three options below).
+CV_SETTINGS = config_options(
+    CVConfig, exclude=("cv", "ensemble"),
+    types_={"weights": Path, "eval_epochs": str, "probe_c": str, "features": str},
+    parsers={"weights": str, "eval_epochs": lambda text: _int_list(text, "--eval-epochs"),
+             "probe_c": lambda text: _probe_c(text)})
+ENSEMBLE_OPTIONS: dict[str, tuple[object, object]] = {
     "ensemble_seeds": (Optional[int], typer.Option(
         None, min=1, help="an ensemble of N members that differ in their seed (seed, seed+1, …); with "
         "--ensemble-models, each model gets the N seeds")),
@@ -65,15 +47,8 @@ CV_OPTIONS: dict[str, tuple[object, object]] = {
         None, "--ensemble-probe", help="add a linear probe of --model to the ensemble these options give (a "
         "pretrained crop fine-tune is two seeds and a probe by default; --ensemble-seeds 2 alone leaves the "
         "probe out)")),
-    "compound_weighting": (Optional[bool], typer.Option(None, "--compound-weighting/--no-compound-weighting",
-                                                        help=field_help("compound_weighting"))),
-    "features": (Optional[str], typer.Option(None, help=field_help("features"))),
-    "device": (Optional[str], typer.Option(None, help=field_help("device"))),
-    "num_workers": (Optional[int], typer.Option(None, help=field_help("num_workers"))),
-    "threads": (Optional[int], typer.Option(None, help=THREADS_HELP)),
-    "keep_checkpoints": (Optional[KeepCheckpoints], typer.Option(None, help=field_help("keep_checkpoints"))),
-    "online": (Optional[bool], typer.Option(None, "--online/--offline", help=field_help("allow_network"))),
 }
+CV_OPTIONS = CV_SETTINGS.options | ENSEMBLE_OPTIONS
 
 
 cv_options = shared_options(CV_OPTIONS, "options")
@@ -104,15 +79,9 @@ def ensemble_from_options(seeds: int | None, models: str | None, given: dict, pr
 
 def _cv_config(config: Optional[Path], options: dict, **more):
     """The CVConfig of a YAML file (optional) with the command's options on top."""
-    given = dict(options) | more
-    renamed = {"include_controls": "include_controls_as_class", "threads": "num_threads", "online": "allow_network"}
-    for option, field in renamed.items():
-        given[field] = given.pop(option)
-    given["eval_epochs"] = _int_list(given["eval_epochs"], "--eval-epochs")
-    given["probe_c"] = _probe_c(given["probe_c"])
-    given["ensemble"] = ensemble_from_options(given.pop("ensemble_seeds"), given.pop("ensemble_models"), given,
-                                              given.pop("ensemble_probe"))
-    given["weights"] = str(given["weights"]) if given["weights"] else None
+    given = CV_SETTINGS.settings(options) | {k: v for k, v in more.items() if v is not None}
+    given["ensemble"] = ensemble_from_options(options["ensemble_seeds"], options["ensemble_models"], given,
+                                              options["ensemble_probe"])
     return load_cv_config(config, **given)
 
 
@@ -259,25 +228,25 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     return values
 
 
+# The cv settings compare-inits takes: its runs differ only in init and epochs, so the rest is the recipe.
+COMPARE_SETTINGS = config_options(CVConfig, only=("model", "batch_size", "lr", "image_size", "seed", "num_threads"))
+
+
 @command("compare-inits")
 @executor_options
+@shared_options(COMPARE_SETTINGS.options, "options")
 def compare_inits_command(
     data: Path = typer.Option(..., help="tile cache from `cellmorph prepare`"),
     out: Path = typer.Option(..., help="output directory (one sub-run per init)"),
-    model: Optional[str] = typer.Option(None, help=field_help("model")),
     cv_scheme: Optional[str] = typer.Option(None, "--cv", help=field_help("cv")),
     epochs: str = typer.Option("1,5,20", help="score after these epochs (one training of the largest)"),
     replicates: int = typer.Option(3, min=1, help="seeds per init"),
     inits: str = typer.Option("imagenet,xavier", help="comma-separated: imagenet, xavier or checkpoint paths"),
     metric: str = typer.Option("well_accuracy", help="treatment_accuracy | well_accuracy | tile_accuracy"),
-    batch_size: Optional[int] = typer.Option(None, help=field_help("batch_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help("lr")),
-    image_size: Optional[int] = typer.Option(None, help=field_help("image_size")),
-    seed: Optional[int] = typer.Option(None, help=field_help("seed")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     config: Optional[Path] = typer.Option(None, help="YAML CVConfig; options given here override it"),
     resume: bool = typer.Option(False, "--resume", help="continue, skipping finished folds and replicates"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    options: dict | None = None,
     executor=None,
 ) -> None:
     """Pretrained vs Xavier after 1, 5 and 20 epochs over replicates: the paper's Fig. 4 (init_comparison.png)."""
@@ -285,8 +254,7 @@ def compare_inits_command(
     from cellmorph.cv.rundir import INIT_COMPARISON
 
     epoch_list = _int_list(epochs, "--epochs")
-    cfg = load_cv_config(config, model=model, cv=cv_scheme, batch_size=batch_size, lr=lr, image_size=image_size,
-                         seed=seed, epochs=max(epoch_list), num_threads=threads)
+    cfg = load_cv_config(config, **COMPARE_SETTINGS.settings(options), cv=cv_scheme, epochs=max(epoch_list))
     result = compare_inits(data, out, cfg, tuple(i for i in inits.split(",") if i), tuple(epoch_list),
                            replicates, metric, resume=resume, progress=progress, executor=executor)
     grid = Table(title=f"{metric} (mean ± SD over {replicates} replicate(s))")

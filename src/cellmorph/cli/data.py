@@ -14,13 +14,13 @@ from cellmorph.cli.common import (
     THREADS_HELP,
     Dataset,
     ImageInput,
-    Normalize,
-    Scaling,
     log_line,
     command,
     input_options,
     out_console,
+    shared_options,
 )
+from cellmorph.cli.options import config_options
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
@@ -95,12 +95,6 @@ def synth(
 
 
 # ----------------------------------------------------------------------------- prepare
-def _prepare_help(name: str, defaults: str = "") -> str:
-    """A PrepareConfig field's description as the option's help (plus its per-layout defaults)."""
-    text = PrepareConfig.model_fields[name].description or ""
-    return f"{text} ({defaults})" if defaults else text
-
-
 def _parse_grid(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -111,19 +105,28 @@ def _parse_grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CellmorphError(f"--fixed-range {text!r}: expected LOW,HIGH, e.g. -2,10") from None
+    return low, high
+
+
+# Every prepare setting as an option, from PrepareConfig's fields (cellmorph.cli.options); the notes give the
+# defaults that depend on the layout (cellmorph.data.layouts.prepare_config).
+PREPARE_SETTINGS = config_options(
+    PrepareConfig, names={"tile_grid": "tiles", "include_controls": "controls"},
+    types_={"tile_grid": str, "fixed_range": str}, parsers={"tile_grid": _parse_grid, "fixed_range": _parse_range},
+    notes={"normalize": "default plate; none for bbbc014", "tile_grid": "ROWSxCOLS; default 2x2, 1x1 for crops",
+           "scaling": "default image; fixed for crops, tile for bbbc014", "pad_channels": "3 for bbbc014"})
+
+
 @command()
 @input_options()
+@shared_options(PREPARE_SETTINGS.options, "options")
 def prepare(
     out: Path = typer.Option(..., help="cache folder to write"),
-    normalize: Optional[Normalize] = typer.Option(
-        None, help=_prepare_help("normalize", "default plate; none for bbbc014")),
-    tiles: Optional[str] = typer.Option(None, help="ROWSxCOLS: " + _prepare_help("tile_grid", "default 2x2; 1x1 for crops")),
-    tile_size: Optional[int] = typer.Option(None, help=_prepare_help("tile_size")),
-    scaling: Optional[Scaling] = typer.Option(None, help=_prepare_help("scaling", "default image; fixed for crops, "
-                                              "tile for bbbc014")),
-    empty_tile_fraction: Optional[float] = typer.Option(None, help=_prepare_help("empty_tile_fraction")),
-    controls: Optional[bool] = typer.Option(None, "--controls/--no-controls", help=_prepare_help("include_controls")),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=_prepare_help("skip_bad")),
     strict_compounds: bool = typer.Option(
         False, "--strict-compounds", help="bbbc021: a compound absent from the MoA table is an error"
     ),
@@ -132,24 +135,14 @@ def prepare(
                                "DMSO z-score, 8-bit map stretched per field (crops default to a fixed map)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    options: dict | None = None,
     images: ImageInput | None = None,
 ) -> None:
     """Normalise against DMSO, Anscombe-transform, map to 8 bits, tile, and cache."""
     from cellmorph.data.layouts import prepare_config
     from cellmorph.preprocess import prepare as run_prepare
 
-    cfg = prepare_config(
-        images.layout or "bbbc021",
-        config,
-        paper,
-        normalize=normalize,
-        scaling=scaling,
-        include_controls=controls,
-        tile_grid=_parse_grid(tiles) if tiles is not None else None,
-        tile_size=tile_size,
-        empty_tile_fraction=empty_tile_fraction,
-        skip_bad=True if skip_bad else None,
-    )
+    cfg = prepare_config(images.layout or "bbbc021", config, paper, **PREPARE_SETTINGS.settings(options))
     table = images.load(strict_compounds=strict_compounds)
     summary = run_prepare(table, out, cfg, progress=progress, log=log_line, threads=threads)
     print(json.dumps(summary))

@@ -11,16 +11,15 @@ from rich.table import Table
 
 from cellmorph.cli.common import (
     PROGRESS_HELP,
-    THREADS_HELP,
     ImageInput,
-    Normalize,
-    SetType,
     log_line,
     print_report,
     command,
     console,
     input_options,
+    shared_options,
 )
+from cellmorph.cli.options import config_options
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
@@ -28,38 +27,29 @@ from cellmorph.config.predict import PredictConfig
 from cellmorph.errors import CellmorphError, validated
 
 
-def _predict_help(name: str) -> str:
-    return PredictConfig.model_fields[name].description or ""
+# Every predict setting but one as an option, from PredictConfig's fields (cellmorph.cli.options). Not one:
+# reuse_freed_memory, which the command always turns on (a short-lived process: about 2x faster scoring).
+PREDICT_SETTINGS = config_options(PredictConfig, exclude=("reuse_freed_memory",))
 
 
 @command()
 @input_options("input layout of raw images, prepared with the model's recipe into OUT/cache; labels are "
                "optional")
+@shared_options(PREDICT_SETTINGS.options, "options")
 def predict(
     model: Path = typer.Option(..., help="model bundle from `cellmorph train`"),
     out: Path = typer.Option(..., help="folder for tiles/wells/treatments tables"),
     data: Optional[Path] = typer.Option(None, help="tile cache of the screen, prepared with the model's recipe "
                                         "(else give the images: --layout with --root, --index or --layout-config)"),
-    normalize: Optional[Normalize] = typer.Option(None, help=_predict_help("normalize")),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=_predict_help("skip_bad")),
-    alpha: float = typer.Option(0.1, help=_predict_help("alpha")),
-    novelty_alpha: float = typer.Option(0.1, help=_predict_help("novelty_alpha")),
-    sets: SetType = typer.Option("marginal", help=_predict_help("sets")),
-    mc_dropout: int = typer.Option(0, help=_predict_help("mc_dropout")),
-    seed: int = typer.Option(0, help=_predict_help("seed")),
-    batch_size: int = typer.Option(16, help=_predict_help("batch_size")),
-    h5ad: bool = typer.Option(False, "--h5ad", help=_predict_help("h5ad")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP),
+    options: dict | None = None,
     images: ImageInput | None = None,
 ) -> None:
     """Call the MoA of every treatment of a screen, with confidence and a conformal prediction set."""
     from cellmorph.predict import predict as run_predict
 
-    settings = validated(PredictConfig, dict(
-        alpha=alpha, novelty_alpha=novelty_alpha, sets=sets, batch_size=batch_size, threads=threads, mc_dropout=mc_dropout, seed=seed, skip_bad=skip_bad,
-        normalize=normalize, h5ad=h5ad,
-        reuse_freed_memory=True), "predict options")  # a short-lived process: about 2x faster scoring
+    given = PREDICT_SETTINGS.settings(options)
+    settings = validated(PredictConfig, given | {"reuse_freed_memory": True}, "predict options")
     layout = images.layout
     if (data is None) == (layout is None):
         raise CellmorphError("predict needs the screen as one of: --data CACHE, or --layout with "
@@ -67,12 +57,12 @@ def predict(
     if images.moa is not None and layout not in ("crops", "ome-zarr", "pattern"):
         raise CellmorphError("--moa labels crop tables (--layout crops); BBBC021 reads BBBC021_v1_moa.csv beside "
                              "the image table, a generic layout its YAML's moa_table")
-    if data is not None and (normalize is not None or skip_bad):
+    if data is not None and ("normalize" in given or settings.skip_bad):
         raise CellmorphError("--normalize and --skip-bad apply to images (--layout); a cache is already prepared")
     if layout is not None:
         data = images.load(require_labels=False)
     summary = run_predict(model, data, out, settings, progress=progress, log=log_line)
-    grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - alpha:.2f}: "
+    grid = Table(title=f"{summary['n_treatments']} treatments, sets at 1 − α = {1 - settings.alpha:.2f}: "
                        f"mean set size {summary['mean_set_size']:.2f}, {summary['n_empty_sets']} empty")
     for column in ("labelled treatments", "n", "accuracy", "coverage"):
         grid.add_column(column, justify="right")
@@ -88,7 +78,7 @@ def predict(
     if novelty:
         flagged = novelty["novel_treatments"]
         console.print(f"Novel (no known MoA fits; {novelty.get('score')}, a new compound of a known MoA is flagged at "
-                      f"most {novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
+                      f"most {settings.novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
                       + (f": {', '.join(flagged[:20])}{' …' if len(flagged) > 20 else ''}" if flagged else ""),
                       highlight=False, soft_wrap=True)
     console.print(f"predictions: {out / 'treatments.csv'}")

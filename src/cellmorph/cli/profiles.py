@@ -9,8 +9,6 @@ from typing import Optional
 import typer
 
 from cellmorph.cli.common import (
-    FEATURES_HELP,
-    THREADS_HELP,
     Metric,
     ProfileAggregate,
     Standardize,
@@ -19,7 +17,9 @@ from cellmorph.cli.common import (
     log_line,
     command,
     input_options,
+    shared_options,
 )
+from cellmorph.cli.options import config_options
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
@@ -28,8 +28,9 @@ from cellmorph.config.features import FeatureSpec
 from cellmorph.errors import CellmorphError, validated
 
 
-def _embed_help(name: str) -> str:
-    return EmbedConfig.model_fields[name].description or ""
+# Every embed setting as an option, from EmbedConfig's fields (cellmorph.cli.options).
+EMBED_SETTINGS = config_options(EmbedConfig, types_={"weights": Path, "features": str},
+                                parsers={"weights": str, "features": FeatureSpec.parse})
 
 
 # ----------------------------------------------------------------------------- embed / profiles
@@ -38,37 +39,20 @@ def _embed_help(name: str) -> str:
 @command()
 @input_options("input layout of raw images, prepared with the layout's defaults into OUT/cache first (instead of "
                "--data); labels are optional")
+@shared_options(EMBED_SETTINGS.options, "options")
 def embed(
     data: Optional[Path] = typer.Option(None, help="tile cache from `cellmorph prepare` (or give the images: "
                                         "--layout with --root, --index or --layout-config)"),
-    model: str = typer.Option("tf_efficientnet_lite0", help=_embed_help("model")),
     out: Optional[Path] = typer.Option(None, help="output folder (default: DATA/embeddings/MODEL)"),
-    init: str = typer.Option("imagenet", help=_embed_help("init")),
-    weights: Optional[Path] = typer.Option(None, help=_embed_help("weights")),
-    image_size: Optional[int] = typer.Option(None, help=_embed_help("image_size")),
-    batch_size: int = typer.Option(64),
-    device: str = typer.Option("cpu", help=_embed_help("device")),
-    online: bool = typer.Option(False, "--online", help=_embed_help("allow_network")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    features: Optional[str] = typer.Option(None, help=FEATURES_HELP),
-    tta: Optional[str] = typer.Option(None, help=_embed_help("tta")),
-    aggregate: ProfileAggregate = typer.Option("median", help=_embed_help("aggregate")),
-    standardize: Optional[Standardize] = typer.Option(None, help=_embed_help("standardize")),
-    whiten: Whiten = typer.Option("none", help=_embed_help("whiten")),
-    strength: Optional[float] = typer.Option(None, help=_embed_help("strength")),
-    h5ad: bool = typer.Option(False, "--h5ad", help=_embed_help("h5ad")),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    options: dict | None = None,
     images: ImageInput | None = None,
 ) -> None:
     """Frozen-backbone embeddings per tile, aggregated to wells (pycytominer-style parquet)."""
     from cellmorph.embed import embed as run_embed
     from cellmorph.runtime import keep_freed_memory
 
-    config = validated(EmbedConfig, dict(
-        model=model, init=init, weights=str(weights) if weights else None, allow_network=online,
-        image_size=image_size, features=FeatureSpec.parse(features) if features else None, tta=tta,
-        batch_size=batch_size, device=device, threads=threads, aggregate=aggregate, standardize=standardize, whiten=whiten,
-        strength=strength, h5ad=h5ad), "embed options")
+    config = validated(EmbedConfig, EMBED_SETTINGS.settings(options), "embed options")
     if (data is None) == (images.layout is None):
         raise CellmorphError("embed needs the screen as one of: --data CACHE, or --layout with --root/--index/"
                              "--layout-config (then --out)")
@@ -81,8 +65,8 @@ def embed(
 
         data = Path(out) / "cache"
         prepare(images.load(require_labels=False), data, prepare_config(images.layout), progress=progress,
-                log=log_line, threads=threads)
-    target = out or Path(data) / "embeddings" / model
+                log=log_line, threads=config.threads)
+    target = out or Path(data) / "embeddings" / config.model
     summary = run_embed(data, target, config, progress, log=log_line)
     print(json.dumps(summary | {"out": str(target)}))
 

@@ -19,8 +19,10 @@ class EmbedConfig(BaseModel):
     weights: str | None = Field(None, description="explicit ImageNet weights file")
     allow_network: bool = Field(False, description="allow fetching weights from the hub")
     image_size: int | None = Field(None, ge=16, description="input size (default: 128 px for crops, else the model's)")
-    features: FeatureSpec | None = Field(None, description="which activations, pooled how (default: mean-pooled "
-                                         "stage3; stage3+stage4 for crops)")
+    features: FeatureSpec | None = Field(None, description=(
+        "which activations, pooled how: head (the backbone's pooled output), or timm feature stages counted from 0 "
+        "with their spatial pools, e.g. stage3, stage3+stage4/mean+max, stage3/gem (default: mean-pooled stage3; "
+        "stage3+stage4 for crops)"))
     tta: Literal["none", "dihedral"] | None = Field(
         None, description="dihedral: each tile's embedding is the mean over its 8 rotations/mirrors (default for "
         "crops, where it raised cross-plate accuracy on real cells; none for fields: 5-7x the embedding time)")

@@ -16,7 +16,8 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 PREPARE_OPTIONS: dict[str, str] = {
     "normalize": "--normalize", "tile_grid": "--tiles", "tile_size": "--tile-size", "scaling": "--scaling",
     "empty_tile_fraction": "--empty-tile-fraction", "include_controls": "--controls/--no-controls",
-    "skip_bad": "--skip-bad",
+    "skip_bad": "--skip-bad", "fixed_range": "--fixed-range", "empty_tile_level": "--empty-tile-level",
+    "pad_channels": "--pad-channels",
 }
 TileCount = Annotated[int, Field(ge=1)]
 
@@ -39,13 +40,15 @@ class PrepareConfig(BaseModel):
         description="8-bit map: 'image' min-max per field over all channels (the paper, BBBC021); "
         "'tile' min-max per tile (the paper's BBBC014 code); 'fixed' clips the DMSO z-score to fixed_range",
     )
-    fixed_range: tuple[float, float] = (-2.0, 10.0)
+    fixed_range: tuple[float, float] = Field(
+        (-2.0, 10.0), description="scaling fixed: the DMSO z-scores mapped to 0 and 255 (LOW,HIGH)")
     empty_tile_fraction: float | None = Field(
         None, ge=0.0, lt=1.0, allow_inf_nan=False,
         description="drop a tile when at most this fraction of its pixels exceed empty_tile_level (paper: 0.002)"
     )
     # A tile keeps pixels above this level; at 255 none could, and every tile would be dropped.
-    empty_tile_level: int = Field(50, ge=0, le=254)
+    empty_tile_level: int = Field(50, ge=0, le=254, description="the 8-bit level a pixel must exceed to count as "
+                                  "cell, for empty_tile_fraction")
     include_controls: bool = Field(True, description="also cache the DMSO tiles (needed to make DMSO a class)")
     pad_channels: int | None = Field(
         None, ge=1, description="append all-zero channels up to this count (BBBC014: DAPI, FITC + a zero third channel)"

@@ -266,7 +266,11 @@ class CVConfig(BaseModel):
         path = Path(path)
         data = read_yaml_mapping(path)
         data = data["config"] if isinstance(data.get("config"), dict) else data
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = data[key] | value  # a nested record (augment): the fields given replace the file's
+            elif value is not None:
+                data[key] = value
         return validate_config(data, str(path))
 
     @property
