@@ -24,6 +24,17 @@ Scores of a treatment (its cells' standardised embeddings averaged: the profile 
 The conformal score (the largest class p-value) is a monotone function of a class score given one calibration set,
 so within a fit it orders treatments as ``1 - max prob`` does; its calibration is item 3's.
 
+Scores calibrated per fold on the fold's known treatments (each scored by its compound's own fit, as above); a
+treatment is never calibrated by itself or another treatment of its compound, so a known one is scored as a new
+compound would be:
+
+* ``class-conditional centroid`` (Mondrian conformal): d_k = 1 - the cosine of the profile and known MoA k's
+  centroid; p_k = (1 + #{calibration d_k >= d_k}) / (n_k + 1), the calibration being the known treatments of MoA
+  k (a MoA with one compound has none, and is left out); novelty = 1 - max_k p_k;
+* ``centroid / class median``: min over those MoAs of d_k over the median of MoA k's calibration d_k;
+* ``combined p (A + B ...)``: each score's conformal p-value against all the fold's known treatments
+  ((1 + #{known >= score}) / (n + 1)), averaged over the scores; novelty = 1 - the mean p.
+
 Per score: the AUROC of unseen against known treatments (pooled over all folds, and the mean over MoAs), and the
 fraction of unseen treatments flagged at the threshold that flags ``alpha`` of the known ones in the same fold.
 """
@@ -41,7 +52,14 @@ from cellmorph.cv.open_set import auroc
 from cellmorph.cv.probe import CentroidHead, treatment_ids
 
 TEMPERATURE = 3.0
-SCORES = ("1 - max prob", "energy", "centroid distance", "nearest treatment", "mahalanobis", "cell kNN")
+BASE_SCORES = ("1 - max prob", "energy", "centroid distance", "nearest treatment", "mahalanobis", "cell kNN")
+COMBINED = {  # each: 1 - the mean of its scores' conformal p-values against the fold's known treatments
+    "combined p (centroid + 1-prob)": ("centroid distance", "1 - max prob"),
+    "combined p (centroid + energy)": ("centroid distance", "energy"),
+    "combined p (centroid + nearest treatment)": ("centroid distance", "nearest treatment"),
+    "combined p (centroid + 1-prob + energy)": ("centroid distance", "1 - max prob", "energy"),
+}
+SCORES = (*BASE_SCORES, "class-conditional centroid", "centroid / class median", *COMBINED)
 
 
 def load_run(run: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
@@ -75,6 +93,8 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
     profiles_train = pd.DataFrame(z_train).groupby(t_train, sort=True).mean()
     moa_of = pd.Series(y[train], index=t_train).groupby(level=0).first().loc[profiles_train.index].to_numpy()
     profiles = pd.DataFrame(z_test).groupby(t_test, sort=True).mean()
+    owner = pd.DataFrame({"compound": index["Metadata_Compound"].astype(str).to_numpy()[test], "y": y[test]},
+                         index=t_test).groupby(level=0, sort=True).first().loc[profiles.index]
     p = profiles.to_numpy()
     logits = p @ head.centroids.T / TEMPERATURE
     means = np.stack([profiles_train.to_numpy()[moa_of == k].mean(axis=0) for k in head.classes_])
@@ -92,8 +112,11 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
         "nearest treatment": 1.0 - (_unit(p) @ _unit(profiles_train.to_numpy()).T).max(axis=1),
         "mahalanobis": mahalanobis,
         "cell kNN": pd.Series(knn).groupby(t_test).median().loc[profiles.index].to_numpy(),
+        "compound": owner["compound"].to_numpy(),
+        "y": owner["y"].to_numpy(),
     })
-    return out
+    cosines = _unit(p) @ head.centroids.T  # the class-conditional scores' input, one column per known MoA
+    return out.assign(**{f"cos_{k}": cosines[:, i] for i, k in enumerate(head.classes_)})
 
 
 def leave_one_moa_out(x, index, y) -> pd.DataFrame:
@@ -111,6 +134,52 @@ def leave_one_moa_out(x, index, y) -> pd.DataFrame:
             known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out))
             parts.append(known.assign(fold=int(moa), novel=False))
     return pd.concat(parts, ignore_index=True)
+
+
+def conformal_p(values: np.ndarray, compounds: np.ndarray, reference: np.ndarray,
+                reference_compounds: np.ndarray) -> np.ndarray:
+    """Each value's conformal p-value, (1 + #{reference >= value}) / (n + 1), against the ``reference`` values
+    of the other compounds only (n counts those): a known treatment never calibrates itself or its compound."""
+    other = compounds[:, None] != reference_compounds[None, :]
+    at_least = (reference[None, :] >= values[:, None]) & other
+    return (1.0 + at_least.sum(axis=1)) / (1.0 + other.sum(axis=1))
+
+
+def class_conditional(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """One fold's treatments: 1 - the largest Mondrian p-value of the cosine distance to each known MoA's
+    centroid (calibrated by that MoA's known treatments), and the smallest such distance over the MoA's median
+    calibration distance. Both leave the treatment's own compound out of every calibration set."""
+    known = part[~part["novel"]]
+    compounds = part["compound"].to_numpy()
+    p_values, ratios = [], []
+    for k in sorted(set(known["y"])):  # a known MoA without known treatments (one compound) has no calibration
+        distance = 1.0 - part[f"cos_{k}"].to_numpy()
+        calibration = known[known["y"] == k]
+        reference, reference_compounds = 1.0 - calibration[f"cos_{k}"].to_numpy(), calibration["compound"].to_numpy()
+        p_values.append(conformal_p(distance, compounds, reference, reference_compounds))
+        others = np.where(compounds[:, None] != reference_compounds[None, :], reference[None, :], np.nan)
+        ratios.append(distance / np.nanmedian(others, axis=1))
+    return 1.0 - np.max(p_values, axis=0), np.min(ratios, axis=0)
+
+
+def combined_p(part: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """One fold's treatments: 1 - the mean over ``names`` of each score's conformal p-value against the fold's
+    known treatments (those of the treatment's own compound left out)."""
+    known = part[~part["novel"]]
+    compounds, reference_compounds = part["compound"].to_numpy(), known["compound"].to_numpy()
+    p_values = [conformal_p(part[name].to_numpy(), compounds, known[name].to_numpy(), reference_compounds)
+                for name in names]
+    return 1.0 - np.mean(p_values, axis=0)
+
+
+def add_calibrated_scores(scored: pd.DataFrame) -> pd.DataFrame:
+    """``scored`` with the scores calibrated fold by fold on the fold's known treatments."""
+    parts = []
+    for _, part in scored.groupby("fold", sort=True):
+        conditional, ratio = class_conditional(part)
+        parts.append(part.assign(**{"class-conditional centroid": conditional, "centroid / class median": ratio},
+                                 **{name: combined_p(part, names) for name, names in COMBINED.items()}))
+    return pd.concat(parts).loc[scored.index]
 
 
 def summarise(scored: pd.DataFrame, classes: list[str], alpha: float) -> dict:
@@ -140,7 +209,7 @@ def main() -> None:
 
     x, index, y = load_run(args.run)
     classes = list(RunDir(args.run).read_config()["classes"])
-    scored = leave_one_moa_out(x, index, y)
+    scored = add_calibrated_scores(leave_one_moa_out(x, index, y))
     table = summarise(scored, classes, args.alpha)
     n_novel, n_known = int(scored["novel"].sum()), int((~scored["novel"]).sum())
     print(f"{n_novel} unseen-MoA treatments and {n_known} known-MoA new-compound treatments over {len(classes)} "
