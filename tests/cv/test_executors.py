@@ -23,7 +23,7 @@ from cellmorph.cv import RunDir, plan_run, run_cv, run_replicates
 from cellmorph.cv.executors import ExecutorConfig, FoldTask
 from cellmorph.cv.rundir import FOLD_DONE, FOLDS_DIR
 from cellmorph.cv.run import run_fold_task
-from tests.conftest import one_line_error, quick_args, quick_config, run_cli
+from tests.conftest import one_line_error, quick_args, quick_config, run_cli_here
 
 QUICK = quick_config(cv="group-kfold:3")
 LONGER = dict(QUICK, epochs=3, max_tiles_per_fold=None)  # folds of a few seconds, to be killed midway
@@ -107,7 +107,7 @@ def reference(tiny_cache, tmp_path_factory):
 def test_cli_dask_local_cluster_writes_the_same_run_as_local(tiny_cache, reference, tmp_path):
     """The CLI contract: ``cellmorph cv ... --executor dask --workers N`` on a LocalCluster of N workers."""
     out = tmp_path / "dask"
-    proc = run_cli("cv", "--data", tiny_cache, "--out", out, *QUICK_ARGS, "--executor", "dask", "--workers", "2")
+    proc = run_cli_here("cv", "--data", tiny_cache, "--out", out, *QUICK_ARGS, "--executor", "dask", "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     same_results(reference["quick"], out)
     clean_folds(out, 3)
@@ -125,12 +125,13 @@ def test_cli_dask_local_cluster_writes_the_same_run_as_local(tiny_cache, referen
 def test_shared_features_replicates_and_frozen_pool_on_a_dask_cluster(cluster, tiny_cache, tmp_path):
     """The probe's embeddings and the frozen-feature pool are made once, by a task, and read by the folds."""
     executor = ExecutorConfig(kind="dask", scheduler=cluster.address)
-    probe = dict(QUICK, mode="linear-probe", max_tiles_per_fold=None)
+    # A fixed C: what is checked is where the embeddings are made, not the nested choice (tests/cv/test_probe.py)
+    probe = dict(QUICK, mode="linear-probe", max_tiles_per_fold=None, probe_c=0.1)
     run_cv(tiny_cache, tmp_path / "probe-local", probe, progress=False)
     run_cv(tiny_cache, tmp_path / "probe-dask", probe, progress=False, executor=executor)
     same_results(tmp_path / "probe-local", tmp_path / "probe-dask")
 
-    frozen = dict(QUICK, model="tf_efficientnet_lite0", init="imagenet", image_size=64, freeze_stages=4,
+    frozen = dict(QUICK, model="tf_efficientnet_lite0", init="imagenet", image_size=32, freeze_stages=4,
                   frozen_feature_cache=True)
     run_cv(tiny_cache, tmp_path / "frozen-local", frozen, progress=False)
     run_cv(tiny_cache, tmp_path / "frozen-dask", frozen, progress=False, executor=executor)
@@ -202,7 +203,7 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
     one_line_error(proc, "lost the Dask scheduler", "--resume")
     finished = RunDir(out).finished_folds()
     assert 1 <= len(finished) < 3, finished
-    resumed = run_cli(*args, "--resume")
+    resumed = run_cli_here(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     clean_folds(out, 3)
     same_results(reference["longer"], out)
@@ -283,7 +284,7 @@ def test_folds_as_a_job_array_on_a_real_slurm_node(tiny_cache, reference, tmp_pa
         for key, value in node.env.items():
             monkeypatch.setenv(key, value)
         out = tmp_path / "run"
-        proc = run_cli("cv", "--data", tiny_cache, "--out", out, *QUICK_ARGS, "--executor", "slurm",
+        proc = run_cli_here("cv", "--data", tiny_cache, "--out", out, *QUICK_ARGS, "--executor", "slurm",
                        "--executor-config", _yaml(tmp_path / "slurm.yaml", dict(SLURM, partition=node.partition)))
         assert proc.returncode == 0, proc.stderr + node.logs()
         same_results(reference["quick"], out)
