@@ -65,3 +65,44 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
     one_line_error(run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe",
                                 "--calibration", "lomo", "--out", tmp_path / "m"), "--calibration lomo")
     assert not (tmp_path / "ft").exists() and not (tmp_path / "m").exists()
+
+
+def test_cv_lomo_of_a_network_takes_the_new_compounds_of_known_moas_from_its_loco_run(tiny_cache, tmp_path):
+    """A network's lomo run: its unseen treatments scored by 1 − the largest probability among the fold's known MoAs,
+    against the treatments of the other MoAs in a LOCO run of the same recipe (each called by a network that never
+    saw its compound). The reference must be a finished LOCO run of that recipe on this cache."""
+    import pandas as pd
+
+    from cellmorph.cv import RunDir
+
+    quick = (*QUICK_TRAIN, "--no-progress")
+    loco, lomo = tmp_path / "loco", tmp_path / "lomo"
+    assert run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "loco", "--out", loco).returncode == 0
+    proc = run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--open-set-reference", loco, "--out", lomo)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((lomo / "open_set.json").read_text())
+    assert record["score"] == "1 - max probability" and record["reference"] == str(loco)
+    assert len(record["per_moa"]) == 12 and record["n_unseen_treatments"] == 44
+    reference = RunDir(loco).read_treatments()
+    assert record["n_known_treatments"] == sum(int((reference["Metadata_MoA"] != m["moa"]).sum())
+                                               for m in record["per_moa"])
+    called = pd.read_csv(lomo / "treatments.csv")  # each treatment is in one fold: its own MoA's
+    probs = [c for c in called.columns if c.startswith("prob_")]
+    first = called.iloc[0]
+    known = np.array([first[c] for c in probs if c != f"prob_{first['Metadata_MoA']}"], float)
+    unseen = [t for t in record["treatments"] if t["kind"] == "unseen" and t["compound"] == first["Metadata_Compound"]
+              and t["concentration"] == float(first["Metadata_Concentration"])]
+    assert unseen[0]["score"] == pytest.approx(1 - known.max() / known.sum())
+    assert (lomo / "open_set_roc.png").is_file() and 'id="unknown"' in (lomo / "report.html").read_text()
+
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--out", tmp_path / "a"),
+                   "--open-set-reference", "loco run of the same recipe")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--open-set-reference", loco,
+                                "--lr", "0.5", "--out", tmp_path / "b"), "another recipe", "lr")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--open-set-reference", lomo,
+                                "--out", tmp_path / "c"), "a run of cv lomo, not loco")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--open-set-reference", loco,
+                                "--out", tmp_path / "d"), "is for cv lomo")
+    one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--open-set-reference", loco,
+                                "--ensemble-seeds", "2", "--out", tmp_path / "e"), "one network", "--ensemble")
+    assert not any((tmp_path / name).exists() for name in "abcde")

@@ -29,7 +29,8 @@ ENSEMBLE_SHARED_FIELDS = ("ensemble", "cv", "fold_seed", "include_controls_as_cl
 
 # Fields that change how a run computes or what it keeps, not what it computes: they may
 # differ on resume and stay out of the run's fingerprint.
-RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size", "keep_checkpoints")
+# Fields that change how a run is executed or evaluated, not what its folds compute: left out of its fingerprint.
+RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size", "keep_checkpoints", "open_set_reference")
 
 KeepCheckpoints = Literal["all", "last", "none"]
 
@@ -71,7 +72,11 @@ class CVConfig(BaseModel):
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (timm's drop_rate; "
                              "0 as in the paper); > 0 makes `predict --mc-dropout` possible")
     cv: str = Field("loco", description=f"{CV_CHOICES} (cell-line: leave one Metadata_Batch out; lomo: leave one "
-                    "MoA out, the linear probe's open-set evaluation, RUN/open_set.json)")
+                    "MoA out, the open-set evaluation, RUN/open_set.json)")
+    open_set_reference: str | None = Field(
+        None, description="cv lomo of a network (mode finetune or linear, one member): a finished loco run of the "
+        "same recipe on the same cache, whose held-out compounds are the new compounds of known MoAs (the linear "
+        "probe scores those itself)")
     include_controls_as_class: bool = Field(False, description="make DMSO a class (its wells are dealt across folds)")
     skip_untrainable_folds: bool = Field(False, description="skip (and report) folds whose test MoA has no training compound")
     strict: bool = Field(

@@ -10,6 +10,14 @@ as ``predict`` sets it. Written to ``RUN/open_set.json``:
 * ``flagged_at_alpha``: the fraction of unseen-MoA treatments above their fold's threshold;
 * ``false_alarm_rate``: the fraction of known compounds' treatments above the threshold set without them (each
   compound left out of its fold's calibration in turn): what ``alpha`` promises.
+
+A network (``mode`` finetune or linear) cannot score held-out compounds of its own training MoAs without training
+a network per compound inside every fold (hours on a CPU). Its lomo run therefore takes those from a finished LOCO
+run of the same recipe on the same cache (``open_set_reference``): each compound's treatments there were scored by a
+network that never saw the compound, as a bundle's calibration CV scores them (:func:`network_open_set`). The
+score is a network's own, 1 − the call's probability (what a bundle without a probe member flags by), the unseen
+treatments' taken over the fold's known MoAs. What this assumes: a network trained on every MoA but the compound
+scores a new compound of a known MoA as one trained without a whole MoA would.
 """
 
 from __future__ import annotations
@@ -54,36 +62,77 @@ def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataF
 
 def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
     """The ``open_set.json`` record of a finished lomo probe run (``features``: its embeddings)."""
-    from cellmorph.novelty import CENTROID_DISTANCE, NOVELTY_COLUMN
+    from cellmorph.novelty import CENTROID_DISTANCE
 
     index = plan.cache.index
-    per_moa, unseen_all, known_all, flagged_all, alarms_all, records = [], [], [], [], [], []
+    results = []
     for fold in plan.folds:
         train = fold.train[plan.targets[fold.train] >= 0]
-        result = fold_novelty(features.take(train), plan.targets[train], index.iloc[train], features.take(fold.test),
-                              index.iloc[fold.test], alpha)
+        results.append((fold.name, fold_novelty(features.take(train), plan.targets[train], index.iloc[train],
+                                                features.take(fold.test), index.iloc[fold.test], alpha)))
+    return summarise_open_set(results, alpha, CENTROID_DISTANCE)
+
+
+def network_open_set(plan, fold_treatments: dict[str, pd.DataFrame], reference: pd.DataFrame,
+                     alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
+    """The ``open_set.json`` record of a finished lomo run of a network.
+
+    ``fold_treatments``: each fold's held-out MoA → its treatments as the fold's network called them (``prob_*``
+    columns); ``reference``: the treatments of a LOCO run of the same recipe, each called by a network trained
+    without its compound. In the fold of MoA m, the unseen treatments' score is 1 − their largest probability among
+    the known MoAs (renormalised without m, which no training tile had); the known ones are the reference's
+    treatments of every other MoA, which also set the fold's threshold, as a bundle's calibration treatments do.
+    """
+    from cellmorph.novelty import NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, novelty_threshold
+    from cellmorph.schema import PROB_PREFIX, TRUE_COLUMN
+
+    def one_minus_max(frame: pd.DataFrame, leave_out: str | None = None) -> np.ndarray:
+        columns = [c for c in frame.columns if c.startswith(PROB_PREFIX) and c != f"{PROB_PREFIX}{leave_out}"]
+        probabilities = frame[columns].to_numpy(float)
+        return 1.0 - probabilities.max(axis=1) / np.maximum(probabilities.sum(axis=1), 1e-12)
+
+    results = []
+    for moa, unseen in fold_treatments.items():
+        known = reference[reference[TRUE_COLUMN].astype(str) != moa].reset_index(drop=True)
+        unseen = unseen.reset_index(drop=True).assign(**{NOVELTY_COLUMN: one_minus_max(unseen, moa)})
+        known = known.assign(**{NOVELTY_COLUMN: one_minus_max(known)})
+        scores = known[NOVELTY_COLUMN].to_numpy()
+        compounds = known["Metadata_Compound"].astype(str).to_numpy()
+        false_alarms = np.array([v > novelty_threshold(scores[compounds != c], alpha)
+                                 for v, c in zip(scores, compounds)], bool)
+        results.append((moa, {"unseen": unseen, "known": known, "threshold": novelty_threshold(scores, alpha),
+                              "false_alarms": false_alarms}))
+    return summarise_open_set(results, alpha, ONE_MINUS_PROBABILITY)
+
+
+def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str) -> dict:
+    """The ``open_set.json`` record of the folds' results (held-out MoA, :func:`fold_novelty`'s dict)."""
+    from cellmorph.novelty import NOVELTY_COLUMN
+
+    per_moa, unseen_all, known_all, flagged_all, alarms_all, records = [], [], [], [], [], []
+    for moa, result in results:
         unseen = result["unseen"][NOVELTY_COLUMN].to_numpy()
         known = np.asarray(result["known"][NOVELTY_COLUMN], float)
         flagged = unseen > result["threshold"]
         names = result["unseen"]
-        per_moa.append({"moa": fold.name, "n_treatments": int(len(unseen)), "n_known_treatments": int(len(known)),
+        per_moa.append({"moa": moa, "n_treatments": int(len(unseen)), "n_known_treatments": int(len(known)),
                         "auroc": auroc(unseen, known), "flagged": float(flagged.mean()),
                         "threshold": result["threshold"],
                         "flagged_treatments": [f"{c} at {float(v):g}" for c, v, f in zip(
                             names["Metadata_Compound"], names["Metadata_Concentration"], flagged) if f]})
         for kind, frame, scores, flags in (("unseen", names, unseen, flagged),
                                            ("known", result["known"], known, result["false_alarms"])):
-            for compound, concentration, score, flag in zip(frame["Metadata_Compound"], frame["Metadata_Concentration"],
-                                                            scores, flags):
-                records.append({"held_out_moa": fold.name, "kind": kind, "compound": str(compound),
-                                "concentration": float(concentration), "score": float(score), "novel": bool(flag)})
+            for compound, concentration, value, flag in zip(frame["Metadata_Compound"],
+                                                            frame["Metadata_Concentration"], scores, flags):
+                records.append({"held_out_moa": moa, "kind": kind, "compound": str(compound),
+                                "concentration": float(concentration), "score": float(value), "novel": bool(flag)})
         unseen_all.append(unseen)
         known_all.append(known)
         flagged_all.append(flagged)
         alarms_all.append(result["false_alarms"])
     unseen, known = np.concatenate(unseen_all), np.concatenate(known_all)
     aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
-    return {"scheme": "lomo", "score": CENTROID_DISTANCE, "alpha": alpha, "auroc": auroc(unseen, known),
+    return {"scheme": "lomo", "score": score, "alpha": alpha, "auroc": auroc(unseen, known),
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
             "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
             "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),

@@ -130,9 +130,7 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     cache = TileCache(Path(data))
     base = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
                                 cache.manifest.get("source"))
-    if parse_cv(base.cv).open_set and base.mode != "linear-probe":
-        raise CellmorphError(f"cv lomo (open-set evaluation) is built for the linear probe: give {option('mode')} "
-                             "linear-probe")
+    _check_open_set(base)
     classes = class_names(cache.index, base.include_controls_as_class)
     folds, skipped = [], []
     if with_folds:
@@ -162,6 +160,50 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
                    resolve_device(cfg.device), seeds, data_fp, run_fp, fold_fps)
 
 
+def _check_open_set(config: CVConfig) -> None:
+    """A lomo run of a network needs its known side from a LOCO run (:mod:`cellmorph.cv.open_set`), and measures
+    one network; the reference is for lomo only."""
+    open_set = parse_cv(config.cv).open_set
+    if config.open_set_reference and not open_set:
+        raise CellmorphError(f"{option('open_set_reference')} is for cv lomo; this run is cv {config.cv}")
+    if not open_set or config.mode == "linear-probe":
+        return
+    if not config.open_set_reference:
+        raise CellmorphError(f"cv lomo of a network (mode {config.mode}) needs {option('open_set_reference')}: a "
+                             "finished loco run of the same recipe on this cache, whose held-out compounds are the new "
+                             f"compounds of known MoAs (the linear probe scores those itself: {option('mode')} "
+                             "linear-probe)")
+    if config.ensemble:
+        raise CellmorphError("cv lomo measures one network, not an ensemble: give an empty ensemble (ensemble: [] "
+                             "in a YAML config, --ensemble-seeds 1 on the command line); an ensemble with a probe "
+                             f"member flags Novel by that probe, whose open set cv lomo {option('mode')} linear-probe "
+                             "measures")
+
+
+def check_open_set_reference(plan: "RunPlan") -> Path:
+    """The LOCO run named by ``open_set_reference``: finished, on this cache, of this recipe (all but the cv)."""
+    reference = Path(plan.config.open_set_reference)
+    rundir = RunDir(reference)
+    if not rundir.has_results():
+        raise CellmorphError(f"{option('open_set_reference')} {reference}: not a finished cv run")
+    header = rundir.read_config()
+    scheme = (header.get("cv") or {}).get("scheme")
+    if scheme != "loco":
+        raise CellmorphError(f"{option('open_set_reference')} {reference}: a run of cv {scheme}, not loco")
+    if header.get("data_fingerprint") != plan.data_fingerprint:
+        raise CellmorphError(f"{option('open_set_reference')} {reference}: made on another cache "
+                             f"({header.get('data')}), not {plan.cache.root}")
+    ignored = ("cv", "fold_seed", "open_set_reference")
+    ours = {k: v for k, v in compute_fields(plan.config, RUNTIME_FIELDS).items() if k not in ignored}
+    theirs_config = validate_config(header["config"], str(reference / "config.yaml"))
+    theirs = {k: v for k, v in compute_fields(theirs_config, RUNTIME_FIELDS).items() if k not in ignored}
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differing:
+        raise CellmorphError(f"{option('open_set_reference')} {reference}: another recipe (it differs in "
+                             f"{', '.join(differing)})")
+    return reference
+
+
 def run_cv(
     data: Path,
     out: Path,
@@ -183,6 +225,7 @@ def run_cv(
     # An ensemble, given or a layout's default (crop fine-tunes), runs its members as runs of their own.
     ensemble = with_layout_defaults(validate_config(config if config is not None else {}, "config"),
                                     cache_source(data))
+    _check_open_set(ensemble)
     if ensemble.ensemble:
         from cellmorph.cv.ensemble import run_ensemble_cv
 
@@ -196,6 +239,8 @@ def run_cv(
     require_not_input(out, data=data)
     rundir = RunDir(Path(out) if launched else require_output_dir(out, "run directory"))
     plan = plan_run(data, config)
+    if parse_cv(plan.config.cv).open_set and plan.config.mode != "linear-probe":
+        check_open_set_reference(plan)  # before the folds train, not after
     dp = distributed.init_from_env(plan.config.device)
     if dp.active:
         _check_data_parallel(plan, executor)
@@ -227,11 +272,18 @@ def run_cv(
 
 
 def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
-    """``open_set.json`` of a lomo run (:mod:`cellmorph.cv.open_set`), from the probe's shared embeddings."""
-    from cellmorph.cv.open_set import OPEN_SET_FILE, ROC_FILE, open_set_evaluation
+    """``open_set.json`` of a lomo run (:mod:`cellmorph.cv.open_set`): the probe's from its shared embeddings, a
+    network's from its folds' calls and the LOCO run it names."""
+    from cellmorph.cv.open_set import OPEN_SET_FILE, ROC_FILE, network_open_set, open_set_evaluation
     from cellmorph.figures import plot_novelty_roc
 
-    record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
+    if plan.config.mode == "linear-probe":
+        record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
+    else:
+        reference = RunDir(check_open_set_reference(plan)).read_treatments()
+        fold_treatments = {fold.name: aggregate(rundir.read_fold_predictions(fold.index), how=plan.config.aggregate)[2]
+                           for fold in plan.folds}
+        record = network_open_set(plan, fold_treatments, reference) | {"reference": plan.config.open_set_reference}
     write_json(rundir.path(OPEN_SET_FILE), record)
     scores = {kind: np.array([t["score"] for t in record["treatments"] if t["kind"] == kind]) for kind in ("unseen", "known")}
     plot_novelty_roc(scores["unseen"], scores["known"], rundir.path(ROC_FILE), record["auroc"], record["alpha"],

@@ -380,7 +380,8 @@ def _unknown_moa_section(path: Path) -> Section:
         return Section("unknown", "Unknown MoA", notes=[
             "This cross-validation held out compounds, not MoAs. `cellmorph cv --cv lomo --mode linear-probe` "
             "holds out each MoA in turn and measures how often its treatments are flagged Novel (no known MoA "
-            "fits) against how often new compounds of known MoAs are (open_set.json, and this section)."])
+            "fits) against how often new compounds of known MoAs are (open_set.json, and this section); for one "
+            "network, `cellmorph cv --cv lomo --open-set-reference LOCO_RUN` with the recipe of a LOCO run."])
     record = json.loads(path.read_text())
     rows = pd.DataFrame(record.get("treatments") or [])
     section = Section("unknown", "Unknown MoA", notes=[
@@ -391,6 +392,10 @@ def _unknown_moa_section(path: Path) -> Section:
         f"{record.get('n_known_treatments')} known-MoA treatments); {record.get('flagged_at_alpha', float('nan')):.1%} "
         f"of the unseen-MoA treatments flagged, at {record.get('false_alarm_rate', float('nan')):.1%} measured false "
         "alarms."])
+    if record.get("reference"):
+        section.notes.append(f"The new compounds of known MoAs are the held-out compounds of the LOCO run "
+                             f"{record['reference']} (the same recipe; each called by a network that never saw it), as "
+                             "a bundle's calibration treatments are.")
     if not rows.empty:
         unseen, known = (rows.loc[rows["kind"] == kind, "score"].to_numpy(float) for kind in ("unseen", "known"))
         section.figures.append(_figure(novelty_roc_figure(unseen, known, record["auroc"], record["alpha"],
