@@ -726,6 +726,9 @@ def test_metadata_that_is_not_a_number_names_the_file_and_row(case, real_crops, 
     ("--empty-tile-fraction", "nan", "finite number"),
     ("--empty-tile-fraction", "2", "less than 1"),
     ("--tiles", "500x500", "is a 192×240 field, too small to cut into 500×500 tiles"),
+    ("--fixed-range", "5,1", "low < high"),  # the options generated from PrepareConfig's fields, too
+    ("--empty-tile-level", "255", "less than or equal to 254"),
+    ("--pad-channels", "0", "greater than or equal to 1"),
 ])
 def test_prepare_options_that_cannot_work_name_the_option(option, value, says, tiny_screen, tiny_cache, tmp_path):
     """--tile-size 0 once meant no resize, --empty-tile-fraction nan went into the manifest, and

@@ -200,6 +200,8 @@ def _name_the_option(model_cls, settings: dict, given: dict) -> None:
         name = str(first["loc"][0]) if first["loc"] else None
         if name in given and name in PREPARE_OPTIONS:
             value = given[name]
-            shown = "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            # as typed: --tiles ROWSxCOLS, --fixed-range LOW,HIGH
+            shown = ("x" if name == "tile_grid" else ",").join(f"{v:g}" for v in value) \
+                if isinstance(value, (tuple, list)) else str(value)
             message = str(first["msg"]).removeprefix("Value error, ")
             raise CellmorphError(f"{PREPARE_OPTIONS[name]} {shown}: {message}") from None
