@@ -73,7 +73,7 @@ def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) ->
     return summarise_open_set(results, alpha, CENTROID_DISTANCE)
 
 
-def network_open_set(plan, fold_treatments: dict[str, pd.DataFrame], reference: pd.DataFrame,
+def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.DataFrame,
                      alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
     """The ``open_set.json`` record of a finished lomo run of a network.
 

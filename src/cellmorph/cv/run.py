@@ -283,7 +283,7 @@ def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
         reference = RunDir(check_open_set_reference(plan)).read_treatments()
         fold_treatments = {fold.name: aggregate(rundir.read_fold_predictions(fold.index), how=plan.config.aggregate)[2]
                            for fold in plan.folds}
-        record = network_open_set(plan, fold_treatments, reference) | {"reference": plan.config.open_set_reference}
+        record = network_open_set(fold_treatments, reference) | {"reference": plan.config.open_set_reference}
     write_json(rundir.path(OPEN_SET_FILE), record)
     scores = {kind: np.array([t["score"] for t in record["treatments"] if t["kind"] == kind]) for kind in ("unseen", "known")}
     plot_novelty_roc(scores["unseen"], scores["known"], rundir.path(ROC_FILE), record["auroc"], record["alpha"],
