@@ -35,6 +35,11 @@ def centroid_distance(profiles: np.ndarray, centroids: np.ndarray) -> np.ndarray
     return 1.0 - cosines.max(axis=1)
 
 
+def one_minus_max_probability(probabilities: np.ndarray) -> np.ndarray:
+    """1 − the call's probability, per row of class ``probabilities``: the score of a model without a probe."""
+    return 1.0 - np.asarray(probabilities, float).max(axis=1)
+
+
 def level_profiles(index: pd.DataFrame, z: np.ndarray, level: str) -> tuple[pd.DataFrame, np.ndarray]:
     """(the level's keys, one row per well or treatment, sorted; their mean profiles) of tile profiles ``z``."""
     keys = LEVEL_KEYS[level]

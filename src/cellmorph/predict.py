@@ -319,7 +319,7 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
     the bundle's probe where it holds its calibration scores, else one minus the call's probability calibrated on
     the bundle's out-of-fold scores; the threshold flags ``alpha`` of new compounds of known MoAs."""
     from cellmorph.novelty import (CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, add_novelty,
-                                   centroid_distance, level_profiles, novelty_threshold)
+                                   centroid_distance, level_profiles, novelty_threshold, one_minus_max_probability)
 
     for level in ("wells", "treatments"):
         frame = levels[level]
@@ -331,8 +331,8 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
             calibration, kind = bundle.novelty[level][NOVELTY_COLUMN].to_numpy(), CENTROID_DISTANCE
         elif level in bundle.calibration:
             probabilities = [prob_column(c) for c in bundle.classes]
-            scores = 1.0 - frame[probabilities].to_numpy(float).max(axis=1)
-            calibration = 1.0 - bundle.calibration[level][probabilities].to_numpy(float).max(axis=1)
+            scores = one_minus_max_probability(frame[probabilities].to_numpy(float))
+            calibration = one_minus_max_probability(bundle.calibration[level][probabilities].to_numpy(float))
             kind = ONE_MINUS_PROBABILITY
         else:
             continue

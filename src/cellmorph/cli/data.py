@@ -24,7 +24,7 @@ from cellmorph.cli.options import config_options
 
 # The settings records are light (no torch or pandas): options and their help are built from them at
 # import time, and the commands import the modules that do the work when they run (start-up time).
-from cellmorph.config.prepare import PrepareConfig
+from cellmorph.config.prepare import PREPARE_OPTIONS, PrepareConfig
 from cellmorph.errors import CellmorphError
 
 
@@ -113,10 +113,12 @@ def _parse_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-# Every prepare setting as an option, from PrepareConfig's fields (cellmorph.cli.options); the notes give the
-# defaults that depend on the layout (cellmorph.data.layouts.prepare_config).
+# Every prepare setting as an option, from PrepareConfig's fields (cellmorph.cli.options), spelled as
+# PREPARE_OPTIONS says (the flags prepare_config's errors name); the notes give the defaults that depend on the
+# layout (cellmorph.data.layouts.prepare_config).
 PREPARE_SETTINGS = config_options(
-    PrepareConfig, names={"tile_grid": "tiles", "include_controls": "controls"},
+    PrepareConfig, names={field: flag.split("/")[0].removeprefix("--").replace("-", "_")
+                          for field, flag in PREPARE_OPTIONS.items()},
     types_={"tile_grid": str, "fixed_range": str}, parsers={"tile_grid": _parse_grid, "fixed_range": _parse_range},
     notes={"normalize": "default plate; none for bbbc014", "tile_grid": "ROWSxCOLS; default 2x2, 1x1 for crops",
            "scaling": "default image; fixed for crops, tile for bbbc014", "pad_channels": "3 for bbbc014"})

@@ -27,9 +27,8 @@ DEFAULT_EPOCHS = 10
 ENSEMBLE_SHARED_FIELDS = ("ensemble", "cv", "fold_seed", "include_controls_as_class", "strict", "skip_untrainable_folds",
                           "max_tiles_per_fold", "device", "num_threads", "num_workers", "deterministic")
 
-# Fields that change how a run computes or what it keeps, not what it computes: they may
-# differ on resume and stay out of the run's fingerprint.
-# Fields that change how a run is executed or evaluated, not what its folds compute: left out of its fingerprint.
+# Fields that change how a run computes, what it keeps or how it is evaluated, not what its folds compute: they
+# may differ on resume and stay out of the run's fingerprint.
 RUNTIME_FIELDS = ("num_workers", "num_threads", "eval_batch_size", "keep_checkpoints", "open_set_reference")
 
 KeepCheckpoints = Literal["all", "last", "none"]

@@ -46,18 +46,25 @@ def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataF
     """One fold: the unseen treatments' scores, the known compounds' held-out scores, the threshold, and the
     known treatments' scores against a threshold set without their own compound (the false alarms)."""
     from cellmorph.cv.probe import CentroidHead, centroid_novelty, held_out_novelty
-    from cellmorph.novelty import NOVELTY_COLUMN, novelty_threshold
 
     unseen = centroid_novelty(CentroidHead.fit(x_train, y_train, index_train), x_test, index_test, "treatments")
     known = held_out_novelty(x_train, y_train, index_train).get("treatments")
     if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
         return {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
                 "false_alarms": np.zeros(0, bool)}
+    return {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)
+
+
+def calibrate_on_known(known: pd.DataFrame, alpha: float) -> dict:
+    """The Novel threshold that the ``known`` treatments' scores set at ``alpha``, and which of them it would flag
+    were each compound left out of the calibration in turn (the false alarms a new compound of a known MoA meets)."""
+    from cellmorph.novelty import NOVELTY_COLUMN, novelty_threshold
+
     scores = known[NOVELTY_COLUMN].to_numpy()
     compounds = known["Metadata_Compound"].astype(str).to_numpy()
-    false_alarms = np.array([s > novelty_threshold(scores[compounds != c], alpha) for s, c in zip(scores, compounds)])
-    return {"unseen": unseen, "known": known, "threshold": novelty_threshold(scores, alpha),
-            "false_alarms": false_alarms}
+    false_alarms = np.array([s > novelty_threshold(scores[compounds != c], alpha) for s, c in zip(scores, compounds)],
+                            bool)
+    return {"threshold": novelty_threshold(scores, alpha), "false_alarms": false_alarms}
 
 
 def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
@@ -83,25 +90,20 @@ def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.Dat
     the known MoAs (renormalised without m, which no training tile had); the known ones are the reference's
     treatments of every other MoA, which also set the fold's threshold, as a bundle's calibration treatments do.
     """
-    from cellmorph.novelty import NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, novelty_threshold
+    from cellmorph.novelty import NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, one_minus_max_probability
     from cellmorph.schema import PROB_PREFIX, TRUE_COLUMN
 
-    def one_minus_max(frame: pd.DataFrame, leave_out: str | None = None) -> np.ndarray:
+    def score(frame: pd.DataFrame, leave_out: str | None = None) -> np.ndarray:
         columns = [c for c in frame.columns if c.startswith(PROB_PREFIX) and c != f"{PROB_PREFIX}{leave_out}"]
         probabilities = frame[columns].to_numpy(float)
-        return 1.0 - probabilities.max(axis=1) / np.maximum(probabilities.sum(axis=1), 1e-12)
+        return one_minus_max_probability(probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12))
 
     results = []
     for moa, unseen in fold_treatments.items():
         known = reference[reference[TRUE_COLUMN].astype(str) != moa].reset_index(drop=True)
-        unseen = unseen.reset_index(drop=True).assign(**{NOVELTY_COLUMN: one_minus_max(unseen, moa)})
-        known = known.assign(**{NOVELTY_COLUMN: one_minus_max(known)})
-        scores = known[NOVELTY_COLUMN].to_numpy()
-        compounds = known["Metadata_Compound"].astype(str).to_numpy()
-        false_alarms = np.array([v > novelty_threshold(scores[compounds != c], alpha)
-                                 for v, c in zip(scores, compounds)], bool)
-        results.append((moa, {"unseen": unseen, "known": known, "threshold": novelty_threshold(scores, alpha),
-                              "false_alarms": false_alarms}))
+        unseen = unseen.reset_index(drop=True).assign(**{NOVELTY_COLUMN: score(unseen, moa)})
+        known = known.assign(**{NOVELTY_COLUMN: score(known)})
+        results.append((moa, {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)))
     return summarise_open_set(results, alpha, ONE_MINUS_PROBABILITY)
 
 

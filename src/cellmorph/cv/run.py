@@ -156,8 +156,11 @@ def plan_run(data: Path, config: CVConfig | dict | Path | None, with_folds: bool
     # The fingerprint's parts and their order are those of every earlier release, so old runs resume.
     run_fp = digest(compute_fields(cfg, RUNTIME_FIELDS), data_fp, classes, network.input.record(), network.init.sha256)
     fold_fps = {f.index: digest(run_fp, f.index, f.train, f.test, seeds[f.index]) for f in folds}
-    return RunPlan(cfg, cache, classes, targets, folds, skipped, network.input, network.init,
+    plan = RunPlan(cfg, cache, classes, targets, folds, skipped, network.input, network.init,
                    resolve_device(cfg.device), seeds, data_fp, run_fp, fold_fps)
+    if cfg.open_set_reference and cfg.mode != "linear-probe":  # a lomo run of a network reads it after its folds
+        check_open_set_reference(plan)
+    return plan
 
 
 def _check_open_set(config: CVConfig) -> None:
@@ -239,8 +242,6 @@ def run_cv(
     require_not_input(out, data=data)
     rundir = RunDir(Path(out) if launched else require_output_dir(out, "run directory"))
     plan = plan_run(data, config)
-    if parse_cv(plan.config.cv).open_set and plan.config.mode != "linear-probe":
-        check_open_set_reference(plan)  # before the folds train, not after
     dp = distributed.init_from_env(plan.config.device)
     if dp.active:
         _check_data_parallel(plan, executor)
@@ -280,7 +281,7 @@ def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
     if plan.config.mode == "linear-probe":
         record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
     else:
-        reference = RunDir(check_open_set_reference(plan)).read_treatments()
+        reference = RunDir(Path(plan.config.open_set_reference)).read_treatments()  # checked by plan_run
         fold_treatments = {fold.name: aggregate(rundir.read_fold_predictions(fold.index), how=plan.config.aggregate)[2]
                            for fold in plan.folds}
         record = network_open_set(fold_treatments, reference) | {"reference": plan.config.open_set_reference}
