@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cellmorph.cv.probe import CentroidHead, held_out_novelty
-from cellmorph.novelty import (NOVELTY_COLUMN, centroid_distance, level_profiles, novelty_threshold)
+from cellmorph.novelty import (CONTROL_CENTROID_DISTANCE, NOVELTY_COLUMN, ControlOrigin, centroid_distance,
+                               level_profiles, novelty_threshold)
 
 
 def test_the_threshold_flags_at_most_alpha_of_exchangeable_scores():
@@ -31,9 +33,27 @@ def test_centroid_distance_is_one_minus_the_nearest_cosine():
                                [0.0, 1 - np.sqrt(0.5), 1.0])
 
 
-def _screen(seed: int = 0, moas: int = 4, compounds: int = 3, cells: int = 20, dims: int = 30):
+def test_seen_from_the_controls_the_distance_is_the_larger_of_two_origins():
+    """Centroids (2, 0) and (0, 2), controls at (1, 1). A profile at (1, 0) points at the first MoA from the average
+    cell (distance 0), but from the controls it is (0, −1), 45° from the first MoA's (1, −1): distance 1 − cos 45°.
+    (3, −1) is 1 − 3/√10 from the first MoA seen from the average cell, and points right at it from the controls."""
+    class_means = np.array([[2.0, 0.0], [0.0, 2.0]])
+    control = ControlOrigin.fit(np.array([[1.0, 0.5], [1.0, 1.5]]), class_means)
+    np.testing.assert_allclose(control.profile, [1.0, 1.0])
+    np.testing.assert_allclose(control.centroids, np.array([[1.0, -1.0], [-1.0, 1.0]]) / np.sqrt(2))
+    unit = np.eye(2)
+    profiles = np.array([[1.0, 0.0], [3.0, -1.0]])
+    np.testing.assert_allclose(centroid_distance(profiles, unit), [0.0, 1 - 3 / np.sqrt(10)], atol=1e-12)
+    np.testing.assert_allclose(centroid_distance(profiles, unit, control), [1 - np.sqrt(0.5), 1 - 3 / np.sqrt(10)])
+    again = ControlOrigin.from_state(control.state())
+    np.testing.assert_array_equal(again.centroids, control.centroids)
+    assert again.problem(2, 2) is None and "2 centroids on 3-long" in again.problem(2, 3)
+
+
+def _screen(seed: int = 0, moas: int = 4, compounds: int = 3, cells: int = 20, dims: int = 30, controls: int = 0):
     """Cells of ``moas`` known MoAs (``compounds`` compounds each, 2 concentrations) and of one planted MoA: each MoA
-    a direction in feature space, each compound near it, cells noisy around their compound."""
+    a direction in feature space, each compound near it, cells noisy around their compound. With ``controls``, also
+    that many untreated cells (noise about the origin, which every MoA moves away from), returned fourth."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(moas + 1, dims)) * 2.0
     rows, x = [], []
@@ -46,19 +66,24 @@ def _screen(seed: int = 0, moas: int = 4, compounds: int = 3, cells: int = 20, d
                                  "Metadata_Plate": "P1", "Metadata_Well": f"W{m}{c}{dose:g}", "y": m})
                     x.append(offset * (dose / 3.0) ** 0.5 + rng.normal(size=dims))
     index = pd.DataFrame(rows)
-    return np.asarray(x), index, index.pop("y").to_numpy()
+    screen = (np.asarray(x), index, index.pop("y").to_numpy())
+    return screen + (rng.normal(size=(controls, dims)),) if controls else screen
 
 
-def test_a_planted_moa_is_flagged_far_more_often_than_new_compounds_of_known_moas():
+@pytest.mark.parametrize("with_controls", [False, True])
+def test_a_planted_moa_is_flagged_far_more_often_than_new_compounds_of_known_moas(with_controls):
     """Criterion: trained on the known MoAs, at least half of the planted MoA's treatments are flagged, and at least
-    3 times as many (as a fraction) as of the known MoAs' compounds, each held out from the head that scores it."""
-    x, index, y = _screen()
+    3 times as many (as a fraction) as of the known MoAs' compounds, each held out from the head that scores it;
+    from the average cell alone, and from it and the controls."""
+    x, index, y, controls = _screen(controls=40)
+    controls = controls if with_controls else None
     known = y < y.max()
-    calibration = held_out_novelty(x[known], y[known], index[known])["treatments"]
+    calibration = held_out_novelty(x[known], y[known], index[known], controls)["treatments"]
     threshold = novelty_threshold(calibration[NOVELTY_COLUMN].to_numpy(), 0.1)
-    head = CentroidHead.fit(x[known], y[known], index[known])
+    head = CentroidHead.fit(x[known], y[known], index[known], controls=controls)
+    assert (head.control is not None) == with_controls
     keys, profiles = level_profiles(index[~known], (x[~known] - head.mean_) / head.scale_, "treatments")
-    planted = centroid_distance(profiles, head.centroids) > threshold
+    planted = centroid_distance(profiles, head.centroids, head.control) > threshold
     assert len(calibration) == 4 * 3 * 2 and set(calibration.columns) >= {"Metadata_Compound", NOVELTY_COLUMN}
     assert planted.mean() >= 0.5
     known_rate = (calibration[NOVELTY_COLUMN].to_numpy() > threshold).mean()
@@ -85,10 +110,35 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
         frame = pd.read_parquet(tmp_path / "pred" / f"{level}.parquet")
         assert frame[NOVELTY_COLUMN].between(0, 2).all() and frame["Novel"].dtype == bool
     novelty = json.loads((tmp_path / "pred" / "summary.json").read_text())["novelty"]
-    assert novelty["score"] == "centroid distance" and novelty["alpha"] == 0.2
+    assert novelty["score"] == CONTROL_CENTROID_DISTANCE and novelty["alpha"] == 0.2  # the tiny screen has DMSO
+    assert bundle.novelty_control.problem(*bundle.members[0].head["weight"].shape) is None
     assert novelty["n_calibration"] == len(load_bundle(tmp_path / "m2").novelty["treatments"])
     assert novelty["n_novel_treatments"] == len(novelty["novel_treatments"])
     assert "Novel: no known MoA fits" in (tmp_path / "pred" / "report.html").read_text()
+    _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(tmp_path / "m2", tmp_path / "bad")
+
+
+def _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(bundle_dir, bad):
+    """A bundle whose control origin has a profile of another length (its digests recorded again, so only the check
+    can refuse it): one error naming the file and the shapes."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cellmorph.bundle import CONTENT_DIGESTS, MANIFEST, content_digests, load_bundle, sha256_file
+    from cellmorph.errors import CellmorphError
+
+    shutil.copytree(bundle_dir, bad)
+    manifest = json.loads((bad / MANIFEST).read_text())
+    name = manifest["probe"]["novelty_control"]
+    save_file({"control_profile": torch.zeros(3, dtype=torch.float64),
+               "control_centroids": torch.zeros(2, 3, dtype=torch.float64)}, str(bad / name))
+    manifest["files"][name] = sha256_file(bad / name)
+    manifest[CONTENT_DIGESTS] = content_digests(manifest)
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CellmorphError, match=f"novelty_control: {name}: control_profile \\(3,\\)"):
+        load_bundle(bad)
 
 
 def test_a_bundle_without_a_probe_flags_by_the_calls_probability_and_makes_mondrian_sets(tiny_bundle, tiny_cache,

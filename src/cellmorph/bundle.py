@@ -38,7 +38,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import pandas as pd
 import torch
@@ -52,6 +52,9 @@ from cellmorph.errors import CellmorphError, validated
 from cellmorph.models.spec import InputSpec
 from cellmorph.runinfo import atomic_dir, json_safe, require_output_dir, run_info
 from cellmorph.schema import TRUE_COLUMN, prob_column
+
+if TYPE_CHECKING:
+    from cellmorph.novelty import ControlOrigin
 
 BUNDLE_FORMAT = 1
 # An ensemble's bundle: the document's own network is the first member, ``members`` lists the others.
@@ -84,6 +87,11 @@ def probe_head_file(k: int) -> str:
 def novelty_file(level: str, k: int) -> str:
     """The Novel flag's calibration scores of ``level`` from a linear probe, member ``k``."""
     return f"novelty_{level}.parquet" if k == 1 else f"novelty-{k}_{level}.parquet"
+
+
+def novelty_control_file(k: int) -> str:
+    """The novelty score's control origin (:class:`~cellmorph.novelty.ControlOrigin`) of a linear probe, member ``k``."""
+    return "novelty_control.safetensors" if k == 1 else f"novelty_control-{k}.safetensors"
 
 
 def calibration_file(level: str) -> str:
@@ -157,6 +165,8 @@ class ProbeRecord(_Entry):
     head_weights: str
     # level (wells, treatments) → the file of the Novel flag's calibration scores (held-out known compounds)
     novelty: dict[Literal["wells", "treatments"], str] | None = None
+    # the file of the novelty score's control origin (the controls' mean profile); None: the average cell alone
+    novelty_control: str | None = None
 
     @field_validator("features")
     @classmethod
@@ -255,6 +265,10 @@ class BundleDocument(_Entry):
             for level, name in ((probe.novelty or {}) if probe is not None else {}).items():
                 if name not in self.files or name in own:
                     raise ValueError(f"{where}: novelty {level} {name!r} is not a file of its own in files")
+            name = probe.novelty_control if probe is not None else None
+            if name is not None and (name not in self.files or name in own or not probe.novelty):
+                raise ValueError(f"{where}: novelty_control {name!r} is not a file of its own in files, beside "
+                                 "novelty scores")
         return self
 
 
@@ -325,6 +339,7 @@ class Bundle:
     # the probe that scored it), from the first linear probe that holds them; {} without.
     novelty: dict[str, pd.DataFrame] = field(default_factory=dict)
     novelty_member: int | None = None  # which member (from 0) the novelty scores belong to
+    novelty_control: ControlOrigin | None = None  # that member's control origin, where it has one
 
     @property
     def members(self) -> list[BundleMember]:
@@ -468,6 +483,8 @@ class _BundleFiles:
         if given.get("novelty"):
             record["novelty"] = {level: self.table(scores, novelty_file(level, k))
                                  for level, scores in given["novelty"].items()}
+            if given.get("novelty_control"):
+                record["novelty_control"] = self.tensors(given["novelty_control"], novelty_control_file(k))
         return record
 
     def member_record(self, member: dict, k: int) -> dict:
@@ -556,12 +573,30 @@ def load_bundle(path: Path) -> Bundle:
     for level in LEVELS:
         if calibration_file(level) in document.files:
             calibration[level] = _read_calibration(root / calibration_file(level), document, manifest_path, level)
-    novelty, novelty_member = {}, None
+    novelty, novelty_member, control = {}, None, None
     for k, probe in enumerate([document.probe] + [m.probe for m in document.members or []]):
         if probe is not None and probe.novelty and novelty_member is None:
             novelty_member = k
             novelty = {level: _read_novelty(root / name, manifest_path) for level, name in probe.novelty.items()}
-    return Bundle(root, manifest, weights, calibration, further, heads, novelty, novelty_member)
+            if probe.novelty_control is not None:
+                control = _read_control_origin(read_weights(probe.novelty_control), heads[k], probe.novelty_control,
+                                               manifest_path)
+    return Bundle(root, manifest, weights, calibration, further, heads, novelty, novelty_member, control)
+
+
+def _read_control_origin(state: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None, name: str,
+                         where: Path):
+    """A probe's control origin, checked against its head (as many centroids, as long profiles)."""
+    from cellmorph.novelty import ControlOrigin
+
+    if set(state) != {"control_profile", "control_centroids"} or head is None:
+        raise CellmorphError(f"{where}: probe: novelty_control: {name} must hold exactly control_profile and "
+                             "control_centroids, beside a probe head")
+    control = ControlOrigin.from_state(state)
+    problem = control.problem(*head["weight"].shape)
+    if problem:
+        raise CellmorphError(f"{where}: probe: novelty_control: {name}: {problem}")
+    return control
 
 
 def _read_novelty(path: Path, where: Path) -> pd.DataFrame:

@@ -232,10 +232,14 @@ def _fit_final_probe(plan, fold: Fold, calibration, bar, what: str) -> FinalProb
     probe = {"features": plan.config.features.describe(), "head": plan.config.probe_head,
              "head_state": fit.head.state()}
     if plan.config.probe_head == "centroid":  # the Novel flag's calibration: known compounds held out one by one
-        from cellmorph.cv.probe import held_out_novelty
+        from cellmorph.cv.features import control_embeddings
+        from cellmorph.cv.probe import CentroidHead, held_out_novelty
 
-        probe["novelty"] = held_out_novelty(features.take(fit.train_rows), plan.targets[fit.train_rows],
-                                            plan.cache.index.iloc[fit.train_rows])
+        x, y, index = features.take(fit.train_rows), plan.targets[fit.train_rows], plan.cache.index.iloc[fit.train_rows]
+        controls = control_embeddings(plan, None, bar, (extractor, spec))  # the score's second origin, if any
+        probe["novelty"] = held_out_novelty(x, y, index, controls)
+        if controls is not None:  # the head's own standardisation: the final head is fitted on the same rows
+            probe["novelty_control"] = CentroidHead.fit(x, y, index, controls=controls).control.state()
     return FinalProbe(fit.train_rows, state, spec, probe, fit.choices)
 
 

@@ -318,17 +318,19 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
     """``Novelty_Score`` and ``Novel`` per well and treatment (:mod:`cellmorph.novelty`): the centroid distance of
     the bundle's probe where it holds its calibration scores, else one minus the call's probability calibrated on
     the bundle's out-of-fold scores; the threshold flags ``alpha`` of new compounds of known MoAs."""
-    from cellmorph.novelty import (CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, add_novelty,
-                                   centroid_distance, level_profiles, novelty_threshold, one_minus_max_probability)
+    from cellmorph.novelty import (CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY,
+                                   add_novelty, centroid_distance, level_profiles, novelty_threshold,
+                                   one_minus_max_probability)
 
     for level in ("wells", "treatments"):
         frame = levels[level]
         if profiles is not None and level in bundle.novelty:
             centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()
             keys, means = level_profiles(cache.index.iloc[rows], profiles, level)
-            by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids)})
+            by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids, bundle.novelty_control)})
             scores = frame[list(keys.columns)].merge(by_key, on=list(keys.columns), how="left")[NOVELTY_COLUMN]
-            calibration, kind = bundle.novelty[level][NOVELTY_COLUMN].to_numpy(), CENTROID_DISTANCE
+            calibration = bundle.novelty[level][NOVELTY_COLUMN].to_numpy()
+            kind = CENTROID_DISTANCE if bundle.novelty_control is None else CONTROL_CENTROID_DISTANCE
         elif level in bundle.calibration:
             probabilities = [prob_column(c) for c in bundle.classes]
             scores = one_minus_max_probability(frame[probabilities].to_numpy(float))

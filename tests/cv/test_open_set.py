@@ -31,11 +31,11 @@ def test_lomo_holds_out_every_compound_of_one_moa_per_fold(tiny_cache):
 
 
 def test_an_unseen_moa_is_flagged_and_known_compounds_are_not_more_than_alpha():
-    """On a screen with a planted MoA (tests/test_novelty.py): at least half of its treatments are flagged, and the
+    """On a screen with a planted MoA and controls (tests/test_novelty.py): at least half of its treatments are flagged, and the
     known compounds, each scored against a threshold set without it, are flagged at most α + 3 standard errors."""
-    x, index, y = _screen(moas=6, compounds=4)
+    x, index, y, controls = _screen(moas=6, compounds=4, controls=40)
     held = y == y.max()
-    result = fold_novelty(x[~held], y[~held], index[~held], x[held], index[held], alpha=0.1)
+    result = fold_novelty(x[~held], y[~held], index[~held], x[held], index[held], alpha=0.1, controls=controls)
     flagged = result["unseen"]["Novelty_Score"].to_numpy() > result["threshold"]
     n = len(result["false_alarms"])
     assert flagged.mean() >= 0.5 and n == 6 * 4 * 2
@@ -48,7 +48,10 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
                         "--features", "stage2", "--cv", "lomo", "--out", tmp_path / "run", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "run" / "open_set.json").read_text())
-    assert record["scheme"] == "lomo" and record["score"] == "centroid distance" and record["alpha"] == 0.1
+    assert record["scheme"] == "lomo" and record["alpha"] == 0.1
+    assert record["score"] == "centroid distance, from the average cell and from the controls"  # its DMSO tiles:
+    assert len(np.load(tmp_path / "run" / "control_embeddings.npy")) == TileCache(tiny_cache).index[
+        "Metadata_IsControl"].sum()
     assert 0 <= record["auroc"] <= 1 and 0 <= record["flagged_at_alpha"] <= 1 and 0 <= record["false_alarm_rate"] <= 1
     assert len(record["per_moa"]) == 12 and record["n_unseen_treatments"] == 44
     kinds = [t["kind"] for t in record["treatments"]]

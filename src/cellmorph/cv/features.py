@@ -14,8 +14,14 @@ import numpy as np
 import torch
 
 from cellmorph.augment import Augmenter
-from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER, FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest
+from cellmorph.cv.rundir import (CONTROL_EMBEDDINGS, CONTROL_EMBEDDINGS_MARKER, EMBEDDINGS, EMBEDDINGS_MARKER,
+                                 FROZEN_FEATURES, FROZEN_FEATURES_MARKER, RunDir, digest)
 from cellmorph.errors import CellmorphError
+from cellmorph.schema import CONTROL_COLUMN
+
+# The novelty score sees the MoAs from the controls' mean profile (cellmorph.novelty.ControlOrigin): a mean, which
+# a few hundred tiles estimate closely, and a bound on what a screen with thousands of DMSO tiles spends embedding.
+MAX_CONTROL_TILES = 512
 
 
 @dataclass
@@ -101,6 +107,36 @@ def embed_probe_rows(plan, rows: np.ndarray, extractor, spec, bar) -> np.ndarray
     bar.line(f"embedding {len(rows)} tiles once with {cfg.model} ({cfg.features.describe()} features{views})")
     return embed_with(extractor, spec, plan.cache, rows, cfg.eval_batch_size, str(plan.device), bar, cfg.tta,
                       cfg.model)
+
+
+def control_rows(plan) -> np.ndarray:
+    """The cache rows of negative-control tiles that are no class (at most :data:`MAX_CONTROL_TILES`, drawn with
+    the run's seed), sorted."""
+    index = plan.cache.index
+    rows = np.flatnonzero(index[CONTROL_COLUMN].astype(bool).to_numpy() & (plan.targets < 0))
+    if len(rows) > MAX_CONTROL_TILES:
+        rng = np.random.default_rng(np.random.SeedSequence([int(plan.config.seed), 0xC0]))
+        rows = np.sort(rng.choice(rows, MAX_CONTROL_TILES, replace=False))
+    return rows
+
+
+def control_embeddings(plan, rundir: RunDir | None, bar, extractor=None) -> np.ndarray | None:
+    """The probe's embeddings of :func:`control_rows` (None where the cache holds no such tile), read from the run
+    directory ``rundir`` where it keeps them, else computed (with ``extractor``, a :func:`probe_extractor` pair,
+    where given) and kept there."""
+    rows = control_rows(plan)
+    if len(rows) == 0:
+        return None
+    key = embeddings_key(plan, rows)
+    saved = None if rundir is None else rundir.read_marked_array(CONTROL_EMBEDDINGS, CONTROL_EMBEDDINGS_MARKER, key)
+    if saved is not None:
+        return saved
+    bar.line(f"the controls: {len(rows)} tiles, the novelty score's origin")
+    feats = embed_probe_rows(plan, rows, *(extractor or probe_extractor(plan)), bar)
+    if rundir is not None:
+        rundir.write_marked_array(CONTROL_EMBEDDINGS, CONTROL_EMBEDDINGS_MARKER, key | {"dim": int(feats.shape[1])},
+                                  lambda tmp: np.save(tmp, feats))
+    return feats
 
 
 def final_probe_embeddings(plan, rows: np.ndarray, bar, calibration: RunDir | None = None):

@@ -1,7 +1,8 @@
 """Open-set evaluation of a leave-one-MoA-out run (``cv --cv lomo``): how novel an unseen MoA looks.
 
 Each fold's held-out MoA is unseen by its probe. Its treatments are scored by the fold's centroid head
-(:func:`cellmorph.novelty.centroid_distance` of their mean standardised profiles), and compared with new compounds
+(:func:`cellmorph.novelty.centroid_distance` of their mean standardised profiles, seen from the average training
+cell and from the cache's negative controls where it has them), and compared with new compounds
 of the *known* MoAs: the fold's training compounds, each scored by a head fitted without it
 (:func:`cellmorph.cv.probe.held_out_novelty`), which are also what sets the fold's ``Novel`` threshold at ``alpha``,
 as ``predict`` sets it. Written to ``RUN/open_set.json``:
@@ -42,13 +43,15 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataFrame, x_test: np.ndarray,
-                 index_test: pd.DataFrame, alpha: float) -> dict:
+                 index_test: pd.DataFrame, alpha: float, controls: np.ndarray | None = None) -> dict:
     """One fold: the unseen treatments' scores, the known compounds' held-out scores, the threshold, and the
-    known treatments' scores against a threshold set without their own compound (the false alarms)."""
+    known treatments' scores against a threshold set without their own compound (the false alarms). ``controls``:
+    embeddings of negative-control tiles, the score's second origin (none: the average training cell alone)."""
     from cellmorph.cv.probe import CentroidHead, centroid_novelty, held_out_novelty
 
-    unseen = centroid_novelty(CentroidHead.fit(x_train, y_train, index_train), x_test, index_test, "treatments")
-    known = held_out_novelty(x_train, y_train, index_train).get("treatments")
+    head = CentroidHead.fit(x_train, y_train, index_train, controls=controls)
+    unseen = centroid_novelty(head, x_test, index_test, "treatments")
+    known = held_out_novelty(x_train, y_train, index_train, controls).get("treatments")
     if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
         return {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
                 "false_alarms": np.zeros(0, bool)}
@@ -67,17 +70,19 @@ def calibrate_on_known(known: pd.DataFrame, alpha: float) -> dict:
     return {"threshold": novelty_threshold(scores, alpha), "false_alarms": false_alarms}
 
 
-def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
-    """The ``open_set.json`` record of a finished lomo probe run (``features``: its embeddings)."""
-    from cellmorph.novelty import CENTROID_DISTANCE
+def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA,
+                        controls: np.ndarray | None = None) -> dict:
+    """The ``open_set.json`` record of a finished lomo probe run (``features``: its embeddings; ``controls``: those
+    of its negative-control tiles, or None)."""
+    from cellmorph.novelty import CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE
 
     index = plan.cache.index
     results = []
     for fold in plan.folds:
         train = fold.train[plan.targets[fold.train] >= 0]
         results.append((fold.name, fold_novelty(features.take(train), plan.targets[train], index.iloc[train],
-                                                features.take(fold.test), index.iloc[fold.test], alpha)))
-    return summarise_open_set(results, alpha, CENTROID_DISTANCE)
+                                                features.take(fold.test), index.iloc[fold.test], alpha, controls)))
+    return summarise_open_set(results, alpha, CENTROID_DISTANCE if controls is None else CONTROL_CENTROID_DISTANCE)
 
 
 def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.DataFrame,

@@ -27,6 +27,7 @@ from cellmorph.cv.features import ProbeFeatures
 from cellmorph.cv.splits import Fold, make_folds, subsample_rows
 from cellmorph.errors import CellmorphError
 from cellmorph.models.heads import LinearProbeHead, fit_probe_head
+from cellmorph.novelty import ControlOrigin
 from cellmorph.schema import CONTROL_COLUMN, TREATMENT_KEYS
 
 # Spaced by about √10: the measured treatment accuracy changes little within such a step.
@@ -91,18 +92,22 @@ CENTROID_TEMPERATURE_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 @dataclass(frozen=True)
 class CentroidHead:
     """Nearest-centroid head: ``classes_`` (class indices with training cells), their unit-length
-    centroids in the standardised feature space, the standardisation and the logits' temperature."""
+    centroids in the standardised feature space, the standardisation and the logits' temperature; and, where
+    it was fitted with control tiles, the MoAs seen from the controls (for the novelty score only)."""
 
     classes_: np.ndarray
     centroids: np.ndarray
     mean_: np.ndarray
     scale_: np.ndarray
     temperature: float = 1.0
+    control: ControlOrigin | None = None
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, index: pd.DataFrame, temperature: float = 1.0) -> "CentroidHead":
+    def fit(cls, x: np.ndarray, y: np.ndarray, index: pd.DataFrame, temperature: float = 1.0,
+            controls: np.ndarray | None = None) -> "CentroidHead":
         """Centroids of the training rows ``x`` (labels ``y``, metadata ``index`` row for row): treatment →
-        compound → class means of the cells standardised by the training rows' mean and spread."""
+        compound → class means of the cells standardised by the training rows' mean and spread. ``controls``:
+        embeddings of negative-control tiles (not a class), whose mean profile is the :class:`ControlOrigin`."""
         mean, scale = x.mean(axis=0), x.std(axis=0)
         scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing: leave it at 0
         z = (x - mean) / scale
@@ -116,8 +121,10 @@ class CentroidHead:
         centroids = compounds.groupby(compound_class.to_numpy(), sort=True).mean()
         vectors = centroids.to_numpy()
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        control = None if controls is None or len(controls) == 0 else \
+            ControlOrigin.fit((np.asarray(controls, float) - mean) / scale, vectors)
         return cls(centroids.index.to_numpy(dtype=np.int64), vectors / np.where(norms > 0, norms, 1.0),
-                   mean, scale, float(temperature))
+                   mean, scale, float(temperature), control)
 
     def with_temperature(self, temperature: float) -> "CentroidHead":
         return replace(self, temperature=float(temperature))
@@ -226,12 +233,14 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
     return TrainedFold(fit.train_rows, probs, [], fit.state, {}, fit.choices)
 
 
-def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame,
+                     controls: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
     """Novelty scores of the training compounds as new compounds of known MoAs, for the ``Novel`` flag's
     threshold: each compound's wells and treatments scored (:func:`cellmorph.novelty.centroid_distance`) by a
-    centroid head fitted without that compound (its standardisation too), so no compound informs its own score.
-    A compound that is its MoA's only one is left out: without it its MoA is unseen, not known. Per level
-    (``wells``, ``treatments``): the level's keys, ``Metadata_Compound`` and ``Novelty_Score``."""
+    centroid head fitted without that compound (its standardisation too; with the ``controls``' embeddings where
+    given), so no compound informs its own score. A compound that is its MoA's only one is left out: without it
+    its MoA is unseen, not known. Per level (``wells``, ``treatments``): the level's keys, ``Metadata_Compound``
+    and ``Novelty_Score``."""
     frame = index.reset_index(drop=True)
     compounds = frame["Metadata_Compound"].astype(str).to_numpy()
     parts: dict[str, list[pd.DataFrame]] = {"wells": [], "treatments": []}
@@ -239,7 +248,7 @@ def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[
         out = compounds == compound
         if len(set(y[~out])) < len(set(y)):
             continue
-        head = CentroidHead.fit(x[~out], y[~out], frame[~out])
+        head = CentroidHead.fit(x[~out], y[~out], frame[~out], controls=controls)
         for level in parts:
             parts[level].append(centroid_novelty(head, x[out], frame[out], level).assign(Metadata_Compound=compound))
     return {level: pd.concat(p, ignore_index=True) for level, p in parts.items() if p}
@@ -247,8 +256,9 @@ def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame) -> dict[
 
 def centroid_novelty(head: CentroidHead, x: np.ndarray, index: pd.DataFrame, level: str) -> pd.DataFrame:
     """The level's keys (one row per well or treatment of ``index``) and their ``Novelty_Score``: the cosine
-    distance of their mean profile, standardised as ``head`` standardises, to its nearest centroid."""
+    distance of their mean profile, standardised as ``head`` standardises, to its nearest centroid (seen from the
+    average training cell and, where the head has them, from the controls)."""
     from cellmorph.novelty import NOVELTY_COLUMN, centroid_distance, level_profiles
 
     keys, profiles = level_profiles(index, (x - head.mean_) / head.scale_, level)
-    return keys.assign(**{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids)})
+    return keys.assign(**{NOVELTY_COLUMN: centroid_distance(profiles, head.centroids, head.control)})

@@ -279,7 +279,10 @@ def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
     from cellmorph.figures import plot_novelty_roc
 
     if plan.config.mode == "linear-probe":
-        record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False))
+        from cellmorph.cv.features import control_embeddings
+
+        record = open_set_evaluation(plan, shared_features(plan, rundir, True, bar, compute=False),
+                                     controls=control_embeddings(plan, rundir, bar))
     else:
         reference = RunDir(Path(plan.config.open_set_reference)).read_treatments()  # checked by plan_run
         fold_treatments = {fold.name: aggregate(rundir.read_fold_predictions(fold.index), how=plan.config.aggregate)[2]

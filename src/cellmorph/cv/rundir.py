@@ -64,6 +64,8 @@ REPLICATES_CSV = "replicates.csv"
 INIT_COMPARISON = "init_comparison"  # .csv, .png and .json of compare_inits
 EMBEDDINGS = "embeddings.npy"
 EMBEDDINGS_MARKER = "embeddings.json"
+CONTROL_EMBEDDINGS = "control_embeddings.npy"  # the probe's negative-control tiles (the novelty score's origin)
+CONTROL_EMBEDDINGS_MARKER = "control_embeddings.json"
 FROZEN_FEATURES = "frozen_features.npy"
 FROZEN_FEATURES_MARKER = "frozen_features.json"  # what the features were computed for
 
