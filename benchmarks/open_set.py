@@ -19,7 +19,14 @@ Scores of a treatment (its cells' standardised embeddings averaged: the profile 
 * ``mahalanobis``: the smallest Mahalanobis distance to a known MoA's mean treatment profile, with a shrunk
   (Ledoit-Wolf) covariance of the training treatments' deviations from their MoA means;
 * ``cell kNN``: the median over the treatment's cells of each cell's mean cosine distance to its 10 nearest
-  training cells.
+  training cells;
+* ``from the controls``: the centroid distance seen from the negative controls' mean standardised profile (each
+  profile and centroid less that profile: :class:`cellmorph.novelty.ControlOrigin`) instead of the average cell;
+* ``centroid distance + controls`` (the default since session 22): the larger of ``centroid distance`` and ``from
+  the controls`` (:func:`cellmorph.novelty.centroid_distance` with the head's control origin).
+
+The controls (the cache's DMSO tiles, no class) are embedded as the run embedded its tiles
+(:func:`cellmorph.cv.features.control_embeddings`); they are in every fit's training data, as in ``cv --cv lomo``.
 
 The conformal score (the largest class p-value) is a monotone function of a class score given one calibration set,
 so within a fit it orders treatments as ``1 - max prob`` does; its calibration is item 3's.
@@ -52,7 +59,8 @@ from cellmorph.cv.open_set import auroc
 from cellmorph.cv.probe import CentroidHead, treatment_ids
 
 TEMPERATURE = 3.0
-BASE_SCORES = ("1 - max prob", "energy", "centroid distance", "nearest treatment", "mahalanobis", "cell kNN")
+BASE_SCORES = ("1 - max prob", "energy", "centroid distance", "nearest treatment", "mahalanobis", "cell kNN",
+               "from the controls", "centroid distance + controls")
 COMBINED = {  # each: 1 - the mean of its scores' conformal p-values against the fold's known treatments
     "combined p (centroid + 1-prob)": ("centroid distance", "1 - max prob"),
     "combined p (centroid + energy)": ("centroid distance", "energy"),
@@ -62,10 +70,13 @@ COMBINED = {  # each: 1 - the mean of its scores' conformal p-values against the
 SCORES = (*BASE_SCORES, "class-conditional centroid", "centroid / class median", *COMBINED)
 
 
-def load_run(run: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
-    """(embeddings, their cache rows' metadata, class number per row) of a finished probe run."""
+def load_run(run: Path, controls: bool = False):
+    """(embeddings, their cache rows' metadata, class number per row) of a finished probe run; with ``controls``,
+    also the embeddings of its cache's control tiles (computed, not kept)."""
+    from cellmorph.cv.features import control_embeddings
     from cellmorph.cv.rundir import RunDir
     from cellmorph.cv.run import plan_run
+    from cellmorph.progress import Progress
 
     header = RunDir(run).read_config()
     plan = plan_run(Path(header["data"]), header["config"])
@@ -73,7 +84,14 @@ def load_run(run: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
     x = np.load(run / "embeddings.npy").astype(np.float64)
     if len(x) != len(rows):
         raise SystemExit(f"{run}: {len(x)} embeddings for {len(rows)} rows; not this run's")
-    return x, plan.cache.index.iloc[rows].reset_index(drop=True), plan.targets[rows]
+    found = (x, plan.cache.index.iloc[rows].reset_index(drop=True), plan.targets[rows])
+    if not controls:
+        return found
+    with Progress(False) as bar:
+        embedded = control_embeddings(plan, None, bar)
+    if embedded is None:
+        raise SystemExit(f"{run}: its cache has no control tiles outside the classes")
+    return found + (embedded.astype(np.float64),)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -81,12 +99,14 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: np.ndarray,
-                     test: np.ndarray) -> pd.DataFrame:
-    """Every score of each test treatment, from a probe fitted on the ``train`` rows only."""
+                     test: np.ndarray, controls: np.ndarray) -> pd.DataFrame:
+    """Every score of each test treatment, from a probe fitted on the ``train`` rows (and the controls) only."""
     from scipy.special import logsumexp, softmax
     from sklearn.covariance import LedoitWolf
 
-    head = CentroidHead.fit(x[train], y[train], index.iloc[train], TEMPERATURE)
+    from cellmorph.novelty import centroid_distance
+
+    head = CentroidHead.fit(x[train], y[train], index.iloc[train], TEMPERATURE, controls)
     z_train = (x[train] - head.mean_) / head.scale_
     z_test = (x[test] - head.mean_) / head.scale_
     t_train, t_test = treatment_ids(index.iloc[train]), treatment_ids(index.iloc[test])
@@ -112,6 +132,8 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
         "nearest treatment": 1.0 - (_unit(p) @ _unit(profiles_train.to_numpy()).T).max(axis=1),
         "mahalanobis": mahalanobis,
         "cell kNN": pd.Series(knn).groupby(t_test).median().loc[profiles.index].to_numpy(),
+        "from the controls": 1.0 - (_unit(p - head.control.profile) @ head.control.centroids.T).max(axis=1),
+        "centroid distance + controls": centroid_distance(p, head.centroids, head.control),
         "compound": owner["compound"].to_numpy(),
         "y": owner["y"].to_numpy(),
     })
@@ -119,19 +141,19 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
     return out.assign(**{f"cos_{k}": cosines[:, i] for i, k in enumerate(head.classes_)})
 
 
-def leave_one_moa_out(x, index, y) -> pd.DataFrame:
+def leave_one_moa_out(x, index, y, controls) -> pd.DataFrame:
     """Scores of every unseen-MoA treatment and every known-MoA new-compound treatment, fold by fold."""
     compounds = index["Metadata_Compound"].astype(str).to_numpy()
     parts = []
     for moa in np.unique(y):
         held = y == moa
-        unseen = score_treatments(x, index, y, np.flatnonzero(~held), np.flatnonzero(held))
+        unseen = score_treatments(x, index, y, np.flatnonzero(~held), np.flatnonzero(held), controls)
         parts.append(unseen.assign(fold=int(moa), novel=True))
         for compound in sorted(set(compounds[~held])):
             out = compounds == compound
             if len(set(y[~held & ~out])) < len(set(y[~held])):  # the compound is its MoA's only one: not new
                 continue
-            known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out))
+            known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out), controls)
             parts.append(known.assign(fold=int(moa), novel=False))
     return pd.concat(parts, ignore_index=True)
 
@@ -183,19 +205,25 @@ def add_calibrated_scores(scored: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(scored: pd.DataFrame, classes: list[str], alpha: float) -> dict:
+    """Per score: AUROCs, and the unseen treatments flagged at the known ones' (1 − alpha) quantile and at the
+    conformal threshold ``cv --cv lomo`` and ``predict`` set (a little higher: :func:`novelty_threshold`)."""
+    from cellmorph.novelty import novelty_threshold
+
     table = {}
     for name in SCORES:
-        per_moa, flagged, pooled_pos, pooled_neg = {}, [], [], []
+        per_moa, flagged, conformal, pooled_pos, pooled_neg = {}, [], [], [], []
         for fold, part in scored.groupby("fold"):
             pos, neg = part.loc[part["novel"], name].to_numpy(), part.loc[~part["novel"], name].to_numpy()
             per_moa[classes[fold]] = auroc(pos, neg)
             threshold = np.quantile(neg, 1.0 - alpha)
             flagged.append(pos > threshold)
+            conformal.append(pos > novelty_threshold(neg, alpha))
             pooled_pos.append(pos)
             pooled_neg.append(neg)
         table[name] = {"auroc_pooled": auroc(np.concatenate(pooled_pos), np.concatenate(pooled_neg)),
                        "auroc_mean_over_moas": float(np.mean(list(per_moa.values()))),
-                       "flagged_at_alpha": float(np.concatenate(flagged).mean()), "auroc_per_moa": per_moa}
+                       "flagged_at_alpha": float(np.concatenate(flagged).mean()),
+                       "flagged_conformal": float(np.concatenate(conformal).mean()), "auroc_per_moa": per_moa}
     return table
 
 
@@ -207,17 +235,17 @@ def main() -> None:
     args = parser.parse_args()
     from cellmorph.cv.rundir import RunDir
 
-    x, index, y = load_run(args.run)
+    x, index, y, controls = load_run(args.run, controls=True)
     classes = list(RunDir(args.run).read_config()["classes"])
-    scored = add_calibrated_scores(leave_one_moa_out(x, index, y))
+    scored = add_calibrated_scores(leave_one_moa_out(x, index, y, controls))
     table = summarise(scored, classes, args.alpha)
     n_novel, n_known = int(scored["novel"].sum()), int((~scored["novel"]).sum())
     print(f"{n_novel} unseen-MoA treatments and {n_known} known-MoA new-compound treatments over {len(classes)} "
           f"folds; flagged at the threshold that flags {args.alpha:.0%} of the known ones")
-    print("| score | AUROC pooled | AUROC, mean over MoAs | flagged |\n|---|---|---|---|")
+    print("| score | AUROC pooled | AUROC, mean over MoAs | flagged | flagged, conformal threshold |\n|---|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['auroc_pooled']:.3f} | {row['auroc_mean_over_moas']:.3f} | "
-              f"{row['flagged_at_alpha']:.3f} |")
+              f"{row['flagged_at_alpha']:.3f} | {row['flagged_conformal']:.3f} |")
     print("\nAUROC per held-out MoA:\n| MoA | " + " | ".join(SCORES) + " |\n|---|" + "---|" * len(SCORES))
     for moa in classes:
         print(f"| {moa} | " + " | ".join(f"{table[s]['auroc_per_moa'].get(moa, float('nan')):.2f}" for s in SCORES)

@@ -121,24 +121,19 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
 def _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(bundle_dir, bad):
     """A bundle whose control origin has a profile of another length (its digests recorded again, so only the check
     can refuse it): one error naming the file and the shapes."""
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
-    from cellmorph.bundle import CONTENT_DIGESTS, MANIFEST, content_digests, load_bundle, sha256_file
+    from cellmorph.bundle import load_bundle
     from cellmorph.errors import CellmorphError
+    from tests.bundle_helpers import edited_bundle, seal_bundle
 
-    shutil.copytree(bundle_dir, bad)
-    manifest = json.loads((bad / MANIFEST).read_text())
-    name = manifest["probe"]["novelty_control"]
+    edited_bundle(bundle_dir, bad)
+    name = json.loads((bad / "bundle.json").read_text())["probe"]["novelty_control"]
     save_file({"control_profile": torch.zeros(3, dtype=torch.float64),
                "control_centroids": torch.zeros(2, 3, dtype=torch.float64)}, str(bad / name))
-    manifest["files"][name] = sha256_file(bad / name)
-    manifest[CONTENT_DIGESTS] = content_digests(manifest)
-    (bad / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CellmorphError, match=f"novelty_control: {name}: control_profile \\(3,\\)"):
-        load_bundle(bad)
+        load_bundle(seal_bundle(bad))
 
 
 def test_a_bundle_without_a_probe_flags_by_the_calls_probability_and_makes_mondrian_sets(tiny_bundle, tiny_cache,
