@@ -78,6 +78,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-compounds-seed1": ({"epochs": 5, "compound_weighting": True, "seed": 1}, "ft-compounds at seed 1"),
     "ft-96": ({"epochs": 5, "image_size": 96}, "96 px"),
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
+    "ft-lite1": ({"epochs": 5, "model": "tf_efficientnet_lite1", "ensemble": []},
+                 "EfficientNet-Lite1, one network (a member of another backbone for the fine-tune's ensemble)"),
 }
 # name → member recipes, combined as `cv --ensemble…` combines members: each level's held-out probabilities
 # averaged over them. Members must have run (same folds, same cells).
@@ -92,6 +94,12 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ens-probe-ft": ("probe", "finetune"),
     "ens-probe-lite0-lite1-lite2": ("probe", "probe-lite1", "probe-lite2"),
     "ens-probe-lite0-mnv2": ("probe", "probe-mnv2"),
+    # the crop fine-tune's default (two Lite0 seeds and the probe), and with a Lite1 fine-tune instead of, or beside,
+    # the second seed
+    "ens-default": ("probe", "finetune", "ft-seed1"),
+    "ens-ft-lite0-lite1": ("finetune", "ft-lite1"),
+    "ens-probe-ft-lite0-lite1": ("probe", "finetune", "ft-lite1"),
+    "ens-probe-ft-seeds-lite1": ("probe", "finetune", "ft-seed1", "ft-lite1"),
 }
 DEFAULT_RECIPES = ("probe,probe-logistic,probe-logistic-logmean,probe-centroid-median,probe-centroid-mean,probe-c1,"
                    "probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean")

@@ -15,6 +15,10 @@
       calibration_<level>.parquet   optional, for level treatments, wells and tiles: out-of-fold
                              probabilities (Metadata_* + prob_<class>) of compounds the scoring
                              models never saw
+      novelty_<level>.parquet   a centroid probe's Novel calibration: Novelty_Score of each training
+                             compound, scored by a head fitted without it (wells, treatments)
+      novelty_control.safetensors   optional beside them: the controls' mean profile and the MoAs seen
+                             from it (:class:`~cellmorph.novelty.ControlOrigin`), the score's second origin
 
 A bundle is written into a temporary folder and renamed into place, so a folder named
 ``MODEL`` is always complete. Loading refuses, with one line naming ``bundle.json`` and the
