@@ -170,6 +170,20 @@ def test_temperature_is_used_only_where_it_lowers_the_held_out_log_loss():
     assert not temperature_helps(over[over["Metadata_Compound"] == "c0"], classes)  # one compound: no held-out check
 
 
+def test_a_statistic_that_resampling_biases_gets_the_standard_interval_around_its_value():
+    """The share of distinct groups among the rows is 1 on the data and below 1 in nearly every resample (it
+    repeats groups), as a binned ECE is higher in them: the percentile interval misses the value, the standard
+    one (± 1.96 bootstrap standard errors) holds it, with the resamples' spread."""
+    from cellmorph.calibration import group_bootstrap
+
+    groups = np.repeat(np.arange(20), 3)
+    distinct = lambda rows: len(np.unique(groups[rows])) / (len(rows) / 3)  # noqa: E731
+    low, high = group_bootstrap(groups, distinct)
+    assert high < 1.0
+    low, high = group_bootstrap(groups, distinct, standard=True)
+    assert low < 1.0 < high and 0.05 < (high - low) / 2 / 1.96 < 0.2
+
+
 def test_held_out_coverage_has_an_interval_over_compounds():
     from cellmorph.calibration import held_out_coverage
 
