@@ -120,10 +120,10 @@ def control_rows(plan) -> np.ndarray:
     return rows
 
 
-def control_embeddings(plan, rundir: RunDir | None, bar, extractor=None) -> np.ndarray | None:
+def control_embeddings(plan, rundir: RunDir | None, bar, extractor_and_spec=None) -> np.ndarray | None:
     """The probe's embeddings of :func:`control_rows` (None where the cache holds no such tile), read from the run
-    directory ``rundir`` where it keeps them, else computed (with ``extractor``, a :func:`probe_extractor` pair,
-    where given) and kept there."""
+    directory ``rundir`` where it keeps them, else computed (with ``extractor_and_spec``, what
+    :func:`probe_extractor` returns, where the caller has it) and kept there."""
     rows = control_rows(plan)
     if len(rows) == 0:
         return None
@@ -132,7 +132,7 @@ def control_embeddings(plan, rundir: RunDir | None, bar, extractor=None) -> np.n
     if saved is not None:
         return saved
     bar.line(f"the controls: {len(rows)} tiles, the novelty score's origin")
-    feats = embed_probe_rows(plan, rows, *(extractor or probe_extractor(plan)), bar)
+    feats = embed_probe_rows(plan, rows, *(extractor_and_spec or probe_extractor(plan)), bar)
     if rundir is not None:
         rundir.write_marked_array(CONTROL_EMBEDDINGS, CONTROL_EMBEDDINGS_MARKER, key | {"dim": int(feats.shape[1])},
                                   lambda tmp: np.save(tmp, feats))
