@@ -83,8 +83,7 @@ def centroid_distance(profiles: np.ndarray, centroids: np.ndarray, control: Cont
     distance = 1.0 - (_unit_rows(profiles) @ np.asarray(centroids, float).T).max(axis=1)
     if control is None:
         return distance
-    from_controls = 1.0 - (_unit_rows(profiles - control.profile) @ control.centroids.T).max(axis=1)
-    return np.maximum(distance, from_controls)
+    return np.maximum(distance, centroid_distance(profiles - control.profile, control.centroids))
 
 
 def one_minus_max_probability(probabilities: np.ndarray) -> np.ndarray:

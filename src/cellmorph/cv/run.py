@@ -196,7 +196,7 @@ def check_open_set_reference(plan: "RunPlan") -> Path:
     if header.get("data_fingerprint") != plan.data_fingerprint:
         raise CellmorphError(f"{option('open_set_reference')} {reference}: made on another cache "
                              f"({header.get('data')}), not {plan.cache.root}")
-    ignored = ("cv", "fold_seed", "open_set_reference")
+    ignored = ("cv", "fold_seed")  # (open_set_reference is a runtime field: compute_fields leaves it out)
     ours = {k: v for k, v in compute_fields(plan.config, RUNTIME_FIELDS).items() if k not in ignored}
     theirs_config = validate_config(header["config"], str(reference / "config.yaml"))
     theirs = {k: v for k, v in compute_fields(theirs_config, RUNTIME_FIELDS).items() if k not in ignored}
