@@ -26,7 +26,10 @@ from cellmorph.cv.run import run_fold_task
 from tests.conftest import one_line_error, quick_args, quick_config, run_cli_here
 
 QUICK = quick_config(cv="group-kfold:3")
-LONGER = dict(QUICK, epochs=3, max_tiles_per_fold=None)  # folds of a few seconds, to be killed midway
+# Folds of a few seconds, to be killed midway: at 3 epochs a fold took under a second on workers warmed by the
+# module's earlier tests, too short for the killer below to find one still running 1.5 s after it began.
+LONGER_EPOCHS = 8
+LONGER = dict(QUICK, epochs=LONGER_EPOCHS, max_tiles_per_fold=None)
 QUICK_ARGS = (*quick_args(cv="group-kfold:3"), "--no-progress")
 RESULT_FILES = ("predictions.parquet", "wells.csv", "treatments.csv", "confusion_matrix.csv")
 DASK = Path(sys.executable).with_name("dask")
@@ -185,7 +188,7 @@ def test_scheduler_lost_mid_run_gives_one_line_and_resume_finishes(tiny_cache, r
     dask = DaskCluster(tmp_path, workers=1)
     out = tmp_path / "run"
     args = ("cv", "--data", tiny_cache, "--out", out, "--model", "test_resnet", "--init", "xavier", "--image-size",
-            "32", "--epochs", "3", "--cv", "group-kfold:3", "--threads", "1", "--no-progress")
+            "32", "--epochs", str(LONGER_EPOCHS), "--cv", "group-kfold:3", "--threads", "1", "--no-progress")
     quick_timeout = _yaml(tmp_path / "dask.yaml", {"connect_timeout_s": 3})
     driver = subprocess.Popen([sys.executable, "-m", "cellmorph.cli", *map(str, args), "--executor", "dask",
                                "--scheduler", dask.address, "--executor-config", quick_timeout],
