@@ -91,6 +91,33 @@ def test_real_crops_scores_a_run_and_an_ensemble_of_it_alike(tiny_cache, tmp_pat
     assert 0 <= alone["balanced_cell"] <= 1 and alone["probe_c"]
 
 
+def test_crop_channels_reorders_or_repeats_each_crops_channels_and_keeps_its_rows(tmp_path):
+    """benchmarks/crop_channels.py's derived tables: the same cells in the same rows, each crop's channels in the
+    variant's order (or one channel on all three), and the source table untouched."""
+    import numpy as np
+    import pandas as pd
+    from crop_channels import ORDERS, channel_order, derived_table
+
+    source = tmp_path / "dev"
+    (source / "crops").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    crops = {f"crops/c{i}.npy": rng.integers(0, 60000, (6, 5, 3), dtype=np.uint16) for i in range(3)}
+    for name, crop in crops.items():
+        np.save(source / name, crop)
+    table = pd.DataFrame({"FileName": list(crops), "Metadata_Plate": ["P1", "P1", "P2"],
+                          "Metadata_Compound": ["DMSO", "taxol", "taxol"]})
+    table.to_csv(source / "index.csv", index=False)
+    assert len(ORDERS) == 6 and channel_order("201") == [2, 0, 1] and channel_order("grey1") == [1, 1, 1]
+    for variant in ("201", "grey1"):
+        index = derived_table(source, tmp_path / "out", variant)
+        derived = pd.read_csv(index)
+        assert derived.drop(columns="FileName").equals(table.drop(columns="FileName"))
+        for name, row in zip(crops, derived["FileName"]):
+            assert np.array_equal(np.load(index.parent / row), crops[name][..., channel_order(variant)])
+    assert pd.read_csv(source / "index.csv").equals(table)
+    assert not list((tmp_path / "out" / "tables").glob(".*"))  # no temporary left
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tmp_path):
     """benchmarks/gpu.py is run for real only where a GPU is lent; its smoke mode runs every section
