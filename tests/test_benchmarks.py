@@ -118,6 +118,18 @@ def test_crop_channels_reorders_or_repeats_each_crops_channels_and_keeps_its_row
     assert not list((tmp_path / "out" / "tables").glob(".*"))  # no temporary left
 
 
+def test_crop_prepare_variants_are_valid_prepare_options_and_the_first_is_the_contract():
+    """benchmarks/crop_prepare.py's variants: each a crop `prepare` config that validates, all different, and the
+    first one the crop layout's own defaults with the contract's --normalize batch."""
+    from crop_prepare import VARIANTS
+
+    from cellmorph.data.layouts import prepare_config
+
+    configs = {name: prepare_config("crops", **options) for name, (options, _) in VARIANTS.items()}
+    assert next(iter(configs.values())) == prepare_config("crops", normalize="batch")
+    assert len({c.model_dump_json() for c in configs.values()}) == len(configs)
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_runs_every_section_at_toy_size_on_the_cpu(tiny_screen, tmp_path):
     """benchmarks/gpu.py is run for real only where a GPU is lent; its smoke mode runs every section
