@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_crops import BASE, DEV_SET, score  # noqa: E402
+from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, score  # noqa: E402
 
 from cellmorph.cv import run_cv  # noqa: E402
 from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER  # noqa: E402
@@ -136,14 +136,10 @@ def main() -> None:
         rows.append({"variant": "orders", "order": "mean of the six", **score([runs[o] for o in ORDERS]),
                      "wall": 0.0})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| variant | network inputs (R, G, B) | treatment (95% interval) | well | cell | balanced cell "
-          "| log-loss treatment / cell | wall |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| variant | network inputs (R, G, B) | {FIGURES_HEADER} | wall |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ci = r["treatment_ci95"]
-        interval = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
         wall = f"{r['wall']:.0f} s" if r["wall"] else "heads only"
-        print(f"| `{r['variant']}` | {r['order']} | {r['treatment']:.3f}{interval} | {r['well']:.3f} | {r['cell']:.3f} "
-              f"| {r['balanced_cell']:.3f} | {r['treatment_log_loss']:.2f} / {r['cell_log_loss']:.2f} | {wall} |")
+        print(f"| `{r['variant']}` | {r['order']} | {figures(r)} | {wall} |")
 
 
 if __name__ == "__main__":

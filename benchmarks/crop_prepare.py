@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_crops import BASE, DEV_SET, score  # noqa: E402
+from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, score  # noqa: E402
 
 from cellmorph.cv import run_cv  # noqa: E402
 from cellmorph.data.layouts import load_table, prepare_config  # noqa: E402
@@ -66,14 +66,9 @@ def main() -> None:
         run, wall = probe_run(args.dev_set, args.out, variant, args.threads)
         rows.append({"variant": variant, "what": VARIANTS[variant][1], **score(run), "wall": round(wall, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| variant | prepare | treatment (95% interval) | well | cell | balanced cell | log-loss treatment / cell "
-          "| wall |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| variant | prepare | {FIGURES_HEADER} | wall |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ci = r["treatment_ci95"]
-        interval = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
-        print(f"| `{r['variant']}` | {r['what']} | {r['treatment']:.3f}{interval} | {r['well']:.3f} | {r['cell']:.3f} "
-              f"| {r['balanced_cell']:.3f} | {r['treatment_log_loss']:.2f} / {r['cell_log_loss']:.2f} "
-              f"| {r['wall']:.0f} s |")
+        print(f"| `{r['variant']}` | {r['what']} | {figures(r)} | {r['wall']:.0f} s |")
 
 
 if __name__ == "__main__":

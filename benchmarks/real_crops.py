@@ -165,6 +165,17 @@ def score(run: Path | list[Path]) -> dict:
     }
 
 
+FIGURES_HEADER = "treatment (95% interval) | well | cell | balanced cell | log-loss treatment / cell"
+
+
+def figures(row: dict) -> str:
+    """A :func:`score` row's figures as Markdown cells, in the order of :data:`FIGURES_HEADER`."""
+    ci = row["treatment_ci95"]
+    interval = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
+    return (f"{row['treatment']:.3f}{interval} | {row['well']:.3f} | {row['cell']:.3f} | {row['balanced_cell']:.3f} "
+            f"| {row['treatment_log_loss']:.2f} / {row['cell_log_loss']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=DEFAULT_RECIPES,
@@ -221,16 +232,11 @@ def main() -> None:
                "embeddings_shared": shared}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| recipe | treatment (95% interval) | well | cell | balanced cell | log-loss treatment / cell "
-          "| C (or T) per fold | wall |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| recipe | {FIGURES_HEADER} | C (or T) per fold | wall |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ci = r["treatment_ci95"]
-        interval = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
         cs = ", ".join(f"{c:g}" for c in r["probe_c"]) or ", ".join(f"T {t:g}" for t in r.get("probe_temperature", [])) or "–"
         wall = f"{r['seconds']:.0f} s" + (" (heads only)" if r["embeddings_shared"] else "")
-        print(f"| `{r['recipe']}` | {r['treatment']:.3f}{interval} | {r['well']:.3f} | {r['cell']:.3f} "
-              f"| {r['balanced_cell']:.3f} | {r['treatment_log_loss']:.2f} / {r['cell_log_loss']:.2f} | {cs} "
-              f"| {wall} |")
+        print(f"| `{r['recipe']}` | {figures(r)} | {cs} | {wall} |")
     if rows:
         print(f"\n{rows[0]['n_treatments']} treatments scored in {rows[0]['n_folds']} folds; not scored: "
               f"{', '.join(rows[0]['unscored']) or 'none'} (the only compound of its MoA here)")
