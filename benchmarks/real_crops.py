@@ -80,9 +80,6 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
     "ft-lite1": ({"epochs": 5, "model": "tf_efficientnet_lite1", "ensemble": []},
                  "EfficientNet-Lite1, one network (a member of another backbone for the fine-tune's ensemble)"),
-    "ft-swa3": ({"epochs": 5, "average_epochs": 3, "ensemble": []},
-                "one network, its weights averaged over the end of epochs 3-5 (stochastic weight averaging)"),
-    "ft-swa3-seed1": ({"epochs": 5, "average_epochs": 3, "ensemble": [], "seed": 1}, "ft-swa3 at seed 1"),
 }
 # name → member recipes, combined as `cv --ensemble…` combines members: each level's held-out probabilities
 # averaged over them. Members must have run (same folds, same cells).
@@ -100,8 +97,6 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     # the crop fine-tune's default (two Lite0 seeds and the probe), and with a Lite1 fine-tune instead of, or beside,
     # the second seed
     "ens-default": ("probe", "finetune", "ft-seed1"),
-    "ens-ft-swa3-seeds": ("ft-swa3", "ft-swa3-seed1"),
-    "ens-probe-ft-swa3-seeds": ("probe", "ft-swa3", "ft-swa3-seed1"),
     "ens-ft-lite0-lite1": ("finetune", "ft-lite1"),
     "ens-probe-ft-lite0-lite1": ("probe", "finetune", "ft-lite1"),
     "ens-probe-ft-seeds-lite1": ("probe", "finetune", "ft-seed1", "ft-lite1"),

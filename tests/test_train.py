@@ -147,49 +147,6 @@ def test_compound_weighting_changes_training_and_the_default_does_not_move():
     assert [h["loss"] for h in h2] != [h["loss"] for h in h1]
 
 
-def test_average_epochs_ends_on_the_mean_of_the_last_epochs_weights_and_trains_as_without():
-    """Stochastic weight averaging: training runs exactly as without it (the same losses), and the final floating
-    weights and BatchNorm statistics are the mean of those at the end of the last N epochs; batch counts keep
-    their last value. The default (0) keeps the last epoch's weights."""
-    cache, labels = _toy()
-    rows = np.arange(len(labels))
-
-    def run(average_epochs):
-        torch.manual_seed(3)
-        model = create_model("test_resnet", 2, init="xavier")
-        spec = model_input_spec("test_resnet", 16)
-        pipe = InputPipeline(spec.mean, spec.std, spec.size, Augmenter(seed=3))
-        ends = []
-        settings = TrainSettings(epochs=3, batch_size=8, lr=0.01, average_epochs=average_epochs)
-        with deterministic():
-            history = fit(model, pipe, cache, rows, labels, 2, settings, 3, CPU,
-                          on_epoch=lambda _: ends.append({k: v.clone() for k, v in model.state_dict().items()}))
-        return model.state_dict(), history, ends
-
-    last, plain, ends = run(0)
-    averaged, history, ends_averaged = run(2)
-    assert [h["loss"] for h in history] == [h["loss"] for h in plain]
-    for name, value in last.items():
-        assert torch.equal(value, ends[-1][name]), name
-        assert torch.equal(ends_averaged[-1][name], value), name  # the same training up to the averaging
-        if value.is_floating_point():
-            torch.testing.assert_close(averaged[name], (ends[1][name] + ends[2][name]) / 2, rtol=1e-6, atol=1e-7)
-        else:
-            assert torch.equal(averaged[name], value), name
-    assert any(not torch.equal(averaged[k], last[k]) for k in last if "running_mean" in k)
-    assert any(not torch.equal(averaged[k], last[k]) for k in last if k.endswith("weight"))
-
-
-def test_average_epochs_is_refused_where_it_cannot_apply():
-    from cellmorph.cv.config import validate_config
-
-    with pytest.raises(CellmorphError, match="more than the 3 epochs"):
-        validate_config({"model": "test_resnet", "epochs": 3, "average_epochs": 4})
-    with pytest.raises(CellmorphError, match="mode finetune or linear"):
-        validate_config({"model": "test_resnet", "mode": "linear-probe", "average_epochs": 2})
-    assert validate_config({"model": "test_resnet", "epochs": 3, "average_epochs": 3}).average_epochs == 3
-
-
 def test_fold_seeds_are_distinct_and_stable():
     a, b = derive_seeds(0, 0), derive_seeds(0, 1)
     assert a == derive_seeds(0, 0)

@@ -59,7 +59,6 @@ class TrainSettings:
     unfreeze_every: int = 0
     head_init: str = "random"
     compound_weighting: bool = False
-    average_epochs: int = 0
     cuda_graphs: bool | None = None  # None: wherever they apply (CUDA, no loss scale, one process)
 
     @classmethod
@@ -253,9 +252,6 @@ def fit(
     (a LayerNorm or GroupNorm network, e.g. ConvNeXt, is that model up to float rounding).
     Its running statistics are averaged over the processes after every epoch, so all
     processes keep the same model.
-
-    With ``settings.average_epochs`` N > 0, training is unchanged and the model ends on the mean of its weights
-    at the end of the last N epochs (:class:`_WeightAverage`); ``on_epoch`` still sees each epoch's own weights.
     """
     cuda = device.type == "cuda"
     amp = cuda if settings.amp is None else (settings.amp and cuda)
@@ -266,51 +262,13 @@ def fit(
                              dp, frozen_features)
     rng = np.random.default_rng(shuffle_seed)
     history = []
-    averaged = _WeightAverage(model, settings.epochs - settings.average_epochs) if settings.average_epochs else None
     for epoch in range(settings.epochs):
         record = _train_epoch(model, pipeline, cache, rows, settings, setup, epoch, rng, on_batch, pin_memory=cuda,
                               average_norms_over=dp if dp.active and not sync_norms else None)
-        if averaged is not None:
-            averaged.add(epoch)
         history.append(record)
         if on_epoch:
             on_epoch(record)
-    if averaged is not None:
-        averaged.load()
     return history
-
-
-class _WeightAverage:
-    """Stochastic weight averaging over whole epochs (Izmailov et al. 2018): the running mean of the model's
-    floating-point parameters and buffers at the end of every epoch from ``first`` on, loaded into the model when
-    training ends. BatchNorm's running statistics are averaged with the weights (torch's ``AveragedModel`` with
-    ``use_buffers=True`` does the same) rather than recomputed, which would cost a pass over the training tiles;
-    integer buffers (BatchNorm's batch count) keep their last value."""
-
-    def __init__(self, model: nn.Module, first: int) -> None:
-        self.model, self.first, self.count = model, max(int(first), 0), 0
-        self.mean: dict[str, torch.Tensor] = {}
-
-    def add(self, epoch: int) -> None:
-        if epoch < self.first:
-            return
-        self.count += 1
-        with torch.no_grad():
-            for name, value in self.model.state_dict().items():
-                if not value.is_floating_point():
-                    continue
-                if name not in self.mean:
-                    self.mean[name] = value.detach().clone().float()
-                else:
-                    self.mean[name] += (value.detach().float() - self.mean[name]) / self.count
-
-    def load(self) -> None:
-        if not self.count:
-            return
-        with torch.no_grad():
-            state = self.model.state_dict()
-            for name, value in self.mean.items():
-                state[name].copy_(value.to(state[name].dtype))
 
 
 def _place_model(model: nn.Module, pipeline: InputPipeline, device: torch.device, dp: DataParallel,

@@ -67,9 +67,6 @@ class CVConfig(BaseModel):
     compound_weighting: bool = Field(
         False, description="finetune/linear: within each class, every training compound weighs alike in the loss (a "
         "plate's positive control counts as one compound of its MoA, not as the MoA)")
-    average_epochs: int = Field(
-        0, ge=0, description="finetune/linear: the final weights are the mean of the weights at the end of the last N "
-        "epochs (stochastic weight averaging at the training rate); 0: the last epoch's weights")
     image_size: int | None = Field(None, ge=16, description="network input size in px (default the model's 224/299)")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (timm's drop_rate; "
                              "0 as in the paper); > 0 makes `predict --mc-dropout` possible")
@@ -225,10 +222,6 @@ class CVConfig(BaseModel):
         if self.probe_head == "centroid" and self.probe_c is not None:
             raise ValueError("probe_c regularises the logistic head; the centroid head has none (its temperature is "
                              "chosen inside each fold)")
-        if self.average_epochs and self.mode == "linear-probe":
-            raise ValueError("average_epochs averages a trained network's weights: mode finetune or linear")
-        if self.average_epochs and self.epochs is not None and self.average_epochs > self.epochs:
-            raise ValueError(f"average_epochs {self.average_epochs} is more than the {self.epochs} epochs trained")
         if self.head_init == "probe" and self.mode == "linear-probe":
             raise ValueError("head_init probe starts a trained head; linear-probe is the probe itself")
         if self.freeze_stages and self.mode == "finetune" and self.init == "xavier":
@@ -325,7 +318,6 @@ class CVConfig(BaseModel):
 # Fields that only a trained network uses, and those only the linear probe uses: an ensemble member of the other
 # kind than the first member does not inherit them (CVConfig.members). Keyed (first is a probe, member is one).
 TRAINING_ONLY_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "compound_weighting",
-                        "average_epochs",
                         "drop_rate", "freeze_stages", "backbone_lr_scale", "unfreeze_every", "head_init",
                         "frozen_feature_cache", "cuda_graphs", "eval_epochs", "augment", "amp_dtype", "mode")
 PROBE_ONLY_FIELDS = ("features", "probe_c", "probe_head", "mode")
