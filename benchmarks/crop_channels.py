@@ -33,12 +33,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, score  # noqa: E402
+from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, prepared_cache, score  # noqa: E402
 
 from cellmorph.cv import run_cv  # noqa: E402
 from cellmorph.cv.rundir import EMBEDDINGS, EMBEDDINGS_MARKER  # noqa: E402
-from cellmorph.data.layouts import load_table, prepare_config  # noqa: E402
-from cellmorph.preprocess import prepare  # noqa: E402
 
 ORDERS = ["".join(p) for p in itertools.permutations("012")]
 GREYS = ["grey0", "grey1", "grey2"]
@@ -76,9 +74,7 @@ def derived_table(dev_set: Path, out: Path, variant: str) -> Path:
 
 def probe_run(dev_set: Path, out: Path, variant: str, threads: int | None) -> tuple[Path, float]:
     """(run directory, wall seconds) of the contract's probe on the variant's table."""
-    index = derived_table(dev_set, out, variant)
-    cache = out / "caches" / variant
-    prepare(load_table("crops", index=index), cache, prepare_config("crops", normalize="batch"), progress=False)
+    cache = prepared_cache(derived_table(dev_set, out, variant).parent, out / "caches" / variant)
     run = out / "runs" / variant
     started = time.perf_counter()
     run_cv(cache, run, PROBE | {"num_threads": threads}, resume=(run / "config.yaml").is_file(), progress=False)

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, score  # noqa: E402
+from real_crops import BASE, DEV_SET, FIGURES_HEADER, figures, prepared_cache, score  # noqa: E402
 
 from cellmorph.cv import run_cv  # noqa: E402
-from cellmorph.data.layouts import load_table, prepare_config  # noqa: E402
-from cellmorph.preprocess import prepare  # noqa: E402
 
 # name → (prepare options on top of the crop layout's, what it is)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -39,9 +37,7 @@ def probe_run(dev_set: Path, out: Path, variant: str, threads: int | None) -> tu
     """(run directory, wall seconds of prepare and the probe) for the variant."""
     options, _ = VARIANTS[variant]
     started = time.perf_counter()
-    cache = out / "caches" / variant
-    prepare(load_table("crops", index=dev_set / "index.csv"), cache, prepare_config("crops", **options),
-            progress=False)
+    cache = prepared_cache(dev_set, out / "caches" / variant, **options)
     run = out / "runs" / variant
     run_cv(cache, run, BASE | {"mode": "linear-probe", "num_threads": threads},
            resume=(run / "config.yaml").is_file(), progress=False)

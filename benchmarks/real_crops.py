@@ -105,11 +105,11 @@ DEFAULT_RECIPES = ("probe,probe-logistic,probe-logistic-logmean,probe-centroid-m
                    "probe-c0.1,probe-c0.01,probe-c0.003,probe-c0.001,probe-mean")
 
 
-def prepared_cache(dev_set: Path, out: Path) -> Path:
-    """``cellmorph prepare --layout crops --normalize batch --index INDEX --out CACHE`` (reused when made)."""
-    cache = out / "cache"
-    prepare(load_table("crops", index=dev_set / "index.csv"), cache, prepare_config("crops", normalize="batch"),
-            progress=False)
+def prepared_cache(dev_set: Path, cache: Path, **options) -> Path:
+    """``cellmorph prepare --layout crops --normalize batch --index DEV_SET/index.csv --out CACHE`` (reused when
+    made), with ``options`` (prepare's) on top."""
+    prepare(load_table("crops", index=dev_set / "index.csv"), cache,
+            prepare_config("crops", **({"normalize": "batch"} | options)), progress=False)
     return cache
 
 
@@ -199,7 +199,7 @@ def main() -> None:
     unknown = [n for n in names if n not in RECIPES and n not in ENSEMBLES]
     if unknown:
         raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; see --list")
-    cache = prepared_cache(args.dev_set, args.out)
+    cache = prepared_cache(args.dev_set, args.out / "cache")
     runs = args.out if args.cv == "loco" else args.out / args.cv.replace(":", "-")
     rows, first_probe = [], None  # the first probe recipe with the contract's embedding settings
     for name in names:
