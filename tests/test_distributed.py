@@ -114,3 +114,49 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tiny_
     for r1, r2 in zip(h1, h2):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=LOSS_RTOL)
         assert (r2["train_accuracy"], r2["n_tiles"]) == (r1["train_accuracy"], r1["n_tiles"]) and r1["n_tiles"] == 45
+
+
+EXIT_SCRIPT = """
+import os, sys, torch
+from cellmorph import distributed
+dp = distributed.init_from_env("cpu")
+if sys.argv[1] == "crash" and dp.rank == 1:
+    os._exit(3)  # a peer that dies without leaving the group
+distributed.shutdown(barrier_seconds=5)
+print("left", dp.rank, torch.distributed.is_initialized(), distributed.current().active, flush=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(how: str) -> list[subprocess.CompletedProcess]:
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+@pytest.mark.slow
+def test_ranks_meet_at_exit_then_leave_the_group():
+    """shutdown(): both ranks pass the exit barrier and destroy the group; each exits 0."""
+    for rank, done in enumerate(_two_ranks("normal")):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["left", str(rank), "False", "False"]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_died_still_leaves_after_the_barrier_times_out():
+    """A peer that dies without leaving cannot hang the survivor's exit: its barrier gives up, it
+    destroys the group and exits 0 (torchrun reports the dead rank)."""
+    survivor, dead = _two_ranks("crash")
+    assert dead.returncode == 3
+    assert survivor.returncode == 0, survivor.stderr
+    assert survivor.stdout.split() == ["left", "0", "False", "False"]

@@ -234,10 +234,31 @@ def init_from_env(device: str = "auto") -> DataParallel:
     return _current
 
 
-def shutdown() -> None:
-    """Leave the process group (registered to run at exit by :func:`init_from_env`)."""
+# How long a rank waits at exit for the others to arrive before it leaves without them
+# (a peer that crashed never arrives; torchrun then reports that peer's failure).
+EXIT_BARRIER_SECONDS = 60.0
+
+
+def shutdown(barrier_seconds: float | None = None) -> None:
+    """Leave the process group (registered to run at exit by :func:`init_from_env`).
+
+    The ranks first meet at a barrier (gloo's ``monitored_barrier``, at most
+    ``barrier_seconds``, default :data:`EXIT_BARRIER_SECONDS`), so that no rank tears
+    down its gloo connections while a peer's are still in use: a rank that left first
+    could make the other abort at exit (SIGABRT, "terminate called without an active
+    exception") after the work had succeeded. A peer that never arrives only delays the
+    exit; the group is destroyed either way.
+    """
     global _current
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "gloo" and torch.distributed.get_world_size() > 1:
+            from datetime import timedelta
+
+            seconds = EXIT_BARRIER_SECONDS if barrier_seconds is None else barrier_seconds
+            try:
+                torch.distributed.monitored_barrier(timeout=timedelta(seconds=seconds))
+            except RuntimeError:
+                pass  # a peer is gone: leave without it
         torch.distributed.destroy_process_group()
     _current = _SINGLE
 
