@@ -62,6 +62,13 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "probe-lite2": ({"mode": "linear-probe", "model": "tf_efficientnet_lite2"}, "EfficientNet-Lite2"),
     "probe-lite1": ({"mode": "linear-probe", "model": "tf_efficientnet_lite1"}, "EfficientNet-Lite1"),
     "probe-mnv2": ({"mode": "linear-probe", "model": "mobilenetv2_100"}, "MobileNetV2"),
+    "probe-stage4": ({"mode": "linear-probe", "features": "stage4"}, "crop defaults, stage 4 alone"),
+    "probe-stage234": ({"mode": "linear-probe", "features": "stage2+stage3+stage4"}, "crop defaults, stages 2 to 4"),
+    "probe-head": ({"mode": "linear-probe", "features": "head"}, "crop defaults, the backbone's pooled head features"),
+    "probe-meanmax": ({"mode": "linear-probe", "features": "stage3+stage4/mean+max"},
+                      "crop defaults, each stage pooled by the mean and the max"),
+    "probe-gem": ({"mode": "linear-probe", "features": "stage3+stage4/gem"},
+                  "crop defaults, each stage pooled by the generalised mean (p = 3)"),
     "finetune": ({"epochs": 5}, "the CLI contract's fine-tune: crop defaults, 5 epochs (about an hour on 2 cores)"),
     # Fine-tune levers, one change each from the contract's fine-tune (item 3 of issue 29).
     "ft-probe-head": ({"epochs": 5, "head_init": "probe"}, "head started from a logistic regression (LP-FT)"),
