@@ -244,10 +244,11 @@ def shutdown(barrier_seconds: float | None = None) -> None:
 
     The ranks first meet at a barrier (gloo's ``monitored_barrier``, at most
     ``barrier_seconds``, default :data:`EXIT_BARRIER_SECONDS`), so that no rank tears
-    down its gloo connections while a peer's are still in use: a rank that left first
-    could make the other abort at exit (SIGABRT, "terminate called without an active
-    exception") after the work had succeeded. A peer that never arrives only delays the
-    exit; the group is destroyed either way.
+    down its gloo connections while a peer's are still in use. A rank that left first is
+    the suspected cause of a rare abort at exit after the work had succeeded (SIGABRT,
+    "terminate called without an active exception", seen twice in some dozens of suite runs
+    and not reproduced since). A peer that never arrives only delays the exit; the
+    group is destroyed either way.
     """
     global _current
     if torch.distributed.is_available() and torch.distributed.is_initialized():
