@@ -14,6 +14,7 @@ import torch
 
 from cellmorph.bundle import load_bundle
 from cellmorph.distributed import DataParallel
+from tests.support.ports import free_ports
 
 BIN = Path(sys.executable).parent
 TORCHRUN, CELLMORPH = BIN / "torchrun", BIN / "cellmorph"
@@ -127,16 +128,8 @@ print("left", dp.rank, torch.distributed.is_initialized(), distributed.current()
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(how: str) -> list[subprocess.CompletedProcess]:
-    port = str(_free_port())
+    port = str(free_ports(1)[0])
     procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})

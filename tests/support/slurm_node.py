@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tests.support.ports import free_ports
+
 ACCOUNTING_MODES = ("none", "squeue", "slurmdbd")
 CORE_BINARIES = ("munged", "munge", "slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "sinfo",
                  "squeue", "scontrol", "scancel")
@@ -75,18 +77,6 @@ def slurm_unavailable_reason(accounting: str = "none") -> str | None:
         if missing:
             return f"slurm accounting not installed ({DBD_INSTALL}): no {', '.join(missing)}"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _port_open(port: int) -> bool:
@@ -256,7 +246,7 @@ class SlurmNode:
                                f"--pid-file={munge_dir / 'munged.pid'}", f"--seed-file={munge_dir / 'munged.seed'}"])
         self._wait("munged", lambda: self._client_ok(_which("munge"), "-n", "-S", str(sock)), deadline)
 
-        ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
+        ctld_port, slurmd_port, dbd_port, db_port = free_ports(4)
         conf = self._slurm_conf(sock, ctld_port, slurmd_port, dbd_port)
         (self.root / "plugstack.conf").write_text("")
         self.conf.write_text(conf)
