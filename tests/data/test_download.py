@@ -32,6 +32,7 @@ from cellmorph.data.download import download_bbbc021, download_command, fetch
 from cellmorph.errors import CellmorphError
 
 from tests.conftest import REAL_METADATA, require
+from tests.support.ports import free_ports
 
 PREFIX = "/bbbc/BBBC021/"
 
@@ -214,12 +215,6 @@ def _download(root: Path, site: Site, **kw) -> dict:
     return download_bbbc021(root, base_url=site.url, **kw)
 
 
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- tests
 def test_synthetic_plate_map_has_a_plate_outside_the_subset(server, tmp_path):
     for name in ("BBBC021_v1_image.csv", "BBBC021_v1_moa.csv"):
@@ -355,7 +350,7 @@ def test_size_mismatch_through_download_bbbc021(server, tmp_path):
 
 
 def test_unreachable_server_is_a_quick_one_line_error(tmp_path):
-    url = f"http://127.0.0.1:{_closed_port()}/bbbc/BBBC021/"
+    url = f"http://127.0.0.1:{free_ports(1)[0]}/bbbc/BBBC021/"
     started = time.monotonic()
     with pytest.raises(CellmorphError) as info:
         download_bbbc021(tmp_path, base_url=url, progress=False, timeout=1.0, retries=1)
