@@ -87,6 +87,8 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "ft-160": ({"epochs": 5, "image_size": 160}, "160 px"),
     "ft-lite1": ({"epochs": 5, "model": "tf_efficientnet_lite1", "ensemble": []},
                  "EfficientNet-Lite1, one network (a member of another backbone for the fine-tune's ensemble)"),
+    "ft-snapshots": ({"epochs": 5, "eval_epochs": [3, 4]},
+                     "the contract's fine-tune (its default ensemble), each network also scored after epochs 3 and 4"),
 }
 # name → member recipes, combined as `cv --ensemble…` combines members: each level's held-out probabilities
 # averaged over them. Members must have run (same folds, same cells).
