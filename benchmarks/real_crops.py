@@ -146,6 +146,21 @@ def score(run: Path | list[Path]) -> dict:
         metrics = json.loads((run / "metrics.json").read_text())
         cells = pd.read_parquet(run / "predictions.parquet")
         treatments = pd.read_csv(run / "treatments.csv")
+    return level_figures(metrics, cells, treatments)
+
+
+def score_frames(levels: dict[str, pd.DataFrame], n_folds: int) -> dict:
+    """The figures of held-out levels (``tiles``, ``wells``, ``treatments``, as ``RunDir.read_levels`` gives them)
+    that no run wrote, e.g. re-combined from a run's outputs."""
+    from cellmorph.cv.run import score_levels
+
+    classes = [c[len("prob_"):] for c in levels["tiles"].columns if c.startswith("prob_")]
+    metrics = score_levels(levels["tiles"], levels["wells"], levels["treatments"], classes, n_folds)
+    return level_figures(metrics | {"n_folds": n_folds}, levels["tiles"], levels["treatments"])
+
+
+def level_figures(metrics: dict, cells: pd.DataFrame, treatments: pd.DataFrame) -> dict:
+    """:func:`score`'s row from a run's metrics and its held-out cells and treatments."""
     probs = [c for c in cells.columns if c.startswith("prob_")]
     classes = [c[len("prob_"):] for c in probs]
 

@@ -91,6 +91,31 @@ def test_real_crops_scores_a_run_and_an_ensemble_of_it_alike(tiny_cache, tmp_pat
     assert 0 <= alone["balanced_cell"] <= 1 and alone["probe_c"]
 
 
+def test_snapshot_ensemble_averages_a_networks_epochs_and_its_last_alone_is_the_run(tiny_cache, tmp_path):
+    """benchmarks/snapshot_ensemble.py: the last epoch alone scores as the run itself, an earlier epoch as the run's
+    own by-epoch figure, and two epochs are each tile's probabilities averaged over them."""
+    import numpy as np
+    from tests.conftest import quick_config
+    from real_crops import score, score_frames
+    from snapshot_ensemble import snapshot_levels
+
+    from cellmorph.cv import run_cv
+
+    run = tmp_path / "ft"
+    metrics = run_cv(tiny_cache, run, quick_config(epochs=2, eval_epochs=[1], cv="group-kfold:2"), progress=False)
+    n_folds = metrics["n_folds"]
+    last, first = score_frames(snapshot_levels(run, (2,)), n_folds), score_frames(snapshot_levels(run, (1,)), n_folds)
+    for key in ("treatment", "well", "cell", "balanced_cell", "treatment_log_loss"):
+        assert last[key] == pytest.approx(score(run)[key]), key
+    assert first["treatment"] == pytest.approx(metrics["by_epoch"]["1"]["treatment_accuracy"])
+    assert first["cell"] == pytest.approx(metrics["by_epoch"]["1"]["tile_accuracy"])
+    tiles = {e: snapshot_levels(run, e)["tiles"].sort_values("Metadata_CacheRow") for e in ((1,), (2,), (1, 2))}
+    probs = [c for c in tiles[(1,)].columns if c.startswith("prob_")]
+    assert not np.allclose(tiles[(1,)][probs], tiles[(2,)][probs])
+    np.testing.assert_allclose(tiles[(1, 2)][probs], (tiles[(1,)][probs].to_numpy() + tiles[(2,)][probs].to_numpy()) / 2,
+                               rtol=1e-6)
+
+
 def test_crop_channels_reorders_or_repeats_each_crops_channels_and_keeps_its_rows(tmp_path):
     """benchmarks/crop_channels.py's derived tables: the same cells in the same rows, each crop's channels in the
     variant's order (or one channel on all three), and the source table untouched."""
