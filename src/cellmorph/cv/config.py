@@ -342,8 +342,9 @@ CROP_FINETUNE_SEEDS = 2
 # case (train on some compounds of the development set, predict the others: 46 treatments, outer group-kfold:4)
 # the three called 0.674 of the treatments against 0.587 for the two seeds, and their sets at α = 0.2 covered
 # 0.891 (2.26 MoAs a set) against 0.870 (2.65); under LOCO 0.717 against 0.696, balanced cell accuracy 0.426
-# against 0.439, for 4 more minutes. benchmarks/RESULTS.md, 'A linear probe in the bundle'. --ensemble-seeds N
-# alone gives an ensemble of N fine-tunes; --ensemble-probe adds the probe to it.
+# against 0.439, for 4 more minutes (on an AMD EPYC, where the same seeds train other networks: 0.630 against
+# 0.609, balanced 0.403 against 0.400). benchmarks/RESULTS.md, 'A linear probe in the bundle' and 'Snapshot
+# ensembles'. --ensemble-seeds N alone gives an ensemble of N fine-tunes; --ensemble-probe adds the probe to it.
 CROP_FINETUNE_PROBE_MEMBER = {"mode": "linear-probe"}
 
 
