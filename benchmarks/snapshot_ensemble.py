@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_crops import FIGURES_HEADER, figures, score_frames  # noqa: E402
 
 from cellmorph.cv.rundir import RunDir  # noqa: E402
-from cellmorph.metrics import CACHE_ROW_COLUMN, aggregate, mean_of_levels, prob_columns  # noqa: E402
+from cellmorph.metrics import aggregate, mean_of_levels, prob_columns  # noqa: E402
+from cellmorph.schema import CACHE_ROW_COLUMN  # noqa: E402
 
 
 def member_runs(run: Path) -> list[Path]:
