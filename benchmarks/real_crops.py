@@ -122,41 +122,31 @@ def prepared_cache(dev_set: Path, cache: Path, **options) -> Path:
     return cache
 
 
-def ensemble_outputs(runs: list[Path]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """(metrics, cells, treatments) of the members' runs combined as `cv` combines an ensemble's members
-    (cellmorph.cv.ensemble: each level's probabilities averaged over the members)."""
-    from cellmorph.cv.ensemble import mean_levels
-    from cellmorph.cv.run import score_levels
-
-    levels = mean_levels(runs)
-    first = json.loads((runs[0] / "metrics.json").read_text())
-    metrics = score_levels(levels["tiles"], levels["wells"], levels["treatments"],
-                           [c[len("prob_"):] for c in levels["tiles"].columns if c.startswith("prob_")],
-                           first["n_folds"])
-    metrics |= {"skipped_folds": first.get("skipped_folds", []), "n_folds": first["n_folds"],
-                "seconds": sum(json.loads((r / "metrics.json").read_text()).get("seconds") or 0 for r in runs)}
-    return metrics, levels["tiles"], levels["treatments"]
-
-
 def score(run: Path | list[Path]) -> dict:
-    """The figures of a finished run (or of an ensemble of runs), from its written outputs."""
+    """The figures of a finished run (or of an ensemble of runs, combined as `cv` combines an ensemble's members:
+    each level's probabilities averaged over them), from its written outputs."""
     if isinstance(run, list):
-        metrics, cells, treatments = ensemble_outputs(run)
-    else:
-        metrics = json.loads((run / "metrics.json").read_text())
-        cells = pd.read_parquet(run / "predictions.parquet")
-        treatments = pd.read_csv(run / "treatments.csv")
+        from cellmorph.cv.ensemble import mean_levels
+
+        first = json.loads((run[0] / "metrics.json").read_text())
+        seconds = sum(json.loads((r / "metrics.json").read_text()).get("seconds") or 0 for r in run)
+        return score_frames(mean_levels(run), first["n_folds"],
+                            {"skipped_folds": first.get("skipped_folds", []), "seconds": seconds})
+    metrics = json.loads((run / "metrics.json").read_text())
+    cells = pd.read_parquet(run / "predictions.parquet")
+    treatments = pd.read_csv(run / "treatments.csv")
     return level_figures(metrics, cells, treatments)
 
 
-def score_frames(levels: dict[str, pd.DataFrame], n_folds: int) -> dict:
+def score_frames(levels: dict[str, pd.DataFrame], n_folds: int, run_metrics: dict | None = None) -> dict:
     """The figures of held-out levels (``tiles``, ``wells``, ``treatments``, as ``RunDir.read_levels`` gives them)
-    that no run wrote, e.g. re-combined from a run's outputs."""
+    that no run wrote, e.g. re-combined from runs' outputs; ``run_metrics``: what a run would record beside them
+    (``skipped_folds``, ``seconds``)."""
     from cellmorph.cv.run import score_levels
 
     classes = [c[len("prob_"):] for c in levels["tiles"].columns if c.startswith("prob_")]
     metrics = score_levels(levels["tiles"], levels["wells"], levels["treatments"], classes, n_folds)
-    return level_figures(metrics | {"n_folds": n_folds}, levels["tiles"], levels["treatments"])
+    return level_figures(metrics | {"n_folds": n_folds} | (run_metrics or {}), levels["tiles"], levels["treatments"])
 
 
 def level_figures(metrics: dict, cells: pd.DataFrame, treatments: pd.DataFrame) -> dict:

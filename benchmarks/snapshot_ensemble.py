@@ -23,14 +23,20 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_crops import FIGURES_HEADER, figures, score_frames  # noqa: E402
 
+from cellmorph.cv.ensemble import is_ensemble_run, member_dir  # noqa: E402
 from cellmorph.cv.rundir import RunDir  # noqa: E402
 from cellmorph.metrics import aggregate, mean_of_levels, prob_columns  # noqa: E402
 from cellmorph.schema import CACHE_ROW_COLUMN  # noqa: E402
 
 
 def member_runs(run: Path) -> list[Path]:
-    members = sorted(run.glob("member-*"), key=lambda p: int(p.name.split("-")[1]))
-    return members or [run]
+    """An ensemble run's member directories in order, or the run itself where it is one network's."""
+    if not is_ensemble_run(run):
+        return [run]
+    members = []
+    while member_dir(run, len(members) + 1).is_dir():
+        members.append(member_dir(run, len(members) + 1))
+    return members
 
 
 def snapshot_levels(member: Path, epochs: tuple[int, ...]) -> dict[str, pd.DataFrame]:
