@@ -402,8 +402,9 @@ def flops_per_image(name: str, size: int) -> float:
 
 
 def step_rate(name: str, size: int, batch: int, precision: str, channels_last: bool, compiled: bool,
-              device: torch.device, steps: int, graphed: bool = False) -> dict:
-    """Images/s of training steps (forward, class-weighted loss, backward, SGD) on one fixed batch."""
+              device: torch.device, steps: int, graphed: bool = False, repeats: int = 3) -> dict:
+    """Images/s of training steps (forward, class-weighted loss, backward, SGD) on one fixed batch: the median
+    of ``repeats`` timings of ``steps`` steps, after ``repeats`` warm-up steps."""
     import timm
 
     torch.manual_seed(0)
@@ -442,12 +443,12 @@ def step_rate(name: str, size: int, batch: int, precision: str, channels_last: b
         with torch.cuda.graph(graph):
             eager()
         step = graph.replay
-    for _ in range(3):
+    for _ in range(repeats):
         step()
     sync(device)
     warmup = time.perf_counter() - t
     rates = []
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(steps):
             step()
@@ -459,9 +460,9 @@ def step_rate(name: str, size: int, batch: int, precision: str, channels_last: b
 
 def throughput(device: torch.device, shapes: list[tuple[str, int]], batches: list[int], precisions: list[str],
                steps: int, budget: Budget, peak_flops: float | None, compiled: bool = False,
-               graphed: str = "off", nchw: bool = True) -> list[dict]:
+               graphed: str = "off", nchw: bool = True, repeats: int = 3) -> list[dict]:
     """``graphed``: off (eager steps), on (CUDA-graph steps only), both; ``nchw``: also bf16 without
-    channels-last at the largest batch (its share, once)."""
+    channels-last at the largest batch (its share, once); ``repeats``: see `step_rate`."""
     rows = []
     graph_modes = {"off": [False], "on": [True], "both": [False, True]}[graphed if device.type == "cuda" else "off"]
     for name, size in shapes:
@@ -475,7 +476,7 @@ def throughput(device: torch.device, shapes: list[tuple[str, int]], batches: lis
                     rows.append({"model": name, "batch": batch, "precision": precision, "skipped": "budget"})
                     continue
                 try:
-                    row = step_rate(name, size, batch, precision, channels_last, compiled, device, steps, graph)
+                    row = step_rate(name, size, batch, precision, channels_last, compiled, device, steps, graph, repeats)
                 except Exception as error:  # noqa: BLE001 - one failing variant must not end the run
                     row = {"model": name, "size": size, "batch": batch, "precision": precision,
                            "channels_last": channels_last, "compile": compiled, "error": f"{type(error).__name__}: {error}"}
@@ -699,7 +700,10 @@ def main(argv: list[str] | None = None) -> dict:
         fold = section("fold", 20, lambda: one_fold(cache, work / "fold", config, time.perf_counter()
                                                     + budget.left() - 150, device))
     section("throughput", 20, lambda: throughput(device, shapes, batches, precisions, steps, budget, peak_flops,
-                                                 graphed=args.graphed, nchw=args.precisions is None))
+                                                 graphed=args.graphed, nchw=args.precisions is None,
+                                                 # a smoke run checks the code: one warm-up step, one timed
+                                                 # (bf16 is emulated on most CPUs, a step of it costs seconds)
+                                                 repeats=1 if smoke else 3))
     if cache is not None:
         one = fold.get("seconds", 60.0) if fold.get("complete") else 60.0
         # Concurrency: fewer epochs per fold when a whole fold is long (its epochs cost the same).
