@@ -19,8 +19,11 @@ QUICK_CV = quick_args(epochs=2, cv="group-kfold:2")
 @pytest.mark.slow
 def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
     run = tmp_path / "run"
+    # A fixed C: the nested choice (the default) is the same code under any split, and costs a second a fold
+    # here; tests/cv/test_probe.py checks it chooses from the training compounds only.
     proc = run_cli_here("cv", "--data", str(tiny_cache), "--model", "tf_efficientnet_lite0", "--init", "imagenet",
-                   "--cv", "loco", "--mode", "linear-probe", "--image-size", "64", "--out", str(run))
+                        "--cv", "loco", "--mode", "linear-probe", "--probe-c", "0.1", "--image-size", "64",
+                        "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("treatment_accuracy", "well_accuracy", "tile_accuracy", "n_treatments", "n_folds"):
@@ -46,7 +49,7 @@ def test_cv_linear_probe_loco_writes_the_run_directory(tiny_cache, tmp_path):
     treatments = pd.read_csv(run / "treatments.csv")
     assert {"Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "Predicted_MoA"} <= set(treatments.columns)
     config = (run / "config.yaml").read_text()
-    assert "git_commit" in config and "seed" in config and "torch" in config
+    assert "git_commit" in config and "seed" in config and "torch" in config and "probe_c: 0.1" in config
     assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -147,7 +150,7 @@ def test_demo_writes_the_run_directory(tmp_path):
 def test_cv_in_a_batch_log_prints_one_line_per_fold_and_epoch_and_refuses_a_rerun(tiny_cache, tmp_path):
     """Not a terminal: plain lines with elapsed time and time left; a second run names --resume."""
     run = tmp_path / "run"
-    proc = run_cli("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)
+    proc = run_cli_here("cv", "--data", tiny_cache, *QUICK_CV, "--out", run)  # stderr captured: not a terminal
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     folds = [line for line in lines if re.search(r"\] folds \d/2 ", line)]

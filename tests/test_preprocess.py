@@ -178,7 +178,9 @@ def _first_treated(root: Path) -> tuple[int, Path]:
 
 
 def _prepare_cli(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("prepare", "--layout", "bbbc021", "--root", str(root), "--out", str(out), *extra)
+    """`cellmorph prepare` in this process: a subprocess pays a second of imports, and the process boundary is
+    tested by test_prepare_cli_is_idempotent_and_records_provenance and test_prepare_crops_cli."""
+    return run_cli_here("prepare", "--layout", "bbbc021", "--root", str(root), "--out", str(out), *extra)
 
 
 # Bad images and metadata rows, each made in a copy of the tiny screen: (the defect's file or row, the words the
@@ -270,7 +272,7 @@ def test_wrong_channel_count_in_a_crop(real_crops, tmp_path):
     bad = tmp_path / index["FileName"].iloc[3]
     np.save(bad, np.load(bad)[..., :2])
     index.to_csv(tmp_path / "index.csv", index=False)
-    proc = run_cli("prepare", "--layout", "crops", "--index", str(tmp_path / "index.csv"), "--out", str(tmp_path / "c"))
+    proc = run_cli_here("prepare", "--layout", "crops", "--index", str(tmp_path / "index.csv"), "--out", str(tmp_path / "c"))
     one_line_error(proc, str(bad), "H×W×3")
     assert not (tmp_path / "c").exists()
 
@@ -356,7 +358,7 @@ def test_compounds_absent_from_the_moa_table_are_reported_not_silently_dropped(t
     assert cache.excluded_compounds == {"mystery-compound": n}
     assert "mystery-compound" not in set(cache.index["Metadata_Compound"])
 
-    shown = run_cli("inspect", "--layout", "bbbc021", "--root", tiny_copy, "--json")
+    shown = run_cli_here("inspect", "--layout", "bbbc021", "--root", tiny_copy, "--json")
     assert shown.returncode == 0, shown.stderr
     assert shown.stderr.splitlines() == [expected]
     assert json.loads(shown.stdout)["excluded_compounds"] == {"mystery-compound": n}
@@ -418,7 +420,7 @@ def _header_only(src: Path, dest: Path) -> Path:
 
 def test_header_only_crop_table_names_the_file(real_crops, tmp_path):
     csv = _header_only(real_crops, tmp_path / "header_only.csv")
-    proc = run_cli("prepare", "--layout", "crops", "--index", csv, "--out", tmp_path / "c")
+    proc = run_cli_here("prepare", "--layout", "crops", "--index", csv, "--out", tmp_path / "c")
     one_line_error(proc, str(csv), "no rows below the header")
     assert not (tmp_path / "c").exists()
 
@@ -436,7 +438,7 @@ def test_no_annotated_image_names_the_table(tiny_copy, tmp_path):
     images.loc[treated, "Image_Metadata_Compound"] = "unknown-" + images.loc[treated, "Image_Metadata_Compound"]
     images.to_csv(tiny_copy / "BBBC021_v1_image.csv", index=False)
     for command, extra in (("inspect", []), ("prepare", ["--out", tmp_path / "cache"])):
-        proc = run_cli(command, "--layout", "bbbc021", "--root", tiny_copy, *extra)
+        proc = run_cli_here(command, "--layout", "bbbc021", "--root", tiny_copy, *extra)
         one_line_error(proc, str(tiny_copy / "BBBC021_v1_image.csv"), "no image has a compound and concentration "
                        f"listed in BBBC021_v1_moa.csv ({int(treated.sum())} images of")
     assert not (tmp_path / "cache").exists()
@@ -476,7 +478,7 @@ def test_a_directory_where_a_file_belongs(option, real_crops, tiny_copy, tmp_pat
         extra = ["--out", tmp_path / "cache"] if command == "prepare" else []
         if command == "inspect" and option == "--config":
             continue  # inspect has no --config
-        one_line_error(run_cli(command, *args, *extra), str(folder), "is a directory")
+        one_line_error(run_cli_here(command, *args, *extra), str(folder), "is a directory")
     assert not (tmp_path / "cache").exists()
 
 

@@ -126,7 +126,7 @@ def test_a_lock_that_made_its_folder_removes_it_when_nothing_was_written(tmp_pat
 
 @pytest.mark.parametrize("command", ["prepare", "train"])  # cv: tests/test_cli.py; predict takes the same lock
 def test_every_writing_command_refuses_a_folder_another_run_holds(command, tiny_screen, tiny_cache, tmp_path):
-    from tests.conftest import QUICK_TRAIN, one_line_error, run_cli
+    from tests.conftest import QUICK_TRAIN, one_line_error, run_cli_here
 
     out = tmp_path / "out"
     # train replaces its bundle folder whole, so its lock lies beside the folder
@@ -137,7 +137,7 @@ def test_every_writing_command_refuses_a_folder_another_run_holds(command, tiny_
             "train": ("train", "--data", tiny_cache, *QUICK_TRAIN, "--out", out)}[command]
     try:
         assert holder.stdout.readline().strip() == "held"
-        one_line_error(run_cli(*args), "another cellmorph run", f"pid {holder.pid}")
+        one_line_error(run_cli_here(*args), "another cellmorph run", f"pid {holder.pid}")
         assert [p.name for p in tmp_path.rglob("*") if p.name != LOCK_FILE and not p.name.endswith(LOCK_FILE)] \
             == ([] if command == "train" else ["out"])  # nothing but the holder's lock (and its folder)
     finally:

@@ -293,7 +293,7 @@ def test_frozen_feature_cache_matches_on_the_fly_training_and_resumes(first_run,
     whole = tmp_path / "whole"
     run_cv(crop_cache, whole, augmented, progress=False)
     killed = tmp_path / "killed"
-    run_cv(crop_cache, killed, augmented, progress=False)
+    shutil.copytree(whole, killed)  # the same run, then killed while fold 2 trained: its folder and outputs gone
     shutil.rmtree(killed / "folds" / "2")
     for name in OUTPUTS[1:]:
         (killed / name).unlink()

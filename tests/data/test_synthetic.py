@@ -13,7 +13,7 @@ import tifffile
 from cellmorph.data import synthetic as syn
 from cellmorph.data.bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV, load_bbbc021
 from cellmorph.errors import CellmorphError
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli_here
 
 UUID = r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}"
 FILE_RE = re.compile(r"^([B-G](?:0[2-9]|1[01]))_s(\d+)_(w[124])(" + UUID + r")\.tif$")
@@ -260,7 +260,7 @@ def test_synth_refuses_an_unusable_out(dataset, kind, tmp_path):
     a_file = tmp_path / "a-file.txt"
     a_file.write_text("keep me\n")
     out = {"existing file": a_file, "under a file": a_file / "sub", "under /proc": Path("/proc/cellmorph-test/out")}[kind]
-    line = one_line_error(run_cli("synth", out, "--dataset", dataset), str(out))
+    line = one_line_error(run_cli_here("synth", out, "--dataset", dataset), str(out))
     assert ("is an existing file, not a folder" if kind == "existing file" else "cannot write the output folder") in line
     assert a_file.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file.txt"]

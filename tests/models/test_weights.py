@@ -20,7 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cellmorph.cli.weights import weights_app
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import one_line_error, run_cli, run_cli_here
 from cellmorph.errors import CellmorphError
 from cellmorph.models import weights as W
 # Private helpers are patched (and called) in the module that uses them, not through the package.
@@ -432,7 +432,7 @@ def test_a_directory_is_not_a_weights_file(home, tmp_path, no_network):
     folder.mkdir()
     with pytest.raises(CellmorphError, match="is a directory, expected a weights file"):
         resolve_weights(LITE0, weights=folder)
-    one_line_error(run_cli("weights", "import", folder, "--model", "resnet18", env={"CELLMORPH_HOME": str(home)}),
+    one_line_error(run_cli_here("weights", "import", folder, "--model", "resnet18"),  # $CELLMORPH_HOME: home's
                    str(folder), "is a directory")
     assert not (home / "weights").exists()
 
@@ -499,8 +499,7 @@ def test_import_refuses_a_fine_tuned_state_dict_as_imagenet_weights(home, tmp_pa
     refused at import (one line naming the file and both shapes), not later by `weights verify`."""
     fine_tuned = tmp_path / "resnet18-moa.pth"
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=12).state_dict(), fine_tuned)
-    line = one_line_error(run_cli("weights", "import", fine_tuned, "--model", "resnet18",
-                                  env={"CELLMORPH_HOME": str(home)}),
+    line = one_line_error(run_cli_here("weights", "import", fine_tuned, "--model", "resnet18"),
                           str(fine_tuned), "classifier fc.weight is (12, 512)", "ImageNet head is (1000, 512)")
     assert "not ImageNet weights" in line
     headless = {k: v for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()
@@ -536,7 +535,8 @@ def test_online_download_lands_in_cache(home, monkeypatch):
 def test_a_cellmorph_home_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     a_file = tmp_path / "home"
     a_file.write_text("not a folder")
-    one_line_error(run_cli("weights", "list", env={"CELLMORPH_HOME": str(a_file)}),
+    monkeypatch.setenv("CELLMORPH_HOME", str(a_file))
+    one_line_error(run_cli_here("weights", "list"),
                    "$CELLMORPH_HOME", str(a_file), "is a file")
     weights = tmp_path / "r18.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
