@@ -138,14 +138,35 @@ def real_crops() -> Path:
     return require(REAL_CROPS / "index.csv")
 
 
+def built_once(tmp_path_factory, folder: str, build) -> Path:
+    """``build(path)`` once for the whole test run (``path``: ``folder`` in the run's temporary folder): the
+    pytest-xdist workers of one run share what the first of them built (under a file lock, as pytest-xdist's
+    documentation shows), so a session fixture's seconds are paid once, not once a worker. Only for fixtures that
+    no test modifies."""
+    from filelock import FileLock
+
+    # xdist gives each worker its own basetemp inside the run's; a run without xdist has only its own
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    base = root / "built-once"
+    base.mkdir(exist_ok=True)
+    out, done = base / folder, base / (folder.replace("/", "-") + ".done")
+    with FileLock(str(done) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(base / Path(folder).parts[0], ignore_errors=True)  # what a failed build left
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_screen(tmp_path_factory) -> Path:
-    """A tiny synthetic BBBC021-layout screen, built once per session by our own generator. Do not modify."""
+    """A tiny synthetic BBBC021-layout screen, built once per test run by our own generator. Do not modify."""
     from cellmorph.data.synthetic import generate_bbbc021
 
-    out = tmp_path_factory.mktemp("tiny") / "screen"
-    generate_bbbc021(out, preset="tiny", seed=0, progress=False)
-    return out
+    return built_once(tmp_path_factory, "tiny/screen",
+                      lambda out: generate_bbbc021(out, preset="tiny", seed=0, progress=False))
 
 
 @pytest.fixture
@@ -158,13 +179,12 @@ def tiny_copy(tiny_screen, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_screen, tmp_path_factory) -> Path:
-    """The tiny screen prepared with default settings. Do not modify."""
+    """The tiny screen prepared with default settings, once per test run. Do not modify."""
     from cellmorph.data.bbbc021 import load_bbbc021
     from cellmorph.preprocess import PrepareConfig, prepare
 
-    out = tmp_path_factory.mktemp("tinycache") / "cache"
-    prepare(load_bbbc021(tiny_screen, tiny_screen), out, PrepareConfig(), progress=False)
-    return out
+    return built_once(tmp_path_factory, "tinycache/cache", lambda out: prepare(
+        load_bbbc021(tiny_screen, tiny_screen), out, PrepareConfig(), progress=False))
 
 
 # The suite's one quick training recipe: a tiny network from scratch on 32-px tiles, 40 tiles a fold,
@@ -190,11 +210,13 @@ QUICK_TRAIN = quick_args()
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_cache, tmp_path_factory) -> Path:
-    """A model bundle trained on the tiny cache, calibrated by group-kfold:2. Do not modify."""
-    out = tmp_path_factory.mktemp("bundle") / "model"
-    proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    return out
+    """A model bundle trained on the tiny cache, calibrated by group-kfold:2, once per test run. Do not modify."""
+
+    def train(out: Path) -> None:
+        proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--calibration", "group-kfold:2", "--out", out)
+        assert proc.returncode == 0, proc.stderr
+
+    return built_once(tmp_path_factory, "bundle/model", train)
 
 
 class SmallDisk:
