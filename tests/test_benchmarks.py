@@ -100,6 +100,7 @@ def test_snapshot_ensemble_averages_a_networks_epochs_and_its_last_alone_is_the_
     from snapshot_ensemble import snapshot_levels
 
     from cellmorph.cv import run_cv
+    from cellmorph.schema import CACHE_ROW_COLUMN
 
     run = tmp_path / "ft"
     metrics = run_cv(tiny_cache, run, quick_config(epochs=2, eval_epochs=[1], cv="group-kfold:2"), progress=False)
@@ -109,7 +110,7 @@ def test_snapshot_ensemble_averages_a_networks_epochs_and_its_last_alone_is_the_
         assert last[key] == pytest.approx(score(run)[key]), key
     assert first["treatment"] == pytest.approx(metrics["by_epoch"]["1"]["treatment_accuracy"])
     assert first["cell"] == pytest.approx(metrics["by_epoch"]["1"]["tile_accuracy"])
-    tiles = {e: snapshot_levels(run, e)["tiles"].sort_values("Metadata_CacheRow") for e in ((1,), (2,), (1, 2))}
+    tiles = {e: snapshot_levels(run, e)["tiles"].sort_values(CACHE_ROW_COLUMN) for e in ((1,), (2,), (1, 2))}
     probs = [c for c in tiles[(1,)].columns if c.startswith("prob_")]
     assert not np.allclose(tiles[(1,)][probs], tiles[(2,)][probs])
     np.testing.assert_allclose(tiles[(1, 2)][probs], (tiles[(1,)][probs].to_numpy() + tiles[(2,)][probs].to_numpy()) / 2,
