@@ -460,17 +460,18 @@ def step_rate(name: str, size: int, batch: int, precision: str, channels_last: b
 
 def throughput(device: torch.device, shapes: list[tuple[str, int]], batches: list[int], precisions: list[str],
                steps: int, budget: Budget, peak_flops: float | None, compiled: bool = False,
-               graphed: str = "off", nchw: bool = True, repeats: int = 3) -> list[dict]:
-    """``graphed``: off (eager steps), on (CUDA-graph steps only), both; ``nchw``: also bf16 without
-    channels-last at the largest batch (its share, once); ``repeats``: see `step_rate`."""
+               graphed: str = "off", nchw: str | None = "bf16", repeats: int = 3) -> list[dict]:
+    """``graphed``: off (eager steps), on (CUDA-graph steps only), both; ``nchw``: also this precision
+    without channels-last at the largest batch (its share, once; None: no such row); ``repeats``: see
+    `step_rate`."""
     rows = []
     graph_modes = {"off": [False], "on": [True], "both": [False, True]}[graphed if device.type == "cuda" else "off"]
     for name, size in shapes:
         flops = flops_per_image(name, size)
         for batch in batches:
             variants = [(p, True, g) for g in graph_modes for p in precisions if not (g and p == "fp16")]
-            if nchw and not compiled and "bf16" in precisions and batch == max(batches) and False in graph_modes:
-                variants.append(("bf16", False, False))
+            if nchw in precisions and not compiled and batch == max(batches) and False in graph_modes:
+                variants.append((nchw, False, False))
             for precision, channels_last, graph in variants:
                 if budget.left() < (90 if compiled else 15):
                     rows.append({"model": name, "batch": batch, "precision": precision, "skipped": "budget"})
@@ -700,9 +701,11 @@ def main(argv: list[str] | None = None) -> dict:
         fold = section("fold", 20, lambda: one_fold(cache, work / "fold", config, time.perf_counter()
                                                     + budget.left() - 150, device))
     section("throughput", 20, lambda: throughput(device, shapes, batches, precisions, steps, budget, peak_flops,
-                                                 graphed=args.graphed, nchw=args.precisions is None,
-                                                 # a smoke run checks the code: one warm-up step, one timed
-                                                 # (bf16 is emulated on most CPUs, a step of it costs seconds)
+                                                 graphed=args.graphed,
+                                                 # a smoke run checks the code: one warm-up step, one timed, and
+                                                 # its NCHW row in fp32 (bf16 is emulated on most CPUs, a step of
+                                                 # it costs seconds; the layout's code path is the same)
+                                                 nchw=None if args.precisions else "fp32" if smoke else "bf16",
                                                  repeats=1 if smoke else 3))
     if cache is not None:
         one = fold.get("seconds", 60.0) if fold.get("complete") else 60.0
