@@ -1,6 +1,6 @@
 """Novelty scores for a MoA that training never saw, compared on real cells (issue 31, item 2).
 
-    python benchmarks/open_set.py RUN [--alpha 0.1] [--out TABLE.json]
+    python benchmarks/open_set.py RUN [--alpha 0.1] [--pool compound] [--out TABLE.json]
 
 ``RUN`` is a finished linear-probe ``cv`` run of a crop table (the contract's probe on crops-moa-dev: its
 ``embeddings.npy`` and cache are read; no network runs). Leave one MoA out, for every MoA: its treatments are the
@@ -99,8 +99,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: np.ndarray,
-                     test: np.ndarray, controls: np.ndarray) -> pd.DataFrame:
-    """Every score of each test treatment, from a probe fitted on the ``train`` rows (and the controls) only."""
+                     test: np.ndarray, controls: np.ndarray, pool: str = "treatment") -> pd.DataFrame:
+    """Every score of each test treatment, from a probe fitted on the ``train`` rows (and the controls) only.
+    ``pool="compound"``: each treatment scored by its compound's profile, the mean of the compound's treatment
+    profiles (cell kNN: the median over the compound's cells), as ``compounds.csv`` calls a compound."""
     from scipy.special import logsumexp, softmax
     from sklearn.covariance import LedoitWolf
 
@@ -116,6 +118,9 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
     owner = pd.DataFrame({"compound": index["Metadata_Compound"].astype(str).to_numpy()[test], "y": y[test]},
                          index=t_test).groupby(level=0, sort=True).first().loc[profiles.index]
     p = profiles.to_numpy()
+    cell_owner = index["Metadata_Compound"].astype(str).to_numpy()[test] if pool == "compound" else t_test
+    if pool == "compound":
+        p = profiles.groupby(owner["compound"].to_numpy()).transform("mean").to_numpy()
     logits = p @ head.centroids.T / TEMPERATURE
     means = np.stack([profiles_train.to_numpy()[moa_of == k].mean(axis=0) for k in head.classes_])
     deviations = profiles_train.to_numpy() - means[np.searchsorted(head.classes_, moa_of)]
@@ -131,7 +136,8 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
         "centroid distance": centroid_distance(p, head.centroids),
         "nearest treatment": 1.0 - (_unit(p) @ _unit(profiles_train.to_numpy()).T).max(axis=1),
         "mahalanobis": mahalanobis,
-        "cell kNN": pd.Series(knn).groupby(t_test).median().loc[profiles.index].to_numpy(),
+        "cell kNN": pd.Series(knn).groupby(cell_owner).median().loc[
+            owner["compound"].to_numpy() if pool == "compound" else profiles.index].to_numpy(),
         "from the controls": centroid_distance(p - head.control.profile, head.control.centroids),
         "centroid distance + controls": centroid_distance(p, head.centroids, head.control),
         "compound": owner["compound"].to_numpy(),
@@ -141,19 +147,19 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
     return out.assign(**{f"cos_{k}": cosines[:, i] for i, k in enumerate(head.classes_)})
 
 
-def leave_one_moa_out(x, index, y, controls) -> pd.DataFrame:
+def leave_one_moa_out(x, index, y, controls, pool: str = "treatment") -> pd.DataFrame:
     """Scores of every unseen-MoA treatment and every known-MoA new-compound treatment, fold by fold."""
     compounds = index["Metadata_Compound"].astype(str).to_numpy()
     parts = []
     for moa in np.unique(y):
         held = y == moa
-        unseen = score_treatments(x, index, y, np.flatnonzero(~held), np.flatnonzero(held), controls)
+        unseen = score_treatments(x, index, y, np.flatnonzero(~held), np.flatnonzero(held), controls, pool)
         parts.append(unseen.assign(fold=int(moa), novel=True))
         for compound in sorted(set(compounds[~held])):
             out = compounds == compound
             if len(set(y[~held & ~out])) < len(set(y[~held])):  # the compound is its MoA's only one: not new
                 continue
-            known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out), controls)
+            known = score_treatments(x, index, y, np.flatnonzero(~held & ~out), np.flatnonzero(out), controls, pool)
             parts.append(known.assign(fold=int(moa), novel=False))
     return pd.concat(parts, ignore_index=True)
 
@@ -232,12 +238,14 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pool", choices=("treatment", "compound"), default="treatment",
+                        help="score each treatment by its own profile, or by its compound's (all its treatments)")
     args = parser.parse_args()
     from cellmorph.cv.rundir import RunDir
 
     x, index, y, controls = load_run(args.run, controls=True)
     classes = list(RunDir(args.run).read_config()["classes"])
-    scored = add_calibrated_scores(leave_one_moa_out(x, index, y, controls))
+    scored = add_calibrated_scores(leave_one_moa_out(x, index, y, controls, args.pool))
     table = summarise(scored, classes, args.alpha)
     n_novel, n_known = int(scored["novel"].sum()), int((~scored["novel"]).sum())
     print(f"{n_novel} unseen-MoA treatments and {n_known} known-MoA new-compound treatments over {len(classes)} "
@@ -251,7 +259,7 @@ def main() -> None:
         print(f"| {moa} | " + " | ".join(f"{table[s]['auroc_per_moa'].get(moa, float('nan')):.2f}" for s in SCORES)
               + " |")
     if args.out is not None:
-        args.out.write_text(json.dumps({"alpha": args.alpha, "n_novel": n_novel, "n_known": n_known,
+        args.out.write_text(json.dumps({"alpha": args.alpha, "pool": args.pool, "n_novel": n_novel, "n_known": n_known,
                                         "scores": table}, indent=1))
 
 

@@ -6,7 +6,16 @@ import pandas as pd
 import pytest
 
 from cellmorph.errors import CellmorphError
-from cellmorph.metrics import aggregate, aggregate_treatments, aggregate_wells, confusion, score_treatments
+import numpy as np
+
+from cellmorph.metrics import (
+    aggregate,
+    aggregate_compounds,
+    aggregate_treatments,
+    aggregate_wells,
+    confusion,
+    score_treatments,
+)
 
 
 def _tiles(rows):
@@ -66,6 +75,24 @@ def test_median_aggregation_tile_well_treatment_differs_from_mean():
     assert x["prob_A"] == pytest.approx((0.6 + 1.4 / 3 + 0.95) / 3)
     with pytest.raises(CellmorphError, match="aggregate 'max'"):
         aggregate(tiles, how="max")
+
+
+def test_a_compound_is_called_from_its_treatments_together_by_logmean():
+    """Compound x: a low concentration leaning B (0.45 A), two higher ones for A; compound y at one concentration.
+    The compound's probabilities are the softmax of its treatments' mean log-probabilities (a geometric mean,
+    renormalised), and the low concentration takes the compound's call at the compound level only."""
+    tiles = _tiles([("P1", "A01", "x", 0.1, "A", 0.45), ("P1", "A02", "x", 1.0, "A", 0.7),
+                    ("P2", "A03", "x", 3.0, "A", 0.9), ("P2", "A04", "x", 3.0, "A", 0.8),
+                    ("P1", "B01", "y", 2.0, "B", 0.3)])
+    _, _, treatments = aggregate(tiles)
+    assert treatments["Correct"].tolist() == [False, True, True, True]  # x at 0.1 µM is called B on its own
+    compounds = aggregate_compounds(treatments).set_index("Metadata_Compound")
+    logs = np.log([[0.45, 0.55], [0.7, 0.3], [0.85, 0.15]]).mean(axis=0)  # x at 3 µM: median (= mean) of 2 wells
+    assert compounds.loc["x", "prob_A"] == pytest.approx(np.exp(logs[0]) / np.exp(logs).sum())
+    assert compounds.loc["x", "Predicted_MoA"] == "A" and bool(compounds.loc["x", "Correct"])
+    assert compounds.loc["x", ["n_treatments", "n_wells", "n_tiles"]].tolist() == [3, 4, 4]
+    assert compounds.loc["y", "prob_B"] == pytest.approx(0.7) and compounds.loc["y", "Metadata_MoA"] == "B"
+    assert "Metadata_Concentration" not in compounds.columns and "Metadata_Plate" not in compounds.columns
 
 
 def test_score_treatments_on_a_stored_softmax_table():

@@ -78,7 +78,18 @@ def test_a_planted_moa_is_flagged_far_more_often_than_new_compounds_of_known_moa
     x, index, y, controls = _screen(controls=40)
     controls = controls if with_controls else None
     known = y < y.max()
-    calibration = held_out_novelty(x[known], y[known], index[known], controls)["treatments"]
+    held_out = held_out_novelty(x[known], y[known], index[known], controls)
+    calibration = held_out["treatments"]
+    # a compound's profile is its treatments' mean, each concentration alike, whatever its cells' numbers
+    first = index["Metadata_Compound"] == "m0c0"
+    fewer = (~first | (index["Metadata_Concentration"] == 3.0) | (index.groupby(
+        ["Metadata_Compound", "Metadata_Concentration"]).cumcount() < 2)).to_numpy()  # m0c0 at 1 µM: 2 cells
+    keys, means = level_profiles(index[fewer], x[fewer], "treatments")
+    names, pooled = level_profiles(index[fewer], x[fewer], "compounds")
+    assert names["Metadata_Compound"].iloc[0] == "m0c0"
+    assert np.allclose(pooled[0], means[(keys["Metadata_Compound"] == "m0c0").to_numpy()].mean(axis=0))
+    assert not np.allclose(pooled[0], x[fewer & first.to_numpy()].mean(axis=0))
+    assert len(held_out["compounds"]) == 4 * 3
     threshold = novelty_threshold(calibration[NOVELTY_COLUMN].to_numpy(), 0.1)
     head = CentroidHead.fit(x[known], y[known], index[known], controls=controls)
     assert (head.control is not None) == with_controls
@@ -101,20 +112,26 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
                         "--no-progress")
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(tmp_path / "m2")
-    assert set(bundle.novelty) == {"wells", "treatments"} and bundle.novelty_member == 0
+    assert set(bundle.novelty) == {"wells", "treatments", "compounds"} and bundle.novelty_member == 0
     assert (tmp_path / "m2" / "novelty_treatments.parquet").is_file()
     proc = run_cli_here("predict", "--model", tmp_path / "m2", "--data", tiny_cache, "--novelty-alpha", "0.2",
                         "--out", tmp_path / "pred", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    for level in ("wells", "treatments"):
+    for level in ("wells", "treatments", "compounds"):
         frame = pd.read_parquet(tmp_path / "pred" / f"{level}.parquet")
         assert frame[NOVELTY_COLUMN].between(0, 2).all() and frame["Novel"].dtype == bool
-    novelty = json.loads((tmp_path / "pred" / "summary.json").read_text())["novelty"]
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    novelty, per_compound = summary["novelty"], summary["compounds"]["novelty"]
+    # a compound's score: its treatments' mean profile, calibrated on the bundle's held-out compounds' such scores
+    assert per_compound["n_calibration"] == len(bundle.novelty["compounds"]) == bundle.novelty["compounds"][
+        "Metadata_Compound"].nunique()
+    assert per_compound["n_novel_compounds"] == len(per_compound["novel_compounds"])
     assert novelty["score"] == CONTROL_CENTROID_DISTANCE and novelty["alpha"] == 0.2  # the tiny screen has DMSO
     assert bundle.novelty_control.problem(*bundle.members[0].head["weight"].shape) is None
     assert novelty["n_calibration"] == len(load_bundle(tmp_path / "m2").novelty["treatments"])
     assert novelty["n_novel_treatments"] == len(novelty["novel_treatments"])
-    assert "Novel: no known MoA fits" in (tmp_path / "pred" / "report.html").read_text()
+    page = (tmp_path / "pred" / "report.html").read_text()
+    assert "Novel: no known MoA fits" in page and "Novel compounds, from their treatments together" in page
     _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(tmp_path / "m2", tmp_path / "bad")
 
 

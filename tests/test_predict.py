@@ -140,6 +140,18 @@ def test_predict_on_images_of_unknown_compounds_writes_every_treatment_with_its_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_treatments"] == 44 and "coverage" not in summary
     assert (out / "cache" / "manifest.json").is_file()  # the screen, prepared with the model's recipe
+    # Each compound called from its treatments together: the logmean of their probabilities
+    compounds = pd.read_parquet(out / "compounds.parquet").set_index("Metadata_Compound")
+    assert sorted(compounds.index) == sorted(treated["Image_Metadata_Compound"].unique())
+    assert summary["compounds"] == {"n_compounds": len(compounds)} and compounds["n_treatments"].sum() == 44
+    assert "Metadata_MoA" not in compounds.columns and not compounds["Metadata_InTraining"].any()
+    probs = [c for c in treatments.columns if c.startswith("prob_")]
+    one = treatments[treatments["Metadata_Compound"] == compounds.index[0]]
+    logs = np.log(np.clip(one[probs].to_numpy(float), 1e-12, None)).mean(axis=0)
+    np.testing.assert_allclose(compounds.loc[compounds.index[0], probs].to_numpy(float),
+                               np.exp(logs) / np.exp(logs).sum(), rtol=1e-9)
+    assert compounds.loc[compounds.index[0], "Predicted_MoA"] == probs[int(np.argmax(logs))][len("prob_"):]
+    assert pd.read_csv(out / "compounds.csv")["Metadata_Compound"].str.startswith("new-").all()
 
 
 def test_images_are_prepared_exactly_as_the_training_cache(tiny_bundle, tiny_screen, tiny_cache, tmp_path):
@@ -319,6 +331,8 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
         assert np.mean(covered) >= 1 - alpha - 3 * np.sqrt(alpha * (1 - alpha) / 400), (alpha, np.mean(covered))
         assert crops["Set_Size"].mean() < 1.5, crops["Set_Size"].mean()
         assert (wells["Predicted_MoA"] == wells["Metadata_MoA"]).all()
+        # DMSO and cycloheximide, labelled, both trained on (InTraining): no new compound to score apart
+        assert summary["compounds"] == {"n_compounds": 2, "n_labelled": 2, "accuracy_labelled": 1.0, "n_new": 0}
 
 
 def test_a_bundle_whose_recipe_this_version_cannot_read_is_one_line(tiny_bundle, new_screen, tmp_path):

@@ -98,6 +98,7 @@ def test_cv_report_has_every_section_inline(cv_run):
     figures = re.findall(r'<img src="data:image/png;base64,', page)
     assert len(figures) >= 5  # confusion, curves, map, examples, Grad-CAM
     assert "Grad-CAM" in page  # the run kept the last fold's weights
+    assert "Compounds, each called from all its treatments together" in page
     # The same run gives the same report (seeded bootstrap, map and figures).
     first = page
     assert write_report(cv_run).read_text() == first

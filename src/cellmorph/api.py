@@ -6,7 +6,7 @@
 
     clf = MoAClassifier({"model": "tf_efficientnet_lite0", "epochs": 5}, calibration="loco")
     clf.fit("cache", "model")                       # = cellmorph train --data cache --calibration loco --out model
-    levels = clf.predict_proba("new-cache")         # {"tiles", "wells", "treatments"} → Metadata_* frames
+    levels = clf.predict_proba("new-cache")         # {"tiles", "wells", "treatments", "compounds"} → frames
     treatments = clf.predict_sets("new-cache", alpha=0.2)
     same = MoAClassifier.load("model")              # a bundle from `cellmorph train` or from fit
 
@@ -39,7 +39,7 @@ from cellmorph.predict import images_recipe, in_model_channel_order, score_cache
 if TYPE_CHECKING:
     from cellmorph.data.table import ImageTable
 
-LEVELS = ("tiles", "wells", "treatments")
+LEVELS = ("tiles", "wells", "treatments", "compounds")
 
 
 class NotFittedError(CellmorphError):
@@ -105,9 +105,9 @@ class MoAClassifier:
 
     def predict_proba(self, data: "Path | str | TileCache | ImageTable",
                       alpha: float | None = None) -> dict[str, pd.DataFrame]:
-        """``{"tiles", "wells", "treatments"}`` → a frame of ``Metadata_*`` columns, ``prob_<class>``, the
-        call (``Predicted_MoA``), ``Confidence`` and, where calibrated, the conformal set at ``alpha``
-        (default: the classifier's ``predict`` settings)."""
+        """``{"tiles", "wells", "treatments", "compounds"}`` → a frame of ``Metadata_*`` columns, ``prob_<class>``,
+        the call (``Predicted_MoA``), ``Confidence`` and, where calibrated, the conformal set at ``alpha``
+        (default: the classifier's ``predict`` settings); a compound is called from its treatments together."""
         bundle = self._fitted()
         config = self.predict_config if alpha is None else self.predict_config.model_copy(update={"alpha": alpha})
         PredictConfig.model_validate(config.model_dump())  # an alpha outside (0, 1) is refused here

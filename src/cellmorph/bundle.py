@@ -16,7 +16,7 @@
                              probabilities (Metadata_* + prob_<class>) of compounds the scoring
                              models never saw
       novelty_<level>.parquet   a centroid probe's Novel calibration: Novelty_Score of each training
-                             compound, scored by a head fitted without it (wells, treatments)
+                             compound, scored by a head fitted without it (wells, treatments, compounds)
       novelty_control.safetensors   optional beside them: the controls' mean profile and the MoAs seen
                              from it (:class:`~cellmorph.novelty.ControlOrigin`), the score's second origin
 
@@ -168,7 +168,7 @@ class ProbeRecord(_Entry):
     head: Literal["centroid", "logistic"]
     head_weights: str
     # level (wells, treatments) → the file of the Novel flag's calibration scores (held-out known compounds)
-    novelty: dict[Literal["wells", "treatments"], str] | None = None
+    novelty: dict[Literal["wells", "treatments", "compounds"], str] | None = None
     # the file of the novelty score's control origin (the controls' mean profile); None: the average cell alone
     novelty_control: str | None = None
 

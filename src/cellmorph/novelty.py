@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cellmorph.schema import TREATMENT_KEYS, WELL_KEYS
+from cellmorph.schema import COMPOUND_KEYS, TREATMENT_KEYS, WELL_KEYS
 
 NOVELTY_COLUMN = "Novelty_Score"
 NOVEL_COLUMN = "Novel"
 CENTROID_DISTANCE = "centroid distance"
 CONTROL_CENTROID_DISTANCE = "centroid distance, from the average cell and from the controls"
 ONE_MINUS_PROBABILITY = "1 - max probability"
-LEVEL_KEYS = {"wells": WELL_KEYS, "treatments": TREATMENT_KEYS}
+LEVEL_KEYS = {"wells": WELL_KEYS, "treatments": TREATMENT_KEYS, "compounds": COMPOUND_KEYS}
 
 
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -92,7 +92,16 @@ def one_minus_max_probability(probabilities: np.ndarray) -> np.ndarray:
 
 
 def level_profiles(index: pd.DataFrame, z: np.ndarray, level: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """(the level's keys, one row per well or treatment, sorted; their mean profiles) of tile profiles ``z``."""
+    """(the level's keys, one row per well, treatment or compound, sorted; their mean profiles) of tile profiles
+    ``z``. A compound's profile is the mean of its treatments' (each concentration alike), as
+    :func:`cellmorph.metrics.aggregate_compounds` calls a compound: pooled so, the score of an unseen MoA's compounds
+    separated them from new compounds of known MoAs better than their treatments' own scores (benchmarks/RESULTS.md,
+    'A compound's treatments together')."""
+    if level == "compounds":
+        keys, profiles = level_profiles(index, z, "treatments")
+        grouped = pd.DataFrame(profiles).groupby([keys[k] for k in COMPOUND_KEYS], sort=True, dropna=False)
+        means = grouped.mean()
+        return means.index.to_frame(index=False), means.to_numpy()
     keys = LEVEL_KEYS[level]
     frame = index[keys].reset_index(drop=True)
     grouped = pd.DataFrame(z).groupby([frame[k] for k in keys], sort=True, dropna=False)

@@ -138,10 +138,13 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
         notes.append(f"note: {seen} of {summary['n_labelled_treatments']} labelled treatments are of compounds the "
                      f"model was trained on ({IN_TRAINING_COLUMN}); their accuracy and coverage are optimistic, so "
                      "summary.json also scores new and training compounds apart")
-    for name, frame in (("tiles", tiles), ("wells", wells), ("treatments", treatments)):
+    compounds = levels["compounds"]
+    summary["compounds"] = _compound_summary(compounds, classes)
+    for name, frame in (("tiles", tiles), ("wells", wells), ("treatments", treatments), ("compounds", compounds)):
         with atomic_path(out / f"{name}.parquet") as tmp:
             _metadata_first(frame).to_parquet(tmp, index=False)
     write_csv(out / "treatments.csv", _metadata_first(treatments))
+    write_csv(out / "compounds.csv", _metadata_first(compounds))
     described = str(Path(source).resolve()) if isinstance(source, (str, Path)) else (source.origin or source.source)
     record = {"model": str(model.resolve()), "data": described, "cache": str(Path(data).resolve()),
               "config": config.model_dump(), "provenance": run_info()}
@@ -160,7 +163,8 @@ def score_cache(bundle, cache, config: PredictConfig | None = None, progress: bo
     """Every treated tile of the prepared ``cache`` scored by ``bundle`` (a loaded
     :class:`~cellmorph.bundle.Bundle`), in memory: ``{"tiles", "wells", "treatments"}`` → a ``Metadata_*``
     frame with ``prob_<class>``, the call, ``Confidence`` and, where the bundle holds calibration scores of
-    that level, the conformal set at ``config.alpha`` (``Prediction_Set``, ``Set_Size``, ``Empty_Set``).
+    that level, the conformal set at ``config.alpha`` (``Prediction_Set``, ``Set_Size``, ``Empty_Set``); and
+    ``"compounds"``, each compound called from its treatments together (no sets: none are calibrated per compound).
     What ``cellmorph predict`` writes, without the files."""
     return _levels_and_sets(bundle, cache, config or PredictConfig(), progress)[0]
 
@@ -196,6 +200,31 @@ def _known_labels_only(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     if CORRECT_COLUMN in frame.columns:
         frame[CORRECT_COLUMN] = frame[CORRECT_COLUMN].astype("boolean").where(known, pd.NA)
     return frame
+
+
+def _compound_summary(compounds: pd.DataFrame, classes: list[str]) -> dict:
+    """How many compounds were called, and where their MoA is known, how many right (new compounds apart); where
+    the bundle scores a compound's novelty, which compounds it flagged."""
+    from cellmorph.novelty import NOVEL_COLUMN
+
+    record = {"n_compounds": int(len(compounds))}
+    if NOVEL_COLUMN in compounds.columns:
+        novel = compounds[NOVEL_COLUMN].to_numpy(bool)
+        record["novelty"] = dict(compounds.attrs.get("novelty", {})) | {
+            "n_novel_compounds": int(novel.sum()),
+            "novel_compounds": [str(c) for c in compounds.loc[novel, "Metadata_Compound"]]}
+    if TRUE_COLUMN not in compounds.columns:
+        return record
+    known = compounds[TRUE_COLUMN].astype(str).isin(classes).to_numpy()
+    right = (compounds[PREDICTED_COLUMN].astype(str) == compounds[TRUE_COLUMN].astype(str)).to_numpy()
+    groups = {"labelled": known}
+    if IN_TRAINING_COLUMN in compounds.columns:
+        groups["new"] = known & ~compounds[IN_TRAINING_COLUMN].to_numpy(bool)
+    for name, rows in groups.items():
+        record[f"n_{name}"] = int(rows.sum())
+        if rows.any():
+            record[f"accuracy_{name}"] = float(right[rows].mean())
+    return record
 
 
 def _flag_training_compounds(frame: pd.DataFrame, compounds: list[str] | None) -> pd.DataFrame:
@@ -257,7 +286,7 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
 
     from cellmorph.cv.rundir import predictions_frame
     from cellmorph.datasets import InputPipeline
-    from cellmorph.metrics import aggregate, mean_of_levels
+    from cellmorph.metrics import aggregate, aggregate_compounds, mean_of_levels
     from cellmorph.progress import Progress
     from cellmorph.runtime import torch_threads
     from cellmorph.train import PredictSettings, predict_tiles
@@ -298,6 +327,8 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
     if config.mc_dropout:
         for level, stochastic in mean[config.mc_dropout].items():
             add_mc_columns(levels[level], stochastic, classes)
+    # Each compound called from its treatments together; no sets (none are calibrated per compound)
+    levels["compounds"] = add_confidence(aggregate_compounds(levels["treatments"]), classes, None)
     _add_novelty(bundle, cache, rows, profiles, levels, config.novelty_alpha)
     return levels
 
@@ -322,7 +353,7 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
                                    add_novelty, centroid_distance, level_profiles, novelty_threshold,
                                    one_minus_max_probability)
 
-    for level in ("wells", "treatments"):
+    for level in ("wells", "treatments", "compounds"):
         frame = levels[level]
         if profiles is not None and level in bundle.novelty:
             centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()

@@ -20,6 +20,7 @@ HELDOUT_ACCURACY = "heldout_tile_accuracy"
 
 WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
 TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
+COMPOUND_KEYS = ["Metadata_Compound"]  # a compound: its treatments (concentrations) together
 # Metadata a well carries into its profile (constant within a well).
 WELL_METADATA = [
     "Metadata_Compound",

@@ -40,6 +40,12 @@ def test_an_unseen_moa_is_flagged_and_known_compounds_are_not_more_than_alpha():
     n = len(result["false_alarms"])
     assert flagged.mean() >= 0.5 and n == 6 * 4 * 2
     assert result["false_alarms"].mean() <= 0.1 + 3 * np.sqrt(0.09 / n)
+    # Each compound scored once from its treatments together: the same two promises, per compound
+    compounds = result["compounds"]
+    flagged = compounds["unseen"]["Novelty_Score"].to_numpy() > compounds["threshold"]
+    n = len(compounds["false_alarms"])
+    assert len(flagged) == 4 and flagged.mean() >= 0.5 and n == 6 * 4
+    assert compounds["false_alarms"].mean() <= 0.1 + 3 * np.sqrt(0.09 / n)
     assert auroc(np.array([2.0, 3.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
 
 
@@ -57,11 +63,15 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
     kinds = [t["kind"] for t in record["treatments"]]
     assert kinds.count("unseen") == 44 and kinds.count("known") == record["n_known_treatments"]
     assert np.mean([t["novel"] for t in record["treatments"] if t["kind"] == "unseen"]) == record["flagged_at_alpha"]
+    unseen_compounds = {t["compound"] for t in record["treatments"] if t["kind"] == "unseen"}
+    assert record["compounds"]["n_unseen_compounds"] == len(unseen_compounds) and 0 <= record["compounds"]["auroc"] <= 1
+    assert 0 <= record["compounds"]["flagged_at_alpha"] <= 1 and record["compounds"]["n_known_compounds"] > 0
     assert (tmp_path / "run" / "open_set_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "open set (each MoA unseen in turn)" in proc.stderr + proc.stdout
     page = (tmp_path / "run" / "report.html").read_text()  # the report's "Unknown MoA" section: ROC and the treatments
     section = page[page.index('id="unknown"'):page.index('id="confusion"')]
     assert f"AUROC {record['auroc']:.3f}" in section and section.count("data:image/png;base64,") == 1
+    assert f"compounds.parquet): AUROC {record['compounds']['auroc']:.3f}" in section  # (the quote is escaped)
     assert all(f"{t['compound']}" in section for t in record["treatments"] if t["kind"] == "unseen")
     one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--cv", "lomo", "--out", tmp_path / "ft"),
                    "lomo", "--mode linear-probe")

@@ -32,6 +32,7 @@ OUTPUTS = [
     "config.yaml",
     "predictions.parquet",
     "treatments.csv",
+    "compounds.csv",
     "wells.csv",
     "metrics.json",
     "confusion_matrix.png",
@@ -94,6 +95,10 @@ def test_run_cv_writes_every_output(first_run, crop_cache):
         assert col in treatments.columns, col
     assert len(pd.read_csv(out / "wells.csv")) == 14
     assert "Treatment level" in (out / "classification_report.txt").read_text()
+    compounds = pd.read_csv(out / "compounds.csv")  # DMSO and cycloheximide (BBBC021 spells it cyclohexamide)
+    assert sorted(compounds["Metadata_Compound"]) == ["DMSO", "cyclohexamide"] and compounds["n_treatments"].sum() == 4
+    assert metrics["n_compounds"] == 2
+    assert metrics["compound_accuracy"] == (compounds["Predicted_MoA"] == compounds["Metadata_MoA"]).mean()
 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["config"]["lr"] == pytest.approx(0.01) and config["config"]["epochs"] == 2

@@ -10,7 +10,9 @@ as ``predict`` sets it. Written to ``RUN/open_set.json``:
 * ``auroc``: unseen-MoA treatments against the known compounds' treatments, pooled over the folds (and per MoA);
 * ``flagged_at_alpha``: the fraction of unseen-MoA treatments above their fold's threshold;
 * ``false_alarm_rate``: the fraction of known compounds' treatments above the threshold set without them (each
-  compound left out of its fold's calibration in turn): what ``alpha`` promises.
+  compound left out of its fold's calibration in turn): what ``alpha`` promises;
+* ``compounds`` (a probe's run): the same with each compound scored once from its treatments together
+  (:func:`cellmorph.novelty.level_profiles`), calibrated on the known compounds' such scores.
 
 A network (``mode`` finetune or linear) cannot score held-out compounds of its own training MoAs without training
 a network per compound inside every fold (hours on a CPU). Its lomo run therefore takes those from a finished LOCO
@@ -50,12 +52,16 @@ def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataF
     from cellmorph.cv.probe import CentroidHead, centroid_novelty, held_out_novelty
 
     head = CentroidHead.fit(x_train, y_train, index_train, controls=controls)
-    unseen = centroid_novelty(head, x_test, index_test, "treatments")
-    known = held_out_novelty(x_train, y_train, index_train, controls).get("treatments")
-    if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
-        return {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
-                "false_alarms": np.zeros(0, bool)}
-    return {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)
+    held_out = held_out_novelty(x_train, y_train, index_train, controls)
+    result = {}
+    for level in ("compounds", "treatments"):  # each compound pooled over its treatments, and each treatment alone
+        unseen, known = centroid_novelty(head, x_test, index_test, level), held_out.get(level)
+        if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
+            result[level] = {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
+                             "false_alarms": np.zeros(0, bool)}
+        else:
+            result[level] = {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)
+    return result.pop("treatments") | result
 
 
 def calibrate_on_known(known: pd.DataFrame, alpha: float) -> dict:
@@ -139,6 +145,7 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
         alarms_all.append(result["false_alarms"])
     unseen, known = np.concatenate(unseen_all), np.concatenate(known_all)
     aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
+    compounds = _compound_level(results) if all("compounds" in r for _, r in results) else None
     return {"scheme": "lomo", "score": score, "alpha": alpha, "auroc": auroc(unseen, known),
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
             "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
@@ -146,4 +153,25 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
             "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa,
             # every scored treatment: its fold's held-out MoA, unseen or known, its score and flag (known: against the
             # threshold set without its own compound)
-            "treatments": records}
+            "treatments": records} | ({} if compounds is None else {"compounds": compounds})
+
+
+def _compound_level(results: list[tuple[str, dict]]) -> dict:
+    """The same evaluation with each compound scored once, from its treatments together (as ``predict``'s
+    ``compounds.parquet`` scores it), calibrated on the known compounds' such scores."""
+    from cellmorph.novelty import NOVELTY_COLUMN
+
+    unseen, known, flagged, alarms, names = [], [], [], [], []
+    for moa, result in results:
+        level = result["compounds"]
+        scores = level["unseen"][NOVELTY_COLUMN].to_numpy()
+        unseen.append(scores)
+        known.append(np.asarray(level["known"][NOVELTY_COLUMN], float))
+        flagged.append(scores > level["threshold"])
+        alarms.append(level["false_alarms"])
+        names += [f"{c} ({moa})" for c, f in zip(level["unseen"]["Metadata_Compound"], flagged[-1]) if f]
+    unseen_all, known_all = np.concatenate(unseen), np.concatenate(known)
+    return {"auroc": auroc(unseen_all, known_all), "flagged_at_alpha": float(np.concatenate(flagged).mean()),
+            "false_alarm_rate": float(np.concatenate(alarms).mean()) if len(known_all) else float("nan"),
+            "n_unseen_compounds": int(len(unseen_all)), "n_known_compounds": int(len(known_all)),
+            "flagged_compounds": names}

@@ -51,7 +51,9 @@ from cellmorph.distributed import current as current_data_parallel
 from cellmorph.errors import CellmorphError, disk_full_as_error, option
 from cellmorph.metrics import (
     ACCURACY_KEYS,
+    accuracy,
     aggregate,
+    aggregate_compounds,
     bootstrap_interval,
     classification_text,
     compute_metrics,
@@ -509,6 +511,9 @@ def score_levels(tiles: pd.DataFrame, wells: pd.DataFrame, treatments: pd.DataFr
                  n_folds: int) -> dict:
     """The held-out metrics of a run's three levels, with the treatment accuracy's 95% interval."""
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
+    if len(treatments):  # the compound level, beside the treatment level (metrics.aggregate_compounds)
+        compounds = aggregate_compounds(treatments)
+        metrics["compound_accuracy"], metrics["n_compounds"] = accuracy(compounds), int(len(compounds))
     # How far the treatment accuracy could move with other treatments of the same kind: on a few
     # dozen treatments, further than the run-to-run changes that float rounding alone causes.
     correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
@@ -522,15 +527,18 @@ def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame,
     from cellmorph.figures import plot_confusion
 
     matrix = confusion(treatments, classes)
+    compounds = aggregate_compounds(treatments)
     report = (
-        f"Treatment level ({len(treatments)} treatments, {how} of wells)\n"
+        f"Compound level ({len(compounds)} compounds, logmean of their treatments)\n"
+        + classification_text(compounds, classes)
+        + f"\nTreatment level ({len(treatments)} treatments, {how} of wells)\n"
         + classification_text(treatments, classes)
         + f"\nWell level ({len(wells)} wells, {how} of tiles)\n"
         + classification_text(wells, classes)
         + f"\nTile level ({len(tiles)} tiles)\n"
         + classification_text(tiles, classes)
     )
-    rundir.write_tables(predictions, wells, treatments, report, matrix, classes)
+    rundir.write_tables(predictions, wells, treatments, compounds, report, matrix, classes)
     plot_confusion(matrix, classes, rundir.path(CONFUSION_PNG), title=title)
 
 

@@ -13,6 +13,7 @@
     frozen_features.npy/.json   frozen-feature cache: kept for resume, deleted when the run ends
     predictions.parquet      all test tiles: Metadata_* + Metadata_Fold + prob_<class>
     wells.csv, treatments.csv   median aggregates with calls (Predicted_MoA, Correct)
+    compounds.csv            each compound's call from its treatments together (metrics.aggregate_compounds)
     metrics.json             treatment/well/tile accuracy, counts, per-class accuracy, "map" (copairs mAP summary)
     map_moa.csv, map_replicates.csv   copairs mAP of the held-out probabilities per MoA / treatment
                              (cellmorph.retrieval; replicates only where DMSO wells were held out)
@@ -54,6 +55,7 @@ FOLD_STATE = "state.pt"
 PREDICTIONS_FILE = "predictions.parquet"
 WELLS_FILE = "wells.csv"
 TREATMENTS_FILE = "treatments.csv"
+COMPOUNDS_FILE = "compounds.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "classification_report.txt"
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -285,10 +287,11 @@ class RunDir:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # ------------------------------------------------------------------ run-level files
-    def write_tables(self, tiles, wells, treatments, report_text: str, matrix, classes) -> None:
+    def write_tables(self, tiles, wells, treatments, compounds, report_text: str, matrix, classes) -> None:
         _write_parquet(self.path(PREDICTIONS_FILE), tiles)
         write_csv(self.path(WELLS_FILE), wells)
         write_csv(self.path(TREATMENTS_FILE), treatments)
+        write_csv(self.path(COMPOUNDS_FILE), compounds)
         frame = pd.DataFrame(matrix, index=classes, columns=classes).rename_axis("true\\predicted").reset_index()
         write_csv(self.path(CONFUSION_CSV), frame)
         write_text(self.path(REPORT_FILE), report_text)

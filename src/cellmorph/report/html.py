@@ -119,7 +119,10 @@ def _cv_context(run: Path, visualise: bool) -> dict:
                                if metrics.get("probe_c") else [])
                     + ([f"The centroid head's temperature per fold: {_counts(metrics['probe_temperature'])}."]
                        if metrics.get("probe_temperature") else [])
-                    + _ensemble_notes(metrics.get("ensemble"))),
+                    + _ensemble_notes(metrics.get("ensemble"))
+                    + ([f"Compounds, each called from all its treatments together (compounds.csv): "
+                        f"{metrics['compound_accuracy']:.3f} of {metrics.get('n_compounds')} right."]
+                       if metrics.get("compound_accuracy") is not None else [])),
         _unknown_moa_section(run / OPEN_SET_FILE),
     ]
     sections += [
@@ -152,9 +155,18 @@ def _predict_context(run: Path, visualise: bool) -> dict:
     flagged = {} if not novelty else {
         f"Novel: no known MoA fits ({novelty.get('score')}; a new compound of a known MoA flagged at most "
         f"{novelty.get('alpha')} of the time)": ", ".join(novelty.get("novel_treatments") or []) or "none"}
+    compounds = summary.get("compounds") or {}
+    compound_novelty = compounds.get("novelty") or {}
+    if compound_novelty:
+        flagged["Novel compounds, from their treatments together"] = \
+            ", ".join(compound_novelty.get("novel_compounds") or []) or "none"
+    called = {} if "accuracy_labelled" not in compounds else {
+        "compounds called right from their treatments together (compounds.parquet)":
+            f"{compounds['accuracy_labelled']:.3f} of {compounds.get('n_labelled')} labelled"
+            + (f"; {compounds['accuracy_new']:.3f} of {compounds['n_new']} new" if "accuracy_new" in compounds else "")}
     sections = [_run_section(header, extra={"alpha": summary.get("alpha"),
                                             "mean prediction-set size": summary.get("mean_set_size"),
-                                            "empty sets": summary.get("n_empty_sets")} | flagged)]
+                                            "empty sets": summary.get("n_empty_sets")} | flagged | called)]
     if labelled:
         known = lambda frame: frame[frame[TRUE_COLUMN].astype(str).isin(classes)]  # noqa: E731
         sections += [_accuracy_section(known(treatments), known(wells), known(tiles), classes, "labelled"),
@@ -392,6 +404,14 @@ def _unknown_moa_section(path: Path) -> Section:
         f"{record.get('n_known_treatments')} known-MoA treatments); {record.get('flagged_at_alpha', float('nan')):.1%} "
         f"of the unseen-MoA treatments flagged, at {record.get('false_alarm_rate', float('nan')):.1%} measured false "
         "alarms."])
+    compounds = record.get("compounds")
+    if compounds:
+        section.notes.append(
+            f"Each compound scored once from its treatments together (as predict's compounds.parquet): AUROC "
+            f"{compounds.get('auroc', float('nan')):.3f} ({compounds.get('n_unseen_compounds')} unseen-MoA against "
+            f"{compounds.get('n_known_compounds')} known-MoA compounds); {compounds.get('flagged_at_alpha', float('nan')):.1%}"
+            f" of the unseen-MoA compounds flagged, at {compounds.get('false_alarm_rate', float('nan')):.1%} measured "
+            "false alarms.")
     if record.get("reference"):
         section.notes.append(f"The new compounds of known MoAs are the held-out compounds of the LOCO run "
                              f"{record['reference']} (the same recipe; each called by a network that never saw it), as "
