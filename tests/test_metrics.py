@@ -93,6 +93,11 @@ def test_a_compound_is_called_from_its_treatments_together_by_logmean():
     assert compounds.loc["x", ["n_treatments", "n_wells", "n_tiles"]].tolist() == [3, 4, 4]
     assert compounds.loc["y", "prob_B"] == pytest.approx(0.7) and compounds.loc["y", "Metadata_MoA"] == "B"
     assert "Metadata_Concentration" not in compounds.columns and "Metadata_Plate" not in compounds.columns
+    # A compound labelled differently at its concentrations (BBBC014's doses) has no compound-level truth
+    tiles.loc[0, "Metadata_MoA"] = "B"
+    mixed = aggregate_compounds(aggregate(tiles)[2]).set_index("Metadata_Compound")
+    assert pd.isna(mixed.loc["x", "Metadata_MoA"]) and pd.isna(mixed.loc["x", "Correct"])
+    assert mixed.loc["y", "Metadata_MoA"] == "B" and bool(mixed.loc["y", "Correct"])
 
 
 def test_score_treatments_on_a_stored_softmax_table():

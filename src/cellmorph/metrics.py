@@ -122,7 +122,8 @@ def aggregate_compounds(treatments: pd.DataFrame, prefix: str = PROB_PREFIX) -> 
     ``n_treatments`` (and ``n_wells``/``n_tiles`` where the treatments count them).
 
     A level above the treatment, beside it: it assumes a compound acts by one MoA at every concentration (as
-    BBBC021's annotations do), and a concentration without the phenotype dilutes the others' evidence. On the
+    BBBC021's annotations do), and a concentration without the phenotype dilutes the others' evidence. A compound
+    whose treatments carry different labels gets none (``Metadata_MoA`` and ``Correct`` NA). On the
     real 12-MoA development set, LOCO, 16 of 20 compounds were called right from their treatments together where
     0.739 of the treatments were right alone (probe; fine-tune 15 of 20 against 0.630; benchmarks/RESULTS.md).
     """
@@ -130,8 +131,17 @@ def aggregate_compounds(treatments: pd.DataFrame, prefix: str = PROB_PREFIX) -> 
     frame["_one"] = 1
     counts = {"n_treatments": "_one"} | {name: name for name in ("n_wells", "n_tiles") if name in frame.columns}
     compounds = _aggregate(frame, COMPOUND_KEYS, prefix, counts, "logmean")
-    return add_calls(compounds.drop(columns=[c for c in TREATMENT_KEYS if c in compounds.columns
-                                             and c not in COMPOUND_KEYS]), prefix)
+    compounds = compounds.drop(columns=[c for c in TREATMENT_KEYS if c in compounds.columns and c not in COMPOUND_KEYS])
+    if TRUE_COLUMN in frame.columns and TRUE_COLUMN not in compounds.columns:
+        # Some compound's treatments carry different labels (BBBC014's doses: translocation or not): those compounds
+        # have no compound-level truth (NA), the others keep theirs.
+        single = frame.groupby(COMPOUND_KEYS, sort=True)[TRUE_COLUMN].agg(
+            lambda s: s.iloc[0] if s.nunique(dropna=False) == 1 else None)
+        compounds.insert(len(COMPOUND_KEYS), TRUE_COLUMN, single.loc[compounds[COMPOUND_KEYS[0]]].to_numpy())
+    out = add_calls(compounds, prefix)
+    if TRUE_COLUMN in out.columns:
+        out[CORRECT_COLUMN] = out[CORRECT_COLUMN].astype("boolean").where(out[TRUE_COLUMN].notna(), pd.NA)
+    return out
 
 
 def predicted_classes(frame: pd.DataFrame, prefix: str = PROB_PREFIX) -> np.ndarray:

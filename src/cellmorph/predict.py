@@ -161,7 +161,7 @@ def _predict(model: Path, data, out: Path, config: PredictConfig, progress: bool
 
 def score_cache(bundle, cache, config: PredictConfig | None = None, progress: bool = False) -> dict[str, pd.DataFrame]:
     """Every treated tile of the prepared ``cache`` scored by ``bundle`` (a loaded
-    :class:`~cellmorph.bundle.Bundle`), in memory: ``{"tiles", "wells", "treatments"}`` → a ``Metadata_*``
+    :class:`~cellmorph.bundle.Bundle`), in memory: ``{"tiles", "wells", "treatments", "compounds"}`` → a ``Metadata_*``
     frame with ``prob_<class>``, the call, ``Confidence`` and, where the bundle holds calibration scores of
     that level, the conformal set at ``config.alpha`` (``Prediction_Set``, ``Set_Size``, ``Empty_Set``); and
     ``"compounds"``, each compound called from its treatments together (no sets: none are calibrated per compound).

@@ -236,11 +236,11 @@ def run_probe_fold(plan, fold: Fold, features: ProbeFeatures):
 def held_out_novelty(x: np.ndarray, y: np.ndarray, index: pd.DataFrame,
                      controls: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
     """Novelty scores of the training compounds as new compounds of known MoAs, for the ``Novel`` flag's
-    threshold: each compound's wells, treatments and the compound itself scored (:func:`cellmorph.novelty.centroid_distance`) by a
-    centroid head fitted without that compound (its standardisation too; with the ``controls``' embeddings where
-    given), so no compound informs its own score. A compound that is its MoA's only one is left out: without it
-    its MoA is unseen, not known. Per level (``wells``, ``treatments``, ``compounds``): the level's keys,
-    ``Metadata_Compound`` and ``Novelty_Score``."""
+    threshold: each compound's wells, treatments and the compound itself scored
+    (:func:`cellmorph.novelty.centroid_distance`) by a centroid head fitted without that compound (its
+    standardisation too; with the ``controls``' embeddings where given), so no compound informs its own score. A
+    compound that is its MoA's only one is left out: without it its MoA is unseen, not known. Per level
+    (``wells``, ``treatments``, ``compounds``): the level's keys, ``Metadata_Compound`` and ``Novelty_Score``."""
     frame = index.reset_index(drop=True)
     compounds = frame["Metadata_Compound"].astype(str).to_numpy()
     parts: dict[str, list[pd.DataFrame]] = {"wells": [], "treatments": [], "compounds": []}

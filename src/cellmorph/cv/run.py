@@ -513,7 +513,12 @@ def score_levels(tiles: pd.DataFrame, wells: pd.DataFrame, treatments: pd.DataFr
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
     if len(treatments):  # the compound level, beside the treatment level (metrics.aggregate_compounds)
         compounds = aggregate_compounds(treatments)
-        metrics["compound_accuracy"], metrics["n_compounds"] = accuracy(compounds), int(len(compounds))
+        labelled = compounds[compounds[TRUE_COLUMN].notna()]  # a compound of one MoA at every concentration
+        metrics["n_compounds"] = int(len(labelled))
+        if len(labelled):
+            metrics["compound_accuracy"] = accuracy(labelled)
+        if len(labelled) < len(compounds):
+            metrics["n_compounds_of_several_labels"] = int(len(compounds) - len(labelled))
     # How far the treatment accuracy could move with other treatments of the same kind: on a few
     # dozen treatments, further than the run-to-run changes that float rounding alone causes.
     correct = (treatments[PREDICTED_COLUMN].astype(str) == treatments[TRUE_COLUMN].astype(str)).to_numpy()
@@ -528,10 +533,11 @@ def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame,
 
     matrix = confusion(treatments, classes)
     compounds = aggregate_compounds(treatments)
+    labelled = compounds[compounds[TRUE_COLUMN].notna()]
     report = (
-        f"Compound level ({len(compounds)} compounds, logmean of their treatments)\n"
-        + classification_text(compounds, classes)
-        + f"\nTreatment level ({len(treatments)} treatments, {how} of wells)\n"
+        (f"Compound level ({len(labelled)} compounds of one label at every concentration, logmean of their "
+         f"treatments)\n" + classification_text(labelled, classes) + "\n" if len(labelled) else "")
+        + f"Treatment level ({len(treatments)} treatments, {how} of wells)\n"
         + classification_text(treatments, classes)
         + f"\nWell level ({len(wells)} wells, {how} of tiles)\n"
         + classification_text(wells, classes)

@@ -409,9 +409,9 @@ def _unknown_moa_section(path: Path) -> Section:
         section.notes.append(
             f"Each compound scored once from its treatments together (as predict's compounds.parquet): AUROC "
             f"{compounds.get('auroc', float('nan')):.3f} ({compounds.get('n_unseen_compounds')} unseen-MoA against "
-            f"{compounds.get('n_known_compounds')} known-MoA compounds); {compounds.get('flagged_at_alpha', float('nan')):.1%}"
-            f" of the unseen-MoA compounds flagged, at {compounds.get('false_alarm_rate', float('nan')):.1%} measured "
-            "false alarms.")
+            f"{compounds.get('n_known_compounds')} known-MoA compounds); "
+            f"{compounds.get('flagged_at_alpha', float('nan')):.1%} of the unseen-MoA compounds flagged, at "
+            f"{compounds.get('false_alarm_rate', float('nan')):.1%} measured false alarms.")
     if record.get("reference"):
         section.notes.append(f"The new compounds of known MoAs are the held-out compounds of the LOCO run "
                              f"{record['reference']} (the same recipe; each called by a network that never saw it), as "
