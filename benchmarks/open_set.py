@@ -118,9 +118,10 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
     owner = pd.DataFrame({"compound": index["Metadata_Compound"].astype(str).to_numpy()[test], "y": y[test]},
                          index=t_test).groupby(level=0, sort=True).first().loc[profiles.index]
     p = profiles.to_numpy()
-    cell_owner = index["Metadata_Compound"].astype(str).to_numpy()[test] if pool == "compound" else t_test
+    cell_group, row_key = t_test, profiles.index  # cell kNN: the median over the cells of what is scored
     if pool == "compound":
         p = profiles.groupby(owner["compound"].to_numpy()).transform("mean").to_numpy()
+        cell_group, row_key = index["Metadata_Compound"].astype(str).to_numpy()[test], owner["compound"].to_numpy()
     logits = p @ head.centroids.T / TEMPERATURE
     means = np.stack([profiles_train.to_numpy()[moa_of == k].mean(axis=0) for k in head.classes_])
     deviations = profiles_train.to_numpy() - means[np.searchsorted(head.classes_, moa_of)]
@@ -136,8 +137,7 @@ def score_treatments(x: np.ndarray, index: pd.DataFrame, y: np.ndarray, train: n
         "centroid distance": centroid_distance(p, head.centroids),
         "nearest treatment": 1.0 - (_unit(p) @ _unit(profiles_train.to_numpy()).T).max(axis=1),
         "mahalanobis": mahalanobis,
-        "cell kNN": pd.Series(knn).groupby(cell_owner).median().loc[
-            owner["compound"].to_numpy() if pool == "compound" else profiles.index].to_numpy(),
+        "cell kNN": pd.Series(knn).groupby(cell_group).median().loc[row_key].to_numpy(),
         "from the controls": centroid_distance(p - head.control.profile, head.control.centroids),
         "centroid distance + controls": centroid_distance(p, head.centroids, head.control),
         "compound": owner["compound"].to_numpy(),

@@ -192,13 +192,14 @@ def _standardize(frame: pd.DataFrame, features: list[str], level: str, control_c
         # Only the features and the compound go in: pandas' query (which selects `samples`) costs a Series per
         # column of the frame it is given, and a wide metadata table made each plate's call 0.1 s.
         used = [*features, "Metadata_Compound"]
-        stacked = pd.concat([reference.loc[reference["Metadata_Compound"] == control_compound, used]
-                             .assign(_reference=True), group[used].assign(_reference=False)], ignore_index=True)
+        controls = reference.loc[reference["Metadata_Compound"] == control_compound, used]
+        stacked = pd.concat([controls.assign(_reference=True), group[used].assign(_reference=False)],
+                            ignore_index=True)
         query = samples + " and _reference == True"
         done = normalize(stacked, features=features, meta_features=["Metadata_Compound", "_reference"],
                          samples=query, method="standardize")
         done = done[~done["_reference"].to_numpy(bool)]
-        zero = reference.loc[reference["Metadata_Compound"] == control_compound, features].std(ddof=0) == 0
+        zero = controls[features].std(ddof=0) == 0
         done.loc[:, zero[zero].index] = np.nan  # no DMSO variation there: no information
         normalised = pd.DataFrame(done[features].to_numpy(), index=group.index, columns=features)
         return pd.concat([group.drop(columns=features), normalised], axis=1)  # the caller restores the order
