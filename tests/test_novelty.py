@@ -105,6 +105,7 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
     """A probe bundle holds the flag's calibration (its compounds held out one by one); `predict` writes
     Novelty_Score and Novel per well and treatment and says in summary.json how the threshold was set."""
     from cellmorph.bundle import load_bundle
+    from cellmorph.novelty import per_treatment
     from tests.conftest import QUICK_TRAIN, run_cli_here
 
     proc = run_cli_here("train", "--data", tiny_cache, *QUICK_TRAIN, "--mode", "linear-probe", "--probe-head",
@@ -130,6 +131,21 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
     assert bundle.novelty_control.problem(*bundle.members[0].head["weight"].shape) is None
     assert novelty["n_calibration"] == len(load_bundle(tmp_path / "m2").novelty["treatments"])
     assert novelty["n_novel_treatments"] == len(novelty["novel_treatments"])
+    # each treatment scored by its compound (the default pool), its calibration treatments too
+    treatments = pd.read_parquet(tmp_path / "pred" / "treatments.parquet")
+    compounds = pd.read_parquet(tmp_path / "pred" / "compounds.parquet").set_index("Metadata_Compound")
+    np.testing.assert_allclose(treatments[NOVELTY_COLUMN],
+                               compounds[NOVELTY_COLUMN].loc[treatments["Metadata_Compound"]].to_numpy())
+    assert novelty["pool"] == "compound" and novelty["threshold"] == novelty_threshold(
+        per_treatment(bundle.novelty["treatments"], bundle.novelty["compounds"]), 0.2)
+    proc = run_cli_here("predict", "--model", tmp_path / "m2", "--data", tiny_cache, "--novelty-alpha", "0.2",
+                        "--novelty-pool", "treatment", "--out", tmp_path / "alone", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["novelty"]
+    assert alone["pool"] == "treatment" and alone["threshold"] == novelty_threshold(
+        bundle.novelty["treatments"][NOVELTY_COLUMN].to_numpy(), 0.2)
+    scores = pd.read_parquet(tmp_path / "alone" / "treatments.parquet")[NOVELTY_COLUMN]
+    assert not np.allclose(scores, treatments[NOVELTY_COLUMN])  # the tiny screen's compounds have several doses
     page = (tmp_path / "pred" / "report.html").read_text()
     assert "Novel: no known MoA fits" in page and "Novel compounds, from their treatments together" in page
     _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(tmp_path / "m2", tmp_path / "bad")
@@ -156,10 +172,13 @@ def _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(bundle_dir, 
 def test_a_bundle_without_a_probe_flags_by_the_calls_probability_and_makes_mondrian_sets(tiny_bundle, tiny_cache,
                                                                                           tmp_path):
     """A fine-tune bundle: Novelty_Score is one minus the call's probability, thresholded on its out-of-fold
-    calibration calls; --sets mondrian thresholds each MoA on its own calibration treatments (a handful each
-    here), so its sets hold at least the marginal ones' MoAs, treatment by treatment."""
+    calibration calls: by default a treatment takes its compound's (the call from the compound's treatments
+    together), and so do the calibration treatments; --novelty-pool treatment scores each treatment alone.
+    --sets mondrian thresholds each MoA on its own calibration treatments (a handful each here), so its sets hold at
+    least the marginal ones' MoAs, treatment by treatment."""
     from cellmorph.calibration import conformal_sets
     from cellmorph.bundle import load_bundle
+    from cellmorph.metrics import aggregate_compounds
     from cellmorph.novelty import novelty_threshold
     from cellmorph.predict import PredictConfig, predict
 
@@ -167,12 +186,27 @@ def test_a_bundle_without_a_probe_flags_by_the_calls_probability_and_makes_mondr
                                                                                threads=1),
                       progress=False, log=lambda *a: None)
     assert summary["novelty"]["score"] == "1 - max probability" and summary["novelty"]["alpha"] == 0.2
+    assert summary["novelty"]["pool"] == "compound"
     treatments = pd.read_parquet(tmp_path / "pred" / "treatments.parquet")
+    compounds = pd.read_parquet(tmp_path / "pred" / "compounds.parquet").set_index("Metadata_Compound")
     columns = [c for c in treatments.columns if c.startswith("prob_")]
     probs = treatments[columns].to_numpy()
-    np.testing.assert_allclose(treatments[NOVELTY_COLUMN], 1 - probs.max(axis=1))
+    np.testing.assert_allclose(compounds[NOVELTY_COLUMN], 1 - compounds[columns].to_numpy().max(axis=1))
+    np.testing.assert_allclose(treatments[NOVELTY_COLUMN],
+                               compounds[NOVELTY_COLUMN].loc[treatments["Metadata_Compound"]].to_numpy())
+    assert (treatments.groupby("Metadata_Compound")[NOVELTY_COLUMN].nunique() == 1).all()
     bundle = load_bundle(tiny_bundle)
-    calibration = 1 - bundle.calibration["treatments"][columns].to_numpy().max(axis=1)
-    assert summary["novelty"]["threshold"] == novelty_threshold(calibration, 0.2)
+    calibration = bundle.calibration["treatments"]
+    by_compound = aggregate_compounds(calibration).set_index("Metadata_Compound")[columns].to_numpy().max(axis=1)
+    by_compound = pd.Series(1 - by_compound, aggregate_compounds(calibration)["Metadata_Compound"].to_numpy())
+    assert summary["novelty"]["threshold"] == novelty_threshold(
+        by_compound.loc[calibration["Metadata_Compound"]].to_numpy(), 0.2)
+    summary = predict(tiny_bundle, tiny_cache, tmp_path / "alone", PredictConfig(novelty_alpha=0.2, threads=1,
+                                                                                novelty_pool="treatment"),
+                      progress=False, log=lambda *a: None)
+    alone = pd.read_parquet(tmp_path / "alone" / "treatments.parquet")
+    np.testing.assert_allclose(alone[NOVELTY_COLUMN], 1 - alone[columns].to_numpy().max(axis=1))
+    assert summary["novelty"]["pool"] == "treatment" and summary["novelty"]["threshold"] == novelty_threshold(
+        1 - calibration[columns].to_numpy().max(axis=1), 0.2)
     marginal = conformal_sets(bundle.calibration["treatments"], probs, bundle.classes, 0.1).sum(axis=1)
     assert (treatments["Set_Size"].to_numpy() >= marginal).all() and treatments["Set_Size"].sum() > marginal.sum()

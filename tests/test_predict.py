@@ -143,7 +143,10 @@ def test_predict_on_images_of_unknown_compounds_writes_every_treatment_with_its_
     # Each compound called from its treatments together: the logmean of their probabilities
     compounds = pd.read_parquet(out / "compounds.parquet").set_index("Metadata_Compound")
     assert sorted(compounds.index) == sorted(treated["Image_Metadata_Compound"].unique())
-    assert summary["compounds"] == {"n_compounds": len(compounds)} and compounds["n_treatments"].sum() == 44
+    assert summary["compounds"]["n_compounds"] == len(compounds) and compounds["n_treatments"].sum() == 44
+    flagged = summary["compounds"]["novelty"]  # a fine-tune bundle's compounds flagged by their call's probability
+    assert flagged["score"] == "1 - max probability" and flagged["novel_compounds"] == list(
+        compounds.index[compounds["Novel"]])
     assert "Metadata_MoA" not in compounds.columns and not compounds["Metadata_InTraining"].any()
     probs = [c for c in treatments.columns if c.startswith("prob_")]
     one = treatments[treatments["Metadata_Compound"] == compounds.index[0]]
@@ -332,7 +335,8 @@ def test_a_bundle_trained_on_real_crops_calls_held_out_wells_with_sets_at_their_
         assert crops["Set_Size"].mean() < 1.5, crops["Set_Size"].mean()
         assert (wells["Predicted_MoA"] == wells["Metadata_MoA"]).all()
         # DMSO and cycloheximide, labelled, both trained on (InTraining): no new compound to score apart
-        assert summary["compounds"] == {"n_compounds": 2, "n_labelled": 2, "accuracy_labelled": 1.0, "n_new": 0}
+        assert {k: v for k, v in summary["compounds"].items() if k != "novelty"} == {
+            "n_compounds": 2, "n_labelled": 2, "accuracy_labelled": 1.0, "n_new": 0}
 
 
 def test_a_bundle_whose_recipe_this_version_cannot_read_is_one_line(tiny_bundle, new_screen, tmp_path):

@@ -29,6 +29,7 @@ from cellmorph.calibration import SET_SEPARATOR, TemperatureScaling, conformal_s
 from cellmorph.config.predict import PredictConfig
 from cellmorph.config.prepare import PREPARE_OPTIONS, PrepareConfig
 from cellmorph.errors import CellmorphError, option
+from cellmorph.novelty import DEFAULT_NOVELTY_POOL
 from cellmorph.schema import CONTROL_COLUMN, CORRECT_COLUMN, PREDICTED_COLUMN, TRUE_COLUMN, prob_column
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ def _score_levels(bundle, cache, rows: np.ndarray, config: PredictConfig, progre
             add_mc_columns(levels[level], stochastic, classes)
     # Each compound called from its treatments together; no sets (none are calibrated per compound)
     levels["compounds"] = add_confidence(aggregate_compounds(levels["treatments"]), classes, None)
-    _add_novelty(bundle, cache, rows, profiles, levels, config.novelty_alpha)
+    _add_novelty(bundle, cache, rows, profiles, levels, config.novelty_alpha, config.novelty_pool)
     return levels
 
 
@@ -345,34 +346,59 @@ def _probe_tiles(member, network, cache, rows: np.ndarray, config: PredictConfig
     return head.predict_proba(embedded, member.n_classes), (embedded - head.mean) / head.scale
 
 
-def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha: float) -> None:
-    """``Novelty_Score`` and ``Novel`` per well and treatment (:mod:`cellmorph.novelty`): the centroid distance of
-    the bundle's probe where it holds its calibration scores, else one minus the call's probability calibrated on
-    the bundle's out-of-fold scores; the threshold flags ``alpha`` of new compounds of known MoAs."""
-    from cellmorph.novelty import (CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY,
-                                   add_novelty, centroid_distance, level_profiles, novelty_threshold,
-                                   one_minus_max_probability)
+def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha: float,
+                 pool: str = DEFAULT_NOVELTY_POOL) -> None:
+    """``Novelty_Score`` and ``Novel`` per well, treatment and compound (:mod:`cellmorph.novelty`): the centroid
+    distance of the bundle's probe where it holds its calibration scores, else one minus the call's probability
+    calibrated on the bundle's out-of-fold scores; the threshold flags ``alpha`` of new compounds of known MoAs.
+    Under ``pool`` ``compound`` a treatment takes its compound's score, and so do the calibration treatments."""
+    from cellmorph.novelty import NOVELTY_COLUMN, add_novelty, novelty_threshold, per_treatment
 
-    for level in ("wells", "treatments", "compounds"):
-        frame = levels[level]
-        if profiles is not None and level in bundle.novelty:
-            centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()
-            keys, means = level_profiles(cache.index.iloc[rows], profiles, level)
-            by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids, bundle.novelty_control)})
-            scores = frame[list(keys.columns)].merge(by_key, on=list(keys.columns), how="left")[NOVELTY_COLUMN]
-            calibration = bundle.novelty[level][NOVELTY_COLUMN].to_numpy()
-            kind = CENTROID_DISTANCE if bundle.novelty_control is None else CONTROL_CENTROID_DISTANCE
-        elif level in bundle.calibration:
-            probabilities = [prob_column(c) for c in bundle.classes]
-            scores = one_minus_max_probability(frame[probabilities].to_numpy(float))
-            calibration = one_minus_max_probability(bundle.calibration[level][probabilities].to_numpy(float))
-            kind = ONE_MINUS_PROBABILITY
-        else:
+    scored = {level: _novelty_scores(bundle, cache, rows, profiles, level, levels[level]) for level in levels}
+    for level, found in scored.items():
+        if found is None:
             continue
-        threshold = novelty_threshold(calibration, alpha)
-        add_novelty(frame, np.asarray(scores, float), threshold)
-        frame.attrs["novelty"] = {"score": kind, "alpha": alpha, "threshold": threshold,
-                                  "n_calibration": int(len(calibration))}
+        scores, calibration, kind = found
+        how = {}
+        if level == "treatments":
+            pooled = pool == "compound" and scored.get("compounds") is not None and scored["compounds"][2] == kind
+            # a bundle saved before compounds were scored holds no compound calibration: each treatment alone
+            how = {"pool": "compound" if pooled else "treatment"}
+            if pooled:
+                compound_scores, compound_calibration, _ = scored["compounds"]
+                compounds = levels["compounds"].assign(**{NOVELTY_COLUMN: compound_scores})
+                scores = per_treatment(levels["treatments"], compounds)
+                calibration = calibration.assign(**{NOVELTY_COLUMN: per_treatment(calibration, compound_calibration)})
+        values = calibration[NOVELTY_COLUMN].to_numpy(float)
+        threshold = novelty_threshold(values, alpha)
+        add_novelty(levels[level], np.asarray(scores, float), threshold)
+        levels[level].attrs["novelty"] = {"score": kind, "alpha": alpha, "threshold": threshold,
+                                          "n_calibration": int(len(values))} | how
+
+
+def _novelty_scores(bundle, cache, rows: np.ndarray, profiles, level: str, frame: pd.DataFrame):
+    """(the level's scores, row for row of ``frame``; its calibration rows with their ``Novelty_Score``; the score's
+    name), or None where the bundle cannot score the level's novelty."""
+    from cellmorph.metrics import aggregate_compounds
+    from cellmorph.novelty import (CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY,
+                                   centroid_distance, level_profiles, one_minus_max_probability)
+
+    if profiles is not None and level in bundle.novelty:
+        centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()
+        keys, means = level_profiles(cache.index.iloc[rows], profiles, level)
+        by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids, bundle.novelty_control)})
+        scores = frame[list(keys.columns)].merge(by_key, on=list(keys.columns), how="left")[NOVELTY_COLUMN]
+        kind = CENTROID_DISTANCE if bundle.novelty_control is None else CONTROL_CENTROID_DISTANCE
+        return scores.to_numpy(float), bundle.novelty[level], kind
+    # A network's own score; a compound's from its call on its treatments together, as its calibration compounds'
+    calibration = bundle.calibration.get(level) if level != "compounds" else (
+        aggregate_compounds(bundle.calibration["treatments"]) if "treatments" in bundle.calibration else None)
+    if calibration is None:
+        return None
+    probabilities = [prob_column(c) for c in bundle.classes]
+    calibration = calibration.assign(**{NOVELTY_COLUMN: one_minus_max_probability(
+        calibration[probabilities].to_numpy(float))})
+    return one_minus_max_probability(frame[probabilities].to_numpy(float)), calibration, ONE_MINUS_PROBABILITY
 
 
 def add_mc_columns(frame: pd.DataFrame, stochastic: pd.DataFrame, classes: list[str]) -> None:

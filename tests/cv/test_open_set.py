@@ -36,10 +36,14 @@ def test_an_unseen_moa_is_flagged_and_known_compounds_are_not_more_than_alpha():
     x, index, y, controls = _screen(moas=6, compounds=4, controls=40)
     held = y == y.max()
     result = fold_novelty(x[~held], y[~held], index[~held], x[held], index[held], alpha=0.1, controls=controls)
-    flagged = result["unseen"]["Novelty_Score"].to_numpy() > result["threshold"]
-    n = len(result["false_alarms"])
-    assert flagged.mean() >= 0.5 and n == 6 * 4 * 2
-    assert result["false_alarms"].mean() <= 0.1 + 3 * np.sqrt(0.09 / n)
+    # each treatment scored by its compound (the default pool), and each alone: the same two promises
+    assert result["pool"] == "compound"
+    assert (result["unseen"].groupby("Metadata_Compound")["Novelty_Score"].nunique() == 1).all()
+    for level in (result, result["treatments_alone"]):
+        flagged = level["unseen"]["Novelty_Score"].to_numpy() > level["threshold"]
+        n = len(level["false_alarms"])
+        assert flagged.mean() >= 0.5 and n == 6 * 4 * 2
+        assert level["false_alarms"].mean() <= 0.1 + 3 * np.sqrt(0.09 / n)
     # Each compound scored once from its treatments together: the same two promises, per compound
     compounds = result["compounds"]
     flagged = compounds["unseen"]["Novelty_Score"].to_numpy() > compounds["threshold"]
@@ -72,6 +76,8 @@ def test_cv_lomo_writes_open_set_json_and_only_the_probe_runs_it(tiny_cache, tmp
     section = page[page.index('id="unknown"'):page.index('id="confusion"')]
     assert f"AUROC {record['auroc']:.3f}" in section and section.count("data:image/png;base64,") == 1
     assert f"compounds.parquet): AUROC {record['compounds']['auroc']:.3f}" in section  # (the quote is escaped)
+    assert record["pool"] == "compound" and record["treatments_alone"]["n_unseen_treatments"] == 44
+    assert f"novelty-pool treatment): AUROC {record['treatments_alone']['auroc']:.3f}" in section
     assert all(f"{t['compound']}" in section for t in record["treatments"] if t["kind"] == "unseen")
     one_line_error(run_cli_here("cv", "--data", tiny_cache, *QUICK_TRAIN, "--cv", "lomo", "--out", tmp_path / "ft"),
                    "lomo", "--mode linear-probe")
@@ -87,6 +93,7 @@ def test_cv_lomo_of_a_network_takes_the_new_compounds_of_known_moas_from_its_loc
     import pandas as pd
 
     from cellmorph.cv import RunDir
+    from cellmorph.metrics import aggregate_compounds
 
     quick = (*QUICK_TRAIN, "--no-progress")
     loco, lomo = tmp_path / "loco", tmp_path / "lomo"
@@ -102,10 +109,14 @@ def test_cv_lomo_of_a_network_takes_the_new_compounds_of_known_moas_from_its_loc
     called = pd.read_csv(lomo / "treatments.csv")  # each treatment is in one fold: its own MoA's
     probs = [c for c in called.columns if c.startswith("prob_")]
     first = called.iloc[0]
-    known = np.array([first[c] for c in probs if c != f"prob_{first['Metadata_MoA']}"], float)
+    # the treatment takes its compound's score (the default pool): the call from the compound's treatments together
+    compound = aggregate_compounds(called[called["Metadata_Compound"] == first["Metadata_Compound"]]).iloc[0]
+    known = np.array([compound[c] for c in probs if c != f"prob_{first['Metadata_MoA']}"], float)
     unseen = [t for t in record["treatments"] if t["kind"] == "unseen" and t["compound"] == first["Metadata_Compound"]
               and t["concentration"] == float(first["Metadata_Concentration"])]
     assert unseen[0]["score"] == pytest.approx(1 - known.max() / known.sum())
+    assert record["pool"] == "compound" and record["treatments_alone"]["n_known_treatments"] == record[
+        "n_known_treatments"] and record["compounds"]["n_unseen_compounds"] == called["Metadata_Compound"].nunique()
     assert (lomo / "open_set_roc.png").is_file() and 'id="unknown"' in (lomo / "report.html").read_text()
 
     one_line_error(run_cli_here("cv", "--data", tiny_cache, *quick, "--cv", "lomo", "--out", tmp_path / "a"),

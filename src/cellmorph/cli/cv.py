@@ -143,7 +143,8 @@ def cv(
     if open_set.is_file():  # lomo: its held-out MoAs are unseen, so their calls score 0; what it measures is this
         record = json.loads(open_set.read_text())
         console.print(f"open set (each MoA unseen in turn): AUROC {record['auroc']:.3f} against new compounds of known "
-                      f"MoAs; {record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged Novel at "
+                      f"MoAs; {record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged Novel"
+                      f"{' (each scored by its compound)' if record.get('pool') == 'compound' else ''} at "
                       f"{record['alpha']:g} false alarms (measured {record['false_alarm_rate']:.3f}): {open_set}",
                       highlight=False, soft_wrap=True)
     runs = sorted(Path(out).glob("replicate-*")) if replicates > 1 else [Path(out)]

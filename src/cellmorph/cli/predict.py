@@ -77,7 +77,9 @@ def predict(
     novelty = summary.get("novelty")
     if novelty:
         flagged = novelty["novel_treatments"]
-        console.print(f"Novel (no known MoA fits; {novelty.get('score')}, a new compound of a known MoA is flagged at "
+        pooled = ", each treatment scored by its compound" if novelty.get("pool") == "compound" else ""
+        console.print(f"Novel (no known MoA fits; {novelty.get('score')}{pooled}, a new compound of a known MoA is "
+                      f"flagged at "
                       f"most {settings.novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
                       + (f": {', '.join(flagged[:20])}{' …' if len(flagged) > 20 else ''}" if flagged else ""),
                       highlight=False, soft_wrap=True)

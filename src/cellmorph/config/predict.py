@@ -27,6 +27,11 @@ class PredictConfig(BaseModel):
     novelty_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="false-alarm rate of the Novel flag: a new "
                                  "compound of a known MoA is flagged at most this often (conformal, from the "
                                  "bundle's held-out compounds of known MoAs)")
+    novelty_pool: Literal["compound", "treatment"] = Field(
+        "compound", description="compound: a treatment's Novelty_Score is its compound's, from the compound's "
+        "treatments together (calibrated the same way; a compound acts by one MoA at every concentration): on the "
+        "development set, leave one MoA out, AUROC 0.80 and 31 of 56 unseen-MoA treatments flagged at α 0.1, against "
+        "0.75 and 20 alone (benchmarks/RESULTS.md); treatment: each treatment alone")
     normalize: Literal["plate", "batch"] | None = Field(
         None, description="images only: z-score against the DMSO of each plate (the model's recipe) or, for "
         "plates without DMSO, of the plate's batch; default: the model's own setting")

@@ -11,7 +11,10 @@ as ``predict`` sets it. Written to ``RUN/open_set.json``:
 * ``flagged_at_alpha``: the fraction of unseen-MoA treatments above their fold's threshold;
 * ``false_alarm_rate``: the fraction of known compounds' treatments above the threshold set without them (each
   compound left out of its fold's calibration in turn): what ``alpha`` promises;
-* ``compounds`` (a probe's run): the same with each compound scored once from its treatments together
+* ``pool``: how a treatment was scored, as ``predict`` scores it by default (:data:`cellmorph.novelty.
+  DEFAULT_NOVELTY_POOL`): ``compound``, each treatment by its compound's score (:func:`cellmorph.novelty.
+  per_treatment`), with ``treatments_alone`` the same figures for each treatment scored by its own profile;
+* ``compounds``: the same with each compound scored once from its treatments together
   (:func:`cellmorph.novelty.level_profiles`), calibrated on the known compounds' such scores.
 
 A network (``mode`` finetune or linear) cannot score held-out compounds of its own training MoAs without training
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from cellmorph.novelty import DEFAULT_NOVELTY_POOL
 
 OPEN_SET_FILE = "open_set.json"
 ROC_FILE = "open_set_roc.png"
@@ -45,23 +50,41 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataFrame, x_test: np.ndarray,
-                 index_test: pd.DataFrame, alpha: float, controls: np.ndarray | None = None) -> dict:
+                 index_test: pd.DataFrame, alpha: float, controls: np.ndarray | None = None,
+                 pool: str = DEFAULT_NOVELTY_POOL) -> dict:
     """One fold: the unseen treatments' scores, the known compounds' held-out scores, the threshold, and the
     known treatments' scores against a threshold set without their own compound (the false alarms). ``controls``:
-    embeddings of negative-control tiles, the score's second origin (none: the average training cell alone)."""
+    embeddings of negative-control tiles, the score's second origin (none: the average training cell alone).
+    ``pool`` ``compound``: each treatment scored by its compound (:func:`cellmorph.novelty.per_treatment`), with
+    each treatment scored alone under ``treatments_alone``; ``treatment``: alone. ``compounds``: one score each."""
     from cellmorph.cv.probe import CentroidHead, centroid_novelty, held_out_novelty
 
     head = CentroidHead.fit(x_train, y_train, index_train, controls=controls)
     held_out = held_out_novelty(x_train, y_train, index_train, controls)
-    result = {}
-    for level in ("compounds", "treatments"):  # each compound pooled over its treatments, and each treatment alone
-        unseen, known = centroid_novelty(head, x_test, index_test, level), held_out.get(level)
-        if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
-            result[level] = {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
-                             "false_alarms": np.zeros(0, bool)}
-        else:
-            result[level] = {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)
-    return result.pop("treatments") | result
+    levels = {level: _scored(centroid_novelty(head, x_test, index_test, level), held_out.get(level), alpha)
+              for level in ("compounds", "treatments")}  # each compound pooled over its treatments; each treatment
+    return _pooled(levels.pop("treatments"), levels["compounds"], alpha, pool) | levels
+
+
+def _scored(unseen: pd.DataFrame, known: pd.DataFrame | None, alpha: float) -> dict:
+    """A level's unseen and known scores with the threshold and false alarms that the known ones set."""
+    if known is None or known.empty:  # every training MoA has a single compound: no known compound can be new
+        return {"unseen": unseen, "known": unseen.iloc[:0], "threshold": float("inf"),
+                "false_alarms": np.zeros(0, bool)}
+    return {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)
+
+
+def _pooled(alone: dict, compounds: dict, alpha: float, pool: str) -> dict:
+    """The treatment level as ``pool`` scores it: under ``compound`` each treatment (unseen and known) takes its
+    compound's score and the threshold is set on those; the treatments' own scores are kept as
+    ``treatments_alone``."""
+    from cellmorph.novelty import NOVELTY_COLUMN, per_treatment
+
+    if pool != "compound":
+        return alone | {"pool": pool}
+    unseen, known = (alone[side].assign(**{NOVELTY_COLUMN: per_treatment(alone[side], compounds[side])})
+                     for side in ("unseen", "known"))
+    return _scored(unseen, known if len(known) else None, alpha) | {"pool": pool, "treatments_alone": alone}
 
 
 def calibrate_on_known(known: pd.DataFrame, alpha: float) -> dict:
@@ -77,7 +100,7 @@ def calibrate_on_known(known: pd.DataFrame, alpha: float) -> dict:
 
 
 def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA,
-                        controls: np.ndarray | None = None) -> dict:
+                        controls: np.ndarray | None = None, pool: str = DEFAULT_NOVELTY_POOL) -> dict:
     """The ``open_set.json`` record of a finished lomo probe run (``features``: its embeddings; ``controls``: those
     of its negative-control tiles, or None)."""
     from cellmorph.novelty import CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE
@@ -87,12 +110,13 @@ def open_set_evaluation(plan, features, alpha: float = DEFAULT_NOVELTY_ALPHA,
     for fold in plan.folds:
         train = fold.train[plan.targets[fold.train] >= 0]
         results.append((fold.name, fold_novelty(features.take(train), plan.targets[train], index.iloc[train],
-                                                features.take(fold.test), index.iloc[fold.test], alpha, controls)))
+                                                features.take(fold.test), index.iloc[fold.test], alpha, controls,
+                                                pool)))
     return summarise_open_set(results, alpha, CENTROID_DISTANCE if controls is None else CONTROL_CENTROID_DISTANCE)
 
 
 def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.DataFrame,
-                     alpha: float = DEFAULT_NOVELTY_ALPHA) -> dict:
+                     alpha: float = DEFAULT_NOVELTY_ALPHA, pool: str = DEFAULT_NOVELTY_POOL) -> dict:
     """The ``open_set.json`` record of a finished lomo run of a network.
 
     ``fold_treatments``: each fold's held-out MoA → its treatments as the fold's network called them (``prob_*``
@@ -100,7 +124,10 @@ def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.Dat
     without its compound. In the fold of MoA m, the unseen treatments' score is 1 − their largest probability among
     the known MoAs (renormalised without m, which no training tile had); the known ones are the reference's
     treatments of every other MoA, which also set the fold's threshold, as a bundle's calibration treatments do.
+    A compound's score is that of its call from its treatments together (:func:`cellmorph.metrics.aggregate_compounds`),
+    and ``pool`` says whether a treatment takes it (as :func:`fold_novelty`).
     """
+    from cellmorph.metrics import aggregate_compounds
     from cellmorph.novelty import NOVELTY_COLUMN, ONE_MINUS_PROBABILITY, one_minus_max_probability
     from cellmorph.schema import PROB_PREFIX, TRUE_COLUMN
 
@@ -109,12 +136,17 @@ def network_open_set(fold_treatments: dict[str, pd.DataFrame], reference: pd.Dat
         probabilities = frame[columns].to_numpy(float)
         return one_minus_max_probability(probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12))
 
+    def scored(moa: str, unseen: pd.DataFrame, known: pd.DataFrame) -> dict:
+        return _scored(unseen.assign(**{NOVELTY_COLUMN: score(unseen, moa)}),
+                       known.assign(**{NOVELTY_COLUMN: score(known)}), alpha)
+
     results = []
     for moa, unseen in fold_treatments.items():
+        unseen = unseen.reset_index(drop=True)
         known = reference[reference[TRUE_COLUMN].astype(str) != moa].reset_index(drop=True)
-        unseen = unseen.reset_index(drop=True).assign(**{NOVELTY_COLUMN: score(unseen, moa)})
-        known = known.assign(**{NOVELTY_COLUMN: score(known)})
-        results.append((moa, {"unseen": unseen, "known": known} | calibrate_on_known(known, alpha)))
+        treatments = scored(moa, unseen, known)
+        compounds = scored(moa, aggregate_compounds(unseen), aggregate_compounds(known))
+        results.append((moa, _pooled(treatments, compounds, alpha, pool) | {"compounds": compounds}))
     return summarise_open_set(results, alpha, ONE_MINUS_PROBABILITY)
 
 
@@ -145,33 +177,39 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
         alarms_all.append(result["false_alarms"])
     unseen, known = np.concatenate(unseen_all), np.concatenate(known_all)
     aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
-    compounds = _compound_level(results) if all("compounds" in r for _, r in results) else None
-    return {"scheme": "lomo", "score": score, "alpha": alpha, "auroc": auroc(unseen, known),
+    others = {key: _other_level(results, key) for key in ("compounds", "treatments_alone")
+              if all(key in r for _, r in results)}
+    pool = {r.get("pool", "treatment") for _, r in results}
+    return {"scheme": "lomo", "score": score, "pool": pool.pop() if len(pool) == 1 else sorted(pool),
+            "alpha": alpha, "auroc": auroc(unseen, known),
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
             "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
             "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),
             "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa,
             # every scored treatment: its fold's held-out MoA, unseen or known, its score and flag (known: against the
             # threshold set without its own compound)
-            "treatments": records} | ({} if compounds is None else {"compounds": compounds})
+            "treatments": records} | others
 
 
-def _compound_level(results: list[tuple[str, dict]]) -> dict:
-    """The same evaluation with each compound scored once, from its treatments together (as ``predict``'s
-    ``compounds.parquet`` scores it), calibrated on the known compounds' such scores."""
+def _other_level(results: list[tuple[str, dict]], key: str) -> dict:
+    """The same evaluation of another scoring, the folds' ``key`` entries: ``compounds``, each compound scored once
+    from its treatments together (as ``predict``'s ``compounds.parquet`` scores it), calibrated on the known
+    compounds' such scores; ``treatments_alone``, each treatment by its own profile (``novelty_pool: treatment``)."""
     from cellmorph.novelty import NOVELTY_COLUMN
 
+    unit = "compounds" if key == "compounds" else "treatments"
     unseen, known, flagged, alarms, names = [], [], [], [], []
     for moa, result in results:
-        level = result["compounds"]
+        level = result[key]
         scores = level["unseen"][NOVELTY_COLUMN].to_numpy()
         unseen.append(scores)
         known.append(np.asarray(level["known"][NOVELTY_COLUMN], float))
         flagged.append(scores > level["threshold"])
         alarms.append(level["false_alarms"])
-        names += [f"{c} ({moa})" for c, f in zip(level["unseen"]["Metadata_Compound"], flagged[-1]) if f]
+        if key == "compounds":
+            names += [f"{c} ({moa})" for c, f in zip(level["unseen"]["Metadata_Compound"], flagged[-1]) if f]
     unseen_all, known_all = np.concatenate(unseen), np.concatenate(known)
     return {"auroc": auroc(unseen_all, known_all), "flagged_at_alpha": float(np.concatenate(flagged).mean()),
             "false_alarm_rate": float(np.concatenate(alarms).mean()) if len(known_all) else float("nan"),
-            "n_unseen_compounds": int(len(unseen_all)), "n_known_compounds": int(len(known_all)),
-            "flagged_compounds": names}
+            f"n_unseen_{unit}": int(len(unseen_all)), f"n_known_{unit}": int(len(known_all))} | (
+                {"flagged_compounds": names} if key == "compounds" else {})

@@ -295,7 +295,8 @@ def _write_open_set(plan: RunPlan, rundir: RunDir, bar: Progress) -> None:
     plot_novelty_roc(scores["unseen"], scores["known"], rundir.path(ROC_FILE), record["auroc"], record["alpha"],
                      record["flagged_at_alpha"], record["false_alarm_rate"])
     bar.line(f"open set: unseen MoAs against new compounds of known MoAs, AUROC {record['auroc']:.3f}; "
-             f"{record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged at {record['alpha']:g} "
+             f"{record['flagged_at_alpha']:.3f} of the unseen MoAs' treatments flagged"
+             f"{' (each scored by its compound)' if record.get('pool') == 'compound' else ''} at {record['alpha']:g} "
              f"false alarms (measured {record['false_alarm_rate']:.3f})")
 
 

@@ -372,8 +372,10 @@ def _novel_section(treatments: pd.DataFrame, novelty: dict) -> Section:
     flagged = treatments[treatments["Novel"].astype(bool)]
     section.notes.append(
         f"Novel means no known MoA fits: the treatment's novelty score ({novelty.get('score')}) is above the threshold "
-        f"that flags at most {novelty.get('alpha')} of new compounds of known MoAs. {len(flagged)} of "
-        f"{len(treatments)} treatments flagged.")
+        f"that flags at most {novelty.get('alpha')} of new compounds of known MoAs"
+        + (" (each treatment scored by its compound: the mean of the compound's treatments, all concentrations "
+           "alike, and so were the calibration treatments)" if novelty.get("pool") == "compound" else "")
+        + f". {len(flagged)} of {len(treatments)} treatments flagged.")
     if len(flagged):
         columns = [c for c in ("Metadata_Compound", "Metadata_Concentration", TRUE_COLUMN, PREDICTED_COLUMN,
                                "Novelty_Score") if c in flagged.columns]
@@ -403,7 +405,14 @@ def _unknown_moa_section(path: Path) -> Section:
         f"{record.get('auroc', float('nan')):.3f} ({record.get('n_unseen_treatments')} unseen-MoA against "
         f"{record.get('n_known_treatments')} known-MoA treatments); {record.get('flagged_at_alpha', float('nan')):.1%} "
         f"of the unseen-MoA treatments flagged, at {record.get('false_alarm_rate', float('nan')):.1%} measured false "
-        "alarms."])
+        "alarms" + (", each treatment scored by its compound, as predict scores it by default" if record.get("pool")
+                    == "compound" else "") + "."])
+    alone = record.get("treatments_alone")
+    if alone:
+        section.notes.append(
+            f"Each treatment scored alone, by its own profile (predict --novelty-pool treatment): AUROC "
+            f"{alone.get('auroc', float('nan')):.3f}; {alone.get('flagged_at_alpha', float('nan')):.1%} flagged, at "
+            f"{alone.get('false_alarm_rate', float('nan')):.1%} measured false alarms.")
     compounds = record.get("compounds")
     if compounds:
         section.notes.append(
