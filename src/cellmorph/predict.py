@@ -354,7 +354,8 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
     Under ``pool`` ``compound`` a treatment takes its compound's score, and so do the calibration treatments."""
     from cellmorph.novelty import NOVELTY_COLUMN, add_novelty, novelty_threshold, per_treatment
 
-    scored = {level: _novelty_scores(bundle, cache, rows, profiles, level, levels[level]) for level in levels}
+    scored = {level: _novelty_scores(bundle, cache, rows, profiles, level, levels[level])
+              for level in ("wells", "treatments", "compounds")}
     for level, found in scored.items():
         if found is None:
             continue

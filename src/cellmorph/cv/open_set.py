@@ -179,9 +179,8 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
     aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
     others = {key: _other_level(results, key) for key in ("compounds", "treatments_alone")
               if all(key in r for _, r in results)}
-    pool = {r.get("pool", "treatment") for _, r in results}
-    return {"scheme": "lomo", "score": score, "pool": pool.pop() if len(pool) == 1 else sorted(pool),
-            "alpha": alpha, "auroc": auroc(unseen, known),
+    return {"scheme": "lomo", "score": score, "pool": results[0][1].get("pool", "treatment"), "alpha": alpha,
+            "auroc": auroc(unseen, known),
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
             "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
             "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),
