@@ -79,8 +79,7 @@ def predict(
         flagged = novelty["novel_treatments"]
         pooled = ", each treatment scored by its compound" if novelty.get("pool") == "compound" else ""
         console.print(f"Novel (no known MoA fits; {novelty.get('score')}{pooled}, a new compound of a known MoA is "
-                      f"flagged at "
-                      f"most {settings.novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
+                      f"flagged at most {settings.novelty_alpha:g} of the time): {len(flagged)} treatment(s)"
                       + (f": {', '.join(flagged[:20])}{' …' if len(flagged) > 20 else ''}" if flagged else ""),
                       highlight=False, soft_wrap=True)
     console.print(f"predictions: {out / 'treatments.csv'}")

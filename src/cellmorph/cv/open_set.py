@@ -61,8 +61,9 @@ def fold_novelty(x_train: np.ndarray, y_train: np.ndarray, index_train: pd.DataF
 
     head = CentroidHead.fit(x_train, y_train, index_train, controls=controls)
     held_out = held_out_novelty(x_train, y_train, index_train, controls)
+    # each compound scored from its treatments together, and each treatment from its own profile
     levels = {level: _scored(centroid_novelty(head, x_test, index_test, level), held_out.get(level), alpha)
-              for level in ("compounds", "treatments")}  # each compound pooled over its treatments; each treatment
+              for level in ("compounds", "treatments")}
     return _pooled(levels.pop("treatments"), levels["compounds"], alpha, pool) | levels
 
 

@@ -373,8 +373,8 @@ def _novel_section(treatments: pd.DataFrame, novelty: dict) -> Section:
     section.notes.append(
         f"Novel means no known MoA fits: the treatment's novelty score ({novelty.get('score')}) is above the threshold "
         f"that flags at most {novelty.get('alpha')} of new compounds of known MoAs"
-        + (" (each treatment scored by its compound: the mean of the compound's treatments, all concentrations "
-           "alike, and so were the calibration treatments)" if novelty.get("pool") == "compound" else "")
+        + (" (each treatment scored by its compound, from all the compound's treatments together, and so were the "
+           "calibration treatments)" if novelty.get("pool") == "compound" else "")
         + f". {len(flagged)} of {len(treatments)} treatments flagged.")
     if len(flagged):
         columns = [c for c in ("Metadata_Compound", "Metadata_Concentration", TRUE_COLUMN, PREDICTED_COLUMN,
