@@ -146,9 +146,29 @@ def test_predict_flags_novel_treatments_from_the_probe_bundle(tiny_cache, tmp_pa
         bundle.novelty["treatments"][NOVELTY_COLUMN].to_numpy(), 0.2)
     scores = pd.read_parquet(tmp_path / "alone" / "treatments.parquet")[NOVELTY_COLUMN]
     assert not np.allclose(scores, treatments[NOVELTY_COLUMN])  # the tiny screen's compounds have several doses
+    _a_bundle_without_compound_scores_flags_each_treatment_alone(tmp_path / "m2", tiny_cache, tmp_path / "old",
+                                                                 alone["threshold"])
     page = (tmp_path / "pred" / "report.html").read_text()
     assert "Novel: no known MoA fits" in page and "Novel compounds, from their treatments together" in page
     _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(tmp_path / "m2", tmp_path / "bad")
+
+
+def _a_bundle_without_compound_scores_flags_each_treatment_alone(bundle_dir, cache, dest, threshold_alone):
+    """A probe bundle written before compounds were scored (no novelty_compounds in bundle.json): predict cannot pool
+    a treatment's score by its compound, so it scores each alone and says so (pool: treatment)."""
+    from cellmorph.predict import PredictConfig, predict
+    from tests.bundle_helpers import edited_bundle
+
+    def drop_compounds(manifest: dict) -> None:
+        del manifest["probe"]["novelty"]["compounds"]
+        del manifest["files"]["novelty_compounds.parquet"]
+
+    edited_bundle(bundle_dir, dest / "model", drop_compounds, seal=True)
+    (dest / "model" / "novelty_compounds.parquet").unlink()
+    summary = predict(dest / "model", cache, dest / "pred", PredictConfig(novelty_alpha=0.2, threads=1),
+                      progress=False, log=lambda *a: None)
+    assert summary["novelty"]["pool"] == "treatment" and summary["novelty"]["threshold"] == threshold_alone
+    assert "novelty" not in summary["compounds"]
 
 
 def _a_control_origin_that_does_not_fit_the_head_is_refused_by_name(bundle_dir, bad):

@@ -362,7 +362,7 @@ def _add_novelty(bundle, cache, rows: np.ndarray, profiles, levels: dict, alpha:
         scores, calibration, kind = found
         how = {}
         if level == "treatments":
-            pooled = pool == "compound" and scored.get("compounds") is not None and scored["compounds"][2] == kind
+            pooled = pool == "compound" and scored.get("compounds") is not None
             # a bundle saved before compounds were scored holds no compound calibration: each treatment alone
             how = {"pool": "compound" if pooled else "treatment"}
             if pooled:
@@ -384,7 +384,9 @@ def _novelty_scores(bundle, cache, rows: np.ndarray, profiles, level: str, frame
     from cellmorph.novelty import (CENTROID_DISTANCE, CONTROL_CENTROID_DISTANCE, NOVELTY_COLUMN, ONE_MINUS_PROBABILITY,
                                    centroid_distance, level_profiles, one_minus_max_probability)
 
-    if profiles is not None and level in bundle.novelty:
+    if profiles is not None and bundle.novelty:  # the probe's score, on the levels it holds calibration for
+        if level not in bundle.novelty:  # (a bundle written before compounds were scored): one score kind a run
+            return None
         centroids = bundle.members[bundle.novelty_member].head["weight"].double().numpy()
         keys, means = level_profiles(cache.index.iloc[rows], profiles, level)
         by_key = keys.assign(**{NOVELTY_COLUMN: centroid_distance(means, centroids, bundle.novelty_control)})
