@@ -155,7 +155,7 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
     """The ``open_set.json`` record of the folds' results (held-out MoA, :func:`fold_novelty`'s dict)."""
     from cellmorph.novelty import NOVELTY_COLUMN
 
-    per_moa, unseen_all, known_all, flagged_all, alarms_all, records = [], [], [], [], [], []
+    per_moa, records = [], []
     for moa, result in results:
         unseen = result["unseen"][NOVELTY_COLUMN].to_numpy()
         known = np.asarray(result["known"][NOVELTY_COLUMN], float)
@@ -172,27 +172,24 @@ def summarise_open_set(results: list[tuple[str, dict]], alpha: float, score: str
                                                             frame["Metadata_Concentration"], scores, flags):
                 records.append({"held_out_moa": moa, "kind": kind, "compound": str(compound),
                                 "concentration": float(concentration), "score": float(value), "novel": bool(flag)})
-        unseen_all.append(unseen)
-        known_all.append(known)
-        flagged_all.append(flagged)
-        alarms_all.append(result["false_alarms"])
-    unseen, known = np.concatenate(unseen_all), np.concatenate(known_all)
+    overall = _level_figures(results, None)
     aurocs = [m["auroc"] for m in per_moa if np.isfinite(m["auroc"])]
-    others = {key: _other_level(results, key) for key in ("compounds", "treatments_alone")
+    others = {key: _level_figures(results, key) for key in ("compounds", "treatments_alone")
               if all(key in r for _, r in results)}
     return {"scheme": "lomo", "score": score, "pool": results[0][1].get("pool", "treatment"), "alpha": alpha,
-            "auroc": auroc(unseen, known),
+            "auroc": overall["auroc"],
             "auroc_mean_over_moas": float(np.mean(aurocs)) if aurocs else float("nan"),
-            "flagged_at_alpha": float(np.concatenate(flagged_all).mean()),
-            "false_alarm_rate": float(np.concatenate(alarms_all).mean()) if len(known) else float("nan"),
-            "n_unseen_treatments": int(len(unseen)), "n_known_treatments": int(len(known)), "per_moa": per_moa,
+            "flagged_at_alpha": overall["flagged_at_alpha"], "false_alarm_rate": overall["false_alarm_rate"],
+            "n_unseen_treatments": overall["n_unseen_treatments"], "n_known_treatments": overall["n_known_treatments"],
+            "per_moa": per_moa,
             # every scored treatment: its fold's held-out MoA, unseen or known, its score and flag (known: against the
             # threshold set without its own compound)
             "treatments": records} | others
 
 
-def _other_level(results: list[tuple[str, dict]], key: str) -> dict:
-    """The same evaluation of another scoring, the folds' ``key`` entries: ``compounds``, each compound scored once
+def _level_figures(results: list[tuple[str, dict]], key: str | None) -> dict:
+    """AUROC, fraction flagged and false-alarm rate over the folds of one scoring: the folds' own (``key`` None:
+    the treatments as the run's pool scores them), or their ``key`` entries: ``compounds``, each compound scored once
     from its treatments together (as ``predict``'s ``compounds.parquet`` scores it), calibrated on the known
     compounds' such scores; ``treatments_alone``, each treatment by its own profile (``novelty_pool: treatment``)."""
     from cellmorph.novelty import NOVELTY_COLUMN
@@ -200,7 +197,7 @@ def _other_level(results: list[tuple[str, dict]], key: str) -> dict:
     unit = "compounds" if key == "compounds" else "treatments"
     unseen, known, flagged, alarms, names = [], [], [], [], []
     for moa, result in results:
-        level = result[key]
+        level = result if key is None else result[key]
         scores = level["unseen"][NOVELTY_COLUMN].to_numpy()
         unseen.append(scores)
         known.append(np.asarray(level["known"][NOVELTY_COLUMN], float))

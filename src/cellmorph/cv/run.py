@@ -508,13 +508,20 @@ def _tile_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == targets)) if len(targets) else float("nan")
 
 
+def compound_level(treatments: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each compound called from its treatments together (:func:`cellmorph.metrics.aggregate_compounds`), and those
+    of one MoA at every concentration, the ones with a compound-level truth that its accuracy counts. Computed for
+    the metrics and again for the tables: a groupby over a run's few hundred treatments, once each at its end."""
+    compounds = aggregate_compounds(treatments)
+    return compounds, compounds[compounds[TRUE_COLUMN].notna()]
+
+
 def score_levels(tiles: pd.DataFrame, wells: pd.DataFrame, treatments: pd.DataFrame, classes: list[str],
                  n_folds: int) -> dict:
     """The held-out metrics of a run's three levels, with the treatment accuracy's 95% interval."""
     metrics = compute_metrics(tiles, wells, treatments, classes, n_folds)
     if len(treatments):  # the compound level, beside the treatment level (metrics.aggregate_compounds)
-        compounds = aggregate_compounds(treatments)
-        labelled = compounds[compounds[TRUE_COLUMN].notna()]  # a compound of one MoA at every concentration
+        compounds, labelled = compound_level(treatments)
         metrics["n_compounds"] = int(len(labelled))
         if len(labelled):
             metrics["compound_accuracy"] = accuracy(labelled)
@@ -533,8 +540,7 @@ def write_levels(rundir: RunDir, predictions: pd.DataFrame, tiles: pd.DataFrame,
     from cellmorph.figures import plot_confusion
 
     matrix = confusion(treatments, classes)
-    compounds = aggregate_compounds(treatments)
-    labelled = compounds[compounds[TRUE_COLUMN].notna()]
+    compounds, labelled = compound_level(treatments)
     report = (
         (f"Compound level ({len(labelled)} compounds of one label at every concentration, logmean of their "
          f"treatments)\n" + classification_text(labelled, classes) + "\n" if len(labelled) else "")
